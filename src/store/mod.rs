@@ -1,0 +1,558 @@
+//! The ledger: the only module that names sled. It owns the trees, the versioned record
+//! encoding, the single writer thread with group commit, and the reader thread; callers talk to
+//! it through async methods and never touch sled from a tokio worker (TOOLING.md: that deadlocks).
+//!
+//! Interface contract (the engine relies on every line):
+//! - `write(f)` runs `f` on the writer thread, alone: no other write runs concurrently, so a
+//!   closure may read, decide and write without races. If `f` returns `Ok`, all its writes are
+//!   applied as **one** atomic sled transaction across trees; if it returns `Err`, none are.
+//! - The future returned by `write` resolves only after the group of writes that contains it has
+//!   been made durable (per `Durability`), whether `f` returned `Ok` or `Err`: even a rejection
+//!   may have read data that was applied but not yet flushed, and must not be answered before it.
+//! - Many writes queued at once share one flush (group commit).
+//! - `read(f)` runs `f` on the reader thread. It may see data applied but not yet flushed.
+
+mod codec;
+mod reader;
+pub mod records;
+mod tables;
+mod writer;
+
+pub use records::{DueRecord, IdempotencyRecord, OutboxRecord, SagaRecord};
+
+use codec::Record;
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::{self, JoinHandle};
+use tables::{Overlay, Table, Tables, storage_error};
+use tokio::sync::{mpsc, oneshot};
+
+/// What "acknowledged" promises; chosen per deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// sled's flush, then fdatasync of the data file (and any new blob files): an acknowledged
+    /// write survives a crash of sagad and a power loss of the machine.
+    Durable,
+    /// sled's flush only: the data reaches the kernel, so it survives a crash of sagad but may be
+    /// lost, even though acknowledged, if the machine loses power.
+    Relaxed,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The ledger folder; created if missing.
+    pub path: PathBuf,
+    pub durability: Durability,
+    /// sled's page cache size; sled's default (1 GiB) is far more than a sidecar should take.
+    pub cache_capacity_bytes: u64,
+    /// At most this many writes share one flush.
+    pub max_group: usize,
+}
+
+impl Options {
+    pub fn new(path: impl Into<PathBuf>) -> Options {
+        Options {
+            path: path.into(),
+            durability: Durability::Durable,
+            cache_capacity_bytes: 64 * 1024 * 1024,
+            max_group: 512,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open the ledger folder {path}: {detail}")]
+    Open { path: PathBuf, detail: String },
+    #[error(
+        "the ledger folder {path} is locked by another process (is another sagad running on it?)"
+    )]
+    Locked { path: PathBuf },
+    #[error("ledger I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("ledger storage failed: {0}")]
+    Storage(String),
+    #[error("a record in table {table} has format version {version}, which this sagad cannot read")]
+    UnknownVersion { table: &'static str, version: u8 },
+    #[error("a record in table {table} is corrupt: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+    #[error("the ledger is closed")]
+    Closed,
+}
+
+/// Which namespace an idempotency key lives in, so participants can never collide with (or
+/// forge) sagad's own request records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IdempotencyNamespace {
+    /// sagad's own mutating RPCs; `scope` is the method name.
+    Coordinator = 0,
+    /// The `Idempotency` service offered to participants; `scope` is theirs to choose.
+    Participant = 1,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IdempotencyKey {
+    pub namespace: IdempotencyNamespace,
+    pub scope: String,
+    pub key: String,
+}
+
+/// The key of one timer in the due index: ordered by instant, then by a unique id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DueKey {
+    pub at_ms: u64,
+    pub id: u64,
+}
+
+/// Handle to the ledger; cheap to clone.
+///
+/// Dropping the last handle without `close` closes the threads' inboxes and blocks until the
+/// writer has flushed durably and both threads have released the folder.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: mpsc::Sender<writer::Message>,
+    reader: mpsc::Sender<reader::Message>,
+    flushes: Arc<AtomicU64>,
+    /// Declared last so it drops last: by then the senders above are gone, so both threads see
+    /// their inbox close, finish, and can be joined.
+    _join_on_drop: Threads,
+}
+
+/// The view a `write` closure gets: reads see the ledger plus this closure's own writes.
+pub struct WriteTx<'a> {
+    tables: &'a Tables,
+    /// Everything the closure wrote so far; applied as one transaction only if it returns `Ok`.
+    overlay: Overlay,
+}
+
+/// The view a `read` closure gets.
+pub struct ReadTx<'a> {
+    tables: &'a Tables,
+}
+
+/// Meta keys of the counters; each is committed in the same transaction as the write that
+/// used it, so a number is never handed out twice, even across a crash.
+const GSN_COUNTER: &[u8] = b"gsn_seq";
+const OUTBOX_COUNTER: &[u8] = b"outbox_seq";
+const DUE_COUNTER: &[u8] = b"due_seq";
+
+/// Reads waiting for the reader thread before callers feel backpressure.
+const READ_QUEUE: usize = 1024;
+
+impl Store {
+    /// Opens (or creates) the ledger and starts its threads. Blocking: call it before the
+    /// runtime starts or from `spawn_blocking`.
+    pub fn open(options: Options) -> Result<Store, Error> {
+        let path = options.path.clone();
+        let open_failed = |detail: String| Error::Open {
+            path: path.clone(),
+            detail,
+        };
+        std::fs::create_dir_all(&path).map_err(|e| open_failed(e.to_string()))?;
+        let db = open_db(&options)?;
+        let tables = Tables::open(db).map_err(|e| open_failed(e.to_string()))?;
+        let data_file = File::open(path.join("db")).map_err(|e| open_failed(e.to_string()))?;
+        if options.durability == Durability::Durable {
+            sync_folder(&path).map_err(|e| open_failed(e.to_string()))?;
+        }
+
+        let flushes = Arc::new(AtomicU64::new(0));
+        let max_group = options.max_group.max(1);
+        let (writer_inbox, writer_rx) = mpsc::channel(max_group.saturating_mul(2));
+        let (reader_inbox, reader_rx) = mpsc::channel(READ_QUEUE);
+        let writer = writer::Writer {
+            tables: tables.clone(),
+            durability: options.durability,
+            max_group,
+            sync: writer::FileSync {
+                data_file,
+                blobs_dir: path.join("blobs"),
+                synced_blobs: HashSet::new(),
+            },
+            flushes: flushes.clone(),
+            dirty: false,
+        };
+        let mut threads = Threads {
+            handles: Vec::with_capacity(2),
+        };
+        threads.handles.push(
+            thread::Builder::new()
+                .name("sagad-ledger-writer".into())
+                .spawn(move || writer.run(writer_rx))?,
+        );
+        let reader = thread::Builder::new()
+            .name("sagad-ledger-reader".into())
+            .spawn(move || reader::run(tables, reader_rx));
+        let reader = match reader {
+            Ok(reader) => reader,
+            Err(e) => {
+                // Close the writer's inbox before `threads` joins it.
+                drop(writer_inbox);
+                return Err(Error::Io(e));
+            }
+        };
+        threads.handles.push(reader);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                writer: writer_inbox,
+                reader: reader_inbox,
+                flushes,
+                _join_on_drop: threads,
+            }),
+        })
+    }
+
+    pub async fn write<T, E, F>(&self, f: F) -> Result<Result<T, E>, Error>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        let (reply_to, reply) = oneshot::channel();
+        let job = writer::Message::Job(writer::job(f, reply_to));
+        self.inner
+            .writer
+            .send(job)
+            .await
+            .map_err(|_| Error::Closed)?;
+        // A dropped reply means the writer stopped (closed) before running the job.
+        reply.await.map_err(|_| Error::Closed)?
+    }
+
+    pub async fn read<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        F: FnOnce(&ReadTx<'_>) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let (reply_to, reply) = oneshot::channel();
+        let job = reader::Message::Job(reader::job(f, reply_to));
+        self.inner
+            .reader
+            .send(job)
+            .await
+            .map_err(|_| Error::Closed)?;
+        reply.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Finishes queued writes, makes everything durable and stops the threads. Later calls
+    /// answer `Error::Closed`.
+    pub async fn close(&self) -> Result<(), Error> {
+        let (done_to, done) = oneshot::channel();
+        let close = writer::Message::Close(done_to);
+        self.inner
+            .writer
+            .send(close)
+            .await
+            .map_err(|_| Error::Closed)?;
+        let flushed = done.await.map_err(|_| Error::Closed)?;
+        // The reader holds the other handle on the database: stopping it releases the folder.
+        let (stopped_to, stopped) = oneshot::channel();
+        let stop = reader::Message::Close(stopped_to);
+        if self.inner.reader.send(stop).await.is_ok() {
+            stopped.await.map_err(|_| Error::Closed)?;
+        }
+        flushed
+    }
+
+    /// How many durable flushes the writer has made since open (for benchmarks and tests).
+    pub fn flush_count(&self) -> u64 {
+        self.inner.flushes.load(Ordering::Relaxed)
+    }
+}
+
+/// How often, and how long apart, `open` retries a folder that looks locked.
+///
+/// sled's I/O pool threads can hold the data file (and so its lock) for a moment after the
+/// database that used them is dropped, so a reopen right after `close` may briefly see the
+/// lock; another process holding the folder still gets `Locked` after these ~100 ms.
+const LOCK_RETRIES: u32 = 10;
+const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Opens sled, telling a folder held by another process apart from other failures.
+fn open_db(options: &Options) -> Result<sled::Db, Error> {
+    let mut attempt = 0;
+    loop {
+        match open_db_once(options) {
+            Err(Error::Locked { .. }) if attempt < LOCK_RETRIES => {
+                attempt += 1;
+                thread::sleep(LOCK_RETRY_PAUSE);
+            }
+            result => return result,
+        }
+    }
+}
+
+fn open_db_once(options: &Options) -> Result<sled::Db, Error> {
+    let opened = sled::Config::new()
+        .path(&options.path)
+        .cache_capacity(options.cache_capacity_bytes)
+        .mode(sled::Mode::HighThroughput)
+        .flush_every_ms(Some(500))
+        .open();
+    opened.map_err(|error| match error {
+        // sled 0.34.7 reports a failed `flock` as `Io(Other)` with this message (config.rs,
+        // `try_lock`); the lock belongs to the open file, so a second open in this process
+        // fails the same way.
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => Error::Locked {
+            path: options.path.clone(),
+        },
+        other => Error::Open {
+            path: options.path.clone(),
+            detail: other.to_string(),
+        },
+    })
+}
+
+/// sled fsyncs neither its `conf` file nor the folder entries it creates; do it once at open,
+/// so that a ledger acknowledged as written is still found as a ledger after a power loss.
+fn sync_folder(path: &Path) -> io::Result<()> {
+    for file in ["conf", "db", "blobs"] {
+        match File::open(path.join(file)) {
+            Ok(file) => file.sync_all()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    File::open(path)?.sync_all()?;
+    // The parent may not be ours to read; its entry for the folder matters only on the first
+    // open, so failing to sync it is not worth refusing to start.
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let _ = File::open(parent).and_then(|dir| dir.sync_all());
+    }
+    Ok(())
+}
+
+/// Joins the ledger threads once their inboxes have closed.
+struct Threads {
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        let current = thread::current().id();
+        for handle in self.handles.drain(..) {
+            // A closure that owned the last handle drops it on a ledger thread, which cannot
+            // join itself; that thread sees its inbox closed and exits on its own.
+            if handle.thread().id() != current {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+impl WriteTx<'_> {
+    /// Next GSN sequence number: 1, 2, 3, ... unique and increasing across restarts (the
+    /// counter is committed with the write that used it; a rejected write consumes nothing).
+    pub fn allocate_gsn_sequence(&mut self) -> Result<u64, Error> {
+        self.next_counter(GSN_COUNTER)
+    }
+    pub fn saga(&self, sequence: u64) -> Result<Option<SagaRecord>, Error> {
+        self.get(Table::Sagas, &codec::u64_key(sequence))
+    }
+    /// Keyed by `record.sequence`.
+    pub fn put_saga(&mut self, record: &SagaRecord) -> Result<(), Error> {
+        self.put(
+            Table::Sagas,
+            codec::u64_key(record.sequence).to_vec(),
+            record,
+        )
+    }
+    pub fn idempotency(&self, key: &IdempotencyKey) -> Result<Option<IdempotencyRecord>, Error> {
+        self.get(Table::Idempotency, &codec::idempotency_key(key)?)
+    }
+    /// Also keeps the expiry index in step with `record.expires_ms`.
+    pub fn put_idempotency(
+        &mut self,
+        key: &IdempotencyKey,
+        record: &IdempotencyRecord,
+    ) -> Result<(), Error> {
+        let raw = codec::idempotency_key(key)?;
+        let previous_expiry = self.readable_idempotency_expiry(&raw)?;
+        if let Some(previous) = previous_expiry.filter(|&e| e != 0 && e != record.expires_ms) {
+            self.overlay
+                .delete(Table::IdempotencyExpiry, codec::expiry_key(previous, &raw));
+        }
+        if record.expires_ms != 0 {
+            self.overlay.put(
+                Table::IdempotencyExpiry,
+                codec::expiry_key(record.expires_ms, &raw),
+                Vec::new(),
+            );
+        }
+        self.put(Table::Idempotency, raw, record)
+    }
+    pub fn delete_idempotency(&mut self, key: &IdempotencyKey) -> Result<(), Error> {
+        let raw = codec::idempotency_key(key)?;
+        if let Some(previous) = self.readable_idempotency_expiry(&raw)?.filter(|&e| e != 0) {
+            self.overlay
+                .delete(Table::IdempotencyExpiry, codec::expiry_key(previous, &raw));
+        }
+        self.overlay.delete(Table::Idempotency, raw);
+        Ok(())
+    }
+    /// Deletes at most `limit` records whose `expires_ms` is in (0, now_ms]; returns how many.
+    pub fn collect_expired_idempotency(
+        &mut self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<usize, Error> {
+        let bound = codec::expiry_bound(now_ms);
+        let index_keys = self.overlay.live_keys_below(
+            self.tables,
+            Table::IdempotencyExpiry,
+            bound.as_ref().map(|b| b.as_slice()),
+            limit,
+        )?;
+        let mut collected = 0;
+        for index_key in index_keys {
+            let (expires_ms, raw) = codec::split_expiry_key(&index_key)?;
+            let raw = raw.to_vec();
+            // Only a record that still carries this expiry is collected; an index entry that
+            // outlived its record (or points at one this sagad cannot read) is just dropped, so
+            // collection never deletes data it has not seen expire.
+            if self.readable_idempotency_expiry(&raw)? == Some(expires_ms) {
+                self.overlay.delete(Table::Idempotency, raw);
+                collected += 1;
+            }
+            self.overlay.delete(Table::IdempotencyExpiry, index_key);
+        }
+        Ok(collected)
+    }
+    /// Returns the new entry's id (unique, increasing).
+    pub fn push_outbox(&mut self, record: &OutboxRecord) -> Result<u64, Error> {
+        let id = self.next_counter(OUTBOX_COUNTER)?;
+        self.put_outbox(id, record)?;
+        Ok(id)
+    }
+    pub fn put_outbox(&mut self, id: u64, record: &OutboxRecord) -> Result<(), Error> {
+        self.put(Table::Outbox, codec::u64_key(id).to_vec(), record)
+    }
+    pub fn delete_outbox(&mut self, id: u64) -> Result<(), Error> {
+        self.overlay
+            .delete(Table::Outbox, codec::u64_key(id).to_vec());
+        Ok(())
+    }
+    pub fn schedule(&mut self, at_ms: u64, record: &DueRecord) -> Result<DueKey, Error> {
+        let key = DueKey {
+            at_ms,
+            id: self.next_counter(DUE_COUNTER)?,
+        };
+        self.put(Table::Due, codec::due_key(key).to_vec(), record)?;
+        Ok(key)
+    }
+    pub fn cancel(&mut self, key: DueKey) -> Result<(), Error> {
+        self.overlay
+            .delete(Table::Due, codec::due_key(key).to_vec());
+        Ok(())
+    }
+
+    /// Reads through the overlay: the job's own puts and deletes win over the trees.
+    fn get<R: Record>(&self, table: Table, key: &[u8]) -> Result<Option<R>, Error> {
+        match self.overlay.get(table, key) {
+            Some(Some(bytes)) => codec::decode(bytes).map(Some),
+            Some(None) => Ok(None),
+            None => self.tables.get(table, key),
+        }
+    }
+
+    fn put<R: Record>(&mut self, table: Table, key: Vec<u8>, record: &R) -> Result<(), Error> {
+        let value = codec::encode(record)?;
+        self.overlay.put(table, key, value);
+        Ok(())
+    }
+
+    /// The stored record's `expires_ms`, or `None` if there is no record or it cannot be
+    /// decoded: overwriting or deleting an unreadable record must still work, and the expiry
+    /// index entry it may leave behind is dropped harmlessly by collection.
+    fn readable_idempotency_expiry(&self, raw: &[u8]) -> Result<Option<u64>, Error> {
+        match self.get::<IdempotencyRecord>(Table::Idempotency, raw) {
+            Ok(record) => Ok(record.map(|r| r.expires_ms)),
+            Err(Error::Corrupt { .. } | Error::UnknownVersion { .. }) => Ok(None),
+            Err(other) => Err(other),
+        }
+    }
+
+    fn next_counter(&mut self, name: &'static [u8]) -> Result<u64, Error> {
+        let current = match self.overlay.get(Table::Meta, name) {
+            Some(Some(bytes)) => codec::decode_u64(Table::Meta.name(), bytes)?,
+            Some(None) => 0,
+            None => match self.tables.get_raw(Table::Meta, name)? {
+                Some(bytes) => codec::decode_u64(Table::Meta.name(), &bytes)?,
+                None => 0,
+            },
+        };
+        let next = current.checked_add(1).ok_or_else(|| {
+            Error::Storage(format!(
+                "counter {} is exhausted",
+                String::from_utf8_lossy(name)
+            ))
+        })?;
+        self.overlay
+            .put(Table::Meta, name.to_vec(), codec::u64_key(next).to_vec());
+        Ok(next)
+    }
+}
+
+impl ReadTx<'_> {
+    pub fn saga(&self, sequence: u64) -> Result<Option<SagaRecord>, Error> {
+        self.tables.get(Table::Sagas, &codec::u64_key(sequence))
+    }
+    /// Sagas in sequence order (or reverse), starting strictly after `after` when given.
+    pub fn sagas(
+        &self,
+        after: Option<u64>,
+        descending: bool,
+    ) -> Box<dyn Iterator<Item = Result<SagaRecord, Error>> + '_> {
+        let tree = self.tables.tree(Table::Sagas);
+        let entries: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+            match (after, descending) {
+                (None, false) => Box::new(tree.iter()),
+                (None, true) => Box::new(tree.iter().rev()),
+                (Some(after), false) => match after.checked_add(1) {
+                    Some(first) => Box::new(tree.range(codec::u64_key(first)..)),
+                    None => Box::new(std::iter::empty()),
+                },
+                (Some(after), true) => Box::new(tree.range(..codec::u64_key(after)).rev()),
+            };
+        Box::new(entries.map(|entry| {
+            let (_, value) = entry.map_err(storage_error)?;
+            codec::decode(&value)
+        }))
+    }
+    pub fn idempotency(&self, key: &IdempotencyKey) -> Result<Option<IdempotencyRecord>, Error> {
+        self.tables
+            .get(Table::Idempotency, &codec::idempotency_key(key)?)
+    }
+    /// Every outbox entry, oldest first.
+    pub fn outbox(&self) -> Box<dyn Iterator<Item = Result<(u64, OutboxRecord), Error>> + '_> {
+        Box::new(self.tables.tree(Table::Outbox).iter().map(|entry| {
+            let (key, value) = entry.map_err(storage_error)?;
+            Ok((
+                codec::decode_u64(Table::Outbox.name(), &key)?,
+                codec::decode(&value)?,
+            ))
+        }))
+    }
+    /// Timers due at or before `now_ms`, earliest first.
+    pub fn due_until(
+        &self,
+        now_ms: u64,
+    ) -> Box<dyn Iterator<Item = Result<(DueKey, DueRecord), Error>> + '_> {
+        let last = codec::due_key(DueKey {
+            at_ms: now_ms,
+            id: u64::MAX,
+        });
+        Box::new(self.tables.tree(Table::Due).range(..=last).map(|entry| {
+            let (key, value) = entry.map_err(storage_error)?;
+            Ok((codec::decode_due_key(&key)?, codec::decode(&value)?))
+        }))
+    }
+}

@@ -1,0 +1,184 @@
+//! Group commit and the GSN counter under concurrency: many tokio tasks writing at once share
+//! flushes, and sequence numbers stay unique and increasing across a reopen.
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers outside #[test] fns fail the test by panicking"
+)]
+
+use sagad::store::{Error, Options, SagaRecord, Store};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+fn saga(sequence: u64) -> SagaRecord {
+    SagaRecord {
+        coordinator_id: "c1".into(),
+        sequence,
+        business_type: "order".into(),
+        mode: 2,
+        payload: sequence.to_be_bytes().to_vec(),
+        content_type: String::new(),
+        labels: BTreeMap::new(),
+        deadline_ms: 0,
+        state: 1,
+        created_ms: 1,
+        updated_ms: 1,
+        request_id: format!("r{sequence}"),
+    }
+}
+
+fn options(dir: &tempfile::TempDir) -> Options {
+    let mut options = Options::new(dir.path().join("ledger"));
+    options.cache_capacity_bytes = 8 * 1024 * 1024;
+    options
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Allocates `per_write` sequences in each of `writes` jobs spread over `tasks` tasks; every
+/// third job is rejected after allocating. Returns the committed sequences in allocation
+/// order (recorded on the writer thread, which runs jobs one at a time).
+async fn allocate(store: &Store, tasks: u64, writes: u64, per_write: usize) -> Vec<u64> {
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut handles = Vec::new();
+    for task in 0..tasks {
+        let store = store.clone();
+        let order = order.clone();
+        handles.push(tokio::spawn(async move {
+            for write in 0..writes {
+                let order = order.clone();
+                let reject = (task + write) % 3 == 0;
+                // `Err(None)` is a deliberate rejection, `Err(Some(_))` a ledger failure.
+                let answer = store
+                    .write(move |tx| {
+                        let mut sequences = Vec::new();
+                        for _ in 0..per_write {
+                            let sequence = tx.allocate_gsn_sequence().map_err(Some)?;
+                            tx.put_saga(&saga(sequence)).map_err(Some)?;
+                            sequences.push(sequence);
+                        }
+                        if reject {
+                            return Err(None::<Error>);
+                        }
+                        order.lock().unwrap().extend(&sequences);
+                        Ok(sequences)
+                    })
+                    .await
+                    .unwrap();
+                match answer {
+                    Ok(sequences) => assert_eq!(sequences.len(), per_write),
+                    Err(None) => assert!(reject),
+                    Err(Some(error)) => panic!("ledger failure: {error}"),
+                }
+            }
+        }));
+    }
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    Arc::try_unwrap(order).unwrap().into_inner().unwrap()
+}
+
+#[test]
+fn gsn_sequences_are_unique_and_increasing_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+
+    let store = Store::open(options(&dir)).unwrap();
+    let first = rt.block_on(allocate(&store, 12, 6, 3));
+    // Rejected jobs consume nothing, so the committed numbers are exactly 1..=n in order.
+    assert_eq!(first, (1..=first.len() as u64).collect::<Vec<_>>());
+    // Reopen without close: the counter must come from what was acknowledged.
+    drop(store);
+
+    let store = Store::open(options(&dir)).unwrap();
+    let second = rt.block_on(allocate(&store, 12, 6, 3));
+    assert!(!second.is_empty());
+    assert!(second.windows(2).all(|w| w[0] < w[1]), "{second:?}");
+    assert!(
+        second[0] > *first.last().unwrap(),
+        "a sequence was reused after reopen"
+    );
+    rt.block_on(store.close()).unwrap();
+
+    let store = Store::open(options(&dir)).unwrap();
+    let stored: Vec<u64> = rt
+        .block_on(store.read(|tx| tx.sagas(None, false).map(|s| s.unwrap().sequence).collect()))
+        .unwrap();
+    let committed: Vec<u64> = first.iter().chain(&second).copied().collect();
+    assert_eq!(stored, committed, "only committed jobs left sagas behind");
+    rt.block_on(store.close()).unwrap();
+}
+
+#[test]
+fn concurrent_writes_share_flushes_and_are_all_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let store = Store::open(options(&dir)).unwrap();
+    rt.block_on(async {
+        let writes: Vec<_> = (1..=200u64)
+            .map(|sequence| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .write(move |tx| tx.put_saga(&saga(sequence)))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                })
+            })
+            .collect();
+        for write in writes {
+            write.await.unwrap();
+        }
+    });
+    let flushes = store.flush_count();
+    eprintln!("200 concurrent writes took {flushes} flushes");
+    assert!(flushes > 0, "acknowledged writes were never flushed");
+    assert!(
+        flushes < 200,
+        "200 concurrent writes took {flushes} flushes: no group commit"
+    );
+
+    let stored = rt
+        .block_on(store.read(|tx| tx.sagas(None, false).collect::<Result<Vec<_>, _>>()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored, (1..=200).map(saga).collect::<Vec<_>>());
+    rt.block_on(store.close()).unwrap();
+}
+
+/// A group whose jobs changed nothing has nothing to make durable, so it costs no flush; a
+/// rejected job still waits for the flush of the group that holds it.
+#[test]
+fn groups_that_write_nothing_skip_the_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let store = Store::open(options(&dir)).unwrap();
+    rt.block_on(async {
+        store
+            .write(|tx| tx.put_saga(&saga(1)))
+            .await
+            .unwrap()
+            .unwrap();
+        let after_write = store.flush_count();
+        assert_eq!(after_write, 1);
+        let found = store.write(|tx| tx.saga(1)).await.unwrap().unwrap();
+        assert_eq!(found, Some(saga(1)));
+        let rejected = store
+            .write(|tx| {
+                tx.put_saga(&saga(2))?;
+                Err::<(), _>(Error::Closed)
+            })
+            .await
+            .unwrap();
+        assert!(rejected.is_err());
+        assert_eq!(store.flush_count(), after_write);
+        store.close().await.unwrap();
+    });
+}
