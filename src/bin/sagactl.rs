@@ -1,2 +1,273 @@
-//! Placeholder until the server is wired.
-fn main() {}
+//! sagactl: the operator's command line over sagad's own gRPC contracts.
+#![allow(clippy::print_stdout)] // A command-line tool's output is its stdout.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use sagad::grpc::pb;
+use sagad::grpc::pb::coordinator_client::CoordinatorClient;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, Parser)]
+#[command(name = "sagactl", version, about = "Operate a sagad saga coordinator")]
+struct Cli {
+    /// sagad's address
+    #[arg(long, env = "SAGAD_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a saga.
+    Start {
+        /// Business type, e.g. order
+        #[arg(long)]
+        business_type: String,
+        /// Idempotency key; repeat it to retry safely
+        #[arg(long)]
+        request_id: String,
+        /// orchestrated or outcalls
+        #[arg(long, default_value = "outcalls")]
+        mode: String,
+        /// Payload text (sent as bytes)
+        #[arg(long, default_value = "")]
+        payload: String,
+        /// Payload MIME type
+        #[arg(long, default_value = "")]
+        content_type: String,
+        /// Label as key=value; repeat for more
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Reverse the saga if still running after this long, e.g. 30s
+        #[arg(long)]
+        timeout: Option<String>,
+    },
+    /// Show one saga.
+    Show { gsn: String },
+    /// List sagas, newest first.
+    List {
+        /// running, completed, reversing, reversed or needs_attention; repeat for more
+        #[arg(long = "state")]
+        states: Vec<String>,
+        #[arg(long, default_value = "")]
+        business_type: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Ask sagad's health service.
+    Health,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("sagactl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("sagactl: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(addr: &str) -> Result<Channel, String> {
+    Endpoint::from_shared(addr.to_owned())
+        .map_err(|e| format!("bad --addr {addr:?}: {e}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach sagad at {addr}: {e}"))
+}
+
+fn status_text(status: tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+fn state_name(value: i32) -> String {
+    pb::SagaState::try_from(value)
+        .map(|s| s.as_str_name().trim_start_matches("SAGA_STATE_").to_owned())
+        .unwrap_or_else(|_| value.to_string())
+}
+
+fn time_text(ts: &Option<prost_types::Timestamp>) -> String {
+    ts.as_ref()
+        .map(|t| {
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH
+                    + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32),
+            )
+            .to_string()
+        })
+        .unwrap_or_else(|| "-".to_owned())
+}
+
+fn print_saga(saga: &pb::Saga) {
+    println!("gsn:           {}", saga.gsn);
+    println!("state:         {}", state_name(saga.state));
+    println!("business type: {}", saga.business_type);
+    println!(
+        "mode:          {}",
+        pb::SagaMode::try_from(saga.mode)
+            .map(|m| m.as_str_name())
+            .unwrap_or("?")
+    );
+    println!("request id:    {}", saga.request_id);
+    println!("created:       {}", time_text(&saga.created_at));
+    println!("updated:       {}", time_text(&saga.updated_at));
+    println!("deadline:      {}", time_text(&saga.deadline));
+    for (key, value) in &saga.labels {
+        println!("label:         {key}={value}");
+    }
+    if !saga.payload.is_empty() {
+        println!(
+            "payload:       {} bytes ({})",
+            saga.payload.len(),
+            saga.content_type
+        );
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let channel = connect(&cli.addr).await?;
+    match cli.command {
+        Command::Start {
+            business_type,
+            request_id,
+            mode,
+            payload,
+            content_type,
+            labels,
+            timeout,
+        } => {
+            let mode = match mode.as_str() {
+                "orchestrated" => pb::SagaMode::Orchestrated,
+                "outcalls" => pb::SagaMode::RegisteredOutcalls,
+                other => {
+                    return Err(format!(
+                        "--mode {other:?}: expected orchestrated or outcalls"
+                    ));
+                }
+            };
+            let mut label_map = BTreeMap::new();
+            for label in labels {
+                let (k, v) = label
+                    .split_once('=')
+                    .ok_or_else(|| format!("--label {label:?}: expected key=value"))?;
+                label_map.insert(k.to_owned(), v.to_owned());
+            }
+            let timeout = timeout
+                .map(|t| humantime::parse_duration(&t).map_err(|e| format!("--timeout {t:?}: {e}")))
+                .transpose()?
+                .map(|d| prost_types::Duration {
+                    seconds: d.as_secs() as i64,
+                    nanos: d.subsec_nanos() as i32,
+                });
+            let response = CoordinatorClient::new(channel)
+                .start_saga(pb::StartSagaRequest {
+                    request_id,
+                    business_type,
+                    mode: mode as i32,
+                    payload: payload.into_bytes(),
+                    content_type,
+                    labels: label_map,
+                    deadline: None,
+                    timeout,
+                })
+                .await
+                .map_err(status_text)?;
+            let replayed = response
+                .metadata()
+                .contains_key(sagad::grpc::REPLAYED_HEADER);
+            let response = response.into_inner();
+            println!(
+                "{}{}",
+                response.gsn,
+                if replayed {
+                    "  (replayed: this request_id was already answered)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Command::Show { gsn } => {
+            let saga = CoordinatorClient::new(channel)
+                .get_saga(pb::GetSagaRequest { gsn })
+                .await
+                .map_err(status_text)?
+                .into_inner()
+                .saga
+                .ok_or("sagad answered without a saga")?;
+            print_saga(&saga);
+        }
+        Command::List {
+            states,
+            business_type,
+            limit,
+        } => {
+            let mut state_values = Vec::new();
+            for state in states {
+                let name = format!("SAGA_STATE_{}", state.to_uppercase());
+                let value = pb::SagaState::from_str_name(&name)
+                    .ok_or_else(|| format!("--state {state:?} is not a saga state"))?;
+                state_values.push(value as i32);
+            }
+            let response = CoordinatorClient::new(channel)
+                .list_sagas(pb::ListSagasRequest {
+                    states: state_values,
+                    business_type,
+                    page_size: limit,
+                    page_token: String::new(),
+                    newest_first: true,
+                    full: false,
+                })
+                .await
+                .map_err(status_text)?
+                .into_inner();
+            println!(
+                "{:<28} {:<16} {:<24} CREATED",
+                "GSN", "STATE", "BUSINESS TYPE"
+            );
+            for saga in &response.sagas {
+                println!(
+                    "{:<28} {:<16} {:<24} {}",
+                    saga.gsn,
+                    state_name(saga.state),
+                    saga.business_type,
+                    time_text(&saga.created_at)
+                );
+            }
+            if !response.next_page_token.is_empty() {
+                println!("(more: raise --limit)");
+            }
+        }
+        Command::Health => {
+            let response = tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map_err(status_text)?
+                .into_inner();
+            println!(
+                "{:?}",
+                tonic_health::pb::health_check_response::ServingStatus::try_from(response.status)
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,327 @@
+//! Configuration: command-line flags, then `SAGAD_*` environment variables, then defaults,
+//! turned into one validated `Config` before any port is bound. The environment is read through
+//! `Environment`, so tests inject it instead of setting process variables.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::domain::ids::CoordinatorId;
+use crate::store::Durability;
+
+/// Where environment variables come from.
+pub trait Environment {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment: the one home of `std::env::var`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProcessEnvironment;
+
+impl Environment for ProcessEnvironment {
+    #[allow(clippy::disallowed_methods)] // This is the one place allowed to read the environment.
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Environment for BTreeMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        BTreeMap::get(self, name).cloned()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Everything sagad needs to start, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data: PathBuf,
+    pub coordinator_id: CoordinatorId,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    pub durability: Durability,
+    pub max_payload_bytes: usize,
+    pub idempotency_retention: Duration,
+    pub shutdown_grace: Duration,
+    pub cache_capacity_bytes: u64,
+}
+
+impl Config {
+    /// The embedded defaults, with the ledger in `data`: what tests start from.
+    pub fn with_data(data: impl Into<PathBuf>) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data: data.into(),
+            coordinator_id: CoordinatorId::parse(DEFAULT_COORDINATOR_ID)
+                .unwrap_or_else(|_| unreachable!("the default coordinator id is valid")),
+            log_format: LogFormat::Text,
+            log_filter: "info".to_owned(),
+            durability: Durability::Durable,
+            max_payload_bytes: 1024 * 1024,
+            idempotency_retention: Duration::from_secs(7 * 24 * 3600),
+            shutdown_grace: Duration::from_secs(10),
+            cache_capacity_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+const DEFAULT_COORDINATOR_ID: &str = "c1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Includes `--help` and `--version`, which clap reports as errors to be printed.
+    #[error("{0}")]
+    Usage(#[from] clap::Error),
+    #[error("{setting} {value:?}: {reason}")]
+    Invalid {
+        setting: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// sagad: a saga coordinator. Every flag can also be set by the environment variable named
+/// in its help; a flag wins over its variable.
+#[derive(Debug, Parser)]
+#[command(name = "sagad", version, about, long_about = None)]
+struct Flags {
+    /// Address to listen on [env: SAGAD_LISTEN] [default: 127.0.0.1:50051]
+    #[arg(long)]
+    listen: Option<String>,
+    /// Ledger folder, created if missing [env: SAGAD_DATA] [default: ./sagad-data]
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Id of this coordinator, carried in every GSN it issues (letters, digits, - and _; at most
+    /// 32) [env: SAGAD_COORDINATOR_ID] [default: c1]
+    #[arg(long)]
+    coordinator_id: Option<String>,
+    /// Log format: text or json [env: SAGAD_LOG_FORMAT] [default: text]
+    #[arg(long)]
+    log_format: Option<String>,
+    /// Log filter, e.g. info or sagad=debug [env: SAGAD_LOG] [default: info]
+    #[arg(long)]
+    log: Option<String>,
+    /// durable: answer only after the write survives power loss (flush + fdatasync); relaxed:
+    /// answer after it reaches the kernel (survives a sagad crash, not power loss)
+    /// [env: SAGAD_DURABILITY] [default: durable]
+    #[arg(long)]
+    durability: Option<String>,
+    /// Largest payload accepted, in bytes [env: SAGAD_MAX_PAYLOAD_BYTES] [default: 1048576]
+    #[arg(long)]
+    max_payload_bytes: Option<String>,
+    /// How long idempotency records are kept after their last change, e.g. 7d, 12h; 0 keeps
+    /// them forever [env: SAGAD_IDEMPOTENCY_RETENTION] [default: 7d]
+    #[arg(long)]
+    idempotency_retention: Option<String>,
+    /// How long shutdown waits for in-flight requests [env: SAGAD_SHUTDOWN_GRACE] [default: 10s]
+    #[arg(long)]
+    shutdown_grace: Option<String>,
+    /// Ledger page cache, in MiB [env: SAGAD_CACHE_MB] [default: 64]
+    #[arg(long)]
+    cache_mb: Option<String>,
+}
+
+fn pick(flag: Option<String>, env: &dyn Environment, name: &str) -> Option<(String, &'static str)> {
+    flag.map(|v| (v, "flag"))
+        .or_else(|| env.get(name).map(|v| (v, "env")))
+}
+
+fn invalid(setting: &'static str, value: &str, reason: impl Into<String>) -> Error {
+    Error::Invalid {
+        setting,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn duration(setting: &'static str, value: &str) -> Result<Duration, Error> {
+    if value.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(value.trim()).map_err(|e| {
+        invalid(
+            setting,
+            value,
+            format!("{e} (write it like 30s, 5m, 12h or 7d)"),
+        )
+    })
+}
+
+impl Config {
+    /// Parses flags (`args` includes the program name) with `env` as the fallback.
+    pub fn load<I, T>(args: I, env: &dyn Environment) -> Result<Config, Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let flags = Flags::try_parse_from(args)?;
+        let mut config = Config::with_data("./sagad-data");
+
+        if let Some((value, _)) = pick(flags.listen, env, "SAGAD_LISTEN") {
+            config.listen = value.parse().map_err(|_| {
+                invalid(
+                    "listen (SAGAD_LISTEN)",
+                    &value,
+                    "expected IP:PORT, e.g. 127.0.0.1:50051",
+                )
+            })?;
+        }
+        if let Some(data) = flags
+            .data
+            .or_else(|| env.get("SAGAD_DATA").map(PathBuf::from))
+        {
+            if data.as_os_str().is_empty() {
+                return Err(invalid("data (SAGAD_DATA)", "", "must name a folder"));
+            }
+            config.data = data;
+        }
+        if let Some((value, _)) = pick(flags.coordinator_id, env, "SAGAD_COORDINATOR_ID") {
+            config.coordinator_id = CoordinatorId::parse(&value).map_err(|e| {
+                invalid(
+                    "coordinator-id (SAGAD_COORDINATOR_ID)",
+                    &value,
+                    e.to_string(),
+                )
+            })?;
+        }
+        if let Some((value, _)) = pick(flags.log_format, env, "SAGAD_LOG_FORMAT") {
+            config.log_format = match value.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(invalid(
+                        "log-format (SAGAD_LOG_FORMAT)",
+                        &value,
+                        "expected text or json",
+                    ));
+                }
+            };
+        }
+        if let Some((value, _)) = pick(flags.log, env, "SAGAD_LOG") {
+            tracing_subscriber::EnvFilter::try_new(&value).map_err(|e| {
+                invalid(
+                    "log (SAGAD_LOG)",
+                    &value,
+                    format!("{e} (write it like info, or sagad=debug,warn)"),
+                )
+            })?;
+            config.log_filter = value;
+        }
+        if let Some((value, _)) = pick(flags.durability, env, "SAGAD_DURABILITY") {
+            config.durability = match value.as_str() {
+                "durable" => Durability::Durable,
+                "relaxed" => Durability::Relaxed,
+                _ => {
+                    return Err(invalid(
+                        "durability (SAGAD_DURABILITY)",
+                        &value,
+                        "expected durable or relaxed",
+                    ));
+                }
+            };
+        }
+        if let Some((value, _)) = pick(flags.max_payload_bytes, env, "SAGAD_MAX_PAYLOAD_BYTES") {
+            let bytes: usize = value.parse().map_err(|_| {
+                invalid(
+                    "max-payload-bytes (SAGAD_MAX_PAYLOAD_BYTES)",
+                    &value,
+                    "expected a whole number of bytes",
+                )
+            })?;
+            // gRPC's own message limit is 4 MiB by default; a payload must fit with its envelope.
+            if bytes == 0 || bytes > 3 * 1024 * 1024 {
+                return Err(invalid(
+                    "max-payload-bytes (SAGAD_MAX_PAYLOAD_BYTES)",
+                    &value,
+                    "must be between 1 and 3145728 (3 MiB)",
+                ));
+            }
+            config.max_payload_bytes = bytes;
+        }
+        if let Some((value, _)) = pick(
+            flags.idempotency_retention,
+            env,
+            "SAGAD_IDEMPOTENCY_RETENTION",
+        ) {
+            config.idempotency_retention = duration(
+                "idempotency-retention (SAGAD_IDEMPOTENCY_RETENTION)",
+                &value,
+            )?;
+        }
+        if let Some((value, _)) = pick(flags.shutdown_grace, env, "SAGAD_SHUTDOWN_GRACE") {
+            config.shutdown_grace = duration("shutdown-grace (SAGAD_SHUTDOWN_GRACE)", &value)?;
+        }
+        if let Some((value, _)) = pick(flags.cache_mb, env, "SAGAD_CACHE_MB") {
+            let mb: u64 = value
+                .parse()
+                .ok()
+                .filter(|mb| (1..=65_536).contains(mb))
+                .ok_or_else(|| {
+                    invalid("cache-mb (SAGAD_CACHE_MB)", &value, "expected 1 to 65536")
+                })?;
+            config.cache_capacity_bytes = mb * 1024 * 1024;
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_suit_a_sidecar() {
+        let config = Config::load(["sagad"], &env(&[])).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(config.data, PathBuf::from("./sagad-data"));
+        assert_eq!(config.durability, Durability::Durable);
+        assert_eq!(config.max_payload_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn environment_fills_in_and_flags_win() {
+        let vars = env(&[
+            ("SAGAD_LISTEN", "127.0.0.1:7000"),
+            ("SAGAD_DATA", "/tmp/x"),
+            ("SAGAD_DURABILITY", "relaxed"),
+            ("SAGAD_IDEMPOTENCY_RETENTION", "12h"),
+        ]);
+        let config = Config::load(["sagad", "--listen", "127.0.0.1:7001"], &vars).unwrap();
+        assert_eq!(config.listen.port(), 7001);
+        assert_eq!(config.data, PathBuf::from("/tmp/x"));
+        assert_eq!(config.durability, Durability::Relaxed);
+        assert_eq!(config.idempotency_retention, Duration::from_secs(12 * 3600));
+    }
+
+    #[test]
+    fn bad_values_name_the_setting_and_the_fix() {
+        let err = Config::load(["sagad", "--durability", "fast"], &env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("expected durable or relaxed"),
+            "{err}"
+        );
+        let err = Config::load(["sagad"], &env(&[("SAGAD_LISTEN", "nowhere")])).unwrap_err();
+        assert!(err.to_string().contains("SAGAD_LISTEN"), "{err}");
+        let err = Config::load(["sagad", "--coordinator-id", "a b"], &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("coordinator-id"), "{err}");
+        let err = Config::load(["sagad", "--shutdown-grace", "soon"], &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("30s"), "{err}");
+    }
+}

@@ -1,0 +1,270 @@
+//! A saga's record and the rules for starting one: what a valid start request is, and the saga
+//! it creates. Driving a saga's branches belongs to the engine issues that follow.
+
+use std::collections::BTreeMap;
+
+use crate::domain::ids::{BusinessType, Gsn, RequestId};
+use crate::domain::{Millis, Violation};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SagaState {
+    Running,
+    Completed,
+    Reversing,
+    Reversed,
+    NeedsAttention,
+}
+
+impl SagaState {
+    /// A terminal saga never changes again.
+    pub fn is_terminal(self) -> bool {
+        match self {
+            SagaState::Completed | SagaState::Reversed => true,
+            SagaState::Running | SagaState::Reversing | SagaState::NeedsAttention => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SagaMode {
+    /// Driven by the fulfillment strategy of its business type (S2).
+    Orchestrated,
+    /// Driven by the calling service's registered outcalls (S1).
+    RegisteredOutcalls,
+}
+
+/// When a saga still running must be reversed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    None,
+    At(Millis),
+    After(Millis),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saga {
+    pub gsn: Gsn,
+    pub business_type: BusinessType,
+    pub mode: SagaMode,
+    pub payload: Vec<u8>,
+    pub content_type: String,
+    pub labels: BTreeMap<String, String>,
+    pub deadline_ms: Option<Millis>,
+    pub state: SagaState,
+    pub created_ms: Millis,
+    pub updated_ms: Millis,
+    pub request_id: RequestId,
+}
+
+/// Limits a deployment puts on what a saga may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_payload_bytes: usize,
+}
+
+impl Limits {
+    pub const MAX_CONTENT_TYPE: usize = 128;
+    pub const MAX_LABELS: usize = 32;
+    pub const MAX_LABEL_KEY: usize = 64;
+    pub const MAX_LABEL_VALUE: usize = 256;
+}
+
+/// A start request as it arrives, before validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartRequest {
+    pub request_id: String,
+    pub business_type: String,
+    pub mode: Option<SagaMode>,
+    pub payload: Vec<u8>,
+    pub content_type: String,
+    pub labels: BTreeMap<String, String>,
+    pub deadline: Deadline,
+}
+
+/// A start request that passed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Start {
+    pub request_id: RequestId,
+    pub business_type: BusinessType,
+    pub mode: SagaMode,
+    pub payload: Vec<u8>,
+    pub content_type: String,
+    pub labels: BTreeMap<String, String>,
+    pub deadline_ms: Option<Millis>,
+}
+
+/// Checks every field and reports every problem at once.
+pub fn validate_start(
+    request: StartRequest,
+    limits: Limits,
+    now: Millis,
+) -> Result<Start, Vec<Violation>> {
+    let mut violations = Vec::new();
+    let request_id = RequestId::parse(&request.request_id)
+        .map_err(|e| violations.push(Violation::new("request_id", e.to_string())))
+        .ok();
+    let business_type = BusinessType::parse(&request.business_type)
+        .map_err(|e| violations.push(Violation::new("business_type", e.to_string())))
+        .ok();
+    if request.mode.is_none() {
+        violations.push(Violation::new(
+            "mode",
+            "is required: SAGA_MODE_ORCHESTRATED (driven by the business type's strategy) or \
+             SAGA_MODE_REGISTERED_OUTCALLS (driven by your registered outcalls)",
+        ));
+    }
+    if request.payload.len() > limits.max_payload_bytes {
+        violations.push(Violation::new(
+            "payload",
+            format!(
+                "is {} bytes; at most {} are allowed (sagad --max-payload-bytes)",
+                request.payload.len(),
+                limits.max_payload_bytes
+            ),
+        ));
+    }
+    if request.content_type.chars().count() > Limits::MAX_CONTENT_TYPE {
+        violations.push(Violation::new(
+            "content_type",
+            format!("is longer than {} characters", Limits::MAX_CONTENT_TYPE),
+        ));
+    }
+    if request.labels.len() > Limits::MAX_LABELS {
+        violations.push(Violation::new(
+            "labels",
+            format!(
+                "has {} entries; at most {} are allowed",
+                request.labels.len(),
+                Limits::MAX_LABELS
+            ),
+        ));
+    }
+    for (key, value) in &request.labels {
+        let key_len = key.chars().count();
+        if key_len == 0 || key_len > Limits::MAX_LABEL_KEY {
+            violations.push(Violation::new(
+                "labels",
+                format!(
+                    "key {key:?} must be 1 to {} characters",
+                    Limits::MAX_LABEL_KEY
+                ),
+            ));
+        }
+        if value.chars().count() > Limits::MAX_LABEL_VALUE {
+            violations.push(Violation::new(
+                format!("labels[{key}]"),
+                format!("is longer than {} characters", Limits::MAX_LABEL_VALUE),
+            ));
+        }
+    }
+    let deadline_ms = match request.deadline {
+        Deadline::None => None,
+        Deadline::At(at) if at <= now => {
+            violations.push(Violation::new("deadline", "is not in the future"));
+            None
+        }
+        Deadline::At(at) => Some(at),
+        Deadline::After(0) => {
+            violations.push(Violation::new("timeout", "must be longer than zero"));
+            None
+        }
+        Deadline::After(after) => Some(now.saturating_add(after)),
+    };
+    match (request_id, business_type, request.mode) {
+        (Some(request_id), Some(business_type), Some(mode)) if violations.is_empty() => Ok(Start {
+            request_id,
+            business_type,
+            mode,
+            payload: request.payload,
+            content_type: request.content_type,
+            labels: request.labels,
+            deadline_ms,
+        }),
+        _ => Err(violations),
+    }
+}
+
+/// The saga a valid start request creates under its GSN.
+pub fn on_started(start: Start, gsn: Gsn, now: Millis) -> Saga {
+    Saga {
+        gsn,
+        business_type: start.business_type,
+        mode: start.mode,
+        payload: start.payload,
+        content_type: start.content_type,
+        labels: start.labels,
+        deadline_ms: start.deadline_ms,
+        state: SagaState::Running,
+        created_ms: now,
+        updated_ms: now,
+        request_id: start.request_id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ids::CoordinatorId;
+
+    const LIMITS: Limits = Limits {
+        max_payload_bytes: 16,
+    };
+
+    fn request() -> StartRequest {
+        StartRequest {
+            request_id: "r-1".into(),
+            business_type: "order".into(),
+            mode: Some(SagaMode::RegisteredOutcalls),
+            payload: b"{}".to_vec(),
+            content_type: "application/json".into(),
+            labels: BTreeMap::from([("tenant".into(), "acme".into())]),
+            deadline: Deadline::After(30_000),
+        }
+    }
+
+    #[test]
+    fn a_valid_start_creates_a_running_saga_with_its_deadline() {
+        let start = validate_start(request(), LIMITS, 1_000).unwrap();
+        let gsn = Gsn::new(CoordinatorId::parse("c1").unwrap(), 7);
+        let saga = on_started(start, gsn.clone(), 1_000);
+        assert_eq!(saga.state, SagaState::Running);
+        assert_eq!(saga.deadline_ms, Some(31_000));
+        assert_eq!(saga.gsn, gsn);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let bad = StartRequest {
+            request_id: String::new(),
+            business_type: "x".repeat(200),
+            mode: None,
+            payload: vec![0; 17],
+            deadline: Deadline::At(500),
+            ..request()
+        };
+        let violations = validate_start(bad, LIMITS, 1_000).unwrap_err();
+        let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["request_id", "business_type", "mode", "payload", "deadline"]
+        );
+        assert!(violations[3].description.contains("at most 16"));
+    }
+
+    #[test]
+    fn oversized_labels_are_refused() {
+        let bad = StartRequest {
+            labels: BTreeMap::from([("k".into(), "v".repeat(300))]),
+            ..request()
+        };
+        let violations = validate_start(bad, LIMITS, 0).unwrap_err();
+        assert_eq!(violations[0].field, "labels[k]");
+    }
+
+    #[test]
+    fn only_completed_and_reversed_are_terminal() {
+        assert!(SagaState::Completed.is_terminal());
+        assert!(SagaState::Reversed.is_terminal());
+        assert!(!SagaState::NeedsAttention.is_terminal());
+    }
+}

@@ -1,0 +1,191 @@
+//! Test harness: a real sagad on 127.0.0.1:0 over a temp dir, in this process (`TestServer`)
+//! or as the real binary (`SagadProcess`), and clients connected to it.
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sagad::clock::{ManualClock, SharedClock, SystemClock};
+use sagad::config::Config;
+use sagad::grpc::pb;
+use sagad::grpc::pb::coordinator_client::CoordinatorClient;
+use sagad::grpc::pb::idempotency_client::IdempotencyClient;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), sagad::app::Error>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = Config::with_data(dir.path().join("ledger"));
+        let mut server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+        server._dir = Some(dir);
+        server
+    }
+
+    pub async fn start_with_clock(clock: Arc<ManualClock>) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = Config::with_data(dir.path().join("ledger"));
+        let mut server = TestServer::start_with(config, clock).await;
+        server._dir = Some(dir);
+        server
+    }
+
+    pub async fn start_with(config: Config, clock: SharedClock) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(sagad::app::serve_with_clock(
+            listener,
+            config,
+            clock,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let channel = connect(addr).await;
+        TestServer {
+            addr,
+            channel,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: None,
+        }
+    }
+
+    pub fn coordinator(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::new(self.channel.clone())
+    }
+
+    pub fn idempotency(&self) -> IdempotencyClient<Channel> {
+        IdempotencyClient::new(self.channel.clone())
+    }
+
+    /// Graceful shutdown, as SIGTERM does it; returns what `serve` returned.
+    pub async fn stop(mut self) -> Result<(), sagad::app::Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.expect("server task"),
+            None => Ok(()),
+        }
+    }
+}
+
+pub async fn connect(addr: SocketAddr) -> Channel {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2));
+    for _ in 0..100 {
+        if let Ok(channel) = endpoint.connect().await {
+            return channel;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("sagad did not accept connections on {addr}");
+}
+
+pub fn start_request(request_id: &str, business_type: &str) -> pb::StartSagaRequest {
+    pb::StartSagaRequest {
+        request_id: request_id.to_owned(),
+        business_type: business_type.to_owned(),
+        mode: pb::SagaMode::RegisteredOutcalls as i32,
+        payload: br#"{"order":42}"#.to_vec(),
+        content_type: "application/json".to_owned(),
+        labels: [("tenant".to_owned(), "acme".to_owned())].into(),
+        deadline: None,
+        timeout: None,
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The real sagad binary, started on its own port and data folder.
+pub struct SagadProcess {
+    pub addr: SocketAddr,
+    pub child: Child,
+}
+
+impl SagadProcess {
+    pub fn spawn(data: &Path, extra: &[&str]) -> SagadProcess {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let child = sagad_command(data, &addr.to_string(), extra)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sagad");
+        SagadProcess { addr, child }
+    }
+
+    /// SIGKILL: no drain, no flush, no goodbye.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SagadProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn sagad_command(data: &Path, listen: &str, extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sagad"));
+    command
+        .arg("--listen")
+        .arg(listen)
+        .arg("--data")
+        .arg(data)
+        .args(extra)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    command
+}
+
+/// Waits until sagad's health service says SERVING.
+pub async fn wait_until_serving(addr: SocketAddr) -> Channel {
+    let channel = connect(addr).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for _ in 0..100 {
+        let serving = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .is_ok_and(|r| {
+                r.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            });
+        if serving {
+            return channel;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("sagad on {addr} never became SERVING");
+}
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}

@@ -1,0 +1,431 @@
+//! Black-box tests of the Coordinator service against a real sagad on 127.0.0.1:0.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise; that is what unwrap is for here.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use common::{TestServer, start_request};
+use sagad::clock::SystemClock;
+use sagad::config::Config;
+use sagad::grpc::{REPLAYED_HEADER, pb};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+async fn saga_count(server: &TestServer) -> usize {
+    server
+        .coordinator()
+        .list_sagas(pb::ListSagasRequest {
+            page_size: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sagas
+        .len()
+}
+
+#[tokio::test]
+async fn start_saga_stores_the_saga_and_get_saga_returns_it() {
+    let server = TestServer::start().await;
+    let mut client = server.coordinator();
+    let started = client
+        .start_saga(start_request("r-1", "order"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(started.gsn.starts_with("c1-"), "{}", started.gsn);
+
+    let saga = client
+        .get_saga(pb::GetSagaRequest {
+            gsn: started.gsn.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .saga
+        .unwrap();
+    assert_eq!(saga.gsn, started.gsn);
+    assert_eq!(saga.state, pb::SagaState::Running as i32);
+    assert_eq!(saga.business_type, "order");
+    assert_eq!(saga.mode, pb::SagaMode::RegisteredOutcalls as i32);
+    assert_eq!(saga.payload, br#"{"order":42}"#);
+    assert_eq!(saga.content_type, "application/json");
+    assert_eq!(saga.labels.get("tenant").map(String::as_str), Some("acme"));
+    assert_eq!(saga.request_id, "r-1");
+    assert_eq!(saga, started.saga.unwrap());
+}
+
+#[tokio::test]
+async fn start_saga_twice_with_one_request_id_returns_one_gsn() {
+    let server = TestServer::start().await;
+    let mut client = server.coordinator();
+    let first = client
+        .start_saga(start_request("same", "order"))
+        .await
+        .unwrap();
+    assert!(!first.metadata().contains_key(REPLAYED_HEADER));
+    let second = client
+        .start_saga(start_request("same", "order"))
+        .await
+        .unwrap();
+    assert_eq!(second.metadata().get(REPLAYED_HEADER).unwrap(), "true");
+    assert_eq!(
+        first.into_inner(),
+        second.into_inner(),
+        "a repeat gets the stored response, field for field"
+    );
+    assert_eq!(saga_count(&server).await, 1);
+}
+
+#[tokio::test]
+async fn a_request_id_reused_with_another_body_is_failed_precondition() {
+    let server = TestServer::start().await;
+    let mut client = server.coordinator();
+    client
+        .start_saga(start_request("r-1", "order"))
+        .await
+        .unwrap();
+    let err = client
+        .start_saga(start_request("r-1", "refund"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("r-1"), "{}", err.message());
+    assert_eq!(saga_count(&server).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_identical_start_requests_are_processed_exactly_once() {
+    let server = TestServer::start().await;
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let mut client = server.coordinator();
+        tasks.push(tokio::spawn(async move {
+            let response = client
+                .start_saga(start_request("race", "order"))
+                .await
+                .unwrap();
+            let replayed = response.metadata().contains_key(REPLAYED_HEADER);
+            (response.into_inner().gsn, replayed)
+        }));
+    }
+    let mut gsns = BTreeSet::new();
+    let mut processed = 0;
+    for task in tasks {
+        let (gsn, replayed) = task.await.unwrap();
+        gsns.insert(gsn);
+        if !replayed {
+            processed += 1;
+        }
+    }
+    assert_eq!(gsns.len(), 1, "every caller got the same GSN");
+    assert_eq!(
+        processed, 1,
+        "exactly one request was processed; the others were replays"
+    );
+    assert_eq!(saga_count(&server).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_distinct_starts_get_distinct_increasing_gsns() {
+    let server = TestServer::start().await;
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let mut client = server.coordinator();
+        tasks.push(tokio::spawn(async move {
+            client
+                .start_saga(start_request(&format!("r-{i}"), "order"))
+                .await
+                .unwrap()
+                .into_inner()
+                .gsn
+        }));
+    }
+    let mut gsns = BTreeSet::new();
+    for task in tasks {
+        gsns.insert(task.await.unwrap());
+    }
+    assert_eq!(gsns.len(), 64);
+    let sequences: Vec<u64> = gsns
+        .iter()
+        .map(|g| g.rsplit_once('-').unwrap().1.parse().unwrap())
+        .collect();
+    assert_eq!(sequences, (1..=64).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn an_orchestrated_saga_of_a_business_type_without_strategy_is_not_found() {
+    let server = TestServer::start().await;
+    let mut request = start_request("r-1", "order");
+    request.mode = pb::SagaMode::Orchestrated as i32;
+    let err = server.coordinator().start_saga(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("\"order\""), "{}", err.message());
+    assert_eq!(saga_count(&server).await, 0);
+}
+
+#[tokio::test]
+async fn bad_start_requests_name_every_field_to_fix_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::with_data(dir.path().join("ledger"));
+    config.max_payload_bytes = 64;
+    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+    let mut client = server.coordinator();
+
+    let cases: Vec<(pb::StartSagaRequest, &str)> = vec![
+        (
+            pb::StartSagaRequest {
+                business_type: String::new(),
+                ..start_request("a", "x")
+            },
+            "business_type",
+        ),
+        (
+            pb::StartSagaRequest {
+                business_type: "x".repeat(129),
+                ..start_request("b", "x")
+            },
+            "business_type",
+        ),
+        (
+            pb::StartSagaRequest {
+                payload: vec![0; 65],
+                ..start_request("c", "order")
+            },
+            "payload",
+        ),
+        (
+            pb::StartSagaRequest {
+                mode: 0,
+                ..start_request("d", "order")
+            },
+            "mode",
+        ),
+        (
+            pb::StartSagaRequest {
+                mode: 9,
+                ..start_request("e", "order")
+            },
+            "mode",
+        ),
+        (
+            pb::StartSagaRequest {
+                request_id: String::new(),
+                ..start_request("", "order")
+            },
+            "request_id",
+        ),
+        (
+            pb::StartSagaRequest {
+                deadline: Some(prost_types::Timestamp {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                ..start_request("f", "order")
+            },
+            "deadline",
+        ),
+    ];
+    for (request, field) in cases {
+        let err = client.start_saga(request).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{field}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains(field),
+            "message names {field}: {}",
+            err.message()
+        );
+        assert_eq!(violated_fields(&err), vec![field.to_owned()]);
+    }
+    let err = client
+        .start_saga(pb::StartSagaRequest {
+            payload: vec![0; 65],
+            ..start_request("c", "order")
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("at most 64"), "{}", err.message());
+    assert_eq!(saga_count(&server).await, 0, "nothing was written");
+}
+
+#[tokio::test]
+async fn unknown_and_malformed_gsns_are_told_apart() {
+    let server = TestServer::start().await;
+    let mut client = server.coordinator();
+    let err = client
+        .get_saga(pb::GetSagaRequest {
+            gsn: "c1-0000000000000999".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .get_saga(pb::GetSagaRequest {
+            gsn: "c2-0000000000000001".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::NotFound,
+        "a GSN of another coordinator is not ours"
+    );
+    let err = client
+        .get_saga(pb::GetSagaRequest {
+            gsn: "not-a-gsn".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("<coordinator_id>-<16 digits>"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn list_sagas_filters_orders_and_pages() {
+    let server = TestServer::start().await;
+    let mut client = server.coordinator();
+    for i in 0..7 {
+        let business_type = if i % 2 == 0 { "order" } else { "refund" };
+        client
+            .start_saga(start_request(&format!("r-{i}"), business_type))
+            .await
+            .unwrap();
+    }
+
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_sagas(pb::ListSagasRequest {
+                business_type: "order".into(),
+                page_size: 2,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.sagas.len() <= 2);
+        assert!(
+            page.sagas.iter().all(|s| s.payload.is_empty()),
+            "listings leave payloads out unless full"
+        );
+        seen.extend(page.sagas.into_iter().map(|s| s.request_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ["r-0", "r-2", "r-4", "r-6"]);
+
+    let newest = client
+        .list_sagas(pb::ListSagasRequest {
+            newest_first: true,
+            page_size: 3,
+            states: vec![pb::SagaState::Running as i32],
+            full: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<_> = newest.sagas.iter().map(|s| s.request_id.as_str()).collect();
+    assert_eq!(ids, ["r-6", "r-5", "r-4"]);
+    assert!(!newest.sagas[0].payload.is_empty());
+
+    let none = client
+        .list_sagas(pb::ListSagasRequest {
+            states: vec![pb::SagaState::Completed as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.sagas.is_empty() && none.next_page_token.is_empty());
+}
+
+#[tokio::test]
+async fn bad_listing_requests_are_invalid_argument() {
+    let server = TestServer::start().await;
+    let mut client = server.coordinator();
+    for request in [
+        pb::ListSagasRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        },
+        pb::ListSagasRequest {
+            page_size: 501,
+            ..Default::default()
+        },
+        pb::ListSagasRequest {
+            states: vec![42],
+            ..Default::default()
+        },
+    ] {
+        let err = client.list_sagas(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    }
+}
+
+#[tokio::test]
+async fn methods_of_later_issues_say_what_is_missing() {
+    let server = TestServer::start().await;
+    let err = server
+        .coordinator()
+        .register_outcall(pb::RegisterOutcallRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert!(
+        err.message().contains("RegisterOutcall"),
+        "{}",
+        err.message()
+    );
+    let err = pb::strategies_client::StrategiesClient::new(server.channel.clone())
+        .put_strategy(pb::PutStrategyRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert!(err.message().contains("strategies"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn health_is_serving_while_up_and_shutdown_is_clean() {
+    let server = TestServer::start().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel.clone());
+    for service in ["", "sagad.v1.Coordinator", "sagad.v1.Idempotency"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+    server.stop().await.unwrap();
+}

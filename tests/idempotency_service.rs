@@ -1,0 +1,276 @@
+//! The Idempotency service (S3 offered to participants), end to end over gRPC.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise; that is what unwrap is for here.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestServer;
+use sagad::clock::ManualClock;
+use sagad::grpc::pb;
+use tonic::Code;
+
+fn begin(scope: &str, request_id: &str) -> pb::BeginRequest {
+    pb::BeginRequest {
+        scope: scope.into(),
+        request_id: request_id.into(),
+        fingerprint: b"body-1".to_vec(),
+        processing_timeout: None,
+    }
+}
+
+fn finish(scope: &str, request_id: &str, response: &[u8]) -> pb::FinishRequest {
+    pb::FinishRequest {
+        scope: scope.into(),
+        request_id: request_id.into(),
+        result: "SUCCEEDED".into(),
+        response: response.to_vec(),
+        content_type: "text/plain".into(),
+    }
+}
+
+const START_MS: u64 = 1_800_000_000_000;
+
+#[tokio::test]
+async fn begin_then_finish_then_every_repeat_gets_the_stored_response() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+
+    let first = client
+        .begin(begin("payments", "tx-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.outcome, pb::BeginOutcome::New as i32);
+    assert_eq!(
+        first.record.unwrap().state,
+        pb::RecordState::Processing as i32
+    );
+
+    let concurrent = client
+        .begin(begin("payments", "tx-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        concurrent.outcome,
+        pb::BeginOutcome::InProgress as i32,
+        "a repeat while processing is told in progress"
+    );
+
+    let done = client
+        .finish(finish("payments", "tx-1", b"charged 10"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.record.unwrap().state, pb::RecordState::Done as i32);
+
+    let repeat = client
+        .begin(begin("payments", "tx-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(repeat.outcome, pb::BeginOutcome::Done as i32);
+    let record = repeat.record.unwrap();
+    assert_eq!(record.response, b"charged 10");
+    assert_eq!(record.result, "SUCCEEDED");
+    assert_eq!(record.content_type, "text/plain");
+
+    let got = client
+        .get(pb::GetRecordRequest {
+            scope: "payments".into(),
+            request_id: "tx-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.record.unwrap().response, b"charged 10");
+}
+
+#[tokio::test]
+async fn scopes_keep_serial_numbers_apart() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+    assert_eq!(
+        client
+            .begin(begin("payments", "1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome,
+        pb::BeginOutcome::New as i32
+    );
+    assert_eq!(
+        client
+            .begin(begin("inventory", "1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome,
+        pb::BeginOutcome::New as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_many_concurrent_begins_exactly_one_is_told_to_do_the_work() {
+    let server = TestServer::start().await;
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let mut client = server.idempotency();
+        tasks.push(tokio::spawn(async move {
+            client
+                .begin(begin("payments", "hot"))
+                .await
+                .unwrap()
+                .into_inner()
+                .outcome
+        }));
+    }
+    let mut new = 0;
+    for task in tasks {
+        if task.await.unwrap() == pb::BeginOutcome::New as i32 {
+            new += 1;
+        }
+    }
+    assert_eq!(new, 1);
+}
+
+#[tokio::test]
+async fn misuse_is_refused_with_the_right_code() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+    client.begin(begin("payments", "tx-1")).await.unwrap();
+
+    let mut other_body = begin("payments", "tx-1");
+    other_body.fingerprint = b"body-2".to_vec();
+    assert_eq!(
+        client.begin(other_body).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+
+    let err = client
+        .finish(finish("payments", "never-begun", b"x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("Begin first"), "{}", err.message());
+
+    client
+        .finish(finish("payments", "tx-1", b"a"))
+        .await
+        .unwrap();
+    client
+        .finish(finish("payments", "tx-1", b"a"))
+        .await
+        .expect("the same Finish again is harmless");
+    assert_eq!(
+        client
+            .finish(finish("payments", "tx-1", b"b"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
+
+    assert_eq!(
+        client.begin(begin("", "tx-1")).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        client
+            .begin(begin("payments", ""))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        client
+            .get(pb::GetRecordRequest {
+                scope: "payments".into(),
+                request_id: "nothing".into()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn a_processing_lease_that_expired_is_handed_to_the_next_caller() {
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let server = TestServer::start_with_clock(clock.clone()).await;
+    let mut client = server.idempotency();
+    let mut leased = begin("payments", "tx-1");
+    leased.processing_timeout = Some(prost_types::Duration {
+        seconds: 30,
+        nanos: 0,
+    });
+
+    assert_eq!(
+        client
+            .begin(leased.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome,
+        pb::BeginOutcome::New as i32
+    );
+    clock.advance_ms(29_000);
+    assert_eq!(
+        client
+            .begin(leased.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome,
+        pb::BeginOutcome::InProgress as i32
+    );
+    clock.advance_ms(1_000);
+    let taken = client.begin(leased).await.unwrap().into_inner();
+    assert_eq!(taken.outcome, pb::BeginOutcome::New as i32);
+    assert_eq!(taken.record.unwrap().attempts, 2);
+}
+
+#[tokio::test]
+async fn records_expire_after_the_retention_and_are_collected() {
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let dir = tempfile::tempdir().unwrap();
+    let store = sagad::store::Store::open(sagad::store::Options::new(dir.path())).unwrap();
+    let engine = sagad::engine::Engine::new(
+        store.clone(),
+        clock.clone(),
+        sagad::engine::Settings {
+            coordinator_id: sagad::domain::ids::CoordinatorId::parse("c1").unwrap(),
+            limits: sagad::domain::saga::Limits {
+                max_payload_bytes: 1024,
+            },
+            idempotency_retention: Duration::from_secs(3600),
+        },
+    );
+    engine
+        .begin("payments", "old", Vec::new(), None)
+        .await
+        .unwrap();
+    clock.advance_ms(1_800_000);
+    engine
+        .begin("payments", "young", Vec::new(), None)
+        .await
+        .unwrap();
+
+    clock.advance_ms(1_800_000);
+    assert_eq!(
+        engine.collect_expired(100).await.unwrap(),
+        1,
+        "only the record past its retention goes"
+    );
+    assert!(matches!(
+        engine.get_record("payments", "old").await,
+        Err(sagad::engine::Error::NotFound(_))
+    ));
+    assert!(engine.get_record("payments", "young").await.is_ok());
+    store.close().await.unwrap();
+}

@@ -1,0 +1,73 @@
+//! sagactl, the operator CLI, against a real sagad: the README's sagactl lines.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise; that is what unwrap is for here.
+
+mod common;
+
+use std::process::Command;
+
+use common::TestServer;
+
+fn sagactl(addr: &str, args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_sagactl"))
+        .arg("--addr")
+        .arg(format!("http://{addr}"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "sagactl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sagactl_starts_shows_and_lists_sagas() {
+    let server = TestServer::start().await;
+    let addr = server.addr.to_string();
+    let start = [
+        "start",
+        "--business-type",
+        "order",
+        "--request-id",
+        "order-1002",
+        "--payload",
+        r#"{"order":1002}"#,
+        "--label",
+        "tenant=acme",
+    ];
+    let gsn = sagactl(&addr, &start).trim().to_owned();
+    assert_eq!(gsn, "c1-0000000000000001");
+    assert!(
+        sagactl(&addr, &start).contains("replayed"),
+        "a repeat says it was replayed"
+    );
+
+    let shown = sagactl(&addr, &["show", &gsn]);
+    assert!(
+        shown.contains("RUNNING") && shown.contains("tenant=acme") && shown.contains("order-1002"),
+        "{shown}"
+    );
+    let listed = sagactl(&addr, &["list", "--state", "running"]);
+    assert!(listed.contains(&gsn), "{listed}");
+    assert!(sagactl(&addr, &["health"]).contains("Serving"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sagactl_reports_errors_in_one_line_and_fails() {
+    let server = TestServer::start().await;
+    let output = Command::new(env!("CARGO_BIN_EXE_sagactl"))
+        .args([
+            "--addr",
+            &format!("http://{}", server.addr),
+            "show",
+            "c1-0000000000000404",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.starts_with("sagactl: NotFound"), "{stderr}");
+}

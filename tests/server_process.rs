@@ -1,0 +1,121 @@
+//! The sagad binary as an operator meets it: exit codes and one-line reasons when it cannot
+//! start, and a graceful drain on SIGTERM.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise; that is what unwrap is for here.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{SagadProcess, sagad_command, start_request, wait_until_serving};
+use sagad::grpc::pb;
+use sagad::grpc::pb::coordinator_client::CoordinatorClient;
+
+fn run_to_exit(command: &mut Command) -> (i32, Vec<String>) {
+    let output = command.stderr(Stdio::piped()).output().expect("run sagad");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    (
+        output.status.code().unwrap_or(-1),
+        stderr.lines().map(str::to_owned).collect(),
+    )
+}
+
+#[test]
+fn bad_configuration_exits_64_with_one_line_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, lines) = run_to_exit(&mut sagad_command(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--durability", "fast"],
+    ));
+    assert_eq!(code, 64);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("durability") && lines[0].contains("durable or relaxed"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn a_port_in_use_exits_non_zero_with_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, lines) = run_to_exit(&mut sagad_command(dir.path(), &addr, &[]));
+    assert_ne!(code, 0);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains(&addr), "{lines:?}");
+}
+
+#[tokio::test]
+async fn a_data_folder_in_use_by_another_sagad_exits_non_zero_with_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ledger");
+    let first = SagadProcess::spawn(&data, &[]);
+    wait_until_serving(first.addr).await;
+    let (code, lines) = run_to_exit(&mut sagad_command(&data, "127.0.0.1:0", &[]));
+    assert_ne!(code, 0);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("locked") && lines[0].contains(&data.display().to_string()),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn a_data_folder_that_cannot_be_created_exits_non_zero_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let (code, lines) = run_to_exit(&mut sagad_command(&file.join("ledger"), "127.0.0.1:0", &[]));
+    assert_ne!(code, 0);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("a-file"), "{lines:?}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero_and_the_ledger_keeps_what_was_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ledger");
+    let mut process = SagadProcess::spawn(&data, &["--shutdown-grace", "5s"]);
+    let channel = wait_until_serving(process.addr).await;
+    let gsn = CoordinatorClient::new(channel)
+        .start_saga(start_request("before-term", "order"))
+        .await
+        .unwrap()
+        .into_inner()
+        .gsn;
+
+    let pid = process.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut exit = None;
+    for _ in 0..100 {
+        if let Some(status) = process.child.try_wait().unwrap() {
+            exit = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        exit.expect("sagad exited within 5 s of SIGTERM").code(),
+        Some(0)
+    );
+
+    let restarted = SagadProcess::spawn(&data, &[]);
+    let channel = wait_until_serving(restarted.addr).await;
+    let saga = CoordinatorClient::new(channel)
+        .get_saga(pb::GetSagaRequest { gsn })
+        .await
+        .unwrap()
+        .into_inner()
+        .saga
+        .unwrap();
+    assert_eq!(saga.request_id, "before-term");
+}
