@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::domain::saga::Limits;
 use crate::engine::{Engine, Settings};
 use crate::grpc::{self, pb};
+use crate::random::{SharedRandom, SystemRandom};
 use crate::store::{self, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection could not load the contracts: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the engine could not start: {0}")]
+    Engine(#[from] crate::engine::Error),
     #[error("the server task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -66,14 +69,22 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    serve_with_clock(listener, config, Arc::new(SystemClock), shutdown).await
+    serve_with(
+        listener,
+        config,
+        Arc::new(SystemClock),
+        Arc::new(SystemRandom::new()),
+        shutdown,
+    )
+    .await
 }
 
-/// As `serve`, with time read from `clock`.
-pub async fn serve_with_clock(
+/// As `serve`, with time read from `clock` and randomness drawn from `random`.
+pub async fn serve_with(
     listener: TcpListener,
     config: Config,
     clock: SharedClock,
+    random: SharedRandom,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let addr = listener.local_addr().map_err(Error::Listener)?;
@@ -81,14 +92,18 @@ pub async fn serve_with_clock(
     let engine = Engine::new(
         store.clone(),
         clock,
+        random,
         Settings {
-            coordinator_id: config.coordinator_id.clone(),
             limits: Limits {
                 max_payload_bytes: config.max_payload_bytes,
             },
             idempotency_retention: config.idempotency_retention,
+            participant_timeout: config.participant_timeout,
+            ..Settings::new(config.coordinator_id.clone())
         },
     );
+    engine.register_configured_nodes(&config.nodes).await?;
+    engine.start().await?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&health_reporter, ServingStatus::Serving).await;
@@ -119,9 +134,11 @@ pub async fn serve_with_clock(
             grpc::IdempotencyService::new(engine.clone()),
         ))
         .add_service(pb::strategies_server::StrategiesServer::new(
-            grpc::StrategiesService,
+            grpc::StrategiesService::new(engine.clone()),
         ))
-        .add_service(pb::retries_server::RetriesServer::new(grpc::RetriesService));
+        .add_service(pb::retries_server::RetriesServer::new(
+            grpc::RetriesService::new(engine.clone()),
+        ));
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     }));
@@ -155,6 +172,7 @@ pub async fn serve_with_clock(
         }
     };
     collector.abort();
+    engine.stop();
     store.close().await?;
     tracing::info!("sagad stopped; the ledger is closed");
     result

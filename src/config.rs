@@ -54,6 +54,9 @@ pub struct Config {
     pub idempotency_retention: Duration,
     pub shutdown_grace: Duration,
     pub cache_capacity_bytes: u64,
+    /// Participant endpoints known from the start: (node id, URL).
+    pub nodes: Vec<(String, String)>,
+    pub participant_timeout: Duration,
 }
 
 impl Config {
@@ -71,6 +74,8 @@ impl Config {
             idempotency_retention: Duration::from_secs(7 * 24 * 3600),
             shutdown_grace: Duration::from_secs(10),
             cache_capacity_bytes: 64 * 1024 * 1024,
+            nodes: Vec::new(),
+            participant_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -129,6 +134,46 @@ struct Flags {
     /// Ledger page cache, in MiB [env: SAGAD_CACHE_MB] [default: 64]
     #[arg(long)]
     cache_mb: Option<String>,
+    /// A participant's endpoint as NODE=URL, e.g. inventory=http://127.0.0.1:7001; repeat for
+    /// more [env: SAGAD_NODES, comma-separated]
+    #[arg(long = "node")]
+    nodes: Vec<String>,
+    /// How long a call to a participant may take before it is retried [env:
+    /// SAGAD_PARTICIPANT_TIMEOUT] [default: 10s]
+    #[arg(long)]
+    participant_timeout: Option<String>,
+}
+
+fn node(setting: &'static str, text: &str) -> Result<(String, String), Error> {
+    let (id, url) = text.split_once('=').ok_or_else(|| {
+        invalid(
+            setting,
+            text,
+            "expected NODE=URL, e.g. inventory=http://127.0.0.1:7001",
+        )
+    })?;
+    let id = id.trim();
+    let url = url.trim();
+    let valid_id = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !valid_id {
+        return Err(invalid(
+            setting,
+            text,
+            "the node id must be 1 to 64 letters, digits, '.', '_' or '-'",
+        ));
+    }
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(invalid(
+            setting,
+            text,
+            "the URL must start with http:// or https://",
+        ));
+    }
+    Ok((id.to_owned(), url.to_owned()))
 }
 
 fn pick(flag: Option<String>, env: &dyn Environment, name: &str) -> Option<(String, &'static str)> {
@@ -271,6 +316,33 @@ impl Config {
                 })?;
             config.cache_capacity_bytes = mb * 1024 * 1024;
         }
+        let node_texts: Vec<String> = if flags.nodes.is_empty() {
+            env.get("SAGAD_NODES")
+                .map(|v| {
+                    v.split(',')
+                        .filter(|s| !s.trim().is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            flags.nodes
+        };
+        for text in node_texts {
+            config.nodes.push(node("node (SAGAD_NODES)", &text)?);
+        }
+        if let Some((value, _)) = pick(flags.participant_timeout, env, "SAGAD_PARTICIPANT_TIMEOUT")
+        {
+            let timeout = duration("participant-timeout (SAGAD_PARTICIPANT_TIMEOUT)", &value)?;
+            if timeout.is_zero() {
+                return Err(invalid(
+                    "participant-timeout (SAGAD_PARTICIPANT_TIMEOUT)",
+                    &value,
+                    "must be longer than zero",
+                ));
+            }
+            config.participant_timeout = timeout;
+        }
         Ok(config)
     }
 }
@@ -323,5 +395,29 @@ mod tests {
         assert!(err.to_string().contains("coordinator-id"), "{err}");
         let err = Config::load(["sagad", "--shutdown-grace", "soon"], &env(&[])).unwrap_err();
         assert!(err.to_string().contains("30s"), "{err}");
+        let err = Config::load(["sagad", "--node", "inventory"], &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("NODE=URL"), "{err}");
+    }
+
+    #[test]
+    fn nodes_come_from_flags_or_the_environment() {
+        let config = Config::load(
+            ["sagad"],
+            &env(&[("SAGAD_NODES", "a=http://127.0.0.1:1, b=http://127.0.0.1:2")]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.nodes,
+            vec![
+                ("a".into(), "http://127.0.0.1:1".into()),
+                ("b".into(), "http://127.0.0.1:2".into())
+            ]
+        );
+        let config = Config::load(
+            ["sagad", "--node", "c=http://h:3"],
+            &env(&[("SAGAD_NODES", "a=http://127.0.0.1:1")]),
+        )
+        .unwrap();
+        assert_eq!(config.nodes, vec![("c".into(), "http://h:3".into())]);
     }
 }

@@ -4,9 +4,10 @@
 //! - [`config`]: flags, environment and defaults turned into one validated [`config::Config`].
 //! - [`grpc`]: the only module with tonic server types and generated `pb` code; converts at the edge.
 //! - [`engine`]: persist-then-act shell around the domain: one transaction per event.
+//! - [`transport`]: calls to participant nodes' Participant services (push delivery).
 //! - [`store`]: the ledger, the only module that names sled.
 //! - [`domain`]: pure rules (ids, sagas, idempotence); no I/O, no clock.
-//! - [`clock`]: the one home of wall-clock reads.
+//! - [`clock`], [`random`]: the one homes of wall-clock reads and of randomness.
 
 pub mod app;
 pub mod clock;
@@ -14,4 +15,6 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod grpc;
+pub mod random;
 pub mod store;
+pub mod transport;

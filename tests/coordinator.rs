@@ -400,12 +400,6 @@ async fn methods_of_later_issues_say_what_is_missing() {
         "{}",
         err.message()
     );
-    let err = pb::strategies_client::StrategiesClient::new(server.channel.clone())
-        .put_strategy(pb::PutStrategyRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("strategies"), "{}", err.message());
 }
 
 #[tokio::test]

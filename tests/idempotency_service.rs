@@ -243,12 +243,10 @@ async fn records_expire_after_the_retention_and_are_collected() {
     let engine = sagad::engine::Engine::new(
         store.clone(),
         clock.clone(),
+        Arc::new(sagad::random::FixedRandom(0.5)),
         sagad::engine::Settings {
-            coordinator_id: sagad::domain::ids::CoordinatorId::parse("c1").unwrap(),
-            limits: sagad::domain::saga::Limits {
-                max_payload_bytes: 1024,
-            },
             idempotency_retention: Duration::from_secs(3600),
+            ..sagad::engine::Settings::new(sagad::domain::ids::CoordinatorId::parse("c1").unwrap())
         },
     );
     engine

@@ -15,7 +15,6 @@ fn saga(sequence: u64) -> SagaRecord {
         sequence,
         business_type: "order".into(),
         mode: 2,
-        payload: sequence.to_be_bytes().to_vec(),
         content_type: String::new(),
         labels: BTreeMap::new(),
         deadline_ms: 0,
@@ -23,6 +22,14 @@ fn saga(sequence: u64) -> SagaRecord {
         created_ms: 1,
         updated_ms: 1,
         request_id: format!("r{sequence}"),
+        strategy_version: 0,
+        branches: Vec::new(),
+        reported: Vec::new(),
+        fired_rules: Vec::new(),
+        signal: 0,
+        reason: String::new(),
+        reversal_serials: Vec::new(),
+        reversal_type: 0,
     }
 }
 

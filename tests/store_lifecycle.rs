@@ -5,16 +5,44 @@
     reason = "helpers outside #[test] fns fail the test by panicking"
 )]
 
-use sagad::store::{Durability, Error, Options, SagaRecord, Store};
+use sagad::store::{
+    BranchRecord, Durability, Error, Options, PayloadRecord, SagaRecord, Store, TimelineRecord,
+};
 use std::collections::BTreeMap;
 
-fn saga(sequence: u64, payload_len: usize) -> SagaRecord {
+fn branch(order: u32) -> BranchRecord {
+    BranchRecord {
+        branch_id: format!("b{order}"),
+        node_id: "node-a".into(),
+        caller_node_id: String::new(),
+        forward_action: "pay".into(),
+        reversal_action: "refund".into(),
+        order,
+        state: 1,
+        last_status: String::new(),
+        last_status_parameters: BTreeMap::new(),
+        error_code: String::new(),
+        message: String::new(),
+        attempts: 1,
+        created_ms: 10,
+        updated_ms: 10,
+        last_poll_outcome: 0,
+        last_poll_ms: 0,
+        polls: 0,
+        timeout_ms: 1_000,
+        timeline: vec![TimelineRecord {
+            at_ms: 10,
+            what: "execute sent".into(),
+        }],
+    }
+}
+
+fn saga(sequence: u64, branches: u32) -> SagaRecord {
     SagaRecord {
         coordinator_id: "c1".into(),
         sequence,
         business_type: "order".into(),
         mode: 1,
-        payload: vec![7; payload_len],
         content_type: "application/octet-stream".into(),
         labels: BTreeMap::from([("tenant".into(), "t1".into())]),
         deadline_ms: 0,
@@ -22,6 +50,21 @@ fn saga(sequence: u64, payload_len: usize) -> SagaRecord {
         created_ms: 10,
         updated_ms: 10,
         request_id: format!("r{sequence}"),
+        strategy_version: 1,
+        branches: (0..branches).map(branch).collect(),
+        reported: Vec::new(),
+        fired_rules: Vec::new(),
+        signal: 0,
+        reason: String::new(),
+        reversal_serials: Vec::new(),
+        reversal_type: 0,
+    }
+}
+
+fn payload(len: usize) -> PayloadRecord {
+    PayloadRecord {
+        data: vec![7; len],
+        content_type: "application/octet-stream".into(),
     }
 }
 
@@ -205,17 +248,23 @@ fn large_values_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
     let store = Store::open(options(&dir)).unwrap();
-    rt.block_on(put_saga(&store, saga(1, 600 * 1024)));
-    rt.block_on(put_saga(&store, saga(2, 0)));
+    for (sequence, len) in [(1, 600 * 1024), (2, 0)] {
+        let write = store.write(move |tx| {
+            tx.put_saga(&saga(sequence, 3))?;
+            tx.put_payload(sequence, "", &payload(len))
+        });
+        rt.block_on(write).unwrap().unwrap();
+    }
     rt.block_on(store.close()).unwrap();
     drop(store);
 
     let store = Store::open(options(&dir)).unwrap();
-    let (big, empty) = rt
-        .block_on(store.read(|tx| (tx.saga(1), tx.saga(2))))
+    let (big, empty, first) = rt
+        .block_on(store.read(|tx| (tx.payload(1, ""), tx.payload(2, ""), tx.saga(1))))
         .unwrap();
-    assert_eq!(big.unwrap().unwrap(), saga(1, 600 * 1024));
-    assert_eq!(empty.unwrap().unwrap(), saga(2, 0));
+    assert_eq!(first.unwrap().unwrap(), saga(1, 3));
+    assert_eq!(big.unwrap().unwrap(), payload(600 * 1024));
+    assert_eq!(empty.unwrap().unwrap(), payload(0));
     rt.block_on(store.close()).unwrap();
 }
 

@@ -1,5 +1,7 @@
 //! The ledger against a BTreeMap model: random write jobs (committed or rejected) and restarts,
 //! comparing every table after every operation, in the manner of sled's own `tests/tree`.
+//! Reads inside a job (the latest strategy and retry configuration among them) must see the
+//! job's own writes, so the model checks them against its state as the job goes.
 #![allow(
     clippy::unwrap_used,
     reason = "helpers outside #[test] fns fail the test by panicking"
@@ -8,8 +10,10 @@
 use proptest::prelude::*;
 use proptest::sample::Index;
 use sagad::store::{
-    DueKey, DueRecord, IdempotencyKey, IdempotencyNamespace, IdempotencyRecord, Options,
-    OutboxRecord, SagaRecord, Store,
+    BranchRecord, DueKey, DueRecord, IdempotencyKey, IdempotencyNamespace, IdempotencyRecord,
+    NodeRecord, Options, OutboxRecord, PayloadRecord, RetryAttemptRecord, RetryConfigRecord,
+    RetryHistoryRecord, RetryPolicyRecord, RuleRecord, SagaRecord, StepRecord, StepStatusRecord,
+    Store, StrategyRecord, TimelineRecord,
 };
 use std::collections::BTreeMap;
 
@@ -39,20 +43,143 @@ fn stored_key(key: &IdempotencyKey) -> Vec<u8> {
     bytes
 }
 
-fn saga(sequence: u64, state: u8, payload_len: usize) -> SagaRecord {
+/// Business types whose keys test the layout: the empty one, one that is a prefix of others,
+/// one with a byte below every letter, and one outside ASCII.
+const BUSINESS_TYPES: [&str; 5] = ["", "a", "a b", "ab", "\u{e9}t\u{e9}"];
+/// A branch id that is a prefix of another, and the saga's own payload ("").
+const BRANCH_IDS: [&str; 3] = ["", "b1", "b10"];
+const NODE_IDS: [&str; 4] = ["node-b", "node-a", "node-a2", ""];
+const SERIALS: [&str; 4] = ["s1", "s2", "s10", "r1"];
+
+fn saga(sequence: u64, state: u8, branches: usize) -> SagaRecord {
+    let branch = |order: usize| BranchRecord {
+        branch_id: BRANCH_IDS[order % BRANCH_IDS.len()].into(),
+        node_id: NODE_IDS[order % NODE_IDS.len()].into(),
+        caller_node_id: String::new(),
+        forward_action: "pay".into(),
+        reversal_action: "refund".into(),
+        order: order as u32,
+        state,
+        last_status: "PAID".into(),
+        last_status_parameters: BTreeMap::from([("k".into(), format!("{state}"))]),
+        error_code: String::new(),
+        message: String::new(),
+        attempts: u32::from(state),
+        created_ms: 1,
+        updated_ms: 2,
+        last_poll_outcome: 0,
+        last_poll_ms: 0,
+        polls: 0,
+        timeout_ms: 500,
+        timeline: (0..order)
+            .map(|at| TimelineRecord {
+                at_ms: at as u64,
+                what: format!("event {at}"),
+            })
+            .collect(),
+    };
     SagaRecord {
         coordinator_id: "c1".into(),
         sequence,
         business_type: "order".into(),
         mode: 1,
-        payload: vec![state; payload_len],
         content_type: String::new(),
-        labels: BTreeMap::new(),
+        labels: BTreeMap::from([("state".into(), format!("{state}"))]),
         deadline_ms: 0,
         state,
         created_ms: 1,
         updated_ms: u64::from(state),
         request_id: format!("r{sequence}"),
+        strategy_version: u64::from(state % 3),
+        branches: (0..branches).map(branch).collect(),
+        reported: vec![StepStatusRecord {
+            step_id: "pay".into(),
+            status: format!("{state}"),
+        }],
+        fired_rules: (0..state as u32 % 3).collect(),
+        signal: state % 2,
+        reason: String::new(),
+        reversal_serials: Vec::new(),
+        reversal_type: 0,
+    }
+}
+
+fn payload(marker: u8, len: usize) -> PayloadRecord {
+    PayloadRecord {
+        data: vec![marker; len],
+        content_type: format!("type/{marker}"),
+    }
+}
+
+fn strategy(business_type: usize, version: u64, marker: u8) -> StrategyRecord {
+    StrategyRecord {
+        business_type: BUSINESS_TYPES[business_type].into(),
+        version,
+        description: format!("marker {marker}"),
+        steps: vec![StepRecord {
+            id: "pay".into(),
+            node_id: "node-a".into(),
+            forward_action: "pay".into(),
+            reversal_action: "refund".into(),
+            timeout_ms: u64::from(marker),
+        }],
+        first_set: vec!["pay".into()],
+        rules: vec![RuleRecord {
+            when: Vec::new(),
+            trigger: vec!["pay".into()],
+        }],
+        end_statuses: Vec::new(),
+        abnormal_statuses: Vec::new(),
+        status_mappings: Vec::new(),
+        exception_scopes: Vec::new(),
+        saga_timeout_ms: 0,
+        created_ms: u64::from(marker),
+    }
+}
+
+fn node(node: usize, marker: u8) -> NodeRecord {
+    NodeRecord {
+        node_id: NODE_IDS[node].into(),
+        endpoint: if marker.is_multiple_of(4) {
+            String::new()
+        } else {
+            format!("http://127.0.0.1:{marker}")
+        },
+        updated_ms: u64::from(marker),
+    }
+}
+
+fn retry_config(version: u64, marker: u8) -> RetryConfigRecord {
+    RetryConfigRecord {
+        version,
+        defaults: RetryPolicyRecord {
+            retryable_codes: Some(vec!["TIMEOUT".into()]),
+            max_retries: Some(u32::from(marker)),
+            min_interval_ms: None,
+            backoff_factor_milli: Some(2_000),
+            max_interval_ms: None,
+        },
+        transactions: Vec::new(),
+        channels: Vec::new(),
+        updated_ms: u64::from(marker),
+    }
+}
+
+fn retry_history(serial: usize, attempts: usize) -> RetryHistoryRecord {
+    RetryHistoryRecord {
+        original_serial: SERIALS[serial].into(),
+        transaction_code: "T1".into(),
+        attempts: (0..attempts)
+            .map(|attempt| RetryAttemptRecord {
+                retry_serial: format!("{}-{attempt}", SERIALS[serial]),
+                attempt: attempt as u32 + 1,
+                error_code: "TIMEOUT".into(),
+                channel: "c".into(),
+                decision: 1,
+                decided_ms: attempt as u64,
+                config_version: 1,
+            })
+            .collect(),
     }
 }
 
@@ -93,7 +220,7 @@ enum Step {
     PutSaga {
         sequence: u64,
         state: u8,
-        payload_len: usize,
+        branches: usize,
     },
     ReadSaga {
         sequence: u64,
@@ -131,6 +258,52 @@ enum Step {
     Cancel {
         pick: Index,
     },
+    PutPayload {
+        sequence: u64,
+        branch: usize,
+        marker: u8,
+        len: usize,
+    },
+    ReadPayload {
+        sequence: u64,
+        branch: usize,
+    },
+    PutStrategy {
+        business_type: usize,
+        version: u64,
+        marker: u8,
+    },
+    /// Version 0 reads the latest.
+    ReadStrategy {
+        business_type: usize,
+        version: u64,
+    },
+    PutNode {
+        node: usize,
+        marker: u8,
+    },
+    ReadNode {
+        node: usize,
+    },
+    PutRetryConfig {
+        version: u64,
+        marker: u8,
+    },
+    ReadRetryConfig,
+    PutRetryHistory {
+        serial: usize,
+        attempts: usize,
+    },
+    ReadRetryHistory {
+        serial: usize,
+    },
+    PutRetryLink {
+        retry: usize,
+        original: usize,
+    },
+    ReadRetryOriginal {
+        retry: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -143,8 +316,8 @@ enum Op {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => (1..6u64, any::<u8>(), prop_oneof![4 => 0..40usize, 1 => 150_000..160_000usize])
-            .prop_map(|(sequence, state, payload_len)| Step::PutSaga { sequence, state, payload_len }),
+        3 => (1..6u64, any::<u8>(), 0..4usize)
+            .prop_map(|(sequence, state, branches)| Step::PutSaga { sequence, state, branches }),
         1 => (1..6u64).prop_map(|sequence| Step::ReadSaga { sequence }),
         2 => Just(Step::AllocateGsn),
         3 => (0..5usize, prop_oneof![1 => Just(0u64), 3 => 1..50u64], 0..9u32)
@@ -157,6 +330,21 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<Index>().prop_map(|pick| Step::DeleteOutbox { pick }),
         2 => (0..50u64, any::<u8>()).prop_map(|(at_ms, timer)| Step::Schedule { at_ms, timer }),
         1 => any::<Index>().prop_map(|pick| Step::Cancel { pick }),
+        2 => (1..4u64, 0..3usize, any::<u8>(), prop_oneof![6 => 0..40usize, 1 => 150_000..160_000usize])
+            .prop_map(|(sequence, branch, marker, len)| Step::PutPayload { sequence, branch, marker, len }),
+        1 => (1..4u64, 0..3usize).prop_map(|(sequence, branch)| Step::ReadPayload { sequence, branch }),
+        3 => (0..5usize, 1..4u64, any::<u8>())
+            .prop_map(|(business_type, version, marker)| Step::PutStrategy { business_type, version, marker }),
+        2 => (0..5usize, prop_oneof![2 => Just(0u64), 1 => 1..5u64])
+            .prop_map(|(business_type, version)| Step::ReadStrategy { business_type, version }),
+        1 => (0..4usize, any::<u8>()).prop_map(|(node, marker)| Step::PutNode { node, marker }),
+        1 => (0..4usize).prop_map(|node| Step::ReadNode { node }),
+        2 => (1..4u64, any::<u8>()).prop_map(|(version, marker)| Step::PutRetryConfig { version, marker }),
+        1 => Just(Step::ReadRetryConfig),
+        1 => (0..4usize, 0..3usize).prop_map(|(serial, attempts)| Step::PutRetryHistory { serial, attempts }),
+        1 => (0..4usize).prop_map(|serial| Step::ReadRetryHistory { serial }),
+        1 => (0..4usize, 0..4usize).prop_map(|(retry, original)| Step::PutRetryLink { retry, original }),
+        1 => (0..4usize).prop_map(|retry| Step::ReadRetryOriginal { retry }),
     ]
 }
 
@@ -184,6 +372,18 @@ enum Resolved {
     DeleteOutbox(u64),
     Schedule(u64, DueRecord),
     Cancel(DueKey),
+    PutPayload(u64, &'static str, PayloadRecord),
+    ReadPayload(u64, &'static str),
+    PutStrategy(StrategyRecord),
+    ReadStrategy(&'static str, u64),
+    PutNode(NodeRecord),
+    ReadNode(&'static str),
+    PutRetryConfig(RetryConfigRecord),
+    ReadRetryConfig,
+    PutRetryHistory(RetryHistoryRecord),
+    ReadRetryHistory(&'static str),
+    PutRetryLink(&'static str, &'static str),
+    ReadRetryOriginal(&'static str),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -195,6 +395,12 @@ enum Outcome {
     OutboxId(u64),
     DueKey(DueKey),
     Collected(usize),
+    Payload(Option<PayloadRecord>),
+    Strategy(Option<StrategyRecord>),
+    Node(Option<NodeRecord>),
+    RetryConfig(Option<RetryConfigRecord>),
+    RetryHistory(Option<RetryHistoryRecord>),
+    RetryOriginal(Option<String>),
     Failed(String),
 }
 
@@ -205,6 +411,12 @@ struct Model {
     idempotency: BTreeMap<Vec<u8>, IdempotencyRecord>,
     outbox: BTreeMap<u64, OutboxRecord>,
     due: BTreeMap<DueKey, DueRecord>,
+    payloads: BTreeMap<(u64, &'static str), PayloadRecord>,
+    strategies: BTreeMap<(&'static str, u64), StrategyRecord>,
+    nodes: BTreeMap<&'static str, NodeRecord>,
+    retry_configs: BTreeMap<u64, RetryConfigRecord>,
+    retry_history: BTreeMap<&'static str, RetryHistoryRecord>,
+    retry_links: BTreeMap<&'static str, &'static str>,
     last_gsn: u64,
     /// The largest ids any committed write has been given.
     last_outbox_id: u64,
@@ -218,8 +430,8 @@ impl Model {
             Step::PutSaga {
                 sequence,
                 state,
-                payload_len,
-            } => Resolved::PutSaga(saga(*sequence, *state, *payload_len)),
+                branches,
+            } => Resolved::PutSaga(saga(*sequence, *state, *branches)),
             Step::ReadSaga { sequence } => Resolved::ReadSaga(*sequence),
             Step::AllocateGsn => Resolved::AllocateGsn,
             Step::PutIdempotency {
@@ -240,6 +452,38 @@ impl Model {
             Step::DeleteOutbox { pick } => Resolved::DeleteOutbox(self.pick_outbox(pick)),
             Step::Schedule { at_ms, timer } => Resolved::Schedule(*at_ms, due(*timer)),
             Step::Cancel { pick } => Resolved::Cancel(self.pick_due(pick)),
+            Step::PutPayload {
+                sequence,
+                branch,
+                marker,
+                len,
+            } => Resolved::PutPayload(*sequence, BRANCH_IDS[*branch], payload(*marker, *len)),
+            Step::ReadPayload { sequence, branch } => {
+                Resolved::ReadPayload(*sequence, BRANCH_IDS[*branch])
+            }
+            Step::PutStrategy {
+                business_type,
+                version,
+                marker,
+            } => Resolved::PutStrategy(strategy(*business_type, *version, *marker)),
+            Step::ReadStrategy {
+                business_type,
+                version,
+            } => Resolved::ReadStrategy(BUSINESS_TYPES[*business_type], *version),
+            Step::PutNode { node: id, marker } => Resolved::PutNode(node(*id, *marker)),
+            Step::ReadNode { node } => Resolved::ReadNode(NODE_IDS[*node]),
+            Step::PutRetryConfig { version, marker } => {
+                Resolved::PutRetryConfig(retry_config(*version, *marker))
+            }
+            Step::ReadRetryConfig => Resolved::ReadRetryConfig,
+            Step::PutRetryHistory { serial, attempts } => {
+                Resolved::PutRetryHistory(retry_history(*serial, *attempts))
+            }
+            Step::ReadRetryHistory { serial } => Resolved::ReadRetryHistory(SERIALS[*serial]),
+            Step::PutRetryLink { retry, original } => {
+                Resolved::PutRetryLink(SERIALS[*retry], SERIALS[*original])
+            }
+            Step::ReadRetryOriginal { retry } => Resolved::ReadRetryOriginal(SERIALS[*retry]),
         }
     }
 
@@ -334,9 +578,81 @@ impl Model {
                 self.due.remove(key);
                 Outcome::Done
             }
+            Resolved::PutPayload(sequence, branch, record) => {
+                self.payloads.insert((*sequence, branch), record.clone());
+                Outcome::Done
+            }
+            Resolved::ReadPayload(sequence, branch) => {
+                Outcome::Payload(self.payloads.get(&(*sequence, branch)).cloned())
+            }
+            Resolved::PutStrategy(record) => {
+                let business_type = BUSINESS_TYPES
+                    .into_iter()
+                    .find(|&t| t == record.business_type)
+                    .unwrap();
+                self.strategies
+                    .insert((business_type, record.version), record.clone());
+                Outcome::Done
+            }
+            Resolved::ReadStrategy(business_type, version) => {
+                Outcome::Strategy(self.strategy(business_type, *version))
+            }
+            Resolved::PutNode(record) => {
+                let id = NODE_IDS.into_iter().find(|&n| n == record.node_id).unwrap();
+                self.nodes.insert(id, record.clone());
+                Outcome::Done
+            }
+            Resolved::ReadNode(id) => Outcome::Node(self.nodes.get(id).cloned()),
+            Resolved::PutRetryConfig(record) => {
+                self.retry_configs.insert(record.version, record.clone());
+                Outcome::Done
+            }
+            Resolved::ReadRetryConfig => Outcome::RetryConfig(self.latest_retry_config()),
+            Resolved::PutRetryHistory(record) => {
+                let serial = SERIALS
+                    .into_iter()
+                    .find(|&s| s == record.original_serial)
+                    .unwrap();
+                self.retry_history.insert(serial, record.clone());
+                Outcome::Done
+            }
+            Resolved::ReadRetryHistory(serial) => {
+                Outcome::RetryHistory(self.retry_history.get(serial).cloned())
+            }
+            Resolved::PutRetryLink(retry, original) => {
+                self.retry_links.insert(retry, original);
+                Outcome::Done
+            }
+            Resolved::ReadRetryOriginal(retry) => {
+                Outcome::RetryOriginal(self.retry_links.get(retry).map(|o| o.to_string()))
+            }
         };
         prop_assert_eq!(outcome, &expected, "step {:?}", step);
         Ok(())
+    }
+
+    /// Version 0 is the highest version of the business type.
+    fn strategy(&self, business_type: &str, version: u64) -> Option<StrategyRecord> {
+        let mut versions = self
+            .strategies
+            .iter()
+            .filter(|((t, v), _)| *t == business_type && (version == 0 || *v == version));
+        versions.next_back().map(|(_, record)| record.clone())
+    }
+
+    fn latest_retry_config(&self) -> Option<RetryConfigRecord> {
+        self.retry_configs.values().next_back().cloned()
+    }
+
+    /// The latest version of each business type after `after`, in business-type order.
+    fn latest_strategies(&self, after: Option<&str>) -> Vec<StrategyRecord> {
+        let mut latest: BTreeMap<&str, &StrategyRecord> = BTreeMap::new();
+        for ((business_type, _), record) in &self.strategies {
+            if after.is_none_or(|after| *business_type > after) {
+                latest.insert(business_type, record);
+            }
+        }
+        latest.into_values().cloned().collect()
     }
 }
 
@@ -358,6 +674,26 @@ fn run_step(tx: &mut sagad::store::WriteTx<'_>, step: &Resolved) -> Outcome {
         Resolved::DeleteOutbox(id) => tx.delete_outbox(*id).map(|()| Outcome::Done),
         Resolved::Schedule(at_ms, record) => tx.schedule(*at_ms, record).map(Outcome::DueKey),
         Resolved::Cancel(key) => tx.cancel(*key).map(|()| Outcome::Done),
+        Resolved::PutPayload(sequence, branch, record) => tx
+            .put_payload(*sequence, branch, record)
+            .map(|()| Outcome::Done),
+        Resolved::ReadPayload(sequence, branch) => {
+            tx.payload(*sequence, branch).map(Outcome::Payload)
+        }
+        Resolved::PutStrategy(record) => tx.put_strategy(record).map(|()| Outcome::Done),
+        Resolved::ReadStrategy(business_type, version) => {
+            tx.strategy(business_type, *version).map(Outcome::Strategy)
+        }
+        Resolved::PutNode(record) => tx.put_node(record).map(|()| Outcome::Done),
+        Resolved::ReadNode(id) => tx.node(id).map(Outcome::Node),
+        Resolved::PutRetryConfig(record) => tx.put_retry_config(record).map(|()| Outcome::Done),
+        Resolved::ReadRetryConfig => tx.retry_config().map(Outcome::RetryConfig),
+        Resolved::PutRetryHistory(record) => tx.put_retry_history(record).map(|()| Outcome::Done),
+        Resolved::ReadRetryHistory(serial) => tx.retry_history(serial).map(Outcome::RetryHistory),
+        Resolved::PutRetryLink(retry, original) => {
+            tx.put_retry_link(retry, original).map(|()| Outcome::Done)
+        }
+        Resolved::ReadRetryOriginal(retry) => tx.retry_original(retry).map(Outcome::RetryOriginal),
     };
     outcome.unwrap_or_else(|e| Outcome::Failed(e.to_string()))
 }
@@ -372,6 +708,26 @@ struct Snapshot {
     outbox: Vec<(u64, OutboxRecord)>,
     due: Vec<(DueKey, DueRecord)>,
     due_until_20: Vec<(DueKey, DueRecord)>,
+    payloads: Vec<Option<PayloadRecord>>,
+    /// Every (business type, version 0..=4) pair, version 0 being the latest.
+    strategies: Vec<Option<StrategyRecord>>,
+    latest_strategies: Vec<StrategyRecord>,
+    latest_strategies_after_a: Vec<StrategyRecord>,
+    nodes: Vec<NodeRecord>,
+    node_reads: Vec<Option<NodeRecord>>,
+    retry_config: Option<RetryConfigRecord>,
+    retry_history: Vec<Option<RetryHistoryRecord>>,
+    retry_originals: Vec<Option<String>>,
+}
+
+fn payload_ids() -> impl Iterator<Item = (u64, &'static str)> {
+    (1..4).flat_map(|sequence| BRANCH_IDS.map(|branch| (sequence, branch)))
+}
+
+fn strategy_ids() -> impl Iterator<Item = (&'static str, u64)> {
+    BUSINESS_TYPES
+        .into_iter()
+        .flat_map(|business_type| (0..5).map(move |version| (business_type, version)))
 }
 
 impl Model {
@@ -397,6 +753,28 @@ impl Model {
                 .range(..DueKey { at_ms: 21, id: 0 })
                 .map(|(k, r)| (*k, r.clone()))
                 .collect(),
+            payloads: payload_ids()
+                .map(|id| self.payloads.get(&id).cloned())
+                .collect(),
+            strategies: strategy_ids()
+                .map(|(business_type, version)| self.strategy(business_type, version))
+                .collect(),
+            latest_strategies: self.latest_strategies(None),
+            latest_strategies_after_a: self.latest_strategies(Some("a")),
+            nodes: self.nodes.values().cloned().collect(),
+            node_reads: NODE_IDS
+                .iter()
+                .map(|id| self.nodes.get(id).cloned())
+                .collect(),
+            retry_config: self.latest_retry_config(),
+            retry_history: SERIALS
+                .iter()
+                .map(|s| self.retry_history.get(s).cloned())
+                .collect(),
+            retry_originals: SERIALS
+                .iter()
+                .map(|s| self.retry_links.get(s).map(|o| o.to_string()))
+                .collect(),
         }
     }
 }
@@ -416,6 +794,31 @@ async fn snapshot(store: &Store) -> Snapshot {
                 outbox: tx.outbox().collect::<Result<_, _>>().unwrap(),
                 due: tx.due_until(u64::MAX).collect::<Result<_, _>>().unwrap(),
                 due_until_20: tx.due_until(20).collect::<Result<_, _>>().unwrap(),
+                payloads: payload_ids()
+                    .map(|(sequence, branch)| tx.payload(sequence, branch).unwrap())
+                    .collect(),
+                strategies: strategy_ids()
+                    .map(|(business_type, version)| tx.strategy(business_type, version).unwrap())
+                    .collect(),
+                latest_strategies: tx
+                    .latest_strategies(None)
+                    .collect::<Result<_, _>>()
+                    .unwrap(),
+                latest_strategies_after_a: tx
+                    .latest_strategies(Some("a"))
+                    .collect::<Result<_, _>>()
+                    .unwrap(),
+                nodes: tx.nodes().collect::<Result<_, _>>().unwrap(),
+                node_reads: NODE_IDS.iter().map(|id| tx.node(id).unwrap()).collect(),
+                retry_config: tx.retry_config().unwrap(),
+                retry_history: SERIALS
+                    .iter()
+                    .map(|s| tx.retry_history(s).unwrap())
+                    .collect(),
+                retry_originals: SERIALS
+                    .iter()
+                    .map(|s| tx.retry_original(s).unwrap())
+                    .collect(),
             }
         })
         .await
@@ -554,6 +957,73 @@ fn collection_sees_the_jobs_own_writes() {
                 Step::CollectExpired {
                     now_ms: 59,
                     limit: 3,
+                },
+            ],
+            commit: true,
+        },
+    ];
+    run(ops).unwrap();
+}
+
+/// "Latest" reads inside a job see the job's own puts: a new highest version is the latest at
+/// once, a lower one is not, and after a rejected job the stored latest is back.
+#[test]
+fn latest_reads_inside_a_job_see_its_own_writes() {
+    let put_strategy = |version, marker| Step::PutStrategy {
+        business_type: 1,
+        version,
+        marker,
+    };
+    let latest_strategy = Step::ReadStrategy {
+        business_type: 1,
+        version: 0,
+    };
+    let put_config = |version, marker| Step::PutRetryConfig { version, marker };
+    let ops = vec![
+        Op::Write {
+            steps: vec![
+                latest_strategy.clone(),
+                Step::ReadRetryConfig,
+                put_strategy(2, 1),
+                put_config(2, 1),
+                latest_strategy.clone(),
+                Step::ReadRetryConfig,
+            ],
+            commit: true,
+        },
+        Op::Write {
+            steps: vec![
+                put_strategy(1, 2),
+                put_config(1, 2),
+                latest_strategy.clone(),
+                Step::ReadRetryConfig,
+                put_strategy(3, 3),
+                put_config(3, 3),
+                latest_strategy.clone(),
+                Step::ReadRetryConfig,
+                // A neighbouring business type whose key sorts right after this one's.
+                Step::PutStrategy {
+                    business_type: 2,
+                    version: 5,
+                    marker: 4,
+                },
+                latest_strategy.clone(),
+            ],
+            commit: false,
+        },
+        Op::Restart { graceful: false },
+        Op::Write {
+            steps: vec![
+                latest_strategy.clone(),
+                Step::ReadRetryConfig,
+                // Rewriting the stored latest version: the job's value replaces the tree's.
+                put_strategy(2, 9),
+                put_config(2, 9),
+                latest_strategy.clone(),
+                Step::ReadRetryConfig,
+                Step::ReadStrategy {
+                    business_type: 1,
+                    version: 2,
                 },
             ],
             commit: true,

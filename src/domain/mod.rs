@@ -2,9 +2,14 @@
 //! clock, logs or names sled or tonic: time comes in as `now` (ms since the Unix epoch) and
 //! decisions go out as values, so every rule is a plain unit test.
 
+pub mod branch;
 pub mod idempotency;
 pub mod ids;
+pub mod orchestration;
+pub mod retry;
 pub mod saga;
+pub mod strategy;
+pub mod strategy_validation;
 
 /// Milliseconds since the Unix epoch: the only notion of time the domain knows.
 pub type Millis = u64;

@@ -1,9 +1,11 @@
 //! A saga's record and the rules for starting one: what a valid start request is, and the saga
 //! it creates. Driving a saga's branches belongs to the engine issues that follow.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use crate::domain::branch::{Branch, Signal};
 use crate::domain::ids::{BusinessType, Gsn, RequestId};
+use crate::domain::strategy::StepStatus;
 use crate::domain::{Millis, Violation};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -54,6 +56,46 @@ pub struct Saga {
     pub created_ms: Millis,
     pub updated_ms: Millis,
     pub request_id: RequestId,
+    /// The strategy version an orchestrated saga runs with; 0 otherwise.
+    pub strategy_version: u64,
+    /// In the order they were created.
+    pub branches: Vec<Branch>,
+    /// Statuses reported so far, which rules wait for (S2 item 7).
+    pub reported: BTreeSet<StepStatus>,
+    /// Strategy rules that already fired; a rule fires at most once.
+    pub fired_rules: BTreeSet<u32>,
+    pub signal: Option<Signal>,
+    pub reason: String,
+    pub reversal_serials: Vec<String>,
+    pub reversal_type: Option<ReversalType>,
+}
+
+impl Saga {
+    pub fn branch(&self, branch_id: &str) -> Option<&Branch> {
+        self.branches.iter().find(|b| b.branch_id == branch_id)
+    }
+
+    pub fn branch_mut(&mut self, branch_id: &str) -> Option<&mut Branch> {
+        self.branches.iter_mut().find(|b| b.branch_id == branch_id)
+    }
+
+    /// Every node that took part, each once, in branch order: who a signal goes to.
+    pub fn nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = Vec::new();
+        for branch in &self.branches {
+            if !nodes.contains(&branch.node_id) {
+                nodes.push(branch.node_id.clone());
+            }
+        }
+        nodes
+    }
+}
+
+/// Who asked for a reversal (S1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReversalType {
+    External,
+    Internal,
 }
 
 /// Limits a deployment puts on what a saga may carry.
@@ -198,6 +240,14 @@ pub fn on_started(start: Start, gsn: Gsn, now: Millis) -> Saga {
         created_ms: now,
         updated_ms: now,
         request_id: start.request_id,
+        strategy_version: 0,
+        branches: Vec::new(),
+        reported: BTreeSet::new(),
+        fired_rules: BTreeSet::new(),
+        signal: None,
+        reason: String::new(),
+        reversal_serials: Vec::new(),
+        reversal_type: None,
     }
 }
 

@@ -3,19 +3,35 @@
 //! record together, and is answered only once durable. The engine owns no tonic type and no
 //! sled type; it is handed the store, the clock and the limits.
 
+pub(crate) mod commands;
 mod convert;
+mod delivery;
+mod nodes;
 pub mod paging;
+mod retries;
+mod sagas;
+mod strategies;
+mod timers;
+mod watch;
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::clock::SharedClock;
 use crate::domain::idempotency::{self, Answer, Lookup, Terms};
-use crate::domain::ids::{CoordinatorId, Gsn, RequestId};
-use crate::domain::saga::{self, Limits, Saga, SagaMode, SagaState, StartRequest};
+use crate::domain::ids::{CoordinatorId, RequestId};
+use crate::domain::orchestration::Policy;
+use crate::domain::saga::{Limits, Saga, SagaState};
+use crate::domain::strategy::Strategy;
 use crate::domain::{Millis, Violation};
+use crate::random::SharedRandom;
 use crate::store::{self, IdempotencyKey, IdempotencyNamespace, Store, WriteTx};
 
+pub use convert::signal_from_code;
+pub use nodes::Subscription;
 pub use paging::PageToken;
+pub use sagas::ReportInput;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -54,6 +70,32 @@ pub struct Settings {
     pub coordinator_id: CoordinatorId,
     pub limits: Limits,
     pub idempotency_retention: Duration,
+    /// How sagas poll and retry reversals.
+    pub policy: Policy,
+    /// A call to a participant's endpoint fails after this long.
+    pub participant_timeout: Duration,
+    /// A command sent on a Subscribe stream and not answered is sent again after this long.
+    pub resend_after: Duration,
+    /// Redelivery to an unreachable endpoint backs off from `redelivery_base` to `redelivery_cap`.
+    pub redelivery_base: Duration,
+    pub redelivery_cap: Duration,
+}
+
+impl Settings {
+    pub fn new(coordinator_id: CoordinatorId) -> Settings {
+        Settings {
+            coordinator_id,
+            limits: Limits {
+                max_payload_bytes: 1024 * 1024,
+            },
+            idempotency_retention: Duration::from_secs(7 * 24 * 3600),
+            policy: Policy::default(),
+            participant_timeout: Duration::from_secs(10),
+            resend_after: Duration::from_secs(5),
+            redelivery_base: Duration::from_millis(200),
+            redelivery_cap: Duration::from_secs(10),
+        }
+    }
 }
 
 /// What `list_sagas` is asked for.
@@ -64,6 +106,7 @@ pub struct ListQuery {
     pub page_size: u32,
     pub page_token: String,
     pub newest_first: bool,
+    pub with_payloads: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -84,14 +127,22 @@ pub enum Begun {
 pub struct Engine {
     store: Store,
     clock: SharedClock,
+    random: SharedRandom,
     settings: Settings,
+    shared: Arc<Shared>,
 }
 
-const DEFAULT_PAGE_SIZE: u32 = 50;
-const MAX_PAGE_SIZE: u32 = 500;
-/// A filtered listing stops after examining this many sagas and hands back a token, so one
-/// call never scans the whole ledger.
-const MAX_EXAMINED_PER_PAGE: usize = 10_000;
+/// Listings return this many items unless asked for fewer, and never more than the maximum.
+pub(crate) const DEFAULT_PAGE_SIZE: u32 = 50;
+pub(crate) const MAX_PAGE_SIZE: u32 = 500;
+
+/// What every clone of the engine shares: caches and the delivery runtime.
+pub(crate) struct Shared {
+    /// Strategy versions by (business type, version); a stored version never changes.
+    strategies: RwLock<HashMap<(String, u64), Arc<Strategy>>>,
+    delivery: delivery::Delivery,
+    watchers: watch::Watchers,
+}
 
 fn millis(duration: Duration) -> Millis {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
@@ -114,12 +165,70 @@ fn scope_text(scope: &str, field: &str) -> Result<(), Error> {
 }
 
 impl Engine {
-    pub fn new(store: Store, clock: SharedClock, settings: Settings) -> Engine {
+    pub fn new(
+        store: Store,
+        clock: SharedClock,
+        random: SharedRandom,
+        settings: Settings,
+    ) -> Engine {
+        let shared = Arc::new(Shared {
+            strategies: RwLock::new(HashMap::new()),
+            delivery: delivery::Delivery::new(
+                settings.participant_timeout,
+                settings.resend_after,
+                settings.redelivery_base,
+                settings.redelivery_cap,
+            ),
+            watchers: watch::Watchers::default(),
+        });
         Engine {
             store,
             clock,
+            random,
             settings,
+            shared,
         }
+    }
+
+    /// Recovery and the background work: loads node endpoints, re-sends every command still in
+    /// the outbox (nothing acknowledged is forgotten across a restart), and starts the timer
+    /// loop. Returns once recovery is queued; `stop` ends the background work.
+    pub async fn start(&self) -> Result<(), Error> {
+        let nodes = self
+            .store
+            .read(|tx| tx.nodes().collect::<Result<Vec<_>, _>>())
+            .await??;
+        for node in nodes {
+            self.shared
+                .delivery
+                .set_endpoint(&node.node_id, &node.endpoint);
+        }
+        let outbox = self
+            .store
+            .read(|tx| tx.outbox().collect::<Result<Vec<_>, _>>())
+            .await??;
+        let resumed = outbox.len();
+        for (id, record) in outbox {
+            match commands::decode_command(&record.command) {
+                Ok(command) => self.shared.delivery.spawn(self.clone(), id, command),
+                Err(e) => {
+                    tracing::error!(outbox_id = id, error = %e, "an outbox entry does not decode; it is kept for an operator")
+                }
+            }
+        }
+        if resumed > 0 {
+            tracing::info!(
+                commands = resumed,
+                "resuming delivery of commands from the outbox"
+            );
+        }
+        tokio::spawn(timers::run(self.clone(), self.shared.delivery.stopping()));
+        Ok(())
+    }
+
+    /// Stops delivery and timers; what they had not finished stays in the ledger.
+    pub fn stop(&self) {
+        self.shared.delivery.stop();
     }
 
     pub fn store(&self) -> &Store {
@@ -137,27 +246,48 @@ impl Engine {
         }
     }
 
-    /// Starts a saga (idempotent on its request id). `encode` turns the new saga into the
-    /// response bytes stored for replay, so every repeat gets exactly the first answer.
-    pub async fn start_saga<F>(
+    /// Runs `op` as one ledger write guarded by the idempotency table: a repeat of
+    /// `(method, request_id)` with the same `fingerprint` gets the stored response, another
+    /// body is `RequestIdReused`. `op` returns the response bytes to store; if it fails,
+    /// nothing is written and nothing is remembered, so the caller may fix and retry.
+    pub(crate) async fn idempotent_write<F>(
         &self,
-        request: StartRequest,
+        method: &'static str,
+        request_id: &RequestId,
         fingerprint: Vec<u8>,
-        encode: F,
+        op: F,
     ) -> Result<Answered, Error>
     where
-        F: FnOnce(&Saga) -> Vec<u8> + Send + 'static,
+        F: FnOnce(&mut WriteTx<'_>, Millis) -> Result<Vec<u8>, Error> + Send + 'static,
     {
-        let now = self.clock.now_ms();
-        let start =
-            saga::validate_start(request, self.settings.limits, now).map_err(Error::Invalid)?;
+        let (answered, _) = self
+            .idempotent_write_with(method, request_id, fingerprint, move |tx, now| {
+                op(tx, now).map(|r| (r, ()))
+            })
+            .await?;
+        Ok(answered)
+    }
+
+    /// As `idempotent_write`, with a side result `X` for the caller (not stored; `None` on a
+    /// replay, when `op` did not run).
+    pub(crate) async fn idempotent_write_with<F, X>(
+        &self,
+        method: &'static str,
+        request_id: &RequestId,
+        fingerprint: Vec<u8>,
+        op: F,
+    ) -> Result<(Answered, Option<X>), Error>
+    where
+        F: FnOnce(&mut WriteTx<'_>, Millis) -> Result<(Vec<u8>, X), Error> + Send + 'static,
+        X: Send + 'static,
+    {
         let key = IdempotencyKey {
             namespace: IdempotencyNamespace::Coordinator,
-            scope: "StartSaga".to_owned(),
-            key: start.request_id.as_str().to_owned(),
+            scope: method.to_owned(),
+            key: request_id.as_str().to_owned(),
         };
-        let coordinator = self.settings.coordinator_id.clone();
         let terms = self.terms(None);
+        let now = self.clock.now_ms();
         self.store
             .write(move |tx| {
                 let existing = stored_record(tx, &key)?;
@@ -165,10 +295,11 @@ impl Engine {
                     match idempotency::on_lookup(existing.as_ref(), &fingerprint, terms, now) {
                         Lookup::Register(registered) => registered,
                         Lookup::Replay(done) => {
-                            return Ok(Answered {
+                            let answered = Answered {
                                 response: done.response,
                                 replayed: true,
-                            });
+                            };
+                            return Ok((answered, None));
                         }
                         Lookup::InProgress(_) => {
                             return Err(Error::InProgress {
@@ -181,24 +312,11 @@ impl Engine {
                             });
                         }
                     };
-                if start.mode == SagaMode::Orchestrated {
-                    // Strategies arrive with the engine issue; until then no business type has
-                    // one, and an orchestrated saga must never run as something else.
-                    return Err(Error::NotFound(format!(
-                        "no fulfillment strategy is stored for business type {:?}; store one with \
-                         Strategies.PutStrategy, or start the saga with mode \
-                         SAGA_MODE_REGISTERED_OUTCALLS",
-                        start.business_type.as_str()
-                    )));
-                }
-                let sequence = tx.allocate_gsn_sequence()?;
-                let saga = saga::on_started(start, Gsn::new(coordinator, sequence), now);
-                tx.put_saga(&convert::saga_to_record(&saga))?;
-                let response = encode(&saga);
+                let (response, extra) = op(tx, now)?;
                 let done = idempotency::finished(
                     registered,
                     Answer {
-                        result: "STARTED".to_owned(),
+                        result: "OK".to_owned(),
                         response: response.clone(),
                         content_type: String::new(),
                     },
@@ -206,105 +324,13 @@ impl Engine {
                     now,
                 );
                 tx.put_idempotency(&key, &convert::idempotency_to_record(&done))?;
-                Ok(Answered {
+                let answered = Answered {
                     response,
                     replayed: false,
-                })
+                };
+                Ok((answered, Some(extra)))
             })
             .await?
-    }
-
-    fn parse_gsn(&self, text: &str) -> Result<Gsn, Error> {
-        Gsn::parse(text).map_err(|e| Error::invalid("gsn", e.to_string()))
-    }
-
-    pub async fn get_saga(&self, gsn_text: &str) -> Result<Saga, Error> {
-        let gsn = self.parse_gsn(gsn_text)?;
-        let sequence = gsn.sequence();
-        let found = self
-            .store
-            .read(move |tx| tx.saga(sequence))
-            .await??
-            .map(convert::saga_from_record)
-            .transpose()?;
-        match found {
-            // A sequence issued under another coordinator id is another saga.
-            Some(saga) if saga.gsn == gsn => Ok(saga),
-            _ => Err(Error::NotFound(format!("no saga has GSN {gsn}"))),
-        }
-    }
-
-    pub async fn list_sagas(&self, query: ListQuery) -> Result<Page, Error> {
-        let page_size = match query.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n > MAX_PAGE_SIZE => {
-                return Err(Error::invalid(
-                    "page_size",
-                    format!("is {n}; at most {MAX_PAGE_SIZE} are allowed"),
-                ));
-            }
-            n => n,
-        } as usize;
-        let after = if query.page_token.is_empty() {
-            None
-        } else {
-            let token = PageToken::decode(&query.page_token)
-                .ok_or_else(|| Error::invalid("page_token", "is not a token this sagad issued; pass next_page_token from the previous page unchanged"))?;
-            if token.newest_first != query.newest_first {
-                return Err(Error::invalid(
-                    "page_token",
-                    "was issued for the other order; keep newest_first the same across pages",
-                ));
-            }
-            Some(token.after)
-        };
-        let states = query.states;
-        let business_type = query.business_type;
-        let newest_first = query.newest_first;
-        let (records, last_examined, exhausted) = self
-            .store
-            .read(move |tx| -> Result<_, store::Error> {
-                let mut matched = Vec::new();
-                let mut last_examined = None;
-                let mut examined = 0usize;
-                for record in tx.sagas(after, newest_first) {
-                    let record = record?;
-                    examined += 1;
-                    last_examined = Some(record.sequence);
-                    let state_matches = states.is_empty()
-                        || convert::saga_state_from_code(record.state)
-                            .is_some_and(|s| states.contains(&s));
-                    let type_matches =
-                        business_type.is_empty() || record.business_type == business_type;
-                    if state_matches && type_matches {
-                        matched.push(record);
-                        if matched.len() == page_size {
-                            return Ok((matched, last_examined, false));
-                        }
-                    }
-                    if examined >= MAX_EXAMINED_PER_PAGE {
-                        return Ok((matched, last_examined, false));
-                    }
-                }
-                Ok((matched, last_examined, true))
-            })
-            .await??;
-        let sagas = records
-            .into_iter()
-            .map(convert::saga_from_record)
-            .collect::<Result<Vec<_>, _>>()?;
-        let next_page_token = match (exhausted, last_examined) {
-            (false, Some(after)) => PageToken {
-                after,
-                newest_first,
-            }
-            .encode(),
-            _ => String::new(),
-        };
-        Ok(Page {
-            sagas,
-            next_page_token,
-        })
     }
 
     fn participant_key(scope: &str, request_id: &str) -> Result<IdempotencyKey, Error> {

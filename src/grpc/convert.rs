@@ -3,6 +3,7 @@
 
 use prost_types::{Duration as PbDuration, Timestamp};
 
+use crate::domain::branch::{Branch, BranchState, Outcome, Signal, Status};
 use crate::domain::idempotency::{Record, RecordState};
 use crate::domain::saga::{Deadline, Saga, SagaMode, SagaState, StartRequest};
 use crate::domain::{Millis, Violation};
@@ -89,10 +90,14 @@ pub fn saga(saga: &Saga, full: bool) -> pb::Saga {
         created_at: Some(timestamp(saga.created_ms)),
         updated_at: Some(timestamp(saga.updated_ms)),
         request_id: saga.request_id.as_str().to_owned(),
-        strategy_version: 0,
-        branches: Vec::new(),
-        signal: pb::Signal::Unspecified as i32,
-        reason: String::new(),
+        strategy_version: saga.strategy_version,
+        branches: if full {
+            saga.branches.iter().map(branch).collect()
+        } else {
+            Vec::new()
+        },
+        signal: signal_of(saga.signal) as i32,
+        reason: saga.reason.clone(),
     }
 }
 
@@ -164,5 +169,93 @@ pub fn idempotency_record(scope: &str, request_id: &str, record: &Record) -> pb:
         updated_at: Some(timestamp(record.updated_ms)),
         expires_at: (record.expires_ms != 0).then(|| timestamp(record.expires_ms)),
         attempts: record.attempts,
+    }
+}
+
+/// A node's outcome; UNSPECIFIED or a number this build does not know reads as UNKNOWN, which
+/// makes sagad ask again rather than guess.
+pub fn outcome_from_pb(value: i32) -> Outcome {
+    match pb::Outcome::try_from(value) {
+        Ok(pb::Outcome::Succeeded) => Outcome::Succeeded,
+        Ok(pb::Outcome::Failed) => Outcome::Failed,
+        Ok(pb::Outcome::Processing) => Outcome::Processing,
+        Ok(pb::Outcome::NotFound) => Outcome::NotFound,
+        Ok(pb::Outcome::Reversed) => Outcome::Reversed,
+        Ok(pb::Outcome::Unknown | pb::Outcome::Unspecified) | Err(_) => Outcome::Unknown,
+    }
+}
+
+pub fn outcome_to_pb(outcome: Outcome) -> pb::Outcome {
+    match outcome {
+        Outcome::Succeeded => pb::Outcome::Succeeded,
+        Outcome::Failed => pb::Outcome::Failed,
+        Outcome::Processing => pb::Outcome::Processing,
+        Outcome::Unknown => pb::Outcome::Unknown,
+        Outcome::NotFound => pb::Outcome::NotFound,
+        Outcome::Reversed => pb::Outcome::Reversed,
+    }
+}
+
+pub fn status_from_pb(status: pb::Status) -> Status {
+    Status {
+        name: status.name,
+        parameters: status.parameters,
+    }
+}
+
+fn status_to_pb(status: &Status) -> pb::Status {
+    pb::Status {
+        name: status.name.clone(),
+        parameters: status.parameters.clone(),
+    }
+}
+
+pub fn signal_of(signal: Option<Signal>) -> pb::Signal {
+    match signal {
+        None => pb::Signal::Unspecified,
+        Some(Signal::ReversalSuccess) => pb::Signal::ReversalSuccess,
+        Some(Signal::Reprocess) => pb::Signal::Reprocess,
+        Some(Signal::ReversalFailure) => pb::Signal::ReversalFailure,
+        Some(Signal::Completed) => pb::Signal::Completed,
+    }
+}
+
+/// From the engine's stored signal code.
+pub fn signal_to_pb(code: u8) -> pb::Signal {
+    signal_of(crate::engine::signal_from_code(code))
+}
+
+pub fn branch_state(state: BranchState) -> pb::BranchState {
+    match state {
+        BranchState::Triggered => pb::BranchState::Triggered,
+        BranchState::Succeeded => pb::BranchState::Succeeded,
+        BranchState::Failed => pb::BranchState::Failed,
+        BranchState::Unknown => pb::BranchState::Unknown,
+        BranchState::Reversing => pb::BranchState::Reversing,
+        BranchState::Reversed => pb::BranchState::Reversed,
+        BranchState::ReversalFailed => pb::BranchState::ReversalFailed,
+        BranchState::NotOccurred => pb::BranchState::NotOccurred,
+    }
+}
+
+pub fn branch(branch: &Branch) -> pb::Branch {
+    pb::Branch {
+        branch_id: branch.branch_id.clone(),
+        node_id: branch.node_id.clone(),
+        caller_node_id: branch.caller_node_id.clone(),
+        forward_action: branch.forward_action.clone(),
+        reversal_action: branch.reversal_action.clone(),
+        order: branch.order,
+        state: branch_state(branch.state) as i32,
+        last_status: branch.last_status.as_ref().map(status_to_pb),
+        error_code: branch.error_code.clone(),
+        attempts: branch.attempts,
+        created_at: Some(timestamp(branch.created_ms)),
+        updated_at: Some(timestamp(branch.updated_ms)),
+        last_poll_outcome: branch
+            .last_poll_outcome
+            .map(outcome_to_pb)
+            .unwrap_or(pb::Outcome::Unspecified) as i32,
+        last_poll_at: (branch.last_poll_ms != 0).then(|| timestamp(branch.last_poll_ms)),
     }
 }

@@ -1,13 +1,14 @@
-//! The Coordinator service at the edge: StartSaga, GetSaga and ListSagas are served; the
-//! methods of later issues answer UNIMPLEMENTED with what is missing.
+//! The Coordinator service at the edge: sagas, reports, watching, and the nodes' endpoints and
+//! streams. The registered-outcall methods answer UNIMPLEMENTED until the reversal protocol.
 
 use std::pin::Pin;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Engine, ListQuery};
+use crate::domain::branch::Report;
+use crate::engine::{Engine, ListQuery, ReportInput};
 use crate::grpc::unimplemented::not_yet;
 use crate::grpc::{answer, convert, fingerprint, pb, status};
 
@@ -24,7 +25,6 @@ impl CoordinatorService {
 type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 const OUTCALLS: &str = "the reversal protocol (registered outcalls, S1)";
-const ENGINE: &str = "the saga engine (strategies driving participants, S2)";
 
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for CoordinatorService {
@@ -93,6 +93,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 page_size: request.page_size,
                 page_token: request.page_token,
                 newest_first: request.newest_first,
+                with_payloads: request.full,
             })
             .await
             .map_err(status::from_engine)?;
@@ -111,9 +112,41 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 
     async fn report_state(
         &self,
-        _: Request<pb::ReportStateRequest>,
+        request: Request<pb::ReportStateRequest>,
     ) -> Result<Response<pb::ReportStateResponse>, Status> {
-        Err(not_yet("Coordinator.ReportState", ENGINE))
+        let request = request.into_inner();
+        let digest = fingerprint(&request, |r| r.request_id.clear());
+        if pb::Outcome::try_from(request.outcome).map_or(true, |o| o == pb::Outcome::Unspecified) {
+            return Err(status::invalid(&[crate::domain::Violation::new(
+                "outcome",
+                "is required: OUTCOME_SUCCEEDED, OUTCOME_FAILED, OUTCOME_PROCESSING, OUTCOME_UNKNOWN, OUTCOME_NOT_FOUND or OUTCOME_REVERSED",
+            )]));
+        }
+        let input = ReportInput {
+            request_id: request.request_id,
+            gsn: request.gsn,
+            branch_id: request.branch_id,
+            reporter_node_id: request.reporter_node_id,
+            report: Report {
+                outcome: convert::outcome_from_pb(request.outcome),
+                status: request.status.map(convert::status_from_pb),
+                error_code: request.error_code,
+                message: request.message,
+            },
+            command_id: request.command_id,
+        };
+        let answered = self
+            .engine
+            .report_state(input, digest, |saga, branch_id| {
+                pb::ReportStateResponse {
+                    branch: saga.branch(branch_id).map(convert::branch),
+                    saga_state: convert::saga_state(saga.state) as i32,
+                }
+                .encode_to_vec()
+            })
+            .await
+            .map_err(status::from_engine)?;
+        answer(answered)
     }
 
     async fn request_reversal(
@@ -141,28 +174,82 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 
     async fn watch_saga(
         &self,
-        _: Request<pb::WatchSagaRequest>,
+        request: Request<pb::WatchSagaRequest>,
     ) -> Result<Response<Self::WatchSagaStream>, Status> {
-        Err(not_yet("Coordinator.WatchSaga", ENGINE))
+        let changes = self
+            .engine
+            .watch_saga(&request.get_ref().gsn)
+            .await
+            .map_err(status::from_engine)?;
+        let stream = changes.map(|saga| {
+            Ok(pb::WatchSagaResponse {
+                saga: Some(convert::saga(&saga, false)),
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn register_node(
         &self,
-        _: Request<pb::RegisterNodeRequest>,
+        request: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
-        Err(not_yet("Coordinator.RegisterNode", ENGINE))
+        let request = request.into_inner();
+        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let answered = self
+            .engine
+            .register_node(
+                &request.request_id,
+                &request.node_id,
+                &request.endpoint,
+                digest,
+                |node| {
+                    pb::RegisterNodeResponse {
+                        node: Some(pb::Node {
+                            node_id: node.node_id.clone(),
+                            endpoint: node.endpoint.clone(),
+                            updated_at: Some(convert::timestamp(node.updated_ms)),
+                        }),
+                    }
+                    .encode_to_vec()
+                },
+            )
+            .await
+            .map_err(status::from_engine)?;
+        answer(answered)
     }
 
     type SubscribeStream = ServerStream<pb::Command>;
 
     async fn subscribe(
         &self,
-        _: Request<pb::SubscribeRequest>,
+        request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Err(not_yet("Coordinator.Subscribe", ENGINE))
+        let subscription = self
+            .engine
+            .subscribe(&request.get_ref().node_id)
+            .map_err(status::from_engine)?;
+        let engine = self.engine.clone();
+        let stream = subscription
+            .into_stream()
+            .map(move |outgoing| Ok(outgoing.to_pb(Some(convert::timestamp(engine.now_ms())))));
+        Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn ack(&self, _: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
-        Err(not_yet("Coordinator.Ack", ENGINE))
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let request = request.into_inner();
+        let digest = fingerprint(&request, |r| r.request_id.clear());
+        self.engine
+            .ack(
+                &request.request_id,
+                &request.node_id,
+                &request.command_id,
+                digest,
+            )
+            .await
+            .map_err(status::from_engine)?;
+        Ok(Response::new(pb::AckResponse {}))
     }
 }

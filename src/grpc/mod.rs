@@ -2,15 +2,18 @@
 //! It converts requests into domain values, calls the engine, and maps every engine error to a
 //! `tonic::Status` in one place (`status.rs`).
 
-mod convert;
+pub(crate) mod convert;
 mod coordinator;
 mod idempotency;
+mod retries;
 mod status;
+mod strategies;
 mod unimplemented;
 
 pub use coordinator::CoordinatorService;
 pub use idempotency::IdempotencyService;
-pub use unimplemented::{RetriesService, StrategiesService};
+pub use retries::RetriesService;
+pub use strategies::StrategiesService;
 
 /// Code generated from `proto/sagad/v1/*.proto`, clients and servers both.
 pub mod pb {

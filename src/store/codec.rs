@@ -1,10 +1,14 @@
 //! The byte formats of the ledger: versioned record values and big-endian keys. Only this file
 //! knows how bytes on disk map to records; it never panics on what it reads.
 
-use super::records::{DueRecord, IdempotencyRecord, OutboxRecord, SagaRecord};
+use super::records::{
+    DueRecord, IdempotencyRecord, NodeRecord, OutboxRecord, PayloadRecord, RetryConfigRecord,
+    RetryHistoryRecord, RetryLinkRecord, SagaRecord, StrategyRecord,
+};
 use super::{DueKey, Error, IdempotencyKey};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// A stored record type: its table and the format version it writes.
 ///
@@ -28,8 +32,138 @@ pub(crate) trait Record: Serialize + DeserializeOwned {
     }
 }
 
+/// Version 2 moved the payload out to `payloads` and added branches and run state.
 impl Record for SagaRecord {
     const TABLE: &'static str = "sagas";
+    const VERSION: u8 = 2;
+
+    /// A version 1 saga reads as a saga with no branches and no run state yet. Its payload is
+    /// not part of the new shape: `Store::open` moves it to `payloads` (see `upgrade`), so this
+    /// path only serves a record that the upgrade could not move.
+    fn decode_older(version: u8, body: &[u8]) -> Result<Self, Error> {
+        match version {
+            1 => decode_saga_v1(body).map(|(saga, _payload)| saga),
+            _ => Err(Error::UnknownVersion {
+                table: Self::TABLE,
+                version,
+            }),
+        }
+    }
+}
+
+/// The shape of `SagaRecord` that version 1 wrote (sagad 0.1 before the engine): the payload
+/// lived inside the saga and there were no branches. Field order is the format; never edit it.
+#[derive(Deserialize)]
+struct SagaRecordV1 {
+    coordinator_id: String,
+    sequence: u64,
+    business_type: String,
+    mode: u8,
+    payload: Vec<u8>,
+    content_type: String,
+    labels: BTreeMap<String, String>,
+    deadline_ms: u64,
+    state: u8,
+    created_ms: u64,
+    updated_ms: u64,
+    request_id: String,
+}
+
+/// Splits a version 1 saga body into the current saga shape and the payload it carried.
+pub(crate) fn decode_saga_v1(body: &[u8]) -> Result<(SagaRecord, PayloadRecord), Error> {
+    let old: SagaRecordV1 = decode_body(SagaRecord::TABLE, body)?;
+    let payload = PayloadRecord {
+        data: old.payload,
+        content_type: old.content_type.clone(),
+    };
+    let saga = SagaRecord {
+        coordinator_id: old.coordinator_id,
+        sequence: old.sequence,
+        business_type: old.business_type,
+        mode: old.mode,
+        content_type: old.content_type,
+        labels: old.labels,
+        deadline_ms: old.deadline_ms,
+        state: old.state,
+        created_ms: old.created_ms,
+        updated_ms: old.updated_ms,
+        request_id: old.request_id,
+        strategy_version: 0,
+        branches: Vec::new(),
+        reported: Vec::new(),
+        fired_rules: Vec::new(),
+        signal: 0,
+        reason: String::new(),
+        reversal_serials: Vec::new(),
+        reversal_type: 0,
+    };
+    Ok((saga, payload))
+}
+
+/// A value as sagad 0.1 wrote it: `record` (whose newer fields it drops) with `payload` inside.
+#[cfg(test)]
+pub(crate) fn encode_saga_v1(record: &SagaRecord, payload: &[u8]) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Written<'a> {
+        coordinator_id: &'a str,
+        sequence: u64,
+        business_type: &'a str,
+        mode: u8,
+        payload: &'a [u8],
+        content_type: &'a str,
+        labels: &'a BTreeMap<String, String>,
+        deadline_ms: u64,
+        state: u8,
+        created_ms: u64,
+        updated_ms: u64,
+        request_id: &'a str,
+    }
+    let written = Written {
+        coordinator_id: &record.coordinator_id,
+        sequence: record.sequence,
+        business_type: &record.business_type,
+        mode: record.mode,
+        payload,
+        content_type: &record.content_type,
+        labels: &record.labels,
+        deadline_ms: record.deadline_ms,
+        state: record.state,
+        created_ms: record.created_ms,
+        updated_ms: record.updated_ms,
+        request_id: &record.request_id,
+    };
+    let mut bytes = vec![1];
+    bytes.extend(postcard::to_stdvec(&written).unwrap_or_default());
+    bytes
+}
+
+impl Record for PayloadRecord {
+    const TABLE: &'static str = "payloads";
+    const VERSION: u8 = 1;
+}
+
+impl Record for StrategyRecord {
+    const TABLE: &'static str = "strategies";
+    const VERSION: u8 = 1;
+}
+
+impl Record for NodeRecord {
+    const TABLE: &'static str = "nodes";
+    const VERSION: u8 = 1;
+}
+
+impl Record for RetryConfigRecord {
+    const TABLE: &'static str = "retry_config";
+    const VERSION: u8 = 1;
+}
+
+impl Record for RetryHistoryRecord {
+    const TABLE: &'static str = "retry_history";
+    const VERSION: u8 = 1;
+}
+
+impl Record for RetryLinkRecord {
+    const TABLE: &'static str = "retry_links";
     const VERSION: u8 = 1;
 }
 
@@ -141,6 +275,88 @@ pub(crate) fn expiry_bound(now_ms: u64) -> Option<[u8; 8]> {
     now_ms.checked_add(1).map(u64::to_be_bytes)
 }
 
+/// `sequence BE ++ branch id`: the fixed-width sequence keeps every branch id apart, and a
+/// saga's payloads (its own, with branch id "", first) are adjacent.
+pub(crate) fn payload_key(sequence: u64, branch_id: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(8 + branch_id.len());
+    bytes.extend_from_slice(&sequence.to_be_bytes());
+    bytes.extend_from_slice(branch_id.as_bytes());
+    bytes
+}
+
+/// Ends the business type in a strategy key. Business types never contain it, and it is the
+/// smallest byte, so keys sort by business type first, then by version.
+const STRATEGY_SEPARATOR: u8 = 0x00;
+
+/// `business type ++ 0x00`: every version of one business type, and nothing else, starts with
+/// it. `None` when the business type contains 0x00, which no stored strategy can have.
+pub(crate) fn strategy_prefix(business_type: &str) -> Option<Vec<u8>> {
+    if business_type.as_bytes().contains(&STRATEGY_SEPARATOR) {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(business_type.len() + 9);
+    bytes.extend_from_slice(business_type.as_bytes());
+    bytes.push(STRATEGY_SEPARATOR);
+    Some(bytes)
+}
+
+/// The first key after every version of `prefix`'s business type (the separator plus one).
+pub(crate) fn strategy_prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last = STRATEGY_SEPARATOR + 1;
+    }
+    end
+}
+
+/// `business type ++ 0x00 ++ version BE`; `None` when the business type contains 0x00.
+pub(crate) fn strategy_key(business_type: &str, version: u64) -> Option<Vec<u8>> {
+    let mut bytes = strategy_prefix(business_type)?;
+    bytes.extend_from_slice(&version.to_be_bytes());
+    Some(bytes)
+}
+
+/// The key of a strategy about to be written: a business type with 0x00 would make keys
+/// ambiguous, and version 0 is how readers ask for "the latest", so neither is stored.
+pub(crate) fn strategy_key_to_write(record: &StrategyRecord) -> Result<Vec<u8>, Error> {
+    if record.version == 0 {
+        return Err(Error::Storage(format!(
+            "strategy version 0 of business type {:?} cannot be stored: version 0 means \
+             \"the latest\" to readers",
+            record.business_type
+        )));
+    }
+    strategy_key(&record.business_type, record.version).ok_or_else(|| {
+        Error::Storage(format!(
+            "business type {:?} contains a 0x00 byte, which strategy keys use as a separator",
+            record.business_type
+        ))
+    })
+}
+
+/// The prefix (`business type ++ 0x00`) of a stored strategy key, which names its group of
+/// versions.
+pub(crate) fn strategy_group_prefix(bytes: &[u8]) -> Result<&[u8], Error> {
+    match bytes.iter().position(|&b| b == STRATEGY_SEPARATOR) {
+        Some(separator) => Ok(&bytes[..=separator]),
+        None => Err(corrupt("strategies", "key without a separator")),
+    }
+}
+
+/// The first strategy key of any business type strictly after `after`. No business type has
+/// 0x00, so one that follows `after` also follows `after` cut at its first 0x00 and is not
+/// that cut itself; the cut plus 0x01 is therefore the bound in both cases.
+pub(crate) fn strategies_after(after: &str) -> Vec<u8> {
+    let bytes = after.as_bytes();
+    let cut = bytes
+        .iter()
+        .position(|&b| b == STRATEGY_SEPARATOR)
+        .unwrap_or(bytes.len());
+    let mut bound = bytes[..cut].to_vec();
+    bound.push(STRATEGY_SEPARATOR + 1);
+    bound
+}
+
 /// `at_ms BE ++ id BE`.
 pub(crate) fn due_key(key: DueKey) -> [u8; 16] {
     let mut bytes = [0u8; 16];
@@ -167,6 +383,11 @@ pub(crate) fn decode_due_key(bytes: &[u8]) -> Result<DueKey, Error> {
 mod tests {
     use super::*;
     use crate::store::IdempotencyNamespace;
+    use crate::store::records::{
+        BranchRecord, ChannelRetryRecord, ExceptionScopeRecord, RetryAttemptRecord,
+        RetryPolicyRecord, RuleRecord, StatusMappingRecord, StepRecord, StepStatusRecord,
+        TimelineRecord, TransactionRetryRecord,
+    };
     use proptest::collection::{btree_map, vec};
     use proptest::prelude::*;
 
@@ -178,23 +399,94 @@ mod tests {
         ]
     }
 
-    fn saga() -> impl Strategy<Value = SagaRecord> {
+    /// Short text, including the empty string and non-ASCII characters.
+    fn text() -> impl Strategy<Value = String> {
+        ".{0,12}"
+    }
+
+    fn texts() -> impl Strategy<Value = Vec<String>> {
+        vec(text(), 0..4)
+    }
+
+    fn labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+        btree_map(text(), text(), 0..4)
+    }
+
+    fn step_status() -> impl Strategy<Value = StepStatusRecord> {
+        (text(), text()).prop_map(|(step_id, status)| StepStatusRecord { step_id, status })
+    }
+
+    fn timeline() -> impl Strategy<Value = TimelineRecord> {
+        (any::<u64>(), ".*").prop_map(|(at_ms, what)| TimelineRecord { at_ms, what })
+    }
+
+    fn branch() -> impl Strategy<Value = BranchRecord> {
         (
-            (".*", any::<u64>(), ".*", any::<u8>(), payload(), ".*"),
-            (btree_map(".*", ".*", 0..4), any::<u64>(), any::<u8>()),
-            (any::<u64>(), any::<u64>(), ".*"),
+            (text(), text(), text(), text(), text(), any::<u32>()),
+            (any::<u8>(), text(), labels(), text(), ".*", any::<u32>()),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u8>(),
+                any::<u64>(),
+                any::<u32>(),
+            ),
+            (any::<u64>(), vec(timeline(), 0..4)),
         )
             .prop_map(
                 |(
-                    (coordinator_id, sequence, business_type, mode, payload, content_type),
+                    (branch_id, node_id, caller_node_id, forward_action, reversal_action, order),
+                    (state, last_status, last_status_parameters, error_code, message, attempts),
+                    (created_ms, updated_ms, last_poll_outcome, last_poll_ms, polls),
+                    (timeout_ms, timeline),
+                )| BranchRecord {
+                    branch_id,
+                    node_id,
+                    caller_node_id,
+                    forward_action,
+                    reversal_action,
+                    order,
+                    state,
+                    last_status,
+                    last_status_parameters,
+                    error_code,
+                    message,
+                    attempts,
+                    created_ms,
+                    updated_ms,
+                    last_poll_outcome,
+                    last_poll_ms,
+                    polls,
+                    timeout_ms,
+                    timeline,
+                },
+            )
+    }
+
+    fn saga() -> impl Strategy<Value = SagaRecord> {
+        (
+            (".*", any::<u64>(), ".*", any::<u8>(), ".*"),
+            (labels(), any::<u64>(), any::<u8>()),
+            (any::<u64>(), any::<u64>(), ".*", any::<u64>()),
+            (
+                vec(branch(), 0..4),
+                vec(step_status(), 0..4),
+                vec(any::<u32>(), 0..4),
+            ),
+            (any::<u8>(), ".*", texts(), any::<u8>()),
+        )
+            .prop_map(
+                |(
+                    (coordinator_id, sequence, business_type, mode, content_type),
                     (labels, deadline_ms, state),
-                    (created_ms, updated_ms, request_id),
+                    (created_ms, updated_ms, request_id, strategy_version),
+                    (branches, reported, fired_rules),
+                    (signal, reason, reversal_serials, reversal_type),
                 )| SagaRecord {
                     coordinator_id,
                     sequence,
                     business_type,
                     mode,
-                    payload,
                     content_type,
                     labels,
                     deadline_ms,
@@ -202,8 +494,186 @@ mod tests {
                     created_ms,
                     updated_ms,
                     request_id,
+                    strategy_version,
+                    branches,
+                    reported,
+                    fired_rules,
+                    signal,
+                    reason,
+                    reversal_serials,
+                    reversal_type,
                 },
             )
+    }
+
+    fn payload_record() -> impl Strategy<Value = PayloadRecord> {
+        (payload(), ".*").prop_map(|(data, content_type)| PayloadRecord { data, content_type })
+    }
+
+    fn strategy_record() -> impl Strategy<Value = StrategyRecord> {
+        let step = (text(), text(), text(), text(), any::<u64>()).prop_map(
+            |(id, node_id, forward_action, reversal_action, timeout_ms)| StepRecord {
+                id,
+                node_id,
+                forward_action,
+                reversal_action,
+                timeout_ms,
+            },
+        );
+        let rule = (vec(step_status(), 0..3), texts())
+            .prop_map(|(when, trigger)| RuleRecord { when, trigger });
+        let mapping = (text(), text(), text(), any::<u8>()).prop_map(
+            |(step_id, parameter, value, meaning)| StatusMappingRecord {
+                step_id,
+                parameter,
+                value,
+                meaning,
+            },
+        );
+        let scope = (text(), texts())
+            .prop_map(|(step_id, reverse)| ExceptionScopeRecord { step_id, reverse });
+        (
+            (text(), any::<u64>(), ".*", vec(step, 0..4), texts()),
+            (
+                vec(rule, 0..3),
+                vec(step_status(), 0..3),
+                vec(step_status(), 0..3),
+            ),
+            (
+                vec(mapping, 0..3),
+                vec(scope, 0..3),
+                any::<u64>(),
+                any::<u64>(),
+            ),
+        )
+            .prop_map(
+                |(
+                    (business_type, version, description, steps, first_set),
+                    (rules, end_statuses, abnormal_statuses),
+                    (status_mappings, exception_scopes, saga_timeout_ms, created_ms),
+                )| StrategyRecord {
+                    business_type,
+                    version,
+                    description,
+                    steps,
+                    first_set,
+                    rules,
+                    end_statuses,
+                    abnormal_statuses,
+                    status_mappings,
+                    exception_scopes,
+                    saga_timeout_ms,
+                    created_ms,
+                },
+            )
+    }
+
+    fn node_record() -> impl Strategy<Value = NodeRecord> {
+        (text(), ".*", any::<u64>()).prop_map(|(node_id, endpoint, updated_ms)| NodeRecord {
+            node_id,
+            endpoint,
+            updated_ms,
+        })
+    }
+
+    fn retry_policy() -> impl Strategy<Value = RetryPolicyRecord> {
+        (
+            proptest::option::of(texts()),
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<u64>()),
+        )
+            .prop_map(
+                |(
+                    retryable_codes,
+                    max_retries,
+                    min_interval_ms,
+                    backoff_factor_milli,
+                    max_interval_ms,
+                )| RetryPolicyRecord {
+                    retryable_codes,
+                    max_retries,
+                    min_interval_ms,
+                    backoff_factor_milli,
+                    max_interval_ms,
+                },
+            )
+    }
+
+    fn retry_config_record() -> impl Strategy<Value = RetryConfigRecord> {
+        let transaction = (text(), retry_policy()).prop_map(|(transaction_code, policy)| {
+            TransactionRetryRecord {
+                transaction_code,
+                policy,
+            }
+        });
+        let channel =
+            (text(), text(), texts()).prop_map(|(channel, transaction_code, retryable_codes)| {
+                ChannelRetryRecord {
+                    channel,
+                    transaction_code,
+                    retryable_codes,
+                }
+            });
+        (
+            any::<u64>(),
+            retry_policy(),
+            vec(transaction, 0..3),
+            vec(channel, 0..3),
+            any::<u64>(),
+        )
+            .prop_map(|(version, defaults, transactions, channels, updated_ms)| {
+                RetryConfigRecord {
+                    version,
+                    defaults,
+                    transactions,
+                    channels,
+                    updated_ms,
+                }
+            })
+    }
+
+    fn retry_history_record() -> impl Strategy<Value = RetryHistoryRecord> {
+        let attempt = (
+            text(),
+            any::<u32>(),
+            text(),
+            text(),
+            any::<u8>(),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(
+                    retry_serial,
+                    attempt,
+                    error_code,
+                    channel,
+                    decision,
+                    decided_ms,
+                    config_version,
+                )| RetryAttemptRecord {
+                    retry_serial,
+                    attempt,
+                    error_code,
+                    channel,
+                    decision,
+                    decided_ms,
+                    config_version,
+                },
+            );
+        (text(), text(), vec(attempt, 0..4)).prop_map(
+            |(original_serial, transaction_code, attempts)| RetryHistoryRecord {
+                original_serial,
+                transaction_code,
+                attempts,
+            },
+        )
+    }
+
+    fn retry_link_record() -> impl Strategy<Value = RetryLinkRecord> {
+        ".*".prop_map(|original_serial| RetryLinkRecord { original_serial })
     }
 
     fn idempotency() -> impl Strategy<Value = IdempotencyRecord> {
@@ -319,6 +789,90 @@ mod tests {
             check_record(&record, cut);
         }
 
+        #[test]
+        fn payload_records_round_trip(record in payload_record(), cut: prop::sample::Index) {
+            check_record(&record, cut);
+        }
+
+        #[test]
+        fn strategy_records_round_trip(record in strategy_record(), cut: prop::sample::Index) {
+            check_record(&record, cut);
+        }
+
+        #[test]
+        fn node_records_round_trip(record in node_record(), cut: prop::sample::Index) {
+            check_record(&record, cut);
+        }
+
+        #[test]
+        fn retry_config_records_round_trip(record in retry_config_record(), cut: prop::sample::Index) {
+            check_record(&record, cut);
+        }
+
+        #[test]
+        fn retry_history_records_round_trip(record in retry_history_record(), cut: prop::sample::Index) {
+            check_record(&record, cut);
+        }
+
+        #[test]
+        fn retry_link_records_round_trip(record in retry_link_record(), cut: prop::sample::Index) {
+            check_record(&record, cut);
+        }
+
+        /// A saga written by sagad 0.1 (version 1, payload inside) reads as the current shape,
+        /// and the upgrade gets its payload back out of it.
+        #[test]
+        fn version_1_sagas_read_as_the_current_shape(record in saga(), data in payload()) {
+            let bytes = encode_saga_v1(&record, &data);
+            let expected = SagaRecord {
+                strategy_version: 0,
+                branches: Vec::new(),
+                reported: Vec::new(),
+                fired_rules: Vec::new(),
+                signal: 0,
+                reason: String::new(),
+                reversal_serials: Vec::new(),
+                reversal_type: 0,
+                ..record.clone()
+            };
+            prop_assert_eq!(decode::<SagaRecord>(&bytes).unwrap(), expected.clone());
+            let (saga, payload) = decode_saga_v1(&bytes[1..]).unwrap();
+            prop_assert_eq!(saga, expected);
+            prop_assert_eq!(payload, PayloadRecord { data, content_type: record.content_type });
+        }
+
+        #[test]
+        fn strategy_keys_sort_by_business_type_then_version(
+            a in "[^\\x00]{0,4}", a_version: u64, b in "[^\\x00]{0,4}", b_version: u64,
+        ) {
+            let key_a = strategy_key(&a, a_version).unwrap();
+            let key_b = strategy_key(&b, b_version).unwrap();
+            prop_assert_eq!(key_a.cmp(&key_b), (&a, a_version).cmp(&(&b, b_version)));
+            let prefix = strategy_prefix(&a).unwrap();
+            prop_assert_eq!(strategy_group_prefix(&key_a).unwrap(), prefix.as_slice());
+            let end = strategy_prefix_end(&prefix);
+            prop_assert_eq!(prefix <= key_b && key_b < end, b == a);
+            prop_assert_eq!(key_b.as_slice() >= strategies_after(&a).as_slice(), b > a);
+        }
+
+        #[test]
+        fn payload_keys_are_injective_and_group_by_saga(
+            a: u64, branch_a in ".{0,4}", b: u64, branch_b in ".{0,4}",
+        ) {
+            let key_a = payload_key(a, &branch_a);
+            let key_b = payload_key(b, &branch_b);
+            prop_assert_eq!(key_a == key_b, (a, &branch_a) == (b, &branch_b));
+            prop_assert_eq!(key_a.cmp(&key_b), (a, branch_a.as_bytes()).cmp(&(b, branch_b.as_bytes())));
+        }
+
+        /// A page cursor holding 0x00 (never a stored business type) still splits the business
+        /// types exactly into those up to it and those strictly after it.
+        #[test]
+        fn strategies_after_a_cursor_with_nul(cursor in "[a\\x00b]{0,4}", b in "[ab]{0,4}", version: u64) {
+            let key = strategy_key(&b, version).unwrap();
+            prop_assert_eq!(key.as_slice() >= strategies_after(&cursor).as_slice(), b > cursor);
+        }
+
         /// Random bytes either decode to some record or give a typed error; never a panic.
         #[test]
         fn garbage_never_panics(bytes in vec(any::<u8>(), 0..256)) {
@@ -326,6 +880,14 @@ mod tests {
             let _ = decode::<IdempotencyRecord>(&bytes);
             let _ = decode::<OutboxRecord>(&bytes);
             let _ = decode::<DueRecord>(&bytes);
+            let _ = decode::<PayloadRecord>(&bytes);
+            let _ = decode::<StrategyRecord>(&bytes);
+            let _ = decode::<NodeRecord>(&bytes);
+            let _ = decode::<RetryConfigRecord>(&bytes);
+            let _ = decode::<RetryHistoryRecord>(&bytes);
+            let _ = decode::<RetryLinkRecord>(&bytes);
+            let _ = decode_saga_v1(&bytes);
+            let _ = strategy_group_prefix(&bytes);
             let _ = decode_due_key(&bytes);
             let _ = split_expiry_key(&bytes);
         }
@@ -344,6 +906,39 @@ mod tests {
             let b = IdempotencyKey { namespace: IdempotencyNamespace::Participant, scope: scope_b, key: key_b };
             prop_assert_eq!(idempotency_key(&a).unwrap() == idempotency_key(&b).unwrap(), a == b);
         }
+    }
+
+    #[test]
+    fn strategy_keys_refuse_nul_and_version_0() {
+        assert_eq!(strategy_key("a\0b", 1), None);
+        assert_eq!(strategy_prefix("a\0"), None);
+        let mut record = StrategyRecord {
+            business_type: "a\0b".into(),
+            version: 1,
+            description: String::new(),
+            steps: Vec::new(),
+            first_set: Vec::new(),
+            rules: Vec::new(),
+            end_statuses: Vec::new(),
+            abnormal_statuses: Vec::new(),
+            status_mappings: Vec::new(),
+            exception_scopes: Vec::new(),
+            saga_timeout_ms: 0,
+            created_ms: 0,
+        };
+        assert!(
+            matches!(strategy_key_to_write(&record), Err(Error::Storage(ref m)) if m.contains("0x00"))
+        );
+        record.business_type = "order".into();
+        record.version = 0;
+        assert!(
+            matches!(strategy_key_to_write(&record), Err(Error::Storage(ref m)) if m.contains("version 0"))
+        );
+        record.version = 258;
+        assert_eq!(
+            strategy_key_to_write(&record).unwrap(),
+            b"order\0\0\0\0\0\0\0\x01\x02".to_vec()
+        );
     }
 
     #[test]

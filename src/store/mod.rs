@@ -15,12 +15,20 @@
 mod codec;
 mod reader;
 pub mod records;
+mod strategies;
 mod tables;
+mod upgrade;
 mod writer;
 
-pub use records::{DueRecord, IdempotencyRecord, OutboxRecord, SagaRecord};
+pub use records::{
+    BranchRecord, ChannelRetryRecord, DueRecord, ExceptionScopeRecord, IdempotencyRecord,
+    NodeRecord, OutboxRecord, PayloadRecord, RetryAttemptRecord, RetryConfigRecord,
+    RetryHistoryRecord, RetryPolicyRecord, RuleRecord, SagaRecord, StatusMappingRecord, StepRecord,
+    StepStatusRecord, StrategyRecord, TimelineRecord, TransactionRetryRecord,
+};
 
 use codec::Record;
+use records::RetryLinkRecord;
 use std::collections::HashSet;
 use std::fs::File;
 use std::io;
@@ -159,6 +167,7 @@ impl Store {
         std::fs::create_dir_all(&path).map_err(|e| open_failed(e.to_string()))?;
         let db = open_db(&options)?;
         let tables = Tables::open(db).map_err(|e| open_failed(e.to_string()))?;
+        upgrade::run(&tables).map_err(|e| open_failed(e.to_string()))?;
         let data_file = File::open(path.join("db")).map_err(|e| open_failed(e.to_string()))?;
         if options.durability == Durability::Durable {
             sync_folder(&path).map_err(|e| open_failed(e.to_string()))?;
@@ -554,5 +563,165 @@ impl ReadTx<'_> {
             let (key, value) = entry.map_err(storage_error)?;
             Ok((codec::decode_due_key(&key)?, codec::decode(&value)?))
         }))
+    }
+}
+
+// ---- Tables added for the engine, strategies and retries (issues 3-5). ----
+
+impl WriteTx<'_> {
+    /// The payload stored under (saga sequence, branch id); the saga's own payload has
+    /// `branch_id` "".
+    pub fn payload(&self, sequence: u64, branch_id: &str) -> Result<Option<PayloadRecord>, Error> {
+        self.get(Table::Payloads, &codec::payload_key(sequence, branch_id))
+    }
+    pub fn put_payload(
+        &mut self,
+        sequence: u64,
+        branch_id: &str,
+        record: &PayloadRecord,
+    ) -> Result<(), Error> {
+        let key = codec::payload_key(sequence, branch_id);
+        self.put(Table::Payloads, key, record)
+    }
+    /// One version of a business type's strategy; `version` 0 means the latest.
+    pub fn strategy(
+        &self,
+        business_type: &str,
+        version: u64,
+    ) -> Result<Option<StrategyRecord>, Error> {
+        if version != 0 {
+            return match codec::strategy_key(business_type, version) {
+                Some(key) => self.get(Table::Strategies, &key),
+                // No stored business type contains 0x00.
+                None => Ok(None),
+            };
+        }
+        let Some(prefix) = codec::strategy_prefix(business_type) else {
+            return Ok(None);
+        };
+        let end = codec::strategy_prefix_end(&prefix);
+        let latest =
+            self.overlay
+                .last_live_in(self.tables, Table::Strategies, &prefix, Some(&end))?;
+        latest.map(|(_, value)| codec::decode(&value)).transpose()
+    }
+    /// Keyed by (`record.business_type`, `record.version`).
+    pub fn put_strategy(&mut self, record: &StrategyRecord) -> Result<(), Error> {
+        let key = codec::strategy_key_to_write(record)?;
+        self.put(Table::Strategies, key, record)
+    }
+    pub fn node(&self, node_id: &str) -> Result<Option<NodeRecord>, Error> {
+        self.get(Table::Nodes, node_id.as_bytes())
+    }
+    pub fn put_node(&mut self, record: &NodeRecord) -> Result<(), Error> {
+        self.put(Table::Nodes, record.node_id.as_bytes().to_vec(), record)
+    }
+    /// The latest retry configuration, if any was ever stored.
+    pub fn retry_config(&self) -> Result<Option<RetryConfigRecord>, Error> {
+        let latest = self
+            .overlay
+            .last_live_in(self.tables, Table::RetryConfig, &[], None)?;
+        latest.map(|(_, value)| codec::decode(&value)).transpose()
+    }
+    /// Keyed by `record.version`; the highest version is the latest.
+    pub fn put_retry_config(&mut self, record: &RetryConfigRecord) -> Result<(), Error> {
+        let key = codec::u64_key(record.version).to_vec();
+        self.put(Table::RetryConfig, key, record)
+    }
+    pub fn retry_history(
+        &self,
+        original_serial: &str,
+    ) -> Result<Option<RetryHistoryRecord>, Error> {
+        self.get(Table::RetryHistory, original_serial.as_bytes())
+    }
+    /// Keyed by `record.original_serial`.
+    pub fn put_retry_history(&mut self, record: &RetryHistoryRecord) -> Result<(), Error> {
+        let key = record.original_serial.as_bytes().to_vec();
+        self.put(Table::RetryHistory, key, record)
+    }
+    /// The original serial a retry serial was issued for.
+    pub fn retry_original(&self, retry_serial: &str) -> Result<Option<String>, Error> {
+        let link: Option<RetryLinkRecord> = self.get(Table::RetryLinks, retry_serial.as_bytes())?;
+        Ok(link.map(|link| link.original_serial))
+    }
+    pub fn put_retry_link(
+        &mut self,
+        retry_serial: &str,
+        original_serial: &str,
+    ) -> Result<(), Error> {
+        let link = RetryLinkRecord {
+            original_serial: original_serial.to_owned(),
+        };
+        self.put(Table::RetryLinks, retry_serial.as_bytes().to_vec(), &link)
+    }
+}
+
+impl ReadTx<'_> {
+    pub fn payload(&self, sequence: u64, branch_id: &str) -> Result<Option<PayloadRecord>, Error> {
+        self.tables
+            .get(Table::Payloads, &codec::payload_key(sequence, branch_id))
+    }
+    /// `version` 0 means the latest.
+    pub fn strategy(
+        &self,
+        business_type: &str,
+        version: u64,
+    ) -> Result<Option<StrategyRecord>, Error> {
+        if version != 0 {
+            return match codec::strategy_key(business_type, version) {
+                Some(key) => self.tables.get(Table::Strategies, &key),
+                None => Ok(None),
+            };
+        }
+        let Some(prefix) = codec::strategy_prefix(business_type) else {
+            return Ok(None);
+        };
+        let end = codec::strategy_prefix_end(&prefix);
+        let tree = self.tables.tree(Table::Strategies);
+        match tree.range(prefix..end).next_back() {
+            Some(entry) => codec::decode(&entry.map_err(storage_error)?.1).map(Some),
+            None => Ok(None),
+        }
+    }
+    /// The latest version of each business type's strategy, ordered by business type,
+    /// starting strictly after `after` when given.
+    pub fn latest_strategies(
+        &self,
+        after: Option<&str>,
+    ) -> Box<dyn Iterator<Item = Result<StrategyRecord, Error>> + '_> {
+        Box::new(strategies::LatestStrategies::new(
+            self.tables.tree(Table::Strategies),
+            after,
+        ))
+    }
+    pub fn node(&self, node_id: &str) -> Result<Option<NodeRecord>, Error> {
+        self.tables.get(Table::Nodes, node_id.as_bytes())
+    }
+    /// Every node, ordered by id.
+    pub fn nodes(&self) -> Box<dyn Iterator<Item = Result<NodeRecord, Error>> + '_> {
+        Box::new(self.tables.tree(Table::Nodes).iter().map(|entry| {
+            let (_, value) = entry.map_err(storage_error)?;
+            codec::decode(&value)
+        }))
+    }
+    pub fn retry_config(&self) -> Result<Option<RetryConfigRecord>, Error> {
+        match self.tables.tree(Table::RetryConfig).last() {
+            Ok(Some((_, value))) => codec::decode(&value).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(storage_error(e)),
+        }
+    }
+    pub fn retry_history(
+        &self,
+        original_serial: &str,
+    ) -> Result<Option<RetryHistoryRecord>, Error> {
+        self.tables
+            .get(Table::RetryHistory, original_serial.as_bytes())
+    }
+    pub fn retry_original(&self, retry_serial: &str) -> Result<Option<String>, Error> {
+        let link: Option<RetryLinkRecord> = self
+            .tables
+            .get(Table::RetryLinks, retry_serial.as_bytes())?;
+        Ok(link.map(|link| link.original_serial))
     }
 }

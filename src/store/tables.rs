@@ -19,9 +19,21 @@ pub(crate) enum Table {
     IdempotencyExpiry = 3,
     Outbox = 4,
     Due = 5,
+    /// `sequence BE ++ branch id` → `PayloadRecord`.
+    Payloads = 6,
+    /// `business type ++ 0x00 ++ version BE` → `StrategyRecord`.
+    Strategies = 7,
+    /// Node id → `NodeRecord`.
+    Nodes = 8,
+    /// `version BE` → `RetryConfigRecord`; the last key is the configuration in force.
+    RetryConfig = 9,
+    /// Original serial → `RetryHistoryRecord`.
+    RetryHistory = 10,
+    /// Retry serial → `RetryLinkRecord`.
+    RetryLinks = 11,
 }
 
-const TABLE_COUNT: usize = 6;
+const TABLE_COUNT: usize = 12;
 
 impl Table {
     const ALL: [Table; TABLE_COUNT] = [
@@ -31,6 +43,12 @@ impl Table {
         Table::IdempotencyExpiry,
         Table::Outbox,
         Table::Due,
+        Table::Payloads,
+        Table::Strategies,
+        Table::Nodes,
+        Table::RetryConfig,
+        Table::RetryHistory,
+        Table::RetryLinks,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -41,6 +59,12 @@ impl Table {
             Table::IdempotencyExpiry => "idempotency_expiry",
             Table::Outbox => "outbox",
             Table::Due => "due",
+            Table::Payloads => "payloads",
+            Table::Strategies => "strategies",
+            Table::Nodes => "nodes",
+            Table::RetryConfig => "retry_config",
+            Table::RetryHistory => "retry_history",
+            Table::RetryLinks => "retry_links",
         }
     }
 
@@ -67,16 +91,23 @@ pub(crate) struct Tables {
 
 impl Tables {
     pub(crate) fn open(db: sled::Db) -> Result<Tables, sled::Error> {
-        let meta = db.open_tree(Table::Meta.name())?;
-        let sagas = db.open_tree(Table::Sagas.name())?;
-        let idempotency = db.open_tree(Table::Idempotency.name())?;
-        let expiry = db.open_tree(Table::IdempotencyExpiry.name())?;
-        let outbox = db.open_tree(Table::Outbox.name())?;
-        let due = db.open_tree(Table::Due.name())?;
-        Ok(Tables {
-            db,
-            trees: [meta, sagas, idempotency, expiry, outbox, due],
-        })
+        // In discriminant order: `tree` indexes this array by `Table::index`.
+        let open = |table: Table| db.open_tree(table.name());
+        let trees = [
+            open(Table::Meta)?,
+            open(Table::Sagas)?,
+            open(Table::Idempotency)?,
+            open(Table::IdempotencyExpiry)?,
+            open(Table::Outbox)?,
+            open(Table::Due)?,
+            open(Table::Payloads)?,
+            open(Table::Strategies)?,
+            open(Table::Nodes)?,
+            open(Table::RetryConfig)?,
+            open(Table::RetryHistory)?,
+            open(Table::RetryLinks)?,
+        ];
+        Ok(Tables { db, trees })
     }
 
     pub(crate) fn tree(&self, table: Table) -> &sled::Tree {
@@ -139,6 +170,15 @@ fn next_stored(stored: &mut sled::Iter) -> Result<Option<sled::IVec>, Error> {
         None => Ok(None),
     }
 }
+
+fn next_stored_entry(
+    stored: &mut impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+) -> Result<Option<(sled::IVec, sled::IVec)>, Error> {
+    stored.next().transpose().map_err(storage_error)
+}
+
+/// A key and its value, copied out of the tree or the overlay.
+pub(crate) type Entry = (Vec<u8>, Vec<u8>);
 
 /// Buffered writes of one table: `Some(value)` is a put, `None` a delete.
 type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
@@ -213,5 +253,115 @@ impl Overlay {
             }
         }
         Ok(keys)
+    }
+
+    /// The last entry of `table` in `start..end` (`None` = no end) as the tree and this
+    /// overlay together show it: the job's own puts count, its deletes hide stored entries.
+    pub(crate) fn last_live_in(
+        &self,
+        tables: &Tables,
+        table: Table,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Result<Option<Entry>, Error> {
+        let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut stored = tables
+            .tree(table)
+            .range::<&[u8], _>((Bound::Included(start), upper))
+            .rev();
+        let mut buffered = self.writes[table.index()]
+            .range::<[u8], _>((Bound::Included(start), upper))
+            .rev()
+            .peekable();
+        let mut stored_entry = next_stored_entry(&mut stored)?;
+        loop {
+            let buffered_key = buffered.peek().map(|&(key, _)| key.as_slice());
+            let stored_key = stored_entry.as_ref().map(|(key, _)| key.as_ref());
+            match (stored_key, buffered_key) {
+                (None, None) => return Ok(None),
+                (Some(from_tree), from_overlay) if from_overlay.is_none_or(|o| from_tree > o) => {
+                    return Ok(stored_entry.map(|(key, value)| (key.to_vec(), value.to_vec())));
+                }
+                (from_tree, _) => {
+                    // The overlay's entry is the larger key, or the same key, whose stored
+                    // value it replaces.
+                    let replaced = from_tree.is_some() && from_tree == buffered_key;
+                    if replaced {
+                        stored_entry = next_stored_entry(&mut stored)?;
+                    }
+                    if let Some((key, Some(value))) = buffered.next() {
+                        return Ok(Some((key.clone(), value.clone())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::collection::{btree_map, vec};
+    use proptest::option;
+    use proptest::prelude::*;
+
+    #[test]
+    fn every_table_has_its_own_tree_at_its_index() {
+        let names: std::collections::HashSet<&str> = Table::ALL.iter().map(|t| t.name()).collect();
+        assert_eq!(names.len(), TABLE_COUNT);
+        for (index, table) in Table::ALL.iter().enumerate() {
+            assert_eq!(table.index(), index, "{table:?}");
+        }
+    }
+
+    /// Short keys from a tiny alphabet, so the tree and the overlay often share keys.
+    fn key() -> impl Strategy<Value = Vec<u8>> {
+        vec(0..3u8, 0..3)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// The last live entry is the last entry of the tree with the overlay's puts laid over
+        /// it and its deletes taken out.
+        #[test]
+        fn last_live_in_lays_the_overlay_over_the_tree(
+            stored in btree_map(key(), any::<u8>(), 0..8),
+            buffered in btree_map(key(), option::of(any::<u8>()), 0..8),
+            start in key(),
+            end in option::of(key()),
+        ) {
+            prop_assume!(end.as_ref().is_none_or(|end| &start <= end));
+            let dir = tempfile::tempdir().unwrap();
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let tables = Tables::open(db).unwrap();
+            let mut overlay = Overlay::default();
+            let mut merged = BTreeMap::new();
+            for (key, value) in &stored {
+                tables.tree(Table::RetryConfig).insert(key.as_slice(), vec![*value]).unwrap();
+                merged.insert(key.clone(), vec![*value]);
+            }
+            for (key, value) in &buffered {
+                match value {
+                    Some(value) => {
+                        overlay.put(Table::RetryConfig, key.clone(), vec![*value]);
+                        merged.insert(key.clone(), vec![*value]);
+                    }
+                    None => {
+                        overlay.delete(Table::RetryConfig, key.clone());
+                        merged.remove(key);
+                    }
+                }
+            }
+            let upper = end.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+            let expected = merged
+                .range::<[u8], _>((Bound::Included(start.as_slice()), upper))
+                .next_back()
+                .map(|(key, value)| (key.clone(), value.clone()));
+            let found = overlay
+                .last_live_in(&tables, Table::RetryConfig, &start, end.as_deref())
+                .unwrap();
+            prop_assert_eq!(found, expected);
+        }
     }
 }

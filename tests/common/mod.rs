@@ -2,6 +2,9 @@
 //! or as the real binary (`SagadProcess`), and clients connected to it.
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
+pub mod orders;
+pub mod participant;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -44,13 +47,20 @@ impl TestServer {
     }
 
     pub async fn start_with(config: Config, clock: SharedClock) -> TestServer {
+        // Logs show in a failing test's output only (SAGAD_TEST_LOG=debug for more).
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("sagad=debug"))
+            .try_init();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(sagad::app::serve_with_clock(
+        let random = Arc::new(sagad::random::SeededRandom::new(7));
+        let task = tokio::spawn(sagad::app::serve_with(
             listener,
             config,
             clock,
+            random,
             async {
                 let _ = stopped.await;
             },

@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod retry;
+mod strategy;
+
 use clap::{Parser, Subcommand};
 use sagad::grpc::pb;
 use sagad::grpc::pb::coordinator_client::CoordinatorClient;
@@ -60,6 +63,12 @@ enum Command {
     },
     /// Ask sagad's health service.
     Health,
+    /// Fulfillment strategies: put from a file, get, list.
+    #[command(subcommand)]
+    Strategy(strategy::Command),
+    /// Retry configuration and decisions.
+    #[command(subcommand)]
+    Retry(retry::Command),
 }
 
 fn main() -> ExitCode {
@@ -93,7 +102,7 @@ async fn connect(addr: &str) -> Result<Channel, String> {
         .map_err(|e| format!("cannot reach sagad at {addr}: {e}"))
 }
 
-fn status_text(status: tonic::Status) -> String {
+pub(crate) fn status_text(status: tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
 
@@ -254,6 +263,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                 println!("(more: raise --limit)");
             }
         }
+        Command::Strategy(command) => strategy::run(channel, command).await?,
+        Command::Retry(command) => retry::run(channel, command).await?,
         Command::Health => {
             let response = tonic_health::pb::health_client::HealthClient::new(channel)
                 .check(tonic_health::pb::HealthCheckRequest {

@@ -1,0 +1,595 @@
+//! S2 as pure transitions: a saga driven by its fulfillment strategy. Each function takes the
+//! saga, one event and the time, and returns the new saga with the effects the shell must carry
+//! out (commands to nodes, signals, timers). Nothing here does I/O or reads a clock.
+//!
+//! The rules: start triggers the first set; each reported status is recognised (S2 item 5) as
+//! normal (stored, and it fires every rule whose conditions are now all reported — a join fires
+//! once its last condition arrives), end (the saga completes and every node is told) or abnormal
+//! (the triggered steps in the reporting step's exception scope are reversed, then every node is
+//! told). A step is triggered at most once per saga; a step that stays silent past its timeout
+//! is polled with QueryStatus; a saga past its deadline is reversed.
+
+use crate::domain::Millis;
+use crate::domain::branch::{Branch, BranchState, Outcome, Report, Signal, Status};
+use crate::domain::saga::{Saga, SagaState};
+use crate::domain::strategy::{Meaning, StepStatus, Strategy};
+
+/// What the shell must do after a transition is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Send the branch's forward action to its node.
+    Execute { branch_id: String },
+    /// Send the branch's reversal action to its node.
+    Reverse { branch_id: String, reason: String },
+    /// Ask the branch's node what happened to its forward action.
+    QueryStatus { branch_id: String },
+    /// Tell one node how the saga ended.
+    Signal {
+        node_id: String,
+        signal: Signal,
+        reason: String,
+    },
+    /// Deliver `timer` to `on_timer` at `at_ms`.
+    WakeAt { at_ms: Millis, timer: Timer },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Timer {
+    /// The step has had its time to report.
+    StepTimeout { branch_id: String },
+    /// Ask an UNKNOWN branch's node again.
+    Poll { branch_id: String },
+    /// Send a failed reversal again.
+    RetryReversal { branch_id: String },
+    /// The saga's deadline.
+    Deadline,
+}
+
+/// How patient the saga is; the shell fills it from configuration (S5 policy).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    /// Polls of an UNKNOWN branch before its node is given up on and the saga is reversed.
+    pub max_polls: u32,
+    /// Sends of a reversal before the saga needs an operator.
+    pub max_reversal_attempts: u32,
+    /// Delay before the n-th resend of a reversal: base × factor^(n-1), at most cap, jittered.
+    pub retry_base_ms: Millis,
+    pub retry_factor: f64,
+    pub retry_cap_ms: Millis,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            max_polls: 10,
+            max_reversal_attempts: 8,
+            retry_base_ms: 1_000,
+            retry_factor: 2.0,
+            retry_cap_ms: 60_000,
+        }
+    }
+}
+
+impl Policy {
+    /// The delay before resend number `attempt` (1-based). `jitter` in [0, 1) spreads resends
+    /// between the floor (`retry_base_ms`) and the exponential value, so many sagas failing at
+    /// once do not come back at once; the result never leaves [base, cap].
+    pub fn retry_delay_ms(&self, attempt: u32, jitter: f64) -> Millis {
+        let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+        let grown = (self.retry_base_ms as f64) * self.retry_factor.max(1.0).powi(exponent);
+        let ceiling = grown
+            .min(self.retry_cap_ms as f64)
+            .max(self.retry_base_ms as f64);
+        let floor = self.retry_base_ms as f64;
+        let jitter = jitter.clamp(0.0, 1.0);
+        (floor + (ceiling - floor) * jitter) as Millis
+    }
+}
+
+/// The facts a transition may consult besides the saga: its strategy, the time, the policy,
+/// and a jitter number drawn by the shell.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub strategy: &'a Strategy,
+    pub now: Millis,
+    pub policy: Policy,
+    pub jitter: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub saga: Saga,
+    pub effects: Vec<Effect>,
+}
+
+/// Why a report was refused; nothing changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The strategy has no such step.
+    UnknownStep { branch_id: String },
+    /// The step exists but was not triggered in this saga.
+    NotTriggered { branch_id: String },
+}
+
+/// A status a report carries; a report without one is named after its outcome, so rules can
+/// wait for a plain success (`when: reserve SUCCEEDED`).
+fn status_of(report: &Report) -> Status {
+    match &report.status {
+        Some(status) if !status.name.is_empty() => status.clone(),
+        _ => Status {
+            name: outcome_name(report.outcome).to_owned(),
+            parameters: report
+                .status
+                .as_ref()
+                .map(|s| s.parameters.clone())
+                .unwrap_or_default(),
+        },
+    }
+}
+
+pub fn outcome_name(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Succeeded => "SUCCEEDED",
+        Outcome::Failed => "FAILED",
+        Outcome::Processing => "PROCESSING",
+        Outcome::Unknown => "UNKNOWN",
+        Outcome::NotFound => "NOT_FOUND",
+        Outcome::Reversed => "REVERSED",
+    }
+}
+
+/// Start: trigger the first set (S2 item 2) and arm the deadline.
+pub fn on_started(mut saga: Saga, ctx: Context<'_>) -> Transition {
+    saga.strategy_version = ctx.strategy.version;
+    let mut effects = trigger(&mut saga, ctx, &ctx.strategy.first_set);
+    if let Some(at_ms) = saga.deadline_ms {
+        effects.push(Effect::WakeAt {
+            at_ms,
+            timer: Timer::Deadline,
+        });
+    }
+    saga.updated_ms = ctx.now;
+    Transition { saga, effects }
+}
+
+/// Triggers the given steps, each at most once per saga.
+fn trigger(saga: &mut Saga, ctx: Context<'_>, step_ids: &[String]) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    for step_id in step_ids {
+        if saga.branch(step_id).is_some() {
+            continue;
+        }
+        let Some(step) = ctx.strategy.step(step_id) else {
+            continue;
+        };
+        let mut branch = Branch {
+            branch_id: step.id.clone(),
+            node_id: step.node_id.clone(),
+            caller_node_id: String::new(),
+            forward_action: step.forward_action.clone(),
+            reversal_action: step.reversal_action.clone(),
+            order: 0,
+            state: BranchState::Triggered,
+            last_status: None,
+            error_code: String::new(),
+            message: String::new(),
+            attempts: 1,
+            created_ms: ctx.now,
+            updated_ms: ctx.now,
+            last_poll_outcome: None,
+            last_poll_ms: 0,
+            polls: 0,
+            timeout_ms: step.timeout_ms,
+            timeline: Vec::new(),
+        };
+        branch.note(
+            ctx.now,
+            format!(
+                "triggered: execute {} on {}",
+                step.forward_action, step.node_id
+            ),
+        );
+        effects.push(Effect::Execute {
+            branch_id: step.id.clone(),
+        });
+        effects.push(Effect::WakeAt {
+            at_ms: ctx.now.saturating_add(step.timeout_ms),
+            timer: Timer::StepTimeout {
+                branch_id: step.id.clone(),
+            },
+        });
+        saga.branches.push(branch);
+    }
+    effects
+}
+
+/// A report about a branch's forward action (Execute's answer, ReportState, or a poll's answer).
+pub fn on_reported(
+    mut saga: Saga,
+    branch_id: &str,
+    report: Report,
+    ctx: Context<'_>,
+) -> Result<Transition, Refusal> {
+    if saga.branch(branch_id).is_none() {
+        return Err(if ctx.strategy.step(branch_id).is_some() {
+            Refusal::NotTriggered {
+                branch_id: branch_id.to_owned(),
+            }
+        } else {
+            Refusal::UnknownStep {
+                branch_id: branch_id.to_owned(),
+            }
+        });
+    }
+    let effects = apply_forward_report(&mut saga, branch_id, report, ctx);
+    saga.updated_ms = ctx.now;
+    Ok(Transition { saga, effects })
+}
+
+/// The answer to a QueryStatus poll (S4): recorded on the branch, then judged like a report.
+pub fn on_polled(
+    saga: Saga,
+    branch_id: &str,
+    report: Report,
+    ctx: Context<'_>,
+) -> Result<Transition, Refusal> {
+    let mut saga = saga;
+    if let Some(branch) = saga.branch_mut(branch_id) {
+        branch.last_poll_outcome = Some(report.outcome);
+        branch.last_poll_ms = ctx.now;
+    }
+    on_reported(saga, branch_id, report, ctx)
+}
+
+fn apply_forward_report(
+    saga: &mut Saga,
+    branch_id: &str,
+    report: Report,
+    ctx: Context<'_>,
+) -> Vec<Effect> {
+    let running = saga.state == SagaState::Running;
+    let status = status_of(&report);
+    let Some(branch) = saga.branch_mut(branch_id) else {
+        return Vec::new();
+    };
+    match branch.state {
+        // A reversal owns the branch now; a late forward report changes nothing.
+        BranchState::Reversing
+        | BranchState::Reversed
+        | BranchState::ReversalFailed
+        | BranchState::NotOccurred => {
+            branch.note(
+                ctx.now,
+                format!(
+                    "late report {} ignored: the branch is being or was reversed",
+                    outcome_name(report.outcome)
+                ),
+            );
+            return Vec::new();
+        }
+        BranchState::Triggered
+        | BranchState::Unknown
+        | BranchState::Succeeded
+        | BranchState::Failed => {}
+    }
+    let mut effects = Vec::new();
+    branch.message = report.message.clone();
+    match report.outcome {
+        Outcome::Processing => {
+            branch.note(ctx.now, "processing");
+            return effects;
+        }
+        Outcome::Unknown => {
+            if branch.state == BranchState::Triggered {
+                branch.state = BranchState::Unknown;
+                branch.note(ctx.now, "outcome unknown: asking the node");
+                effects.push(Effect::QueryStatus {
+                    branch_id: branch_id.to_owned(),
+                });
+                effects.push(Effect::WakeAt {
+                    at_ms: ctx.now.saturating_add(branch.timeout_ms),
+                    timer: Timer::Poll {
+                        branch_id: branch_id.to_owned(),
+                    },
+                });
+            }
+            return effects;
+        }
+        Outcome::Succeeded => branch.state = BranchState::Succeeded,
+        Outcome::Failed => {
+            branch.state = BranchState::Failed;
+            branch.error_code = report.error_code.clone();
+        }
+        Outcome::NotFound => branch.state = BranchState::NotOccurred,
+        Outcome::Reversed => branch.state = BranchState::Reversed,
+    }
+    branch.last_status = Some(status.clone());
+    branch.note(
+        ctx.now,
+        format!("reported {} {}", outcome_name(report.outcome), status.name),
+    );
+    if !running {
+        return effects;
+    }
+    let meaning = match report.outcome {
+        Outcome::Succeeded => ctx
+            .strategy
+            .meaning_of(branch_id, &status.name, &status.parameters),
+        // The forward action did not take effect: the flow cannot go on as planned.
+        Outcome::Failed | Outcome::NotFound | Outcome::Reversed => Meaning::Abnormal,
+        Outcome::Processing | Outcome::Unknown => return effects,
+    };
+    saga.reported.insert(StepStatus {
+        step_id: branch_id.to_owned(),
+        status: status.name.clone(),
+    });
+    match meaning {
+        Meaning::Normal => effects.extend(fire_rules(saga, ctx)),
+        Meaning::End => effects.extend(complete(saga)),
+        Meaning::Abnormal => {
+            let reason = format!("step {branch_id} reported abnormal status {}", status.name);
+            effects.extend(begin_reversal(
+                saga,
+                ctx,
+                &ctx.strategy.exception_scope(branch_id),
+                reason,
+            ));
+        }
+    }
+    effects
+}
+
+/// S2 items 3 and 7: every rule whose conditions are all reported fires once; a status no rule
+/// waits for is only stored.
+fn fire_rules(saga: &mut Saga, ctx: Context<'_>) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    for (index, rule) in ctx.strategy.rules.iter().enumerate() {
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        if saga.fired_rules.contains(&index) || !rule.when.iter().all(|c| saga.reported.contains(c))
+        {
+            continue;
+        }
+        saga.fired_rules.insert(index);
+        effects.extend(trigger(saga, ctx, &rule.trigger));
+    }
+    effects
+}
+
+fn signal_every_node(saga: &Saga, signal: Signal) -> Vec<Effect> {
+    saga.nodes()
+        .into_iter()
+        .map(|node_id| Effect::Signal {
+            node_id,
+            signal,
+            reason: saga.reason.clone(),
+        })
+        .collect()
+}
+
+/// S2 item 4: an end status finishes the flow.
+fn complete(saga: &mut Saga) -> Vec<Effect> {
+    saga.state = SagaState::Completed;
+    saga.signal = Some(Signal::Completed);
+    signal_every_node(saga, Signal::Completed)
+}
+
+/// S2 item 6: reverse the triggered steps in `scope` that may have taken effect.
+fn begin_reversal(
+    saga: &mut Saga,
+    ctx: Context<'_>,
+    scope: &[String],
+    reason: String,
+) -> Vec<Effect> {
+    saga.state = SagaState::Reversing;
+    saga.reason = reason.clone();
+    let mut effects = Vec::new();
+    for branch in saga.branches.iter_mut() {
+        if !scope.contains(&branch.branch_id) || !branch.state.may_need_reversal() {
+            continue;
+        }
+        if branch.reversal_action.is_empty() {
+            branch.note(
+                ctx.now,
+                "nothing to reverse: the step has no reversal action",
+            );
+            continue;
+        }
+        branch.state = BranchState::Reversing;
+        branch.attempts = 1;
+        branch.note(
+            ctx.now,
+            format!(
+                "reversing: {} on {}",
+                branch.reversal_action, branch.node_id
+            ),
+        );
+        effects.push(Effect::Reverse {
+            branch_id: branch.branch_id.clone(),
+            reason: reason.clone(),
+        });
+    }
+    effects.extend(settle_if_done(saga));
+    effects
+}
+
+/// Once no reversal is outstanding, the saga ends and every node is told how.
+fn settle_if_done(saga: &mut Saga) -> Vec<Effect> {
+    if saga.state != SagaState::Reversing
+        || saga
+            .branches
+            .iter()
+            .any(|b| b.state == BranchState::Reversing)
+    {
+        return Vec::new();
+    }
+    if saga
+        .branches
+        .iter()
+        .any(|b| b.state == BranchState::ReversalFailed)
+    {
+        saga.state = SagaState::NeedsAttention;
+        saga.signal = Some(Signal::Reprocess);
+        signal_every_node(saga, Signal::Reprocess)
+    } else {
+        saga.state = SagaState::Reversed;
+        saga.signal = Some(Signal::ReversalSuccess);
+        signal_every_node(saga, Signal::ReversalSuccess)
+    }
+}
+
+/// The node's answer to a Reverse command.
+pub fn on_reversal_answered(
+    mut saga: Saga,
+    branch_id: &str,
+    report: Report,
+    ctx: Context<'_>,
+) -> Transition {
+    let mut effects = Vec::new();
+    if let Some(branch) = saga.branch_mut(branch_id)
+        && branch.state == BranchState::Reversing
+    {
+        match report.outcome {
+            Outcome::Succeeded | Outcome::Reversed => {
+                branch.state = BranchState::Reversed;
+                branch.note(ctx.now, "reversed");
+            }
+            // Null compensation: the forward action never ran, so there is nothing to undo,
+            // and the node will refuse it if it arrives late.
+            Outcome::NotFound => {
+                branch.state = BranchState::NotOccurred;
+                branch.note(
+                    ctx.now,
+                    "reversal found nothing to undo: the forward action never happened",
+                );
+            }
+            Outcome::Failed | Outcome::Unknown | Outcome::Processing => {
+                branch.error_code = report.error_code.clone();
+                branch.message = report.message.clone();
+                if branch.attempts >= ctx.policy.max_reversal_attempts {
+                    branch.state = BranchState::ReversalFailed;
+                    branch.note(
+                        ctx.now,
+                        format!(
+                            "reversal failed {} times ({}): needs an operator",
+                            branch.attempts, report.error_code
+                        ),
+                    );
+                } else {
+                    let delay = ctx.policy.retry_delay_ms(branch.attempts, ctx.jitter);
+                    branch.note(
+                        ctx.now,
+                        format!(
+                            "reversal {} ({}): retrying in {delay} ms",
+                            outcome_name(report.outcome),
+                            report.error_code
+                        ),
+                    );
+                    effects.push(Effect::WakeAt {
+                        at_ms: ctx.now.saturating_add(delay),
+                        timer: Timer::RetryReversal {
+                            branch_id: branch_id.to_owned(),
+                        },
+                    });
+                }
+            }
+        }
+    }
+    effects.extend(settle_if_done(&mut saga));
+    saga.updated_ms = ctx.now;
+    Transition { saga, effects }
+}
+
+/// A timer came due.
+pub fn on_timer(mut saga: Saga, timer: &Timer, ctx: Context<'_>) -> Transition {
+    let mut effects = Vec::new();
+    match timer {
+        Timer::Deadline => {
+            if saga.state == SagaState::Running {
+                let every_step: Vec<String> =
+                    ctx.strategy.steps.iter().map(|s| s.id.clone()).collect();
+                effects = begin_reversal(
+                    &mut saga,
+                    ctx,
+                    &every_step,
+                    "the saga's deadline passed".to_owned(),
+                );
+            }
+        }
+        Timer::StepTimeout { branch_id } => {
+            if saga.state == SagaState::Running
+                && let Some(branch) = saga.branch_mut(branch_id)
+                && branch.state == BranchState::Triggered
+            {
+                branch.state = BranchState::Unknown;
+                branch.note(
+                    ctx.now,
+                    "no report within the step's timeout: asking the node",
+                );
+                effects.push(Effect::QueryStatus {
+                    branch_id: branch_id.clone(),
+                });
+                effects.push(Effect::WakeAt {
+                    at_ms: ctx.now.saturating_add(branch.timeout_ms),
+                    timer: Timer::Poll {
+                        branch_id: branch_id.clone(),
+                    },
+                });
+            }
+        }
+        Timer::Poll { branch_id } => {
+            let mut give_up = None;
+            if saga.state == SagaState::Running
+                && let Some(branch) = saga.branch_mut(branch_id)
+                && branch.state == BranchState::Unknown
+            {
+                branch.polls += 1;
+                if branch.polls >= ctx.policy.max_polls {
+                    give_up = Some(format!(
+                        "node {} never said what happened to step {branch_id}",
+                        branch.node_id
+                    ));
+                } else {
+                    branch.note(ctx.now, format!("still unknown: poll {}", branch.polls + 1));
+                    effects.push(Effect::QueryStatus {
+                        branch_id: branch_id.clone(),
+                    });
+                    let backoff = ctx
+                        .policy
+                        .retry_delay_ms(branch.polls, ctx.jitter)
+                        .max(branch.timeout_ms);
+                    effects.push(Effect::WakeAt {
+                        at_ms: ctx.now.saturating_add(backoff),
+                        timer: Timer::Poll {
+                            branch_id: branch_id.clone(),
+                        },
+                    });
+                }
+            }
+            if let Some(reason) = give_up {
+                effects = begin_reversal(
+                    &mut saga,
+                    ctx,
+                    &ctx.strategy.exception_scope(branch_id),
+                    reason,
+                );
+            }
+        }
+        Timer::RetryReversal { branch_id } => {
+            if let Some(branch) = saga.branch_mut(branch_id)
+                && branch.state == BranchState::Reversing
+            {
+                branch.attempts += 1;
+                branch.note(ctx.now, format!("reversal attempt {}", branch.attempts));
+                effects.push(Effect::Reverse {
+                    branch_id: branch_id.clone(),
+                    reason: saga.reason.clone(),
+                });
+            }
+        }
+    }
+    saga.updated_ms = ctx.now;
+    Transition { saga, effects }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,609 @@
+//! Data-driven tests of every S2 rule: each feeds events to a saga and asserts the effects.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::{any, prop, prop_assert, proptest};
+
+use super::*;
+use crate::domain::ids::{BusinessType, CoordinatorId, Gsn, RequestId};
+use crate::domain::saga::SagaMode;
+use crate::domain::strategy::{Rule, StatusMapping, Step};
+
+const NOW: Millis = 1_000_000;
+
+fn step(id: &str, node: &str) -> Step {
+    Step {
+        id: id.into(),
+        node_id: node.into(),
+        forward_action: id.into(),
+        reversal_action: format!("undo-{id}"),
+        timeout_ms: 5_000,
+    }
+}
+
+fn when(step_id: &str, status: &str) -> StepStatus {
+    StepStatus {
+        step_id: step_id.into(),
+        status: status.into(),
+    }
+}
+
+/// The order strategy: reserve and charge at once; ship once both RESERVED and PAID (a join);
+/// SHIPPED ends it; DECLINED from charge reverses reserve only; result_code=E12 is abnormal.
+fn order() -> Strategy {
+    Strategy {
+        business_type: "order".into(),
+        version: 3,
+        description: String::new(),
+        steps: vec![
+            step("reserve", "inventory"),
+            step("charge", "payment"),
+            step("ship", "shipping"),
+        ],
+        first_set: vec!["reserve".into(), "charge".into()],
+        rules: vec![Rule {
+            when: vec![when("reserve", "RESERVED"), when("charge", "PAID")],
+            trigger: vec!["ship".into()],
+        }],
+        end_statuses: vec![when("ship", "SHIPPED")],
+        abnormal_statuses: vec![when("charge", "DECLINED")],
+        status_mappings: vec![StatusMapping {
+            step_id: None,
+            parameter: "result_code".into(),
+            value: "E12".into(),
+            meaning: Meaning::Abnormal,
+        }],
+        exception_scopes: BTreeMap::from([("charge".into(), vec!["reserve".into()])]),
+        saga_timeout_ms: 0,
+        created_ms: 0,
+    }
+}
+
+fn new_saga() -> Saga {
+    Saga {
+        gsn: Gsn::new(CoordinatorId::parse("c1").unwrap(), 1),
+        business_type: BusinessType::parse("order").unwrap(),
+        mode: SagaMode::Orchestrated,
+        payload: Vec::new(),
+        content_type: String::new(),
+        labels: BTreeMap::new(),
+        deadline_ms: None,
+        state: SagaState::Running,
+        created_ms: NOW,
+        updated_ms: NOW,
+        request_id: RequestId::parse("r").unwrap(),
+        strategy_version: 0,
+        branches: Vec::new(),
+        reported: BTreeSet::new(),
+        fired_rules: BTreeSet::new(),
+        signal: None,
+        reason: String::new(),
+        reversal_serials: Vec::new(),
+        reversal_type: None,
+    }
+}
+
+fn ctx(strategy: &Strategy, now: Millis) -> Context<'_> {
+    Context {
+        strategy,
+        now,
+        policy: Policy::default(),
+        jitter: 0.0,
+    }
+}
+
+fn succeeded(status: &str) -> Report {
+    Report {
+        outcome: Outcome::Succeeded,
+        status: Some(Status {
+            name: status.into(),
+            parameters: BTreeMap::new(),
+        }),
+        error_code: String::new(),
+        message: String::new(),
+    }
+}
+
+fn executes(effects: &[Effect]) -> Vec<&str> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Execute { branch_id } => Some(branch_id.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn reverses(effects: &[Effect]) -> Vec<&str> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Reverse { branch_id, .. } => Some(branch_id.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn signals(effects: &[Effect]) -> Vec<(&str, Signal)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Signal {
+                node_id, signal, ..
+            } => Some((node_id.as_str(), *signal)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn started(strategy: &Strategy) -> Saga {
+    on_started(new_saga(), ctx(strategy, NOW)).saga
+}
+
+fn report(saga: Saga, strategy: &Strategy, branch: &str, r: Report) -> Transition {
+    on_reported(saga, branch, r, ctx(strategy, NOW + 10)).unwrap()
+}
+
+#[test]
+fn start_triggers_the_first_set_with_their_timeouts() {
+    let s = order();
+    let t = on_started(new_saga(), ctx(&s, NOW));
+    assert_eq!(executes(&t.effects), ["reserve", "charge"]);
+    assert!(t.effects.contains(&Effect::WakeAt {
+        at_ms: NOW + 5_000,
+        timer: Timer::StepTimeout {
+            branch_id: "reserve".into()
+        }
+    }));
+    assert_eq!(t.saga.strategy_version, 3);
+    assert_eq!(t.saga.branches.len(), 2);
+    assert!(
+        t.saga
+            .branches
+            .iter()
+            .all(|b| b.state == BranchState::Triggered)
+    );
+}
+
+#[test]
+fn start_arms_the_deadline() {
+    let s = order();
+    let mut saga = new_saga();
+    saga.deadline_ms = Some(NOW + 60_000);
+    let t = on_started(saga, ctx(&s, NOW));
+    assert!(t.effects.contains(&Effect::WakeAt {
+        at_ms: NOW + 60_000,
+        timer: Timer::Deadline
+    }));
+}
+
+#[test]
+fn a_status_whose_rule_is_incomplete_is_stored_and_completes_the_join_later() {
+    let s = order();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    assert!(executes(&t.effects).is_empty(), "the join waits for PAID");
+    assert!(
+        t.saga.reported.contains(&when("reserve", "RESERVED")),
+        "the status is stored"
+    );
+    let t = report(t.saga, &s, "charge", succeeded("PAID"));
+    assert_eq!(
+        executes(&t.effects),
+        ["ship"],
+        "the stored status completes the join"
+    );
+    assert_eq!(t.saga.fired_rules, BTreeSet::from([0]));
+}
+
+#[test]
+fn a_rule_fires_once_and_a_step_is_triggered_at_most_once() {
+    let s = order();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    let t = report(t.saga, &s, "charge", succeeded("PAID"));
+    let t = report(t.saga, &s, "charge", succeeded("PAID"));
+    assert!(executes(&t.effects).is_empty());
+    assert_eq!(
+        t.saga
+            .branches
+            .iter()
+            .filter(|b| b.branch_id == "ship")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn an_end_status_completes_the_saga_and_tells_every_node() {
+    let s = order();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    let t = report(t.saga, &s, "charge", succeeded("PAID"));
+    let t = report(t.saga, &s, "ship", succeeded("SHIPPED"));
+    assert_eq!(t.saga.state, SagaState::Completed);
+    assert_eq!(
+        signals(&t.effects),
+        [
+            ("inventory", Signal::Completed),
+            ("payment", Signal::Completed),
+            ("shipping", Signal::Completed)
+        ]
+    );
+}
+
+#[test]
+fn an_abnormal_status_reverses_exactly_the_triggered_steps_in_its_exception_scope() {
+    let s = order();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    let t = report(t.saga, &s, "charge", succeeded("DECLINED"));
+    assert_eq!(t.saga.state, SagaState::Reversing);
+    assert_eq!(
+        reverses(&t.effects),
+        ["reserve"],
+        "charge's scope is reserve only"
+    );
+    assert!(t.saga.reason.contains("DECLINED"));
+    let t = on_reversal_answered(t.saga, "reserve", succeeded("RELEASED"), ctx(&s, NOW + 20));
+    assert_eq!(t.saga.state, SagaState::Reversed);
+    assert_eq!(
+        signals(&t.effects),
+        [
+            ("inventory", Signal::ReversalSuccess),
+            ("payment", Signal::ReversalSuccess)
+        ]
+    );
+}
+
+#[test]
+fn a_status_is_recognised_as_abnormal_by_its_preset_parameter() {
+    let s = order();
+    let mut r = succeeded("RESERVED");
+    r.status
+        .as_mut()
+        .unwrap()
+        .parameters
+        .insert("result_code".into(), "E12".into());
+    let t = report(started(&s), &s, "reserve", r);
+    assert_eq!(t.saga.state, SagaState::Reversing);
+    assert_eq!(
+        reverses(&t.effects),
+        ["reserve", "charge"],
+        "no scope for reserve: every triggered step"
+    );
+}
+
+#[test]
+fn a_failed_forward_action_is_abnormal_and_is_not_itself_reversed() {
+    let s = order();
+    let failed = Report {
+        outcome: Outcome::Failed,
+        status: None,
+        error_code: "OUT_OF_STOCK".into(),
+        message: String::new(),
+    };
+    let t = report(started(&s), &s, "reserve", failed);
+    assert_eq!(reverses(&t.effects), ["charge"]);
+    assert_eq!(t.saga.branch("reserve").unwrap().state, BranchState::Failed);
+    assert_eq!(t.saga.branch("reserve").unwrap().error_code, "OUT_OF_STOCK");
+}
+
+#[test]
+fn a_report_for_an_untriggered_or_unknown_step_is_refused() {
+    let s = order();
+    let err = on_reported(started(&s), "ship", succeeded("SHIPPED"), ctx(&s, NOW)).unwrap_err();
+    assert_eq!(
+        err,
+        Refusal::NotTriggered {
+            branch_id: "ship".into()
+        }
+    );
+    let err = on_reported(started(&s), "nope", succeeded("X"), ctx(&s, NOW)).unwrap_err();
+    assert_eq!(
+        err,
+        Refusal::UnknownStep {
+            branch_id: "nope".into()
+        }
+    );
+}
+
+#[test]
+fn a_report_without_a_status_is_named_after_its_outcome() {
+    let mut s = order();
+    s.rules[0].when[0].status = "SUCCEEDED".into();
+    let plain = Report {
+        outcome: Outcome::Succeeded,
+        status: None,
+        error_code: String::new(),
+        message: String::new(),
+    };
+    let t = report(started(&s), &s, "reserve", plain);
+    let t = report(t.saga, &s, "charge", succeeded("PAID"));
+    assert_eq!(executes(&t.effects), ["ship"]);
+}
+
+#[test]
+fn a_silent_step_becomes_unknown_and_is_polled_then_its_answer_counts() {
+    let s = order();
+    let saga = started(&s);
+    let t = on_timer(
+        saga,
+        &Timer::StepTimeout {
+            branch_id: "reserve".into(),
+        },
+        ctx(&s, NOW + 5_000),
+    );
+    assert_eq!(
+        t.saga.branch("reserve").unwrap().state,
+        BranchState::Unknown
+    );
+    assert!(t.effects.contains(&Effect::QueryStatus {
+        branch_id: "reserve".into()
+    }));
+    assert!(t.effects.iter().any(|e| matches!(
+        e,
+        Effect::WakeAt {
+            timer: Timer::Poll { .. },
+            ..
+        }
+    )));
+    let t = on_polled(
+        t.saga,
+        "reserve",
+        succeeded("RESERVED"),
+        ctx(&s, NOW + 5_100),
+    )
+    .unwrap();
+    let branch = t.saga.branch("reserve").unwrap();
+    assert_eq!(branch.state, BranchState::Succeeded);
+    assert_eq!(branch.last_poll_outcome, Some(Outcome::Succeeded));
+}
+
+#[test]
+fn a_step_that_reported_in_time_is_not_polled() {
+    let s = order();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    let t = on_timer(
+        t.saga,
+        &Timer::StepTimeout {
+            branch_id: "reserve".into(),
+        },
+        ctx(&s, NOW + 5_000),
+    );
+    assert!(t.effects.is_empty());
+}
+
+#[test]
+fn a_node_that_never_answers_polls_is_given_up_on_and_the_saga_reversed() {
+    let s = order();
+    let mut saga = on_timer(
+        started(&s),
+        &Timer::StepTimeout {
+            branch_id: "charge".into(),
+        },
+        ctx(&s, NOW),
+    )
+    .saga;
+    let mut last = Vec::new();
+    for i in 0..Policy::default().max_polls {
+        let t = on_timer(
+            saga,
+            &Timer::Poll {
+                branch_id: "charge".into(),
+            },
+            ctx(&s, NOW + u64::from(i)),
+        );
+        saga = t.saga;
+        last = t.effects;
+    }
+    assert_eq!(saga.state, SagaState::Reversing);
+    assert_eq!(
+        reverses(&last),
+        ["reserve"],
+        "charge's exception scope (reserve) is reversed"
+    );
+}
+
+#[test]
+fn a_saga_past_its_deadline_is_reversed() {
+    let s = order();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    let t = on_timer(t.saga, &Timer::Deadline, ctx(&s, NOW + 99_000));
+    assert_eq!(t.saga.state, SagaState::Reversing);
+    assert_eq!(reverses(&t.effects), ["reserve", "charge"]);
+    assert_eq!(t.saga.reason, "the saga's deadline passed");
+}
+
+#[test]
+fn a_failed_reversal_is_retried_with_backoff_then_needs_attention() {
+    let s = order();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    let mut saga = report(t.saga, &s, "charge", succeeded("DECLINED")).saga;
+    let failed = Report {
+        outcome: Outcome::Failed,
+        status: None,
+        error_code: "LOCKED".into(),
+        message: String::new(),
+    };
+    let policy = Policy::default();
+    for attempt in 1..policy.max_reversal_attempts {
+        let t = on_reversal_answered(saga, "reserve", failed.clone(), ctx(&s, NOW));
+        let expected = NOW + policy.retry_delay_ms(attempt, 0.0);
+        assert!(t.effects.contains(&Effect::WakeAt {
+            at_ms: expected,
+            timer: Timer::RetryReversal {
+                branch_id: "reserve".into()
+            }
+        }));
+        let t = on_timer(
+            t.saga,
+            &Timer::RetryReversal {
+                branch_id: "reserve".into(),
+            },
+            ctx(&s, expected),
+        );
+        assert_eq!(reverses(&t.effects), ["reserve"]);
+        saga = t.saga;
+    }
+    let t = on_reversal_answered(saga, "reserve", failed, ctx(&s, NOW));
+    assert_eq!(t.saga.state, SagaState::NeedsAttention);
+    assert_eq!(
+        t.saga.branch("reserve").unwrap().state,
+        BranchState::ReversalFailed
+    );
+    assert!(
+        signals(&t.effects)
+            .iter()
+            .all(|(_, signal)| *signal == Signal::Reprocess)
+    );
+}
+
+#[test]
+fn a_reversal_of_what_never_happened_settles_as_not_occurred() {
+    let s = order();
+    let t = report(started(&s), &s, "charge", succeeded("DECLINED"));
+    let not_found = Report {
+        outcome: Outcome::NotFound,
+        status: None,
+        error_code: String::new(),
+        message: String::new(),
+    };
+    let t = on_reversal_answered(t.saga, "reserve", not_found, ctx(&s, NOW));
+    assert_eq!(
+        t.saga.branch("reserve").unwrap().state,
+        BranchState::NotOccurred
+    );
+    assert_eq!(t.saga.state, SagaState::Reversed);
+}
+
+#[test]
+fn a_late_forward_report_after_reversal_began_changes_nothing() {
+    let s = order();
+    let t = report(started(&s), &s, "charge", succeeded("DECLINED"));
+    let t = report(t.saga, &s, "reserve", succeeded("RESERVED"));
+    assert!(t.effects.is_empty());
+    assert_eq!(
+        t.saga.branch("reserve").unwrap().state,
+        BranchState::Reversing
+    );
+}
+
+#[test]
+fn retry_delays_stay_between_the_floor_and_the_cap() {
+    let policy = Policy::default();
+    assert_eq!(policy.retry_delay_ms(1, 0.0), 1_000);
+    assert_eq!(policy.retry_delay_ms(3, 1.0), 4_000);
+    assert_eq!(policy.retry_delay_ms(30, 1.0), 60_000);
+}
+
+// A property: random strategies (a chain of stages with fan-out) and random report orders;
+// every saga ends COMPLETED or REVERSED once every triggered step answered, and no step is
+// ever reversed unless it was triggered.
+
+fn chain_strategy(stages: usize, width: usize) -> Strategy {
+    let mut steps = Vec::new();
+    let mut rules = Vec::new();
+    for stage in 0..stages {
+        for i in 0..width {
+            steps.push(step(&format!("s{stage}_{i}"), &format!("node{i}")));
+        }
+        if stage > 0 {
+            rules.push(Rule {
+                when: (0..width)
+                    .map(|i| when(&format!("s{}_{i}", stage - 1), "OK"))
+                    .collect(),
+                trigger: (0..width).map(|i| format!("s{stage}_{i}")).collect(),
+            });
+        }
+    }
+    Strategy {
+        business_type: "chain".into(),
+        version: 1,
+        description: String::new(),
+        steps,
+        first_set: (0..width).map(|i| format!("s0_{i}")).collect(),
+        rules,
+        end_statuses: vec![when(&format!("s{}_0", stages - 1), "OK")],
+        abnormal_statuses: Vec::new(),
+        status_mappings: Vec::new(),
+        exception_scopes: BTreeMap::new(),
+        saga_timeout_ms: 0,
+        created_ms: 0,
+    }
+}
+
+proptest! {
+    #[test]
+    fn every_saga_ends_completed_or_reversed_and_only_triggered_steps_are_reversed(
+        stages in 1usize..4,
+        width in 1usize..4,
+        picks in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..10), 1..60),
+    ) {
+        let s = chain_strategy(stages, width);
+        let mut saga = started(&s);
+        let mut answered: BTreeSet<String> = BTreeSet::new();
+        let mut reversed_ever: BTreeSet<String> = BTreeSet::new();
+        for (pick, roll) in picks {
+            let open: Vec<String> = saga
+                .branches
+                .iter()
+                .filter(|b| matches!(b.state, BranchState::Triggered | BranchState::Reversing))
+                .map(|b| b.branch_id.clone())
+                .collect();
+            if open.is_empty() {
+                break;
+            }
+            let id = open[pick.index(open.len())].clone();
+            let effects = if saga.branch(&id).unwrap().state == BranchState::Reversing {
+                let t = on_reversal_answered(saga, &id, succeeded("UNDONE"), ctx(&s, NOW));
+                saga = t.saga;
+                t.effects
+            } else {
+                let r = if roll == 0 { succeeded("BAD").with_outcome(Outcome::Failed) } else { succeeded("OK") };
+                answered.insert(id.clone());
+                let t = on_reported(saga, &id, r, ctx(&s, NOW)).unwrap();
+                saga = t.saga;
+                t.effects
+            };
+            for b in reverses(&effects) {
+                prop_assert!(saga.branch(b).is_some(), "reversed {b}, which was never triggered");
+                reversed_ever.insert(b.to_owned());
+            }
+        }
+        // Drain: answer everything still open, successfully.
+        loop {
+            let open: Vec<(String, BranchState)> = saga
+                .branches
+                .iter()
+                .filter(|b| matches!(b.state, BranchState::Triggered | BranchState::Reversing))
+                .map(|b| (b.branch_id.clone(), b.state))
+                .collect();
+            if open.is_empty() { break; }
+            for (id, state) in open {
+                let effects = if state == BranchState::Reversing {
+                    let t = on_reversal_answered(saga, &id, succeeded("UNDONE"), ctx(&s, NOW));
+                    saga = t.saga;
+                    t.effects
+                } else {
+                    let t = on_reported(saga, &id, succeeded("OK"), ctx(&s, NOW)).unwrap();
+                    saga = t.saga;
+                    t.effects
+                };
+                for b in reverses(&effects) {
+                    prop_assert!(saga.branch(b).is_some());
+                }
+            }
+        }
+        prop_assert!(matches!(saga.state, SagaState::Completed | SagaState::Reversed), "ended {:?}", saga.state);
+        let triggered: BTreeSet<String> = saga.branches.iter().map(|b| b.branch_id.clone()).collect();
+        prop_assert!(reversed_ever.is_subset(&triggered));
+    }
+}
+
+trait WithOutcome {
+    fn with_outcome(self, outcome: Outcome) -> Report;
+}
+
+impl WithOutcome for Report {
+    fn with_outcome(mut self, outcome: Outcome) -> Report {
+        self.outcome = outcome;
+        self
+    }
+}

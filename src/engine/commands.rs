@@ -1,0 +1,118 @@
+//! Commands to nodes as the outbox stores them, and timers as the due index stores them: the
+//! engine's own encodings (postcard), opaque to the store.
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::orchestration::Timer;
+use crate::store;
+
+/// What a command asks a node to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    Execute,
+    Reverse,
+    QueryStatus,
+    Signal,
+}
+
+/// One command as stored in the outbox: everything needed to send it again after a restart,
+/// except the payload, which is read from the `payloads` table when it is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub kind: Kind,
+    pub gsn: String,
+    pub branch_id: String,
+    pub node_id: String,
+    /// The forward or reversal action; empty for signals.
+    pub action: String,
+    pub reason: String,
+    /// For signals: the signal code (see `convert::signal_code`).
+    pub signal: u8,
+    pub business_type: String,
+}
+
+pub fn encode_command(command: &Command) -> Result<Vec<u8>, store::Error> {
+    postcard::to_stdvec(command).map_err(|e| store::Error::Corrupt {
+        table: "outbox",
+        detail: format!("encoding a command: {e}"),
+    })
+}
+
+pub fn decode_command(bytes: &[u8]) -> Result<Command, store::Error> {
+    postcard::from_bytes(bytes).map_err(|e| store::Error::Corrupt {
+        table: "outbox",
+        detail: format!("decoding a command: {e}"),
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum StoredTimer {
+    StepTimeout { branch_id: String },
+    Poll { branch_id: String },
+    RetryReversal { branch_id: String },
+    Deadline,
+}
+
+pub fn encode_timer(timer: &Timer) -> Result<Vec<u8>, store::Error> {
+    let stored = match timer {
+        Timer::StepTimeout { branch_id } => StoredTimer::StepTimeout {
+            branch_id: branch_id.clone(),
+        },
+        Timer::Poll { branch_id } => StoredTimer::Poll {
+            branch_id: branch_id.clone(),
+        },
+        Timer::RetryReversal { branch_id } => StoredTimer::RetryReversal {
+            branch_id: branch_id.clone(),
+        },
+        Timer::Deadline => StoredTimer::Deadline,
+    };
+    postcard::to_stdvec(&stored).map_err(|e| store::Error::Corrupt {
+        table: "due",
+        detail: format!("encoding a timer: {e}"),
+    })
+}
+
+pub fn decode_timer(bytes: &[u8]) -> Result<Timer, store::Error> {
+    let stored: StoredTimer = postcard::from_bytes(bytes).map_err(|e| store::Error::Corrupt {
+        table: "due",
+        detail: format!("decoding a timer: {e}"),
+    })?;
+    Ok(match stored {
+        StoredTimer::StepTimeout { branch_id } => Timer::StepTimeout { branch_id },
+        StoredTimer::Poll { branch_id } => Timer::Poll { branch_id },
+        StoredTimer::RetryReversal { branch_id } => Timer::RetryReversal { branch_id },
+        StoredTimer::Deadline => Timer::Deadline,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn commands_round_trip(gsn in ".{0,30}", branch in ".{0,20}", action in ".{0,20}", signal in 0u8..5, kind in 0u8..4) {
+            let kind = [Kind::Execute, Kind::Reverse, Kind::QueryStatus, Kind::Signal][kind as usize];
+            let command = Command { kind, gsn, branch_id: branch.clone(), node_id: branch, action, reason: "r".into(), signal, business_type: "order".into() };
+            prop_assert_eq!(decode_command(&encode_command(&command).unwrap()).unwrap(), command);
+        }
+
+        #[test]
+        fn timers_round_trip(branch_id in ".{0,20}", which in 0u8..4) {
+            let timer = match which {
+                0 => Timer::StepTimeout { branch_id },
+                1 => Timer::Poll { branch_id },
+                2 => Timer::RetryReversal { branch_id },
+                _ => Timer::Deadline,
+            };
+            prop_assert_eq!(decode_timer(&encode_timer(&timer).unwrap()).unwrap(), timer);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode_command(&bytes);
+            let _ = decode_timer(&bytes);
+        }
+    }
+}

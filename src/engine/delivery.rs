@@ -1,0 +1,261 @@
+//! Delivery of outbox commands to nodes, at least once: pushed to a node's Participant
+//! endpoint (retried with backoff while it is down), or sent on the node's Subscribe stream
+//! (sent again until the node answers with ReportState or Ack). A command leaves the outbox only
+//! in the same ledger write that applies its answer, so a crash repeats a delivery but never
+//! loses one; nodes de-duplicate by command id.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::engine::commands::Command;
+use crate::engine::sagas::command_id;
+use crate::engine::{Engine, Error};
+use crate::store;
+use crate::transport::{Answer, Outgoing, Participants};
+
+/// How a node is reached right now.
+enum Route {
+    Push(String),
+    Pull(mpsc::Sender<Outgoing>),
+    Nowhere,
+}
+
+struct Subscription {
+    id: u64,
+    sender: mpsc::Sender<Outgoing>,
+}
+
+pub(crate) struct Delivery {
+    participants: Participants,
+    endpoints: Mutex<HashMap<String, String>>,
+    subscriptions: Mutex<HashMap<String, Subscription>>,
+    /// Outbox ids with a delivery task; the notify wakes it when the command is acknowledged.
+    pending: Mutex<HashMap<u64, Arc<Notify>>>,
+    /// Bumped whenever a node's route changes, so waiting deliveries try again at once.
+    routes: watch::Sender<u64>,
+    stopping: watch::Sender<bool>,
+    next_subscription: AtomicU64,
+    /// A command sent on a stream and not answered within this time is sent again.
+    resend_after: Duration,
+    retry_base: Duration,
+    retry_cap: Duration,
+}
+
+/// Subscribe streams buffer this many commands before delivery waits for the node.
+const STREAM_BUFFER: usize = 1024;
+
+impl Delivery {
+    pub(crate) fn new(
+        call_timeout: Duration,
+        resend_after: Duration,
+        retry_base: Duration,
+        retry_cap: Duration,
+    ) -> Delivery {
+        Delivery {
+            participants: Participants::new(call_timeout),
+            endpoints: Mutex::new(HashMap::new()),
+            subscriptions: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            routes: watch::channel(0).0,
+            stopping: watch::channel(false).0,
+            next_subscription: AtomicU64::new(1),
+            resend_after,
+            retry_base,
+            retry_cap,
+        }
+    }
+
+    fn routes_changed(&self) {
+        self.routes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub(crate) fn set_endpoint(&self, node_id: &str, endpoint: &str) {
+        let previous = {
+            let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+            if endpoint.is_empty() {
+                endpoints.remove(node_id)
+            } else {
+                endpoints.insert(node_id.to_owned(), endpoint.to_owned())
+            }
+        };
+        if let Some(previous) = previous
+            && previous != endpoint
+        {
+            self.participants.forget(&previous);
+        }
+        self.routes_changed();
+    }
+
+    /// A node's new Subscribe stream; it replaces the node's previous one.
+    pub(crate) fn subscribe(&self, node_id: &str) -> (u64, mpsc::Receiver<Outgoing>) {
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        let id = self.next_subscription.fetch_add(1, Ordering::Relaxed);
+        self.subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node_id.to_owned(), Subscription { id, sender });
+        self.routes_changed();
+        (id, receiver)
+    }
+
+    /// Forgets a stream that ended, unless a newer one already replaced it.
+    pub(crate) fn unsubscribe(&self, node_id: &str, id: u64) {
+        let mut subscriptions = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        if subscriptions.get(node_id).is_some_and(|s| s.id == id) {
+            subscriptions.remove(node_id);
+        }
+    }
+
+    fn route(&self, node_id: &str) -> Route {
+        let subscriptions = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(subscription) = subscriptions.get(node_id)
+            && !subscription.sender.is_closed()
+        {
+            return Route::Pull(subscription.sender.clone());
+        }
+        drop(subscriptions);
+        match self
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node_id)
+        {
+            Some(endpoint) => Route::Push(endpoint.clone()),
+            None => Route::Nowhere,
+        }
+    }
+
+    /// Starts delivering an outbox entry, unless a task already delivers it.
+    pub(crate) fn spawn(&self, engine: Engine, outbox_id: u64, command: Command) {
+        let notify = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.contains_key(&outbox_id) {
+                return;
+            }
+            let notify = Arc::new(Notify::new());
+            pending.insert(outbox_id, notify.clone());
+            notify
+        };
+        tokio::spawn(deliver(engine, outbox_id, command, notify));
+    }
+
+    /// The command was answered through ReportState or Ack: its delivery task stops.
+    pub(crate) fn acknowledged(&self, outbox_id: u64) {
+        if let Some(notify) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&outbox_id)
+        {
+            notify.notify_one();
+        }
+    }
+
+    fn is_pending(&self, outbox_id: u64) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&outbox_id)
+    }
+
+    pub(crate) fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
+    /// Stops every delivery task; the outbox keeps their commands for the next start.
+    pub(crate) fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    fn backoff(&self, attempt: u32, jitter: f64) -> Duration {
+        let exponent = i32::try_from(attempt.saturating_sub(1).min(30)).unwrap_or(30);
+        let grown = self.retry_base.as_secs_f64() * 2f64.powi(exponent);
+        let ceiling = grown.min(self.retry_cap.as_secs_f64());
+        let floor = self.retry_base.as_secs_f64().min(ceiling);
+        Duration::from_secs_f64(floor + (ceiling - floor) * jitter.clamp(0.0, 1.0))
+    }
+}
+
+async fn deliver(engine: Engine, outbox_id: u64, command: Command, acked: Arc<Notify>) {
+    let delivery = &engine.shared.delivery;
+    let mut routes = delivery.routes.subscribe();
+    let mut stopping = delivery.stopping.subscribe();
+    let payload = loop {
+        match engine.payload_of(&command).await {
+            Ok(payload) => break payload,
+            Err(Error::Store(store::Error::Closed)) => return,
+            Err(e) => {
+                tracing::warn!(outbox_id, error = %e, "reading a command's payload failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let mut attempt = 0u32;
+    loop {
+        if *stopping.borrow() || !delivery.is_pending(outbox_id) {
+            return;
+        }
+        attempt = attempt.saturating_add(1);
+        let outgoing = Outgoing {
+            command_id: command_id(&command.gsn, command.kind, outbox_id),
+            kind: command.kind,
+            gsn: command.gsn.clone(),
+            branch_id: command.branch_id.clone(),
+            action: command.action.clone(),
+            reason: command.reason.clone(),
+            signal: command.signal,
+            business_type: command.business_type.clone(),
+            payload: payload.data.clone(),
+            content_type: payload.content_type.clone(),
+            attempt,
+        };
+        routes.borrow_and_update();
+        let wait = match delivery.route(&command.node_id) {
+            Route::Push(endpoint) => match delivery.participants.send(&endpoint, &outgoing).await {
+                Ok(answer) => {
+                    let report = match answer {
+                        Answer::Report(report) => Some(report),
+                        Answer::Acknowledged => None,
+                    };
+                    match engine
+                        .command_answered(outbox_id, command.clone(), report)
+                        .await
+                    {
+                        Ok(()) => {
+                            delivery.acknowledged(outbox_id);
+                            return;
+                        }
+                        Err(Error::Store(store::Error::Closed)) => return,
+                        Err(e) => {
+                            tracing::warn!(outbox_id, gsn = %command.gsn, error = %e, "storing a node's answer failed; sending again");
+                            delivery.backoff(attempt, engine.random.unit())
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(outbox_id, node = %command.node_id, attempt, error = %e, "delivery failed; will retry");
+                    delivery.backoff(attempt, engine.random.unit())
+                }
+            },
+            Route::Pull(sender) => {
+                if sender.send(outgoing).await.is_err() {
+                    // The stream ended between the lookup and the send; look again shortly.
+                    Duration::from_millis(50)
+                } else {
+                    delivery.resend_after
+                }
+            }
+            Route::Nowhere => delivery.resend_after,
+        };
+        tokio::select! {
+            () = acked.notified() => return,
+            () = tokio::time::sleep(wait) => {}
+            _ = routes.changed() => {}
+            _ = stopping.changed() => return,
+        }
+    }
+}

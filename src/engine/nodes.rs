@@ -1,0 +1,189 @@
+//! Participant nodes: their push endpoints (RegisterNode, and `--node` at start, both stored in
+//! the ledger so the latest registration wins across restarts), their Subscribe streams, and
+//! saga watchers.
+
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+
+use crate::domain::ids::RequestId;
+use crate::domain::saga::Saga;
+use crate::engine::{Answered, Engine, Error};
+use crate::store::NodeRecord;
+use crate::transport::Outgoing;
+
+fn check_node_id(node_id: &str) -> Result<(), Error> {
+    let valid = !node_id.is_empty()
+        && node_id.len() <= 64
+        && node_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "node_id",
+            "must be 1 to 64 letters, digits, '.', '_' or '-'",
+        ))
+    }
+}
+
+fn check_endpoint(endpoint: &str) -> Result<(), Error> {
+    if endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "endpoint",
+            "must be a URL starting with http:// or https:// (e.g. http://127.0.0.1:7001), or empty for a node that subscribes",
+        ))
+    }
+}
+
+/// A node's Subscribe stream: commands until the client goes away.
+pub struct Subscription {
+    receiver: mpsc::Receiver<Outgoing>,
+    guard: SubscriptionGuard,
+}
+
+/// Forgets the stream when it is dropped (the client disconnected).
+struct SubscriptionGuard {
+    engine: Engine,
+    node_id: String,
+    id: u64,
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        self.engine
+            .shared
+            .delivery
+            .unsubscribe(&self.node_id, self.id);
+    }
+}
+
+impl Subscription {
+    pub fn into_stream(self) -> impl Stream<Item = Outgoing> + Send + 'static {
+        futures::stream::unfold(self, |mut subscription| async move {
+            let next = subscription.receiver.recv().await?;
+            Some((next, subscription))
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.guard.node_id
+    }
+}
+
+impl Engine {
+    /// Stores the endpoints given at start, where they differ from the ledger's.
+    pub async fn register_configured_nodes(&self, nodes: &[(String, String)]) -> Result<(), Error> {
+        for (node_id, endpoint) in nodes {
+            check_node_id(node_id)?;
+            check_endpoint(endpoint)?;
+            let record = NodeRecord {
+                node_id: node_id.clone(),
+                endpoint: endpoint.clone(),
+                updated_ms: self.clock.now_ms(),
+            };
+            self.store
+                .write(move |tx| -> Result<(), Error> {
+                    if tx
+                        .node(&record.node_id)?
+                        .is_none_or(|n| n.endpoint != record.endpoint)
+                    {
+                        tx.put_node(&record)?;
+                    }
+                    Ok(())
+                })
+                .await??;
+        }
+        Ok(())
+    }
+
+    /// RegisterNode (idempotent on its request id).
+    pub async fn register_node<F>(
+        &self,
+        request_id: &str,
+        node_id: &str,
+        endpoint: &str,
+        fingerprint: Vec<u8>,
+        encode: F,
+    ) -> Result<Answered, Error>
+    where
+        F: FnOnce(&NodeRecord) -> Vec<u8> + Send + 'static,
+    {
+        let request_id = RequestId::parse(request_id)
+            .map_err(|e| Error::invalid("request_id", e.to_string()))?;
+        check_node_id(node_id)?;
+        check_endpoint(endpoint)?;
+        let node_id = node_id.to_owned();
+        let endpoint = endpoint.to_owned();
+        let (answered, stored) = self
+            .idempotent_write_with("RegisterNode", &request_id, fingerprint, move |tx, now| {
+                let record = NodeRecord {
+                    node_id,
+                    endpoint,
+                    updated_ms: now,
+                };
+                tx.put_node(&record)?;
+                Ok((encode(&record), record))
+            })
+            .await?;
+        if let Some(record) = stored {
+            tracing::info!(node = %record.node_id, endpoint = %record.endpoint, "node registered");
+            self.shared
+                .delivery
+                .set_endpoint(&record.node_id, &record.endpoint);
+        }
+        Ok(answered)
+    }
+
+    /// Subscribe: the node's commands on a stream, starting with every one still undelivered.
+    pub fn subscribe(&self, node_id: &str) -> Result<Subscription, Error> {
+        check_node_id(node_id)?;
+        let (id, receiver) = self.shared.delivery.subscribe(node_id);
+        tracing::info!(node = %node_id, "node subscribed");
+        Ok(Subscription {
+            receiver,
+            guard: SubscriptionGuard {
+                engine: self.clone(),
+                node_id: node_id.to_owned(),
+                id,
+            },
+        })
+    }
+
+    /// WatchSaga: the saga now, then after every change, ending once it is terminal.
+    pub async fn watch_saga(
+        &self,
+        gsn_text: &str,
+    ) -> Result<impl Stream<Item = Arc<Saga>> + Send + 'static, Error> {
+        let first = self.get_saga(gsn_text).await?;
+        // Subscribe before reading again, so no change between the two is missed.
+        let mut changes = self.shared.watchers.subscribe(first.gsn.sequence());
+        let current = Arc::new(self.get_saga(gsn_text).await?);
+        let state = (Some(current), changes.clone(), false);
+        changes.borrow_and_update();
+        Ok(futures::stream::unfold(
+            state,
+            |(pending, mut changes, done)| async move {
+                if done {
+                    return None;
+                }
+                if let Some(saga) = pending {
+                    let terminal = saga.state.is_terminal();
+                    return Some((saga, (None, changes, terminal)));
+                }
+                loop {
+                    changes.changed().await.ok()?;
+                    let latest = changes.borrow_and_update().clone();
+                    if let Some(saga) = latest {
+                        let terminal = saga.state.is_terminal();
+                        return Some((saga, (None, changes, terminal)));
+                    }
+                }
+            },
+        ))
+    }
+}

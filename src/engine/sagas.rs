@@ -1,0 +1,731 @@
+//! Sagas in the engine: starting them, reading them, and running every event of an
+//! orchestrated saga (a report, a node's answer, a timer) as one ledger write that loads the
+//! saga, applies the domain transition, and stores the new state together with the commands
+//! (outbox) and timers (due index) it causes. Commands are handed to delivery only after the
+//! write is durable.
+
+use std::sync::Arc;
+
+use crate::domain::Millis;
+use crate::domain::branch::Report;
+use crate::domain::ids::{Gsn, RequestId};
+use crate::domain::orchestration::{self, Context, Effect, Refusal, Transition};
+use crate::domain::saga::{self, Saga, SagaMode, StartRequest};
+use crate::domain::strategy::Strategy;
+use crate::engine::commands::{self, Command, Kind};
+use crate::engine::{
+    Answered, DEFAULT_PAGE_SIZE, Engine, Error, ListQuery, MAX_PAGE_SIZE, Page, PageToken, Shared,
+    convert, strategies,
+};
+use crate::store::{self, DueRecord, OutboxRecord, PayloadRecord, WriteTx};
+
+/// A filtered listing stops after examining this many sagas and hands back a token, so one
+/// call never scans the whole ledger.
+const MAX_EXAMINED_PER_PAGE: usize = 10_000;
+
+/// What one stored transition hands to the async side.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    pub saga: Option<Saga>,
+    /// New outbox entries, to deliver once the write is durable.
+    pub deliveries: Vec<(u64, Command)>,
+}
+
+/// A report as ReportState carries it.
+#[derive(Debug, Clone)]
+pub struct ReportInput {
+    pub request_id: String,
+    pub gsn: String,
+    pub branch_id: String,
+    pub reporter_node_id: String,
+    pub report: Report,
+    pub command_id: String,
+}
+
+fn not_found(gsn: &Gsn) -> Error {
+    Error::NotFound(format!("no saga has GSN {gsn}"))
+}
+
+/// The saga stored under `gsn`, without its payload.
+pub(crate) fn load_saga(tx: &WriteTx<'_>, gsn: &Gsn) -> Result<Saga, Error> {
+    let record = tx.saga(gsn.sequence())?.ok_or_else(|| not_found(gsn))?;
+    let saga = convert::saga_from_record(record, Vec::new())?;
+    // A sequence issued under another coordinator id is another saga.
+    if &saga.gsn != gsn {
+        return Err(not_found(gsn));
+    }
+    Ok(saga)
+}
+
+impl Shared {
+    /// Strategy versions never change once stored, so they are cached for good.
+    pub(crate) fn strategy(
+        &self,
+        tx: &WriteTx<'_>,
+        business_type: &str,
+        version: u64,
+    ) -> Result<Arc<Strategy>, Error> {
+        let key = (business_type.to_owned(), version);
+        if let Some(found) = self
+            .strategies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(found.clone());
+        }
+        let loaded = strategies::load_strategy(tx, business_type, version)?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "strategy version {version} of business type {business_type:?} is not stored"
+            ))
+        })?;
+        let loaded = Arc::new(loaded);
+        self.strategies
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, loaded.clone());
+        Ok(loaded)
+    }
+}
+
+/// Stores a transition: the saga, and its effects as outbox entries and due timers.
+pub(crate) fn store_transition(
+    tx: &mut WriteTx<'_>,
+    transition: Transition,
+    now: Millis,
+) -> Result<Applied, Error> {
+    let Transition { saga, effects } = transition;
+    tx.put_saga(&convert::saga_to_record(&saga))?;
+    let mut deliveries = Vec::new();
+    let gsn = saga.gsn.to_string();
+    for effect in effects {
+        let (kind, branch_id, node_id, action, reason, signal) = match effect {
+            Effect::WakeAt { at_ms, timer } => {
+                tx.schedule(
+                    at_ms,
+                    &DueRecord {
+                        gsn_sequence: saga.gsn.sequence(),
+                        timer: commands::encode_timer(&timer)?,
+                    },
+                )?;
+                continue;
+            }
+            Effect::Execute { branch_id } => {
+                let Some(b) = saga.branch(&branch_id) else {
+                    continue;
+                };
+                (
+                    Kind::Execute,
+                    branch_id.clone(),
+                    b.node_id.clone(),
+                    b.forward_action.clone(),
+                    String::new(),
+                    0,
+                )
+            }
+            Effect::Reverse { branch_id, reason } => {
+                let Some(b) = saga.branch(&branch_id) else {
+                    continue;
+                };
+                (
+                    Kind::Reverse,
+                    branch_id.clone(),
+                    b.node_id.clone(),
+                    b.reversal_action.clone(),
+                    reason,
+                    0,
+                )
+            }
+            Effect::QueryStatus { branch_id } => {
+                let Some(b) = saga.branch(&branch_id) else {
+                    continue;
+                };
+                (
+                    Kind::QueryStatus,
+                    branch_id.clone(),
+                    b.node_id.clone(),
+                    b.forward_action.clone(),
+                    String::new(),
+                    0,
+                )
+            }
+            Effect::Signal {
+                node_id,
+                signal,
+                reason,
+            } => (
+                Kind::Signal,
+                String::new(),
+                node_id,
+                String::new(),
+                reason,
+                convert::signal_code(Some(signal)),
+            ),
+        };
+        let command = Command {
+            kind,
+            gsn: gsn.clone(),
+            branch_id,
+            node_id: node_id.clone(),
+            action,
+            reason,
+            signal,
+            business_type: saga.business_type.as_str().to_owned(),
+        };
+        let id = tx.push_outbox(&OutboxRecord {
+            gsn_sequence: saga.gsn.sequence(),
+            node_id,
+            command: commands::encode_command(&command)?,
+            created_ms: now,
+            attempts: 0,
+        })?;
+        deliveries.push((id, command));
+    }
+    Ok(Applied {
+        saga: Some(saga),
+        deliveries,
+    })
+}
+
+/// Background work must not retry forever on what can never succeed: a passing ledger fault is
+/// passed on (the write rolls back and is tried again); anything else — a corrupt record, a
+/// refused answer — is logged and the work dropped (the write still removes the timer or
+/// command that caused it).
+fn keep_going(result: Result<Applied, Error>, what: &str, id: u64) -> Result<Applied, Error> {
+    match result {
+        Err(Error::Store(
+            e @ (store::Error::Io(_) | store::Error::Storage(_) | store::Error::Closed),
+        )) => Err(Error::Store(e)),
+        Err(e) => {
+            tracing::error!(id, error = %e, "{what}");
+            Ok(Applied::default())
+        }
+        ok => ok,
+    }
+}
+
+fn refusal(refusal: Refusal, gsn: &Gsn) -> Error {
+    match refusal {
+        Refusal::UnknownStep { branch_id } => Error::NotFound(format!(
+            "saga {gsn} has no branch or strategy step {branch_id:?}"
+        )),
+        Refusal::NotTriggered { branch_id } => Error::FailedPrecondition(format!(
+            "step {branch_id:?} of saga {gsn} has not been triggered yet; a step reports only after \
+             sagad sent it its command"
+        )),
+    }
+}
+
+impl Engine {
+    pub(crate) fn context<'a>(&self, strategy: &'a Strategy, now: Millis) -> Context<'a> {
+        Context {
+            strategy,
+            now,
+            policy: self.settings.policy,
+            jitter: self.random.unit(),
+        }
+    }
+
+    /// Hands what a durable write produced to delivery and to watchers.
+    pub(crate) fn after_commit(&self, applied: Applied) {
+        for (id, command) in applied.deliveries {
+            self.shared.delivery.spawn(self.clone(), id, command);
+        }
+        if let Some(saga) = applied.saga {
+            self.shared.watchers.publish(saga);
+        }
+    }
+
+    /// Starts a saga (idempotent on its request id). `encode` turns the new saga into the
+    /// response bytes stored for replay, so every repeat gets exactly the first answer.
+    pub async fn start_saga<F>(
+        &self,
+        request: StartRequest,
+        fingerprint: Vec<u8>,
+        encode: F,
+    ) -> Result<Answered, Error>
+    where
+        F: FnOnce(&Saga) -> Vec<u8> + Send + 'static,
+    {
+        let now = self.clock.now_ms();
+        let start =
+            saga::validate_start(request, self.settings.limits, now).map_err(Error::Invalid)?;
+        let coordinator = self.settings.coordinator_id.clone();
+        let request_id = start.request_id.clone();
+        let shared = self.shared.clone();
+        let jitter = self.random.unit();
+        let policy = self.settings.policy;
+        let (answered, applied) = self
+            .idempotent_write_with("StartSaga", &request_id, fingerprint, move |tx, now| {
+                let strategy = match start.mode {
+                    SagaMode::Orchestrated => {
+                        let latest = strategies::load_strategy(tx, start.business_type.as_str(), 0)?
+                            .ok_or_else(|| {
+                                Error::NotFound(format!(
+                                    "no fulfillment strategy is stored for business type {:?}; store one \
+                                     with Strategies.PutStrategy (or sagactl strategy put), or start the \
+                                     saga with mode SAGA_MODE_REGISTERED_OUTCALLS",
+                                    start.business_type.as_str()
+                                ))
+                            })?;
+                        let latest = Arc::new(latest);
+                        shared
+                            .strategies
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert((latest.business_type.clone(), latest.version), latest.clone());
+                        Some(latest)
+                    }
+                    SagaMode::RegisteredOutcalls => None,
+                };
+                let sequence = tx.allocate_gsn_sequence()?;
+                let mut saga = saga::on_started(start, Gsn::new(coordinator, sequence), now);
+                if let Some(strategy) = &strategy
+                    && saga.deadline_ms.is_none()
+                    && strategy.saga_timeout_ms > 0
+                {
+                    saga.deadline_ms = Some(now.saturating_add(strategy.saga_timeout_ms));
+                }
+                if !saga.payload.is_empty() {
+                    tx.put_payload(
+                        sequence,
+                        "",
+                        &PayloadRecord {
+                            data: saga.payload.clone(),
+                            content_type: saga.content_type.clone(),
+                        },
+                    )?;
+                }
+                let payload = std::mem::take(&mut saga.payload);
+                let applied = match &strategy {
+                    Some(strategy) => {
+                        let ctx = Context {
+                            strategy,
+                            now,
+                            policy,
+                            jitter,
+                        };
+                        store_transition(tx, orchestration::on_started(saga, ctx), now)?
+                    }
+                    None => {
+                        tx.put_saga(&convert::saga_to_record(&saga))?;
+                        Applied {
+                            saga: Some(saga),
+                            deliveries: Vec::new(),
+                        }
+                    }
+                };
+                let mut shown = applied.saga.clone().ok_or_else(|| Error::FailedPrecondition("no saga".into()))?;
+                shown.payload = payload;
+                Ok((encode(&shown), applied))
+            })
+            .await?;
+        if let Some(applied) = applied {
+            self.after_commit(applied);
+        }
+        Ok(answered)
+    }
+
+    fn parse_gsn(&self, text: &str) -> Result<Gsn, Error> {
+        Gsn::parse(text).map_err(|e| Error::invalid("gsn", e.to_string()))
+    }
+
+    pub async fn get_saga(&self, gsn_text: &str) -> Result<Saga, Error> {
+        let gsn = self.parse_gsn(gsn_text)?;
+        let sequence = gsn.sequence();
+        let (record, payload) = self
+            .store
+            .read(move |tx| -> Result<_, store::Error> {
+                let record = tx.saga(sequence)?;
+                let payload = match record {
+                    Some(_) => tx
+                        .payload(sequence, "")?
+                        .map(|p| p.data)
+                        .unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                Ok((record, payload))
+            })
+            .await??;
+        let found = record
+            .map(|r| convert::saga_from_record(r, payload))
+            .transpose()?;
+        match found {
+            // A sequence issued under another coordinator id is another saga.
+            Some(saga) if saga.gsn == gsn => Ok(saga),
+            _ => Err(not_found(&gsn)),
+        }
+    }
+
+    pub async fn list_sagas(&self, query: ListQuery) -> Result<Page, Error> {
+        let page_size = match query.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("is {n}; at most {MAX_PAGE_SIZE} are allowed"),
+                ));
+            }
+            n => n,
+        } as usize;
+        let after = if query.page_token.is_empty() {
+            None
+        } else {
+            let token = PageToken::decode(&query.page_token).ok_or_else(|| {
+                Error::invalid(
+                    "page_token",
+                    "is not a token this sagad issued; pass next_page_token from the previous page unchanged",
+                )
+            })?;
+            if token.newest_first != query.newest_first {
+                return Err(Error::invalid(
+                    "page_token",
+                    "was issued for the other order; keep newest_first the same across pages",
+                ));
+            }
+            Some(token.after)
+        };
+        let ListQuery {
+            states,
+            business_type,
+            newest_first,
+            with_payloads,
+            ..
+        } = query;
+        let (found, last_examined, exhausted) = self
+            .store
+            .read(move |tx| -> Result<_, store::Error> {
+                let mut matched = Vec::new();
+                let mut last_examined = None;
+                let mut examined = 0usize;
+                let mut exhausted = true;
+                for record in tx.sagas(after, newest_first) {
+                    let record = record?;
+                    examined += 1;
+                    last_examined = Some(record.sequence);
+                    let state_matches = states.is_empty()
+                        || convert::saga_state_from_code(record.state)
+                            .is_some_and(|s| states.contains(&s));
+                    let type_matches =
+                        business_type.is_empty() || record.business_type == business_type;
+                    if state_matches && type_matches {
+                        let payload = if with_payloads {
+                            tx.payload(record.sequence, "")?
+                                .map(|p| p.data)
+                                .unwrap_or_default()
+                        } else {
+                            Vec::new()
+                        };
+                        matched.push((record, payload));
+                    }
+                    if matched.len() == page_size || examined >= MAX_EXAMINED_PER_PAGE {
+                        exhausted = false;
+                        break;
+                    }
+                }
+                Ok((matched, last_examined, exhausted))
+            })
+            .await??;
+        let sagas = found
+            .into_iter()
+            .map(|(record, payload)| convert::saga_from_record(record, payload))
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_page_token = match (exhausted, last_examined) {
+            (false, Some(after)) => PageToken {
+                after,
+                newest_first,
+            }
+            .encode(),
+            _ => String::new(),
+        };
+        Ok(Page {
+            sagas,
+            next_page_token,
+        })
+    }
+
+    /// ReportState: a node (or an outcall's caller) reports a branch. When it answers a
+    /// command from its Subscribe stream, `command_id` names it: the command is then done, and
+    /// the report is read as that command's answer (a reversal's, a poll's or an execution's).
+    pub async fn report_state<F>(
+        &self,
+        input: ReportInput,
+        fingerprint: Vec<u8>,
+        encode: F,
+    ) -> Result<Answered, Error>
+    where
+        F: FnOnce(&Saga, &str) -> Vec<u8> + Send + 'static,
+    {
+        let request_id = RequestId::parse(&input.request_id)
+            .map_err(|e| Error::invalid("request_id", e.to_string()))?;
+        let gsn = self.parse_gsn(&input.gsn)?;
+        if input.branch_id.is_empty() {
+            return Err(Error::invalid("branch_id", "is required"));
+        }
+        if input.reporter_node_id.is_empty() {
+            return Err(Error::invalid("reporter_node_id", "is required"));
+        }
+        let answering = if input.command_id.is_empty() {
+            None
+        } else {
+            Some(parse_command_id(&input.command_id, &gsn)?)
+        };
+        let engine = self.clone();
+        let (answered, applied) = self
+            .idempotent_write_with("ReportState", &request_id, fingerprint, move |tx, now| {
+                let saga = load_saga(tx, &gsn)?;
+                let Some(branch) = saga.branch(&input.branch_id) else {
+                    let strategy = engine.strategy_of(tx, &saga)?;
+                    let refused = match strategy.as_deref().and_then(|s| s.step(&input.branch_id)) {
+                        Some(_) => Refusal::NotTriggered { branch_id: input.branch_id },
+                        None => Refusal::UnknownStep { branch_id: input.branch_id },
+                    };
+                    return Err(refusal(refused, &gsn));
+                };
+                if branch.node_id != input.reporter_node_id && branch.caller_node_id != input.reporter_node_id {
+                    return Err(Error::FailedPrecondition(format!(
+                        "node {:?} cannot report branch {:?} of saga {gsn}: it belongs to node {:?}",
+                        input.reporter_node_id, input.branch_id, branch.node_id
+                    )));
+                }
+                if let Some((outbox_id, _)) = answering {
+                    tx.delete_outbox(outbox_id)?;
+                }
+                let kind = answering.map(|(_, kind)| kind).unwrap_or(Kind::Execute);
+                let applied = engine.apply_answer(tx, saga, &input.branch_id, kind, input.report, now)?;
+                let saga = applied.saga.clone().ok_or_else(|| not_found(&gsn))?;
+                Ok((encode(&saga, &input.branch_id), applied))
+            })
+            .await?;
+        if let Some((outbox_id, _)) = answering {
+            self.shared.delivery.acknowledged(outbox_id);
+        }
+        if let Some(applied) = applied {
+            self.after_commit(applied);
+        }
+        Ok(answered)
+    }
+
+    /// The strategy an orchestrated saga runs with; `None` for registered-outcall sagas.
+    pub(crate) fn strategy_of(
+        &self,
+        tx: &WriteTx<'_>,
+        saga: &Saga,
+    ) -> Result<Option<Arc<Strategy>>, Error> {
+        match saga.mode {
+            SagaMode::Orchestrated => self
+                .shared
+                .strategy(tx, saga.business_type.as_str(), saga.strategy_version)
+                .map(Some),
+            SagaMode::RegisteredOutcalls => Ok(None),
+        }
+    }
+
+    /// Applies a node's answer to a command of `kind` about `branch_id`.
+    pub(crate) fn apply_answer(
+        &self,
+        tx: &mut WriteTx<'_>,
+        saga: Saga,
+        branch_id: &str,
+        kind: Kind,
+        report: Report,
+        now: Millis,
+    ) -> Result<Applied, Error> {
+        let gsn = saga.gsn.clone();
+        let Some(strategy) = self.strategy_of(tx, &saga)? else {
+            return Err(Error::FailedPrecondition(format!(
+                "saga {gsn} is driven by registered outcalls; their reports arrive with the reversal protocol"
+            )));
+        };
+        let ctx = self.context(&strategy, now);
+        let transition = match kind {
+            Kind::Execute => orchestration::on_reported(saga, branch_id, report, ctx)
+                .map_err(|r| refusal(r, &gsn))?,
+            Kind::QueryStatus => orchestration::on_polled(saga, branch_id, report, ctx)
+                .map_err(|r| refusal(r, &gsn))?,
+            Kind::Reverse => orchestration::on_reversal_answered(saga, branch_id, report, ctx),
+            Kind::Signal => return Ok(Applied::default()),
+        };
+        store_transition(tx, transition, now)
+    }
+
+    /// A timer came due: it is removed and its transition stored in the same write.
+    pub(crate) async fn fire_timer(
+        &self,
+        key: store::DueKey,
+        record: DueRecord,
+    ) -> Result<(), Error> {
+        let engine = self.clone();
+        let applied = self
+            .store
+            .write(move |tx| -> Result<Applied, Error> {
+                tx.cancel(key)?;
+                let fired = (|| {
+                    let timer = commands::decode_timer(&record.timer)?;
+                    let Some(stored) = tx.saga(record.gsn_sequence)? else {
+                        return Ok(Applied::default());
+                    };
+                    let saga = convert::saga_from_record(stored, Vec::new())?;
+                    if saga.state.is_terminal() {
+                        return Ok(Applied::default());
+                    }
+                    let Some(strategy) = engine.strategy_of(tx, &saga)? else {
+                        return Ok(Applied::default());
+                    };
+                    let now = key.at_ms.max(engine.clock.now_ms());
+                    let ctx = engine.context(&strategy, now);
+                    store_transition(tx, orchestration::on_timer(saga, &timer, ctx), now)
+                })();
+                keep_going(
+                    fired,
+                    "a timer could not be applied; it is dropped",
+                    record.gsn_sequence,
+                )
+            })
+            .await??;
+        self.after_commit(applied);
+        Ok(())
+    }
+
+    /// A pushed command was answered: the command is done, and the answer is applied, in one
+    /// write.
+    pub(crate) async fn command_answered(
+        &self,
+        outbox_id: u64,
+        command: Command,
+        report: Option<Report>,
+    ) -> Result<(), Error> {
+        let engine = self.clone();
+        let applied = self
+            .store
+            .write(move |tx| -> Result<Applied, Error> {
+                tx.delete_outbox(outbox_id)?;
+                let Some(report) = report else {
+                    return Ok(Applied::default());
+                };
+                let applied = (|| {
+                    let gsn = Gsn::parse(&command.gsn).map_err(|e| store::Error::Corrupt {
+                        table: "outbox",
+                        detail: e.to_string(),
+                    })?;
+                    let saga = load_saga(tx, &gsn)?;
+                    let now = engine.clock.now_ms();
+                    engine.apply_answer(tx, saga, &command.branch_id, command.kind, report, now)
+                })();
+                keep_going(
+                    applied,
+                    "a node's answer could not be applied; it is dropped",
+                    outbox_id,
+                )
+            })
+            .await??;
+        self.after_commit(applied);
+        Ok(())
+    }
+
+    /// Ack: a node acknowledges a command from its Subscribe stream that needs no report.
+    pub async fn ack(
+        &self,
+        request_id: &str,
+        node_id: &str,
+        command_id: &str,
+        fingerprint: Vec<u8>,
+    ) -> Result<Answered, Error> {
+        let request_id = RequestId::parse(request_id)
+            .map_err(|e| Error::invalid("request_id", e.to_string()))?;
+        if node_id.is_empty() {
+            return Err(Error::invalid("node_id", "is required"));
+        }
+        let (gsn_text, _) = command_id.rsplit_once(':').ok_or_else(|| {
+            Error::invalid(
+                "command_id",
+                "is not a command id sagad issued (<gsn>:<kind><number>)",
+            )
+        })?;
+        let gsn = self
+            .parse_gsn(gsn_text)
+            .map_err(|_| Error::invalid("command_id", "does not start with a GSN"))?;
+        let (outbox_id, _) = parse_command_id(command_id, &gsn)?;
+        let (answered, _) = self
+            .idempotent_write_with("Ack", &request_id, fingerprint, move |tx, _| {
+                tx.delete_outbox(outbox_id)?;
+                Ok((Vec::new(), ()))
+            })
+            .await?;
+        self.shared.delivery.acknowledged(outbox_id);
+        Ok(answered)
+    }
+
+    /// The payload sent with a command.
+    pub(crate) async fn payload_of(&self, command: &Command) -> Result<PayloadRecord, Error> {
+        let gsn = Gsn::parse(&command.gsn).map_err(|e| Error::invalid("gsn", e.to_string()))?;
+        let sequence = gsn.sequence();
+        Ok(self
+            .store
+            .read(move |tx| tx.payload(sequence, ""))
+            .await??
+            .unwrap_or(PayloadRecord {
+                data: Vec::new(),
+                content_type: String::new(),
+            }))
+    }
+}
+
+/// Command ids are `<gsn>:<kind letter><outbox id>`, stable across redeliveries because the
+/// outbox id is, so a node can de-duplicate by them: the kind tells how to read a report that
+/// answers the command, without a ledger lookup.
+pub(crate) fn command_id(gsn: &str, kind: Kind, outbox_id: u64) -> String {
+    let letter = match kind {
+        Kind::Execute => 'e',
+        Kind::Reverse => 'r',
+        Kind::QueryStatus => 'q',
+        Kind::Signal => 's',
+    };
+    format!("{gsn}:{letter}{outbox_id}")
+}
+
+fn parse_command_id(text: &str, gsn: &Gsn) -> Result<(u64, Kind), Error> {
+    let bad = || {
+        Error::invalid(
+            "command_id",
+            format!("{text:?} is not a command id sagad issued for saga {gsn}"),
+        )
+    };
+    let (prefix, rest) = text.rsplit_once(':').ok_or_else(bad)?;
+    if prefix != gsn.to_string() {
+        return Err(bad());
+    }
+    let mut chars = rest.chars();
+    let kind = match chars.next() {
+        Some('e') => Kind::Execute,
+        Some('r') => Kind::Reverse,
+        Some('q') => Kind::QueryStatus,
+        Some('s') => Kind::Signal,
+        _ => return Err(bad()),
+    };
+    let id = chars.as_str().parse::<u64>().map_err(|_| bad())?;
+    Ok((id, kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ids::CoordinatorId;
+
+    #[test]
+    fn command_ids_carry_their_kind_and_round_trip() {
+        let gsn = Gsn::new(CoordinatorId::parse("c1").unwrap(), 7);
+        for kind in [
+            Kind::Execute,
+            Kind::Reverse,
+            Kind::QueryStatus,
+            Kind::Signal,
+        ] {
+            let id = command_id(&gsn.to_string(), kind, 42);
+            assert_eq!(parse_command_id(&id, &gsn).unwrap(), (42, kind));
+        }
+        let other = Gsn::new(CoordinatorId::parse("c1").unwrap(), 8);
+        assert!(parse_command_id(&command_id(&gsn.to_string(), Kind::Execute, 1), &other).is_err());
+        assert!(parse_command_id("c1-0000000000000007:x1", &gsn).is_err());
+    }
+}

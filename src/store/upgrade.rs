@@ -1,0 +1,184 @@
+//! Brings a ledger written by an older sagad up to the current shapes when it is opened, for
+//! the changes a record's `decode_older` cannot make alone because they move data between
+//! tables. Runs in `Store::open`, before the ledger threads start; every record is moved in one
+//! transaction with its new shape, so a crash midway leaves a ledger the next open finishes.
+
+use super::Error;
+use super::codec;
+use super::tables::{Overlay, Table, Tables, storage_error};
+
+/// Meta key of the ledger format the tables are known to be in. Absent before format 2.
+const FORMAT: &[u8] = b"format";
+
+/// Format 2: saga payloads live in `payloads`, not inside the saga (saga record version 2).
+const CURRENT_FORMAT: u64 = 2;
+
+/// Sagas moved per transaction: bounded, so a large ledger is never one huge transaction.
+const BATCH: usize = 256;
+
+/// Upgrades the ledger to `CURRENT_FORMAT` unless it is known to be there already.
+pub(crate) fn run(tables: &Tables) -> Result<(), Error> {
+    if let Some(bytes) = tables.get_raw(Table::Meta, FORMAT)?
+        && codec::decode_u64(Table::Meta.name(), &bytes)? >= CURRENT_FORMAT
+    {
+        return Ok(());
+    }
+    let moved = move_saga_payloads(tables)?;
+    let mut done = Overlay::default();
+    done.put(
+        Table::Meta,
+        FORMAT.to_vec(),
+        codec::u64_key(CURRENT_FORMAT).to_vec(),
+    );
+    tables.apply(&done)?;
+    tables.db.flush().map_err(storage_error)?;
+    if moved > 0 {
+        tracing::info!(
+            sagas = moved,
+            "moved the payloads of sagas written by an older sagad to the payloads table"
+        );
+    }
+    Ok(())
+}
+
+/// Rewrites every version 1 saga as the current version and stores the payload it carried as
+/// the saga's own payload (branch id ""). Returns how many sagas it moved.
+fn move_saga_payloads(tables: &Tables) -> Result<usize, Error> {
+    let mut moved = 0;
+    let mut batch = Overlay::default();
+    let mut in_batch = 0;
+    for entry in tables.tree(Table::Sagas).iter() {
+        let (key, value) = entry.map_err(storage_error)?;
+        let Some((&1, body)) = value.split_first() else {
+            continue;
+        };
+        let split = codec::decode_u64(Table::Sagas.name(), &key)
+            .and_then(|sequence| Ok((sequence, codec::decode_saga_v1(body)?)));
+        // A value that does not read as version 1 stays as it is: reading it reports the
+        // corruption, exactly as before the upgrade.
+        let Ok((sequence, (saga, payload))) = split else {
+            continue;
+        };
+        batch.put(Table::Sagas, key.to_vec(), codec::encode(&saga)?);
+        batch.put(
+            Table::Payloads,
+            codec::payload_key(sequence, ""),
+            codec::encode(&payload)?,
+        );
+        moved += 1;
+        in_batch += 1;
+        if in_batch == BATCH {
+            tables.apply(&batch)?;
+            batch = Overlay::default();
+            in_batch = 0;
+        }
+    }
+    tables.apply(&batch)?;
+    Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Options, PayloadRecord, SagaRecord, Store};
+    use std::collections::BTreeMap;
+
+    fn saga(sequence: u64) -> SagaRecord {
+        SagaRecord {
+            coordinator_id: "c1".into(),
+            sequence,
+            business_type: "order".into(),
+            mode: 2,
+            content_type: "application/json".into(),
+            labels: BTreeMap::from([("tenant".into(), "t1".into())]),
+            deadline_ms: 0,
+            state: 1,
+            created_ms: 10,
+            updated_ms: 11,
+            request_id: format!("r{sequence}"),
+            strategy_version: 0,
+            branches: Vec::new(),
+            reported: Vec::new(),
+            fired_rules: Vec::new(),
+            signal: 0,
+            reason: String::new(),
+            reversal_serials: Vec::new(),
+            reversal_type: 0,
+        }
+    }
+
+    fn payload_of(sequence: u64) -> Vec<u8> {
+        // One large enough to be one of sled's separate blob files.
+        let len = if sequence == 2 {
+            200_000
+        } else {
+            sequence as usize
+        };
+        vec![sequence as u8; len]
+    }
+
+    /// A ledger as sagad 0.1 left it: more sagas than one batch holds, version 1 values with
+    /// their payload inside, one of them unreadable, and no format mark.
+    fn write_version_1_ledger(path: &std::path::Path, sagas: u64) {
+        let db = sled::Config::new().path(path).open().unwrap();
+        let tree = db.open_tree("sagas").unwrap();
+        for sequence in 1..=sagas {
+            let value = codec::encode_saga_v1(&saga(sequence), &payload_of(sequence));
+            tree.insert(sequence.to_be_bytes(), value).unwrap();
+        }
+        tree.insert((sagas + 1).to_be_bytes(), &[1, 0xff][..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+
+    #[test]
+    fn opening_a_version_1_ledger_moves_saga_payloads_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger");
+        let sagas = BATCH as u64 + 3;
+        write_version_1_ledger(&path, sagas);
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for _ in 0..2 {
+            // The second open finds the format mark and changes nothing.
+            let store = Store::open(Options::new(&path)).unwrap();
+            let (read, unreadable) = rt
+                .block_on(store.read(move |tx| {
+                    let read: Vec<(Option<SagaRecord>, Option<PayloadRecord>)> = (1..=sagas)
+                        .map(|s| (tx.saga(s).unwrap(), tx.payload(s, "").unwrap()))
+                        .collect();
+                    (read, tx.saga(sagas + 1))
+                }))
+                .unwrap();
+            for (sequence, found) in (1..=sagas).zip(read) {
+                let payload = PayloadRecord {
+                    data: payload_of(sequence),
+                    content_type: "application/json".into(),
+                };
+                assert_eq!(found, (Some(saga(sequence)), Some(payload)));
+            }
+            assert!(matches!(
+                unreadable,
+                Err(Error::Corrupt { table: "sagas", .. })
+            ));
+            rt.block_on(store.close()).unwrap();
+        }
+
+        // sled's I/O threads may hold the folder's lock a moment after close (see `open_db`).
+        let db = (0..100)
+            .find_map(|_| {
+                let opened = sled::Config::new().path(&path).open().ok();
+                if opened.is_none() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                opened
+            })
+            .unwrap();
+        let stored = db.open_tree("sagas").unwrap().get(1u64.to_be_bytes());
+        assert_eq!(stored.unwrap().unwrap()[0], 2, "the saga was not rewritten");
+        let format = db.open_tree("meta").unwrap().get(FORMAT).unwrap().unwrap();
+        assert_eq!(format.as_ref(), CURRENT_FORMAT.to_be_bytes());
+    }
+}

@@ -1,0 +1,152 @@
+//! The order strategy the engine tests run, and helpers to drive and watch its sagas.
+
+use std::time::Duration;
+
+use sagad::grpc::pb;
+use sagad::grpc::pb::coordinator_client::CoordinatorClient;
+use sagad::grpc::pb::strategies_client::StrategiesClient;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+fn step(id: &str, node: &str, forward: &str, reversal: &str, timeout: Duration) -> pb::Step {
+    pb::Step {
+        id: id.into(),
+        node_id: node.into(),
+        forward_action: forward.into(),
+        reversal_action: reversal.into(),
+        timeout: Some(prost_types::Duration {
+            seconds: timeout.as_secs() as i64,
+            nanos: timeout.subsec_nanos() as i32,
+        }),
+    }
+}
+
+fn status(step_id: &str, status: &str) -> pb::StepStatus {
+    pb::StepStatus {
+        step_id: step_id.into(),
+        status: status.into(),
+    }
+}
+
+/// reserve (inventory) and charge (payment) at once; ship (shipping) once both RESERVED and
+/// PAID; SHIPPED ends it; DECLINED from charge reverses reserve; result_code=E12 is abnormal.
+pub fn order_strategy(step_timeout: Duration) -> pb::Strategy {
+    pb::Strategy {
+        business_type: "order".into(),
+        description: "reserve and charge, then ship".into(),
+        steps: vec![
+            step("reserve", "inventory", "reserve", "release", step_timeout),
+            step("charge", "payment", "charge", "refund", step_timeout),
+            step("ship", "shipping", "ship", "recall", step_timeout),
+        ],
+        first_set: vec!["reserve".into(), "charge".into()],
+        rules: vec![pb::Rule {
+            when: vec![status("reserve", "RESERVED"), status("charge", "PAID")],
+            trigger: vec!["ship".into()],
+        }],
+        end_statuses: vec![status("ship", "SHIPPED")],
+        abnormal_statuses: vec![status("charge", "DECLINED")],
+        status_mappings: vec![pb::StatusMapping {
+            step_id: String::new(),
+            parameter: "result_code".into(),
+            value: "E12".into(),
+            meaning: pb::StatusMeaning::Abnormal as i32,
+        }],
+        exception_scopes: vec![pb::ExceptionScope {
+            step_id: "charge".into(),
+            reverse: vec!["reserve".into()],
+        }],
+        ..Default::default()
+    }
+}
+
+pub async fn put_strategy(channel: &Channel, strategy: pb::Strategy) {
+    StrategiesClient::new(channel.clone())
+        .put_strategy(pb::PutStrategyRequest {
+            request_id: format!("put-{}", strategy.business_type),
+            strategy: Some(strategy),
+        })
+        .await
+        .expect("put strategy");
+}
+
+pub async fn register_node(channel: &Channel, node_id: &str, endpoint: &str) {
+    CoordinatorClient::new(channel.clone())
+        .register_node(pb::RegisterNodeRequest {
+            request_id: format!("node-{node_id}-{endpoint}"),
+            node_id: node_id.into(),
+            endpoint: endpoint.into(),
+        })
+        .await
+        .expect("register node");
+}
+
+pub async fn start_order(channel: &Channel, request_id: &str, payload: &str) -> String {
+    CoordinatorClient::new(channel.clone())
+        .start_saga(pb::StartSagaRequest {
+            request_id: request_id.into(),
+            business_type: "order".into(),
+            mode: pb::SagaMode::Orchestrated as i32,
+            payload: payload.as_bytes().to_vec(),
+            content_type: "text/plain".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start saga")
+        .into_inner()
+        .gsn
+}
+
+/// Watches the saga until it is terminal (or `limit` passes) and returns its last state.
+pub async fn wait_terminal(channel: &Channel, gsn: &str, limit: Duration) -> pb::Saga {
+    let mut client = CoordinatorClient::new(channel.clone());
+    let watched = async {
+        let mut stream = client
+            .watch_saga(pb::WatchSagaRequest { gsn: gsn.into() })
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut last = None;
+        while let Some(item) = stream.next().await {
+            last = item.expect("watch item").saga;
+        }
+        last.expect("at least one state")
+    };
+    match tokio::time::timeout(limit, watched).await {
+        Ok(saga) => saga,
+        Err(_) => {
+            let saga = get(channel, gsn).await;
+            panic!("saga {gsn} not terminal after {limit:?}: {saga:#?}");
+        }
+    }
+}
+
+pub async fn get(channel: &Channel, gsn: &str) -> pb::Saga {
+    CoordinatorClient::new(channel.clone())
+        .get_saga(pb::GetSagaRequest { gsn: gsn.into() })
+        .await
+        .expect("get saga")
+        .into_inner()
+        .saga
+        .expect("saga")
+}
+
+/// Polls `check` until it holds, for at most `limit`.
+pub async fn eventually<F: FnMut() -> bool>(limit: Duration, mut check: F) -> bool {
+    let step = Duration::from_millis(20);
+    let rounds = (limit.as_millis() / step.as_millis()).max(1);
+    for _ in 0..rounds {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(step).await;
+    }
+    check()
+}
+
+pub fn branch<'a>(saga: &'a pb::Saga, id: &str) -> &'a pb::Branch {
+    saga.branches
+        .iter()
+        .find(|b| b.branch_id == id)
+        .unwrap_or_else(|| panic!("no branch {id} in {saga:#?}"))
+}

@@ -1,0 +1,338 @@
+//! The saga engine end to end (S2): a real sagad and real participant gRPC servers on loopback
+//! running an order strategy — inventory, payment and shipping.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use common::orders::{
+    branch, eventually, get, order_strategy, put_strategy, register_node, start_order,
+    wait_terminal,
+};
+use common::participant::{Node, PushParticipant, Script, subscribe};
+use sagad::grpc::pb;
+use sagad::grpc::pb::coordinator_client::CoordinatorClient;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+struct Shop {
+    server: TestServer,
+    inventory: PushParticipant,
+    payment: PushParticipant,
+    shipping: PushParticipant,
+}
+
+async fn shop(step_timeout: Duration) -> Shop {
+    let server = TestServer::start().await;
+    let inventory = PushParticipant::start(Node::new("inventory")).await;
+    let payment = PushParticipant::start(Node::new("payment")).await;
+    let shipping = PushParticipant::start(Node::new("shipping")).await;
+    inventory
+        .node
+        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
+    payment
+        .node
+        .script("charge", vec![Script::Succeed("PAID", vec![])]);
+    shipping
+        .node
+        .script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
+    put_strategy(&server.channel, order_strategy(step_timeout)).await;
+    register_node(&server.channel, "inventory", &inventory.endpoint()).await;
+    register_node(&server.channel, "payment", &payment.endpoint()).await;
+    register_node(&server.channel, "shipping", &shipping.endpoint()).await;
+    Shop {
+        server,
+        inventory,
+        payment,
+        shipping,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_success_path_fans_out_joins_and_completes_with_every_node_told() {
+    let shop = shop(Duration::from_secs(10)).await;
+    let gsn = start_order(&shop.server.channel, "o-1", "order 1").await;
+    let saga = wait_terminal(&shop.server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32);
+    assert_eq!(saga.strategy_version, 1);
+
+    let saga = get(&shop.server.channel, &gsn).await;
+    for id in ["reserve", "charge", "ship"] {
+        assert_eq!(
+            branch(&saga, id).state,
+            pb::BranchState::Succeeded as i32,
+            "{id}"
+        );
+    }
+    assert_eq!(shop.inventory.node.executions_of(&gsn, "reserve"), 1);
+    assert_eq!(shop.payment.node.executions_of(&gsn, "charge"), 1);
+    assert_eq!(shop.shipping.node.executions_of(&gsn, "ship"), 1);
+    let completed = pb::Signal::Completed as i32;
+    let told = eventually(LIMIT, || {
+        [&shop.inventory, &shop.payment, &shop.shipping]
+            .iter()
+            .all(|p| p.node.signals_for(&gsn) == vec![completed])
+    })
+    .await;
+    assert!(told, "every node is told the saga completed, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_abnormal_status_reverses_exactly_the_associated_triggered_steps() {
+    let shop = shop(Duration::from_secs(10)).await;
+    shop.payment
+        .node
+        .script("charge", vec![Script::Succeed("DECLINED", vec![])]);
+    let gsn = start_order(&shop.server.channel, "o-2", "order 2").await;
+    let saga = wait_terminal(&shop.server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32);
+    assert!(saga.reason.contains("DECLINED"), "{}", saga.reason);
+
+    let saga = get(&shop.server.channel, &gsn).await;
+    assert_eq!(saga.signal, pb::Signal::ReversalSuccess as i32);
+    let reserve = branch(&saga, "reserve");
+    assert!(
+        [
+            pb::BranchState::Reversed as i32,
+            pb::BranchState::NotOccurred as i32
+        ]
+        .contains(&reserve.state),
+        "reserve was reversed: {reserve:?}"
+    );
+    assert_eq!(
+        branch(&saga, "charge").state,
+        pb::BranchState::Succeeded as i32,
+        "charge is outside its own exception scope"
+    );
+    assert!(
+        saga.branches.iter().all(|b| b.branch_id != "ship"),
+        "ship was never triggered"
+    );
+    assert_eq!(shop.payment.node.reversals_of(&gsn, "charge"), 0);
+    assert!(shop.inventory.node.reversals_of(&gsn, "reserve") <= 1);
+    assert_eq!(shop.shipping.node.executions_of(&gsn, "ship"), 0);
+    let success = pb::Signal::ReversalSuccess as i32;
+    let told = eventually(LIMIT, || {
+        shop.inventory.node.signals_for(&gsn) == vec![success]
+            && shop.payment.node.signals_for(&gsn) == vec![success]
+    })
+    .await;
+    assert!(told, "inventory and payment are told REVERSAL_SUCCESS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stored_status_completes_the_join_when_the_other_arrives() {
+    let shop = shop(Duration::from_secs(30)).await;
+    // reserve answers PROCESSING and reports RESERVED by itself later.
+    shop.inventory
+        .node
+        .script("reserve", vec![Script::SucceedSilently("RESERVED")]);
+    let gsn = start_order(&shop.server.channel, "o-3", "order 3").await;
+    let channel = shop.server.channel.clone();
+    assert!(
+        eventually(LIMIT, || shop.payment.node.executions_of(&gsn, "charge")
+            == 1)
+        .await,
+        "charge ran"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let saga = get(&channel, &gsn).await;
+    assert_eq!(
+        branch(&saga, "charge").state,
+        pb::BranchState::Succeeded as i32
+    );
+    assert!(
+        saga.branches.iter().all(|b| b.branch_id != "ship"),
+        "PAID alone is stored; the join waits"
+    );
+
+    CoordinatorClient::new(channel.clone())
+        .report_state(pb::ReportStateRequest {
+            request_id: "late-reserve".into(),
+            gsn: gsn.clone(),
+            branch_id: "reserve".into(),
+            reporter_node_id: "inventory".into(),
+            outcome: pb::Outcome::Succeeded as i32,
+            status: Some(pb::Status {
+                name: "RESERVED".into(),
+                parameters: Default::default(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let saga = wait_terminal(&channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32);
+    assert_eq!(shop.shipping.node.executions_of(&gsn, "ship"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_on_a_subscribe_stream_gets_the_same_commands() {
+    let server = TestServer::start().await;
+    let inventory = PushParticipant::start(Node::new("inventory")).await;
+    let payment = PushParticipant::start(Node::new("payment")).await;
+    inventory
+        .node
+        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
+    payment
+        .node
+        .script("charge", vec![Script::Succeed("PAID", vec![])]);
+    let shipping = Node::new("shipping");
+    shipping.script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
+    put_strategy(&server.channel, order_strategy(Duration::from_secs(10))).await;
+    register_node(&server.channel, "inventory", &inventory.endpoint()).await;
+    register_node(&server.channel, "payment", &payment.endpoint()).await;
+    let stream = subscribe(shipping.clone(), server.channel.clone());
+
+    let gsn = start_order(&server.channel, "o-4", "order 4").await;
+    let saga = wait_terminal(&server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32);
+    assert_eq!(shipping.executions_of(&gsn, "ship"), 1);
+    let completed = pb::Signal::Completed as i32;
+    assert!(
+        eventually(LIMIT, || shipping.signals_for(&gsn) == vec![completed]).await,
+        "the signal arrives on the stream too"
+    );
+    stream.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_to_a_participant_that_is_down_are_redelivered_when_it_returns() {
+    let shop = shop(Duration::from_secs(30)).await;
+    let (payment, addr) = shop.payment.stop().await;
+    let gsn = start_order(&shop.server.channel, "o-5", "order 5").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(payment.executions_of(&gsn, "charge"), 0);
+    let saga = get(&shop.server.channel, &gsn).await;
+    assert_eq!(
+        saga.state,
+        pb::SagaState::Running as i32,
+        "the saga waits for the node"
+    );
+
+    let payment = PushParticipant::start_on(payment, addr).await;
+    let saga = wait_terminal(&shop.server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32);
+    assert_eq!(payment.node.executions_of(&gsn, "charge"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_silent_past_its_timeout_is_asked_with_query_status() {
+    let shop = shop(Duration::from_millis(300)).await;
+    shop.inventory
+        .node
+        .script("reserve", vec![Script::SucceedSilently("RESERVED")]);
+    let gsn = start_order(&shop.server.channel, "o-6", "order 6").await;
+    let saga = wait_terminal(&shop.server.channel, &gsn, LIMIT).await;
+    assert_eq!(
+        saga.state,
+        pb::SagaState::Completed as i32,
+        "the poll's answer (RESERVED) completed the join"
+    );
+    let saga = get(&shop.server.channel, &gsn).await;
+    let reserve = branch(&saga, "reserve");
+    assert_eq!(reserve.last_poll_outcome, pb::Outcome::Succeeded as i32);
+    assert!(reserve.last_poll_at.is_some());
+    let queried = shop
+        .inventory
+        .node
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(_, kind)| *kind == "query");
+    assert!(queried, "inventory was sent QueryStatus");
+    assert_eq!(shop.inventory.node.executions_of(&gsn, "reserve"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reports_for_unknown_sagas_or_untriggered_steps_are_refused() {
+    let shop = shop(Duration::from_secs(30)).await;
+    shop.inventory
+        .node
+        .script("reserve", vec![Script::SucceedSilently("RESERVED")]);
+    let gsn = start_order(&shop.server.channel, "o-7", "order 7").await;
+    let mut client = CoordinatorClient::new(shop.server.channel.clone());
+    let report = |request_id: &str, gsn: &str, branch: &str, node: &str| pb::ReportStateRequest {
+        request_id: request_id.into(),
+        gsn: gsn.into(),
+        branch_id: branch.into(),
+        reporter_node_id: node.into(),
+        outcome: pb::Outcome::Succeeded as i32,
+        ..Default::default()
+    };
+    let err = client
+        .report_state(report("a", "c1-0000000000000999", "reserve", "inventory"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = client
+        .report_state(report("b", &gsn, "ship", "shipping"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains("not been triggered"),
+        "{}",
+        err.message()
+    );
+    let err = client
+        .report_state(report("c", &gsn, "nope", "shipping"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = client
+        .report_state(report("d", &gsn, "reserve", "payment"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::FailedPrecondition,
+        "payment cannot report inventory's step"
+    );
+    let mut missing_outcome = report("e", &gsn, "reserve", "inventory");
+    missing_outcome.outcome = 0;
+    assert_eq!(
+        client
+            .report_state(missing_outcome)
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::InvalidArgument
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_saga_past_its_deadline_is_reversed() {
+    let shop = shop(Duration::from_secs(30)).await;
+    shop.payment
+        .node
+        .script("charge", vec![Script::SucceedSilently("PAID")]);
+    let gsn = CoordinatorClient::new(shop.server.channel.clone())
+        .start_saga(pb::StartSagaRequest {
+            request_id: "o-8".into(),
+            business_type: "order".into(),
+            mode: pb::SagaMode::Orchestrated as i32,
+            timeout: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 500_000_000,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .gsn;
+    let saga = wait_terminal(&shop.server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32);
+    assert_eq!(saga.reason, "the saga's deadline passed");
+    assert_eq!(shop.inventory.node.reversals_of(&gsn, "reserve"), 1);
+    assert_eq!(shop.payment.node.reversals_of(&gsn, "charge"), 1);
+}
