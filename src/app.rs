@@ -14,6 +14,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
+use crate::domain::orchestration::Policy;
 use crate::domain::saga::Limits;
 use crate::engine::{Engine, Settings};
 use crate::grpc::{self, pb};
@@ -99,6 +100,10 @@ pub async fn serve_with(
             },
             idempotency_retention: config.idempotency_retention,
             participant_timeout: config.participant_timeout,
+            policy: Policy {
+                max_polls: config.max_polls,
+                ..Policy::default()
+            },
             ..Settings::new(config.coordinator_id.clone())
         },
     );

@@ -57,6 +57,8 @@ pub struct Config {
     /// Participant endpoints known from the start: (node id, URL).
     pub nodes: Vec<(String, String)>,
     pub participant_timeout: Duration,
+    /// QueryStatus polls of a branch whose outcome is unknown before the saga is escalated.
+    pub max_polls: u32,
 }
 
 impl Config {
@@ -76,6 +78,7 @@ impl Config {
             cache_capacity_bytes: 64 * 1024 * 1024,
             nodes: Vec::new(),
             participant_timeout: Duration::from_secs(10),
+            max_polls: 10,
         }
     }
 }
@@ -142,6 +145,11 @@ struct Flags {
     /// SAGAD_PARTICIPANT_TIMEOUT] [default: 10s]
     #[arg(long)]
     participant_timeout: Option<String>,
+    /// QueryStatus polls of a branch whose outcome stays unknown before sagad gives up on its
+    /// node and escalates (reverses the saga per its strategy) [env: SAGAD_MAX_POLLS]
+    /// [default: 10]
+    #[arg(long)]
+    max_polls: Option<String>,
 }
 
 fn node(setting: &'static str, text: &str) -> Result<(String, String), Error> {
@@ -342,6 +350,13 @@ impl Config {
                 ));
             }
             config.participant_timeout = timeout;
+        }
+        if let Some((value, _)) = pick(flags.max_polls, env, "SAGAD_MAX_POLLS") {
+            config.max_polls = value
+                .parse()
+                .ok()
+                .filter(|n| (1..=10_000).contains(n))
+                .ok_or_else(|| invalid("max-polls (SAGAD_MAX_POLLS)", &value, "expected 1 to 10000"))?;
         }
         Ok(config)
     }

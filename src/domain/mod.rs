@@ -2,6 +2,7 @@
 //! clock, logs or names sled or tonic: time comes in as `now` (ms since the Unix epoch) and
 //! decisions go out as values, so every rule is a plain unit test.
 
+pub mod barrier;
 pub mod branch;
 pub mod idempotency;
 pub mod ids;

@@ -13,9 +13,22 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::engine::commands::Command;
 use crate::engine::sagas::command_id;
+use crate::engine::metrics::Metrics;
 use crate::engine::{Engine, Error};
 use crate::store;
 use crate::transport::{Answer, Outgoing, Participants};
+
+/// A command being delivered, as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlight {
+    pub outbox_id: u64,
+    pub gsn: String,
+    pub node_id: String,
+    pub kind: &'static str,
+    pub attempts: u32,
+    /// Why the last attempt did not get an answer; empty if none failed yet.
+    pub last_error: String,
+}
 
 /// How a node is reached right now.
 enum Route {
@@ -35,6 +48,8 @@ pub(crate) struct Delivery {
     subscriptions: Mutex<HashMap<String, Subscription>>,
     /// Outbox ids with a delivery task; the notify wakes it when the command is acknowledged.
     pending: Mutex<HashMap<u64, Arc<Notify>>>,
+    /// What operators see of each delivery in flight.
+    progress: Mutex<HashMap<u64, InFlight>>,
     /// Bumped whenever a node's route changes, so waiting deliveries try again at once.
     routes: watch::Sender<u64>,
     stopping: watch::Sender<bool>,
@@ -60,6 +75,7 @@ impl Delivery {
             endpoints: Mutex::new(HashMap::new()),
             subscriptions: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
             routes: watch::channel(0).0,
             stopping: watch::channel(false).0,
             next_subscription: AtomicU64::new(1),
@@ -143,8 +159,41 @@ impl Delivery {
         tokio::spawn(deliver(engine, outbox_id, command, notify));
     }
 
+    pub(crate) fn in_flight(&self) -> Vec<InFlight> {
+        let mut all: Vec<InFlight> = self
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by_key(|f| f.outbox_id);
+        all
+    }
+
+    fn record_attempt(&self, outbox_id: u64, command: &Command, attempts: u32, last_error: String) {
+        let kind = match command.kind {
+            crate::engine::commands::Kind::Execute => "execute",
+            crate::engine::commands::Kind::Reverse => "reverse",
+            crate::engine::commands::Kind::QueryStatus => "query_status",
+            crate::engine::commands::Kind::Signal => "signal",
+        };
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            outbox_id,
+            InFlight {
+                outbox_id,
+                gsn: command.gsn.clone(),
+                node_id: command.node_id.clone(),
+                kind,
+                attempts,
+                last_error,
+            },
+        );
+    }
+
     /// The command was answered through ReportState or Ack: its delivery task stops.
     pub(crate) fn acknowledged(&self, outbox_id: u64) {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(&outbox_id);
         if let Some(notify) = self
             .pending
             .lock()
@@ -214,6 +263,7 @@ async fn deliver(engine: Engine, outbox_id: u64, command: Command, acked: Arc<No
             attempt,
         };
         routes.borrow_and_update();
+        delivery.record_attempt(outbox_id, &command, attempt, String::new());
         let wait = match delivery.route(&command.node_id) {
             Route::Push(endpoint) => match delivery.participants.send(&endpoint, &outgoing).await {
                 Ok(answer) => {
@@ -238,6 +288,8 @@ async fn deliver(engine: Engine, outbox_id: u64, command: Command, acked: Arc<No
                 }
                 Err(e) => {
                     tracing::debug!(outbox_id, node = %command.node_id, attempt, error = %e, "delivery failed; will retry");
+                    Metrics::bump(&engine.shared.metrics.delivery_failures);
+                    delivery.record_attempt(outbox_id, &command, attempt, e.to_string());
                     delivery.backoff(attempt, engine.random.unit())
                 }
             },
@@ -249,7 +301,15 @@ async fn deliver(engine: Engine, outbox_id: u64, command: Command, acked: Arc<No
                     delivery.resend_after
                 }
             }
-            Route::Nowhere => delivery.resend_after,
+            Route::Nowhere => {
+                delivery.record_attempt(
+                    outbox_id,
+                    &command,
+                    attempt,
+                    "the node has no endpoint and no Subscribe stream".to_owned(),
+                );
+                delivery.resend_after
+            }
         };
         tokio::select! {
             () = acked.notified() => return,

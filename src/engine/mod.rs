@@ -3,9 +3,11 @@
 //! record together, and is answered only once durable. The engine owns no tonic type and no
 //! sled type; it is handed the store, the clock and the limits.
 
+mod barrier;
 pub(crate) mod commands;
 mod convert;
 mod delivery;
+pub mod metrics;
 mod nodes;
 pub mod paging;
 mod retries;
@@ -29,6 +31,7 @@ use crate::random::SharedRandom;
 use crate::store::{self, IdempotencyKey, IdempotencyNamespace, Store, WriteTx};
 
 pub use convert::signal_from_code;
+pub use delivery::InFlight;
 pub use nodes::Subscription;
 pub use paging::PageToken;
 pub use sagas::ReportInput;
@@ -142,6 +145,7 @@ pub(crate) struct Shared {
     strategies: RwLock<HashMap<(String, u64), Arc<Strategy>>>,
     delivery: delivery::Delivery,
     watchers: watch::Watchers,
+    metrics: metrics::Metrics,
 }
 
 fn millis(duration: Duration) -> Millis {
@@ -180,6 +184,7 @@ impl Engine {
                 settings.redelivery_cap,
             ),
             watchers: watch::Watchers::default(),
+            metrics: metrics::Metrics::default(),
         });
         Engine {
             store,
@@ -229,6 +234,15 @@ impl Engine {
     /// Stops delivery and timers; what they had not finished stays in the ledger.
     pub fn stop(&self) {
         self.shared.delivery.stop();
+    }
+
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.shared.metrics
+    }
+
+    /// Commands being delivered right now: (outbox id, node, attempts so far, last error).
+    pub fn deliveries_in_flight(&self) -> Vec<delivery::InFlight> {
+        self.shared.delivery.in_flight()
     }
 
     pub fn store(&self) -> &Store {

@@ -5,14 +5,16 @@
 //! write is durable.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::domain::Millis;
 use crate::domain::branch::Report;
 use crate::domain::ids::{Gsn, RequestId};
-use crate::domain::orchestration::{self, Context, Effect, Refusal, Transition};
-use crate::domain::saga::{self, Saga, SagaMode, StartRequest};
+use crate::domain::orchestration::{self, Context, Effect, Refusal, Timer, Transition};
+use crate::domain::saga::{self, Saga, SagaMode, SagaState, StartRequest};
 use crate::domain::strategy::Strategy;
 use crate::engine::commands::{self, Command, Kind};
+use crate::engine::metrics::Metrics;
 use crate::engine::{
     Answered, DEFAULT_PAGE_SIZE, Engine, Error, ListQuery, MAX_PAGE_SIZE, Page, PageToken, Shared,
     convert, strategies,
@@ -29,6 +31,10 @@ pub(crate) struct Applied {
     pub saga: Option<Saga>,
     /// New outbox entries, to deliver once the write is durable.
     pub deliveries: Vec<(u64, Command)>,
+    /// Set when the transition ended the saga (its signals went out).
+    pub ended: Option<SagaState>,
+    pub polls: u64,
+    pub reversals: u64,
 }
 
 /// A report as ReportState carries it.
@@ -98,6 +104,10 @@ pub(crate) fn store_transition(
     tx.put_saga(&convert::saga_to_record(&saga))?;
     let mut deliveries = Vec::new();
     let gsn = saga.gsn.to_string();
+    let signalled = effects.iter().any(|e| matches!(e, Effect::Signal { .. }));
+    let ended = signalled.then_some(saga.state);
+    let polls = effects.iter().filter(|e| matches!(e, Effect::QueryStatus { .. })).count() as u64;
+    let reversals = effects.iter().filter(|e| matches!(e, Effect::Reverse { .. })).count() as u64;
     for effect in effects {
         let (kind, branch_id, node_id, action, reason, signal) = match effect {
             Effect::WakeAt { at_ms, timer } => {
@@ -184,6 +194,9 @@ pub(crate) fn store_transition(
     Ok(Applied {
         saga: Some(saga),
         deliveries,
+        ended,
+        polls,
+        reversals,
     })
 }
 
@@ -226,8 +239,17 @@ impl Engine {
         }
     }
 
-    /// Hands what a durable write produced to delivery and to watchers.
+    /// Hands what a durable write produced to delivery and to watchers, and counts it.
     pub(crate) fn after_commit(&self, applied: Applied) {
+        let metrics = &self.shared.metrics;
+        metrics.polls_sent.fetch_add(applied.polls, Ordering::Relaxed);
+        metrics.reversals_started.fetch_add(applied.reversals, Ordering::Relaxed);
+        match applied.ended {
+            Some(SagaState::Completed) => Metrics::bump(&metrics.sagas_completed),
+            Some(SagaState::Reversed) => Metrics::bump(&metrics.sagas_reversed),
+            Some(SagaState::NeedsAttention) => Metrics::bump(&metrics.sagas_needing_attention),
+            Some(SagaState::Running | SagaState::Reversing) | None => {}
+        }
         for (id, command) in applied.deliveries {
             self.shared.delivery.spawn(self.clone(), id, command);
         }
@@ -311,7 +333,7 @@ impl Engine {
                         tx.put_saga(&convert::saga_to_record(&saga))?;
                         Applied {
                             saga: Some(saga),
-                            deliveries: Vec::new(),
+                            ..Applied::default()
                         }
                     }
                 };
@@ -538,6 +560,9 @@ impl Engine {
             )));
         };
         let ctx = self.context(&strategy, now);
+        if kind == Kind::QueryStatus {
+            Metrics::bump(&self.shared.metrics.poll_answers);
+        }
         let transition = match kind {
             Kind::Execute => orchestration::on_reported(saga, branch_id, report, ctx)
                 .map_err(|r| refusal(r, &gsn))?,
@@ -574,7 +599,13 @@ impl Engine {
                     };
                     let now = key.at_ms.max(engine.clock.now_ms());
                     let ctx = engine.context(&strategy, now);
-                    store_transition(tx, orchestration::on_timer(saga, &timer, ctx), now)
+                    Metrics::bump(&engine.shared.metrics.timers_fired);
+                    let was_running = saga.state == SagaState::Running;
+                    let transition = orchestration::on_timer(saga, &timer, ctx);
+                    if matches!(timer, Timer::Poll { .. }) && was_running && transition.saga.state != SagaState::Running {
+                        Metrics::bump(&engine.shared.metrics.escalations);
+                    }
+                    store_transition(tx, transition, now)
                 })();
                 keep_going(
                     fired,

@@ -257,5 +257,14 @@ pub fn branch(branch: &Branch) -> pb::Branch {
             .map(outcome_to_pb)
             .unwrap_or(pb::Outcome::Unspecified) as i32,
         last_poll_at: (branch.last_poll_ms != 0).then(|| timestamp(branch.last_poll_ms)),
+        polls: branch.polls,
+        timeline: branch
+            .timeline
+            .iter()
+            .map(|t| pb::TimelineEntry {
+                at: Some(timestamp(t.at_ms)),
+                what: t.what.clone(),
+            })
+            .collect(),
     }
 }

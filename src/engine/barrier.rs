@@ -1,0 +1,1 @@
+//! The barrier over the idempotency table: Idempotency.Guard as one ledger write.
