@@ -356,7 +356,9 @@ impl Config {
                 .parse()
                 .ok()
                 .filter(|n| (1..=10_000).contains(n))
-                .ok_or_else(|| invalid("max-polls (SAGAD_MAX_POLLS)", &value, "expected 1 to 10000"))?;
+                .ok_or_else(|| {
+                    invalid("max-polls (SAGAD_MAX_POLLS)", &value, "expected 1 to 10000")
+                })?;
         }
         Ok(config)
     }

@@ -336,3 +336,99 @@ async fn a_saga_past_its_deadline_is_reversed() {
     assert_eq!(shop.inventory.node.reversals_of(&gsn, "reserve"), 1);
     assert_eq!(shop.payment.node.reversals_of(&gsn, "charge"), 1);
 }
+
+fn millis(ms: u64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    })
+}
+
+async fn put_retry_config(channel: &tonic::transport::Channel, request_id: &str, codes: &[&str]) {
+    pb::retries_client::RetriesClient::new(channel.clone())
+        .put_retry_config(pb::PutRetryConfigRequest {
+            request_id: request_id.into(),
+            config: Some(pb::RetryConfig {
+                defaults: Some(pb::RetryPolicy {
+                    retryable_codes: codes.iter().map(|c| c.to_string()).collect(),
+                    max_retries: Some(3),
+                    min_interval: millis(50),
+                    backoff_factor: Some(2.0),
+                    max_interval: millis(200),
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_participant_failing_with_a_retryable_code_twice_then_succeeding_completes_the_saga() {
+    let shop = shop(Duration::from_secs(10)).await;
+    put_retry_config(&shop.server.channel, "retry-1", &["UNAVAILABLE"]).await;
+    shop.payment.node.script(
+        "charge",
+        vec![
+            Script::Fail("UNAVAILABLE"),
+            Script::Fail("UNAVAILABLE"),
+            Script::Succeed("PAID", vec![]),
+        ],
+    );
+    let gsn = start_order(&shop.server.channel, "o-9", "order 9").await;
+    let saga = wait_terminal(&shop.server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32);
+    let executes = shop
+        .payment
+        .node
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, k)| *k == "execute")
+        .count();
+    assert_eq!(
+        executes, 3,
+        "two failed attempts and the one that took effect, each its own command"
+    );
+    assert_eq!(shop.payment.node.executions_of(&gsn, "charge"), 1);
+    let saga = get(&shop.server.channel, &gsn).await;
+    assert_eq!(branch(&saga, "charge").attempts, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_participant_failing_with_a_code_that_is_not_retryable_is_reversed_at_once_until_the_config_changes()
+ {
+    let shop = shop(Duration::from_secs(10)).await;
+    put_retry_config(&shop.server.channel, "retry-1", &["UNAVAILABLE"]).await;
+    shop.payment
+        .node
+        .script("charge", vec![Script::Fail("INSUFFICIENT_FUNDS")]);
+    let gsn = start_order(&shop.server.channel, "o-10", "order 10").await;
+    let saga = wait_terminal(&shop.server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32);
+    let saga = get(&shop.server.channel, &gsn).await;
+    assert_eq!(branch(&saga, "charge").attempts, 1, "not retried");
+    assert_eq!(branch(&saga, "charge").error_code, "INSUFFICIENT_FUNDS");
+
+    // The next decision follows the new configuration, without a restart.
+    put_retry_config(
+        &shop.server.channel,
+        "retry-2",
+        &["UNAVAILABLE", "INSUFFICIENT_FUNDS"],
+    )
+    .await;
+    shop.payment.node.script(
+        "charge",
+        vec![
+            Script::Fail("INSUFFICIENT_FUNDS"),
+            Script::Succeed("PAID", vec![]),
+        ],
+    );
+    shop.inventory
+        .node
+        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
+    let gsn = start_order(&shop.server.channel, "o-11", "order 11").await;
+    let saga = wait_terminal(&shop.server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32);
+}

@@ -47,7 +47,8 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, store::Error> {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum StoredTimer {
-    StepTimeout { branch_id: String },
+    StepTimeout { branch_id: String, attempt: u32 },
+    RetryExecute { branch_id: String },
     Poll { branch_id: String },
     RetryReversal { branch_id: String },
     Deadline,
@@ -55,7 +56,11 @@ enum StoredTimer {
 
 pub fn encode_timer(timer: &Timer) -> Result<Vec<u8>, store::Error> {
     let stored = match timer {
-        Timer::StepTimeout { branch_id } => StoredTimer::StepTimeout {
+        Timer::StepTimeout { branch_id, attempt } => StoredTimer::StepTimeout {
+            branch_id: branch_id.clone(),
+            attempt: *attempt,
+        },
+        Timer::RetryExecute { branch_id } => StoredTimer::RetryExecute {
             branch_id: branch_id.clone(),
         },
         Timer::Poll { branch_id } => StoredTimer::Poll {
@@ -78,7 +83,10 @@ pub fn decode_timer(bytes: &[u8]) -> Result<Timer, store::Error> {
         detail: format!("decoding a timer: {e}"),
     })?;
     Ok(match stored {
-        StoredTimer::StepTimeout { branch_id } => Timer::StepTimeout { branch_id },
+        StoredTimer::StepTimeout { branch_id, attempt } => {
+            Timer::StepTimeout { branch_id, attempt }
+        }
+        StoredTimer::RetryExecute { branch_id } => Timer::RetryExecute { branch_id },
         StoredTimer::Poll { branch_id } => Timer::Poll { branch_id },
         StoredTimer::RetryReversal { branch_id } => Timer::RetryReversal { branch_id },
         StoredTimer::Deadline => Timer::Deadline,
@@ -99,9 +107,10 @@ mod tests {
         }
 
         #[test]
-        fn timers_round_trip(branch_id in ".{0,20}", which in 0u8..4) {
+        fn timers_round_trip(branch_id in ".{0,20}", which in 0u8..5) {
             let timer = match which {
-                0 => Timer::StepTimeout { branch_id },
+                0 => Timer::StepTimeout { branch_id, attempt: 2 },
+                4 => Timer::RetryExecute { branch_id },
                 1 => Timer::Poll { branch_id },
                 2 => Timer::RetryReversal { branch_id },
                 _ => Timer::Deadline,

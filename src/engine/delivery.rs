@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::engine::commands::Command;
-use crate::engine::sagas::command_id;
 use crate::engine::metrics::Metrics;
+use crate::engine::sagas::command_id;
 use crate::engine::{Engine, Error};
 use crate::store;
 use crate::transport::{Answer, Outgoing, Participants};
@@ -178,22 +178,28 @@ impl Delivery {
             crate::engine::commands::Kind::QueryStatus => "query_status",
             crate::engine::commands::Kind::Signal => "signal",
         };
-        self.progress.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            outbox_id,
-            InFlight {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
                 outbox_id,
-                gsn: command.gsn.clone(),
-                node_id: command.node_id.clone(),
-                kind,
-                attempts,
-                last_error,
-            },
-        );
+                InFlight {
+                    outbox_id,
+                    gsn: command.gsn.clone(),
+                    node_id: command.node_id.clone(),
+                    kind,
+                    attempts,
+                    last_error,
+                },
+            );
     }
 
     /// The command was answered through ReportState or Ack: its delivery task stops.
     pub(crate) fn acknowledged(&self, outbox_id: u64) {
-        self.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(&outbox_id);
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&outbox_id);
         if let Some(notify) = self
             .pending
             .lock()

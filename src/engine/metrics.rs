@@ -35,7 +35,10 @@ impl Metrics {
             ("reversals_started", read(&self.reversals_started)),
             ("sagas_completed", read(&self.sagas_completed)),
             ("sagas_reversed", read(&self.sagas_reversed)),
-            ("sagas_needing_attention", read(&self.sagas_needing_attention)),
+            (
+                "sagas_needing_attention",
+                read(&self.sagas_needing_attention),
+            ),
         ]
     }
 }

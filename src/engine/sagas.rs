@@ -11,13 +11,14 @@ use crate::domain::Millis;
 use crate::domain::branch::Report;
 use crate::domain::ids::{Gsn, RequestId};
 use crate::domain::orchestration::{self, Context, Effect, Refusal, Timer, Transition};
+use crate::domain::retry::Config as RetryConfig;
 use crate::domain::saga::{self, Saga, SagaMode, SagaState, StartRequest};
 use crate::domain::strategy::Strategy;
 use crate::engine::commands::{self, Command, Kind};
 use crate::engine::metrics::Metrics;
 use crate::engine::{
     Answered, DEFAULT_PAGE_SIZE, Engine, Error, ListQuery, MAX_PAGE_SIZE, Page, PageToken, Shared,
-    convert, strategies,
+    convert, retries, strategies,
 };
 use crate::store::{self, DueRecord, OutboxRecord, PayloadRecord, WriteTx};
 
@@ -106,8 +107,14 @@ pub(crate) fn store_transition(
     let gsn = saga.gsn.to_string();
     let signalled = effects.iter().any(|e| matches!(e, Effect::Signal { .. }));
     let ended = signalled.then_some(saga.state);
-    let polls = effects.iter().filter(|e| matches!(e, Effect::QueryStatus { .. })).count() as u64;
-    let reversals = effects.iter().filter(|e| matches!(e, Effect::Reverse { .. })).count() as u64;
+    let polls = effects
+        .iter()
+        .filter(|e| matches!(e, Effect::QueryStatus { .. }))
+        .count() as u64;
+    let reversals = effects
+        .iter()
+        .filter(|e| matches!(e, Effect::Reverse { .. }))
+        .count() as u64;
     for effect in effects {
         let (kind, branch_id, node_id, action, reason, signal) = match effect {
             Effect::WakeAt { at_ms, timer } => {
@@ -230,11 +237,17 @@ fn refusal(refusal: Refusal, gsn: &Gsn) -> Error {
 }
 
 impl Engine {
-    pub(crate) fn context<'a>(&self, strategy: &'a Strategy, now: Millis) -> Context<'a> {
+    pub(crate) fn context<'a>(
+        &self,
+        strategy: &'a Strategy,
+        retry: &'a RetryConfig,
+        now: Millis,
+    ) -> Context<'a> {
         Context {
             strategy,
             now,
             policy: self.settings.policy,
+            retry,
             jitter: self.random.unit(),
         }
     }
@@ -242,8 +255,12 @@ impl Engine {
     /// Hands what a durable write produced to delivery and to watchers, and counts it.
     pub(crate) fn after_commit(&self, applied: Applied) {
         let metrics = &self.shared.metrics;
-        metrics.polls_sent.fetch_add(applied.polls, Ordering::Relaxed);
-        metrics.reversals_started.fetch_add(applied.reversals, Ordering::Relaxed);
+        metrics
+            .polls_sent
+            .fetch_add(applied.polls, Ordering::Relaxed);
+        metrics
+            .reversals_started
+            .fetch_add(applied.reversals, Ordering::Relaxed);
         match applied.ended {
             Some(SagaState::Completed) => Metrics::bump(&metrics.sagas_completed),
             Some(SagaState::Reversed) => Metrics::bump(&metrics.sagas_reversed),
@@ -321,10 +338,12 @@ impl Engine {
                 let payload = std::mem::take(&mut saga.payload);
                 let applied = match &strategy {
                     Some(strategy) => {
+                        let retry = retries::load_retry_config(tx)?;
                         let ctx = Context {
                             strategy,
                             now,
                             policy,
+                            retry: &retry,
                             jitter,
                         };
                         store_transition(tx, orchestration::on_started(saga, ctx), now)?
@@ -559,7 +578,8 @@ impl Engine {
                 "saga {gsn} is driven by registered outcalls; their reports arrive with the reversal protocol"
             )));
         };
-        let ctx = self.context(&strategy, now);
+        let retry = retries::load_retry_config(tx)?;
+        let ctx = self.context(&strategy, &retry, now);
         if kind == Kind::QueryStatus {
             Metrics::bump(&self.shared.metrics.poll_answers);
         }
@@ -598,11 +618,15 @@ impl Engine {
                         return Ok(Applied::default());
                     };
                     let now = key.at_ms.max(engine.clock.now_ms());
-                    let ctx = engine.context(&strategy, now);
+                    let retry = retries::load_retry_config(tx)?;
+                    let ctx = engine.context(&strategy, &retry, now);
                     Metrics::bump(&engine.shared.metrics.timers_fired);
                     let was_running = saga.state == SagaState::Running;
                     let transition = orchestration::on_timer(saga, &timer, ctx);
-                    if matches!(timer, Timer::Poll { .. }) && was_running && transition.saga.state != SagaState::Running {
+                    if matches!(timer, Timer::Poll { .. })
+                        && was_running
+                        && transition.saga.state != SagaState::Running
+                    {
                         Metrics::bump(&engine.shared.metrics.escalations);
                     }
                     store_transition(tx, transition, now)

@@ -11,6 +11,7 @@
 
 use crate::domain::Millis;
 use crate::domain::branch::{Branch, BranchState, Outcome, Report, Signal, Status};
+use crate::domain::retry::{self, Redelivery};
 use crate::domain::saga::{Saga, SagaState};
 use crate::domain::strategy::{Meaning, StepStatus, Strategy};
 
@@ -35,8 +36,10 @@ pub enum Effect {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Timer {
-    /// The step has had its time to report.
-    StepTimeout { branch_id: String },
+    /// The step has had its time to report (for the given attempt; a later attempt re-arms it).
+    StepTimeout { branch_id: String, attempt: u32 },
+    /// Send a forward action that failed with a retryable code again (S5).
+    RetryExecute { branch_id: String },
     /// Ask an UNKNOWN branch's node again.
     Poll { branch_id: String },
     /// Send a failed reversal again.
@@ -50,9 +53,8 @@ pub enum Timer {
 pub struct Policy {
     /// Polls of an UNKNOWN branch before its node is given up on and the saga is reversed.
     pub max_polls: u32,
-    /// Sends of a reversal before the saga needs an operator.
-    pub max_reversal_attempts: u32,
-    /// Delay before the n-th resend of a reversal: base × factor^(n-1), at most cap, jittered.
+    /// Delay before the n-th poll, or re-ask of a reversal still processing: base ×
+    /// factor^(n-1), at most cap, jittered. Failures are retried by the S5 policy instead.
     pub retry_base_ms: Millis,
     pub retry_factor: f64,
     pub retry_cap_ms: Millis,
@@ -62,7 +64,6 @@ impl Default for Policy {
     fn default() -> Policy {
         Policy {
             max_polls: 10,
-            max_reversal_attempts: 8,
             retry_base_ms: 1_000,
             retry_factor: 2.0,
             retry_cap_ms: 60_000,
@@ -87,12 +88,13 @@ impl Policy {
 }
 
 /// The facts a transition may consult besides the saga: its strategy, the time, the policy,
-/// and a jitter number drawn by the shell.
+/// the retry configuration (S5), and a jitter number drawn by the shell.
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     pub strategy: &'a Strategy,
     pub now: Millis,
     pub policy: Policy,
+    pub retry: &'a retry::Config,
     pub jitter: f64,
 }
 
@@ -196,6 +198,7 @@ fn trigger(saga: &mut Saga, ctx: Context<'_>, step_ids: &[String]) -> Vec<Effect
             at_ms: ctx.now.saturating_add(step.timeout_ms),
             timer: Timer::StepTimeout {
                 branch_id: step.id.clone(),
+                attempt: 1,
             },
         });
         saga.branches.push(branch);
@@ -297,8 +300,34 @@ fn apply_forward_report(
         }
         Outcome::Succeeded => branch.state = BranchState::Succeeded,
         Outcome::Failed => {
-            branch.state = BranchState::Failed;
             branch.error_code = report.error_code.clone();
+            // S5: the policy for this action on this node decides whether a failure is final.
+            let resolved = retry::resolve(ctx.retry, &branch.forward_action, &branch.node_id);
+            let made = branch.attempts.saturating_sub(1);
+            match retry::redelivery(&resolved, &report.error_code, made, ctx.now, ctx.jitter) {
+                Redelivery::RetryAt(at_ms) if running && branch.state == BranchState::Triggered => {
+                    branch.note(
+                        ctx.now,
+                        format!(
+                            "failed ({}): retrying at attempt {}",
+                            report.error_code,
+                            branch.attempts + 1
+                        ),
+                    );
+                    effects.push(Effect::WakeAt {
+                        at_ms,
+                        timer: Timer::RetryExecute {
+                            branch_id: branch_id.to_owned(),
+                        },
+                    });
+                    return effects;
+                }
+                Redelivery::RetryAt(_) => {}
+                Redelivery::GiveUp(give_up) => {
+                    branch.note(ctx.now, format!("not retried: {}", give_up.reason()))
+                }
+            }
+            branch.state = BranchState::Failed;
         }
         Outcome::NotFound => branch.state = BranchState::NotOccurred,
         Outcome::Reversed => branch.state = BranchState::Reversed,
@@ -462,26 +491,19 @@ pub fn on_reversal_answered(
                     "reversal found nothing to undo: the forward action never happened",
                 );
             }
-            Outcome::Failed | Outcome::Unknown | Outcome::Processing => {
-                branch.error_code = report.error_code.clone();
-                branch.message = report.message.clone();
-                if branch.attempts >= ctx.policy.max_reversal_attempts {
+            Outcome::Unknown | Outcome::Processing => {
+                // Not a failure: the node is still at it. Ask again later, within the poll budget.
+                branch.polls += 1;
+                if branch.polls >= ctx.policy.max_polls {
                     branch.state = BranchState::ReversalFailed;
-                    branch.note(
-                        ctx.now,
-                        format!(
-                            "reversal failed {} times ({}): needs an operator",
-                            branch.attempts, report.error_code
-                        ),
-                    );
+                    branch.note(ctx.now, "the reversal's outcome stayed unknown past the poll budget: needs an operator");
                 } else {
-                    let delay = ctx.policy.retry_delay_ms(branch.attempts, ctx.jitter);
+                    let delay = ctx.policy.retry_delay_ms(branch.polls, ctx.jitter);
                     branch.note(
                         ctx.now,
                         format!(
-                            "reversal {} ({}): retrying in {delay} ms",
-                            outcome_name(report.outcome),
-                            report.error_code
+                            "reversal {}: asking again in {delay} ms",
+                            outcome_name(report.outcome)
                         ),
                     );
                     effects.push(Effect::WakeAt {
@@ -490,6 +512,38 @@ pub fn on_reversal_answered(
                             branch_id: branch_id.to_owned(),
                         },
                     });
+                }
+            }
+            Outcome::Failed => {
+                branch.error_code = report.error_code.clone();
+                branch.message = report.message.clone();
+                let resolved = retry::resolve(ctx.retry, &branch.reversal_action, &branch.node_id);
+                let made = branch.attempts.saturating_sub(1);
+                match retry::redelivery(&resolved, &report.error_code, made, ctx.now, ctx.jitter) {
+                    Redelivery::RetryAt(at_ms) => {
+                        branch.note(
+                            ctx.now,
+                            format!("reversal failed ({}): retrying", report.error_code),
+                        );
+                        effects.push(Effect::WakeAt {
+                            at_ms,
+                            timer: Timer::RetryReversal {
+                                branch_id: branch_id.to_owned(),
+                            },
+                        });
+                    }
+                    Redelivery::GiveUp(give_up) => {
+                        branch.state = BranchState::ReversalFailed;
+                        branch.note(
+                            ctx.now,
+                            format!("reversal failed: {}; needs an operator", give_up.reason()),
+                        );
+                    }
+                }
+                // DESIGN: a failed reversal tells every node REPROCESS (once), then the final signal.
+                if saga.signal != Some(Signal::Reprocess) {
+                    saga.signal = Some(Signal::Reprocess);
+                    effects.extend(signal_every_node(&saga, Signal::Reprocess));
                 }
             }
         }
@@ -515,10 +569,11 @@ pub fn on_timer(mut saga: Saga, timer: &Timer, ctx: Context<'_>) -> Transition {
                 );
             }
         }
-        Timer::StepTimeout { branch_id } => {
+        Timer::StepTimeout { branch_id, attempt } => {
             if saga.state == SagaState::Running
                 && let Some(branch) = saga.branch_mut(branch_id)
                 && branch.state == BranchState::Triggered
+                && branch.attempts == *attempt
             {
                 branch.state = BranchState::Unknown;
                 branch.note(
@@ -572,6 +627,25 @@ pub fn on_timer(mut saga: Saga, timer: &Timer, ctx: Context<'_>) -> Transition {
                     &ctx.strategy.exception_scope(branch_id),
                     reason,
                 );
+            }
+        }
+        Timer::RetryExecute { branch_id } => {
+            if saga.state == SagaState::Running
+                && let Some(branch) = saga.branch_mut(branch_id)
+                && branch.state == BranchState::Triggered
+            {
+                branch.attempts += 1;
+                branch.note(ctx.now, format!("execute attempt {}", branch.attempts));
+                effects.push(Effect::Execute {
+                    branch_id: branch_id.clone(),
+                });
+                effects.push(Effect::WakeAt {
+                    at_ms: ctx.now.saturating_add(branch.timeout_ms),
+                    timer: Timer::StepTimeout {
+                        branch_id: branch_id.clone(),
+                        attempt: branch.attempts,
+                    },
+                });
             }
         }
         Timer::RetryReversal { branch_id } => {

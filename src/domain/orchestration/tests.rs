@@ -6,6 +6,7 @@ use proptest::prelude::{any, prop, prop_assert, proptest};
 
 use super::*;
 use crate::domain::ids::{BusinessType, CoordinatorId, Gsn, RequestId};
+use crate::domain::retry;
 use crate::domain::saga::SagaMode;
 use crate::domain::strategy::{Rule, StatusMapping, Step};
 
@@ -83,12 +84,25 @@ fn new_saga() -> Saga {
     }
 }
 
+static BUILTIN_RETRY: std::sync::LazyLock<retry::Config> =
+    std::sync::LazyLock::new(retry::Config::builtin);
+
 fn ctx(strategy: &Strategy, now: Millis) -> Context<'_> {
     Context {
         strategy,
         now,
         policy: Policy::default(),
+        retry: &BUILTIN_RETRY,
         jitter: 0.0,
+    }
+}
+
+fn failed(code: &str) -> Report {
+    Report {
+        outcome: Outcome::Failed,
+        status: None,
+        error_code: code.into(),
+        message: String::new(),
     }
 }
 
@@ -152,7 +166,8 @@ fn start_triggers_the_first_set_with_their_timeouts() {
     assert!(t.effects.contains(&Effect::WakeAt {
         at_ms: NOW + 5_000,
         timer: Timer::StepTimeout {
-            branch_id: "reserve".into()
+            branch_id: "reserve".into(),
+            attempt: 1
         }
     }));
     assert_eq!(t.saga.strategy_version, 3);
@@ -273,13 +288,7 @@ fn a_status_is_recognised_as_abnormal_by_its_preset_parameter() {
 #[test]
 fn a_failed_forward_action_is_abnormal_and_is_not_itself_reversed() {
     let s = order();
-    let failed = Report {
-        outcome: Outcome::Failed,
-        status: None,
-        error_code: "OUT_OF_STOCK".into(),
-        message: String::new(),
-    };
-    let t = report(started(&s), &s, "reserve", failed);
+    let t = report(started(&s), &s, "reserve", failed("OUT_OF_STOCK"));
     assert_eq!(reverses(&t.effects), ["charge"]);
     assert_eq!(t.saga.branch("reserve").unwrap().state, BranchState::Failed);
     assert_eq!(t.saga.branch("reserve").unwrap().error_code, "OUT_OF_STOCK");
@@ -327,6 +336,7 @@ fn a_silent_step_becomes_unknown_and_is_polled_then_its_answer_counts() {
         saga,
         &Timer::StepTimeout {
             branch_id: "reserve".into(),
+            attempt: 1,
         },
         ctx(&s, NOW + 5_000),
     );
@@ -364,6 +374,7 @@ fn a_step_that_reported_in_time_is_not_polled() {
         t.saga,
         &Timer::StepTimeout {
             branch_id: "reserve".into(),
+            attempt: 1,
         },
         ctx(&s, NOW + 5_000),
     );
@@ -377,6 +388,7 @@ fn a_node_that_never_answers_polls_is_given_up_on_and_the_saga_reversed() {
         started(&s),
         &Timer::StepTimeout {
             branch_id: "charge".into(),
+            attempt: 1,
         },
         ctx(&s, NOW),
     )
@@ -412,47 +424,144 @@ fn a_saga_past_its_deadline_is_reversed() {
 }
 
 #[test]
-fn a_failed_reversal_is_retried_with_backoff_then_needs_attention() {
+fn a_failed_reversal_is_retried_by_the_retry_policy_then_needs_attention() {
     let s = order();
     let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
-    let mut saga = report(t.saga, &s, "charge", succeeded("DECLINED")).saga;
-    let failed = Report {
-        outcome: Outcome::Failed,
-        status: None,
-        error_code: "LOCKED".into(),
-        message: String::new(),
-    };
-    let policy = Policy::default();
-    for attempt in 1..policy.max_reversal_attempts {
-        let t = on_reversal_answered(saga, "reserve", failed.clone(), ctx(&s, NOW));
-        let expected = NOW + policy.retry_delay_ms(attempt, 0.0);
-        assert!(t.effects.contains(&Effect::WakeAt {
-            at_ms: expected,
-            timer: Timer::RetryReversal {
-                branch_id: "reserve".into()
-            }
-        }));
+    let t = report(t.saga, &s, "charge", succeeded("DECLINED"));
+    let mut saga = t.saga;
+    let builtin = retry::Policy::builtin();
+    for attempt in 1..=builtin.max_retries {
+        let t = on_reversal_answered(saga, "reserve", failed("UNAVAILABLE"), ctx(&s, NOW));
+        if attempt == 1 {
+            assert!(
+                signals(&t.effects)
+                    .iter()
+                    .all(|(_, signal)| *signal == Signal::Reprocess)
+                    && !signals(&t.effects).is_empty(),
+                "the first failure tells every node REPROCESS"
+            );
+        } else {
+            assert!(signals(&t.effects).is_empty(), "REPROCESS is told once");
+        }
+        let retry_at = t.effects.iter().find_map(|e| match e {
+            Effect::WakeAt {
+                at_ms,
+                timer: Timer::RetryReversal { .. },
+            } => Some(*at_ms),
+            _ => None,
+        });
+        let retry_at = retry_at.expect("a retryable failure is retried");
+        assert!(
+            retry_at >= NOW + builtin.min_interval_ms,
+            "never sooner than the minimum interval"
+        );
         let t = on_timer(
             t.saga,
             &Timer::RetryReversal {
                 branch_id: "reserve".into(),
             },
-            ctx(&s, expected),
+            ctx(&s, retry_at),
         );
         assert_eq!(reverses(&t.effects), ["reserve"]);
         saga = t.saga;
     }
-    let t = on_reversal_answered(saga, "reserve", failed, ctx(&s, NOW));
-    assert_eq!(t.saga.state, SagaState::NeedsAttention);
+    let t = on_reversal_answered(saga, "reserve", failed("UNAVAILABLE"), ctx(&s, NOW));
+    assert_eq!(
+        t.saga.state,
+        SagaState::NeedsAttention,
+        "the retry budget is spent"
+    );
     assert_eq!(
         t.saga.branch("reserve").unwrap().state,
         BranchState::ReversalFailed
     );
-    assert!(
-        signals(&t.effects)
-            .iter()
-            .all(|(_, signal)| *signal == Signal::Reprocess)
+}
+
+#[test]
+fn a_reversal_failing_with_a_code_that_is_not_retryable_needs_attention_at_once() {
+    let s = order();
+    let t = report(started(&s), &s, "charge", succeeded("DECLINED"));
+    let t = on_reversal_answered(t.saga, "reserve", failed("LOCKED"), ctx(&s, NOW));
+    assert_eq!(t.saga.state, SagaState::NeedsAttention);
+}
+
+#[test]
+fn a_forward_action_failing_with_a_retryable_code_is_executed_again() {
+    let s = order();
+    let t = report(started(&s), &s, "charge", failed("UNAVAILABLE"));
+    assert_eq!(t.saga.state, SagaState::Running, "not abnormal yet");
+    assert!(reverses(&t.effects).is_empty());
+    let at = t
+        .effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::WakeAt {
+                at_ms,
+                timer: Timer::RetryExecute { branch_id },
+            } if branch_id == "charge" => Some(*at_ms),
+            _ => None,
+        })
+        .expect("a retry is scheduled");
+    let t = on_timer(
+        t.saga,
+        &Timer::RetryExecute {
+            branch_id: "charge".into(),
+        },
+        ctx(&s, at),
     );
+    assert_eq!(executes(&t.effects), ["charge"]);
+    assert_eq!(t.saga.branch("charge").unwrap().attempts, 2);
+    assert!(t.effects.contains(&Effect::WakeAt {
+        at_ms: at + 5_000,
+        timer: Timer::StepTimeout {
+            branch_id: "charge".into(),
+            attempt: 2
+        }
+    }));
+    // The first attempt's timeout is stale now and changes nothing.
+    let stale = on_timer(
+        t.saga.clone(),
+        &Timer::StepTimeout {
+            branch_id: "charge".into(),
+            attempt: 1,
+        },
+        ctx(&s, at + 1),
+    );
+    assert!(stale.effects.is_empty());
+    let t = report(t.saga, &s, "charge", succeeded("PAID"));
+    assert_eq!(
+        t.saga.branch("charge").unwrap().state,
+        BranchState::Succeeded
+    );
+}
+
+#[test]
+fn a_forward_action_failing_with_a_code_that_is_not_retryable_starts_the_reversal_at_once() {
+    let s = order();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    let t = report(t.saga, &s, "charge", failed("INSUFFICIENT_FUNDS"));
+    assert_eq!(t.saga.state, SagaState::Reversing);
+    assert_eq!(reverses(&t.effects), ["reserve"]);
+}
+
+#[test]
+fn a_forward_action_that_keeps_failing_is_given_up_after_the_retry_budget() {
+    let s = order();
+    let mut saga = started(&s);
+    for _ in 0..retry::Policy::builtin().max_retries {
+        let t = report(saga, &s, "charge", failed("UNAVAILABLE"));
+        saga = on_timer(
+            t.saga,
+            &Timer::RetryExecute {
+                branch_id: "charge".into(),
+            },
+            ctx(&s, NOW + 1_000_000),
+        )
+        .saga;
+    }
+    let t = report(saga, &s, "charge", failed("UNAVAILABLE"));
+    assert_eq!(t.saga.state, SagaState::Reversing);
+    assert_eq!(t.saga.branch("charge").unwrap().state, BranchState::Failed);
 }
 
 #[test]
@@ -556,7 +665,7 @@ proptest! {
                 saga = t.saga;
                 t.effects
             } else {
-                let r = if roll == 0 { succeeded("BAD").with_outcome(Outcome::Failed) } else { succeeded("OK") };
+                let r = if roll == 0 { failed("DECLINED_FOR_GOOD") } else { succeeded("OK") };
                 answered.insert(id.clone());
                 let t = on_reported(saga, &id, r, ctx(&s, NOW)).unwrap();
                 saga = t.saga;
@@ -594,16 +703,5 @@ proptest! {
         prop_assert!(matches!(saga.state, SagaState::Completed | SagaState::Reversed), "ended {:?}", saga.state);
         let triggered: BTreeSet<String> = saga.branches.iter().map(|b| b.branch_id.clone()).collect();
         prop_assert!(reversed_ever.is_subset(&triggered));
-    }
-}
-
-trait WithOutcome {
-    fn with_outcome(self, outcome: Outcome) -> Report;
-}
-
-impl WithOutcome for Report {
-    fn with_outcome(mut self, outcome: Outcome) -> Report {
-        self.outcome = outcome;
-        self
     }
 }
