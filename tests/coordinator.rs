@@ -387,22 +387,6 @@ async fn bad_listing_requests_are_invalid_argument() {
 }
 
 #[tokio::test]
-async fn methods_of_later_issues_say_what_is_missing() {
-    let server = TestServer::start().await;
-    let err = server
-        .coordinator()
-        .register_outcall(pb::RegisterOutcallRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(
-        err.message().contains("RegisterOutcall"),
-        "{}",
-        err.message()
-    );
-}
-
-#[tokio::test]
 async fn health_is_serving_while_up_and_shutdown_is_clean() {
     let server = TestServer::start().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel.clone());

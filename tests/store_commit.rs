@@ -30,6 +30,7 @@ fn saga(sequence: u64) -> SagaRecord {
         reason: String::new(),
         reversal_serials: Vec::new(),
         reversal_type: 0,
+        reversal_target: String::new(),
     }
 }
 

@@ -101,6 +101,7 @@ fn saga(sequence: u64, state: u8, branches: usize) -> SagaRecord {
         reason: String::new(),
         reversal_serials: Vec::new(),
         reversal_type: 0,
+        reversal_target: String::new(),
     }
 }
 

@@ -44,7 +44,7 @@ pub enum Outcome {
 }
 
 /// What every node of a saga is told when it ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Signal {
     ReversalSuccess,
     Reprocess,

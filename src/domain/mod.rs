@@ -7,6 +7,7 @@ pub mod branch;
 pub mod idempotency;
 pub mod ids;
 pub mod orchestration;
+pub mod outcalls;
 pub mod retry;
 pub mod saga;
 pub mod strategy;

@@ -68,6 +68,8 @@ pub struct Saga {
     pub reason: String,
     pub reversal_serials: Vec<String>,
     pub reversal_type: Option<ReversalType>,
+    /// The branch an external reversal was asked for; empty for the whole saga.
+    pub reversal_target: String,
 }
 
 impl Saga {
@@ -79,12 +81,15 @@ impl Saga {
         self.branches.iter_mut().find(|b| b.branch_id == branch_id)
     }
 
-    /// Every node that took part, each once, in branch order: who a signal goes to.
+    /// Every node that took part — callees and the callers of outcalls — each once, in branch
+    /// order: who a signal goes to.
     pub fn nodes(&self) -> Vec<String> {
         let mut nodes: Vec<String> = Vec::new();
         for branch in &self.branches {
-            if !nodes.contains(&branch.node_id) {
-                nodes.push(branch.node_id.clone());
+            for node in [&branch.caller_node_id, &branch.node_id] {
+                if !node.is_empty() && !nodes.contains(node) {
+                    nodes.push(node.clone());
+                }
             }
         }
         nodes
@@ -248,6 +253,7 @@ pub fn on_started(start: Start, gsn: Gsn, now: Millis) -> Saga {
         reason: String::new(),
         reversal_serials: Vec::new(),
         reversal_type: None,
+        reversal_target: String::new(),
     }
 }
 

@@ -27,6 +27,16 @@ pub fn saga_state_code(state: SagaState) -> u8 {
     }
 }
 
+pub fn saga_state_name(state: SagaState) -> &'static str {
+    match state {
+        SagaState::Running => "RUNNING",
+        SagaState::Completed => "COMPLETED",
+        SagaState::Reversing => "REVERSING",
+        SagaState::Reversed => "REVERSED",
+        SagaState::NeedsAttention => "NEEDS_ATTENTION",
+    }
+}
+
 pub fn saga_state_from_code(code: u8) -> Option<SagaState> {
     match code {
         1 => Some(SagaState::Running),
@@ -225,6 +235,7 @@ pub fn saga_to_record(saga: &Saga) -> SagaRecord {
             Some(ReversalType::External) => 1,
             Some(ReversalType::Internal) => 2,
         },
+        reversal_target: saga.reversal_target.clone(),
     }
 }
 
@@ -278,6 +289,7 @@ pub fn saga_from_record(record: SagaRecord, payload: Vec<u8>) -> Result<Saga, st
             2 => Some(ReversalType::Internal),
             _ => None,
         },
+        reversal_target: record.reversal_target,
     })
 }
 

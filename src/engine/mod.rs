@@ -9,6 +9,7 @@ mod convert;
 mod delivery;
 pub mod metrics;
 mod nodes;
+mod outcalls;
 pub mod paging;
 mod retries;
 mod sagas;
@@ -33,6 +34,7 @@ use crate::store::{self, IdempotencyKey, IdempotencyNamespace, Store, WriteTx};
 pub use convert::signal_from_code;
 pub use delivery::InFlight;
 pub use nodes::Subscription;
+pub use outcalls::{OutcallInput, ReversalInput};
 pub use paging::PageToken;
 pub use sagas::ReportInput;
 
@@ -51,6 +53,8 @@ pub enum Error {
     InProgress { request_id: String },
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error(transparent)]
     Store(#[from] store::Error),
 }
@@ -153,7 +157,7 @@ fn millis(duration: Duration) -> Millis {
 }
 
 /// The idempotency record under `key`, as the domain sees it.
-fn stored_record(
+pub(crate) fn stored_record(
     tx: &WriteTx<'_>,
     key: &IdempotencyKey,
 ) -> Result<Option<idempotency::Record>, store::Error> {

@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering;
 use crate::domain::Millis;
 use crate::domain::branch::Report;
 use crate::domain::ids::{Gsn, RequestId};
-use crate::domain::orchestration::{self, Context, Effect, Refusal, Timer, Transition};
+use crate::domain::orchestration::{self, Context, Effect, Env, Refusal, Timer, Transition};
+use crate::domain::outcalls;
 use crate::domain::retry::Config as RetryConfig;
 use crate::domain::saga::{self, Saga, SagaMode, SagaState, StartRequest};
 use crate::domain::strategy::Strategy;
@@ -207,6 +208,33 @@ pub(crate) fn store_transition(
     })
 }
 
+pub(crate) fn outcall_refusal(refusal: outcalls::Refusal, gsn: &Gsn) -> Error {
+    use outcalls::Refusal as R;
+    match refusal {
+        R::NotOutcallSaga => Error::FailedPrecondition(format!(
+            "saga {gsn} is driven by its strategy; outcalls, CompleteSaga and RequestReversal belong to \
+             sagas started with mode SAGA_MODE_REGISTERED_OUTCALLS"
+        )),
+        R::NotRunning { state } => Error::FailedPrecondition(format!(
+            "saga {gsn} is {}; this is possible only while it is RUNNING",
+            convert::saga_state_name(state)
+        )),
+        R::OrderTaken { order, branch_id } => Error::AlreadyExists(format!(
+            "saga {gsn} already has an outcall with order {order} ({branch_id}); give each outcall its own order"
+        )),
+        R::UnknownBranch { branch_id } => {
+            Error::NotFound(format!("saga {gsn} has no branch {branch_id:?}"))
+        }
+        R::NotAllSucceeded { branches } => Error::FailedPrecondition(format!(
+            "saga {gsn} cannot complete: outcalls {} have not SUCCEEDED; report them, or request a reversal",
+            branches.join(", ")
+        )),
+        R::Completed => Error::FailedPrecondition(format!(
+            "saga {gsn} is COMPLETED and is not reversed; a business undo of a completed saga is a new saga"
+        )),
+    }
+}
+
 /// Background work must not retry forever on what can never succeed: a passing ledger fault is
 /// passed on (the write rolls back and is tried again); anything else — a corrupt record, a
 /// refused answer — is logged and the work dropped (the write still removes the timer or
@@ -237,6 +265,15 @@ fn refusal(refusal: Refusal, gsn: &Gsn) -> Error {
 }
 
 impl Engine {
+    pub(crate) fn env<'a>(&self, retry: &'a RetryConfig, now: Millis) -> Env<'a> {
+        Env {
+            now,
+            policy: self.settings.policy,
+            retry,
+            jitter: self.random.unit(),
+        }
+    }
+
     pub(crate) fn context<'a>(
         &self,
         strategy: &'a Strategy,
@@ -573,16 +610,29 @@ impl Engine {
         now: Millis,
     ) -> Result<Applied, Error> {
         let gsn = saga.gsn.clone();
-        let Some(strategy) = self.strategy_of(tx, &saga)? else {
-            return Err(Error::FailedPrecondition(format!(
-                "saga {gsn} is driven by registered outcalls; their reports arrive with the reversal protocol"
-            )));
-        };
-        let retry = retries::load_retry_config(tx)?;
-        let ctx = self.context(&strategy, &retry, now);
         if kind == Kind::QueryStatus {
             Metrics::bump(&self.shared.metrics.poll_answers);
         }
+        let retry = retries::load_retry_config(tx)?;
+        let Some(strategy) = self.strategy_of(tx, &saga)? else {
+            let env = self.env(&retry, now);
+            let transition = match kind {
+                Kind::Execute | Kind::QueryStatus => outcalls::on_outcall_reported(
+                    saga,
+                    branch_id,
+                    report,
+                    kind == Kind::QueryStatus,
+                    env,
+                )
+                .map_err(|r| outcall_refusal(r, &gsn))?,
+                Kind::Reverse => {
+                    outcalls::on_outcall_reversal_answered(saga, branch_id, report, env)
+                }
+                Kind::Signal => return Ok(Applied::default()),
+            };
+            return store_transition(tx, transition, now);
+        };
+        let ctx = self.context(&strategy, &retry, now);
         let transition = match kind {
             Kind::Execute => orchestration::on_reported(saga, branch_id, report, ctx)
                 .map_err(|r| refusal(r, &gsn))?,
@@ -614,11 +664,17 @@ impl Engine {
                     if saga.state.is_terminal() {
                         return Ok(Applied::default());
                     }
-                    let Some(strategy) = engine.strategy_of(tx, &saga)? else {
-                        return Ok(Applied::default());
-                    };
                     let now = key.at_ms.max(engine.clock.now_ms());
                     let retry = retries::load_retry_config(tx)?;
+                    let Some(strategy) = engine.strategy_of(tx, &saga)? else {
+                        Metrics::bump(&engine.shared.metrics.timers_fired);
+                        let env = engine.env(&retry, now);
+                        return store_transition(
+                            tx,
+                            outcalls::on_outcall_timer(saga, &timer, env),
+                            now,
+                        );
+                    };
                     let ctx = engine.context(&strategy, &retry, now);
                     Metrics::bump(&engine.shared.metrics.timers_fired);
                     let was_running = saga.state == SagaState::Running;
@@ -712,12 +768,22 @@ impl Engine {
     }
 
     /// The payload sent with a command.
+    /// The payload sent with a command: an outcall's own payload if it registered one, else
+    /// the saga's.
     pub(crate) async fn payload_of(&self, command: &Command) -> Result<PayloadRecord, Error> {
         let gsn = Gsn::parse(&command.gsn).map_err(|e| Error::invalid("gsn", e.to_string()))?;
         let sequence = gsn.sequence();
+        let branch_id = command.branch_id.clone();
         Ok(self
             .store
-            .read(move |tx| tx.payload(sequence, ""))
+            .read(move |tx| -> Result<_, store::Error> {
+                if !branch_id.is_empty()
+                    && let Some(own) = tx.payload(sequence, &branch_id)?
+                {
+                    return Ok(Some(own));
+                }
+                tx.payload(sequence, "")
+            })
             .await??
             .unwrap_or(PayloadRecord {
                 data: Vec::new(),

@@ -1,5 +1,5 @@
-//! The Coordinator service at the edge: sagas, reports, watching, and the nodes' endpoints and
-//! streams. The registered-outcall methods answer UNIMPLEMENTED until the reversal protocol.
+//! The Coordinator service at the edge: sagas, registered outcalls, reports, reversals,
+//! watching, and the nodes' endpoints and streams.
 
 use std::pin::Pin;
 
@@ -8,8 +8,8 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::domain::branch::Report;
-use crate::engine::{Engine, ListQuery, ReportInput};
-use crate::grpc::unimplemented::not_yet;
+use crate::domain::saga::ReversalType;
+use crate::engine::{Engine, ListQuery, OutcallInput, ReportInput, ReversalInput};
 use crate::grpc::{answer, convert, fingerprint, pb, status};
 
 pub struct CoordinatorService {
@@ -23,8 +23,6 @@ impl CoordinatorService {
 }
 
 type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-const OUTCALLS: &str = "the reversal protocol (registered outcalls, S1)";
 
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for CoordinatorService {
@@ -105,9 +103,33 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 
     async fn register_outcall(
         &self,
-        _: Request<pb::RegisterOutcallRequest>,
+        request: Request<pb::RegisterOutcallRequest>,
     ) -> Result<Response<pb::RegisterOutcallResponse>, Status> {
-        Err(not_yet("Coordinator.RegisterOutcall", OUTCALLS))
+        let request = request.into_inner();
+        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let input = OutcallInput {
+            request_id: request.request_id,
+            gsn: request.gsn,
+            caller_node_id: request.caller_node_id,
+            callee_node_id: request.callee_node_id,
+            forward_action: request.forward_action,
+            reversal_action: request.reversal_action,
+            order: request.order,
+            payload: request.payload,
+            content_type: request.content_type,
+        };
+        let answered = self
+            .engine
+            .register_outcall(input, digest, |saga, branch_id| {
+                pb::RegisterOutcallResponse {
+                    branch_id: branch_id.to_owned(),
+                    branch: saga.branch(branch_id).map(convert::branch),
+                }
+                .encode_to_vec()
+            })
+            .await
+            .map_err(status::from_engine)?;
+        answer(answered)
     }
 
     async fn report_state(
@@ -151,23 +173,80 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 
     async fn request_reversal(
         &self,
-        _: Request<pb::RequestReversalRequest>,
+        request: Request<pb::RequestReversalRequest>,
     ) -> Result<Response<pb::RequestReversalResponse>, Status> {
-        Err(not_yet("Coordinator.RequestReversal", OUTCALLS))
+        let request = request.into_inner();
+        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let reversal_type = match pb::ReversalType::try_from(request.reversal_type) {
+            Ok(pb::ReversalType::External) => Some(ReversalType::External),
+            Ok(pb::ReversalType::Internal) => Some(ReversalType::Internal),
+            Ok(pb::ReversalType::Unspecified) | Err(_) => None,
+        };
+        let wait = request
+            .wait
+            .as_ref()
+            .map(|d| convert::duration("wait", d))
+            .transpose()
+            .map_err(|v| status::invalid(&[v]))?;
+        let input = ReversalInput {
+            request_id: request.request_id,
+            gsn: request.gsn,
+            branch_id: request.branch_id,
+            reversal_type,
+            serial: request.reversal_serial,
+            reason: request.reason,
+            wait,
+        };
+        let answered = self
+            .engine
+            .request_reversal(input, digest, |signal, saga| {
+                pb::RequestReversalResponse {
+                    signal: convert::signal_of(Some(signal)) as i32,
+                    saga: Some(convert::saga(saga, true)),
+                }
+                .encode_to_vec()
+            })
+            .await
+            .map_err(status::from_engine)?;
+        answer(answered)
     }
 
     async fn complete_saga(
         &self,
-        _: Request<pb::CompleteSagaRequest>,
+        request: Request<pb::CompleteSagaRequest>,
     ) -> Result<Response<pb::CompleteSagaResponse>, Status> {
-        Err(not_yet("Coordinator.CompleteSaga", OUTCALLS))
+        let request = request.into_inner();
+        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let answered = self
+            .engine
+            .complete_saga(&request.request_id, &request.gsn, digest, |saga| {
+                pb::CompleteSagaResponse {
+                    saga: Some(convert::saga(saga, true)),
+                }
+                .encode_to_vec()
+            })
+            .await
+            .map_err(status::from_engine)?;
+        answer(answered)
     }
 
     async fn reprocess_saga(
         &self,
-        _: Request<pb::ReprocessSagaRequest>,
+        request: Request<pb::ReprocessSagaRequest>,
     ) -> Result<Response<pb::ReprocessSagaResponse>, Status> {
-        Err(not_yet("Coordinator.ReprocessSaga", OUTCALLS))
+        let request = request.into_inner();
+        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let answered = self
+            .engine
+            .reprocess_saga(&request.request_id, &request.gsn, digest, |saga| {
+                pb::ReprocessSagaResponse {
+                    saga: Some(convert::saga(saga, true)),
+                }
+                .encode_to_vec()
+            })
+            .await
+            .map_err(status::from_engine)?;
+        answer(answered)
     }
 
     type WatchSagaStream = ServerStream<pb::WatchSagaResponse>;

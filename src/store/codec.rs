@@ -96,6 +96,7 @@ pub(crate) fn decode_saga_v1(body: &[u8]) -> Result<(SagaRecord, PayloadRecord),
         reason: String::new(),
         reversal_serials: Vec::new(),
         reversal_type: 0,
+        reversal_target: String::new(),
     };
     Ok((saga, payload))
 }
@@ -502,6 +503,7 @@ mod tests {
                     reason,
                     reversal_serials,
                     reversal_type,
+                    reversal_target: String::new(),
                 },
             )
     }
@@ -833,6 +835,7 @@ mod tests {
                 reason: String::new(),
                 reversal_serials: Vec::new(),
                 reversal_type: 0,
+                reversal_target: String::new(),
                 ..record.clone()
             };
             prop_assert_eq!(decode::<SagaRecord>(&bytes).unwrap(), expected.clone());

@@ -39,6 +39,8 @@ pub struct SagaRecord {
     pub reversal_serials: Vec<String>,
     /// 0 = no reversal, 1 = external, 2 = internal.
     pub reversal_type: u8,
+    /// The branch an external reversal was asked for; empty for the whole saga.
+    pub reversal_target: String,
 }
 
 /// One branch of a saga (an outcall or a strategy step), stored inside its `SagaRecord`.

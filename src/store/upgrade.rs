@@ -104,6 +104,7 @@ mod tests {
             reason: String::new(),
             reversal_serials: Vec::new(),
             reversal_type: 0,
+            reversal_target: String::new(),
         }
     }
 

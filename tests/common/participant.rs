@@ -55,7 +55,14 @@ pub struct Node {
     pub signals: Mutex<Vec<(String, i32)>>,
     /// Every command received, duplicates included: (command id, kind).
     pub received: Mutex<Vec<(String, &'static str)>>,
+    /// (gsn, branch, stamp) of each reversal that took effect; stamps are global across nodes,
+    /// so tests can check the order in which several nodes reversed.
+    pub reversal_order: Mutex<Vec<(String, String, u64)>>,
+    /// While set, QueryStatus answers PROCESSING whatever the truth (an outcome not yet known).
+    pub queries_answer_processing: std::sync::atomic::AtomicBool,
 }
+
+static REVERSAL_STAMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -126,6 +133,31 @@ impl Node {
 
     pub fn max_executions(&self) -> u32 {
         lock(&self.executions).values().copied().max().unwrap_or(0)
+    }
+
+    /// When this node reversed the branch (a global stamp), if it did.
+    pub fn reversed_at(&self, gsn: &str, branch: &str) -> Option<u64> {
+        lock(&self.reversal_order)
+            .iter()
+            .find(|(g, b, _)| g == gsn && b == branch)
+            .map(|(_, _, s)| *s)
+    }
+
+    /// Carries out a forward action as the caller's own outcall would reach it.
+    pub async fn execute_directly(
+        &self,
+        gsn: &str,
+        branch_id: &str,
+        action: &str,
+    ) -> pb::ExecuteResponse {
+        self.execute(&pb::ExecuteRequest {
+            command_id: format!("caller:{gsn}:{branch_id}"),
+            gsn: gsn.to_owned(),
+            branch_id: branch_id.to_owned(),
+            action: action.to_owned(),
+            ..Default::default()
+        })
+        .await
     }
 
     pub fn max_reversals(&self) -> u32 {
@@ -231,6 +263,8 @@ impl Node {
             },
             (_, Some(Truth::Executed)) => {
                 *lock(&self.reversals).entry(key.clone()).or_default() += 1;
+                let stamp = REVERSAL_STAMP.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                lock(&self.reversal_order).push((key.0.clone(), key.1.clone(), stamp));
                 lock(&self.truth).insert(key, (Truth::Reversed, String::new()));
                 pb::ReverseResponse {
                     outcome: pb::Outcome::Succeeded as i32,
@@ -268,6 +302,17 @@ impl Node {
     fn query(&self, request: &pb::QueryStatusRequest) -> pb::QueryStatusResponse {
         self.note(&request.command_id, "query");
         let key = (request.gsn.clone(), request.branch_id.clone());
+        if self
+            .queries_answer_processing
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return pb::QueryStatusResponse {
+                outcome: pb::Outcome::Processing as i32,
+                status: None,
+                error_code: String::new(),
+                message: String::new(),
+            };
+        }
         let (outcome, name) = match lock(&self.truth).get(&key) {
             Some((Truth::Executed, name)) => (pb::Outcome::Succeeded, name.clone()),
             Some((Truth::Reversed, _)) => (pb::Outcome::Reversed, String::new()),

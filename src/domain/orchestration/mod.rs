@@ -87,8 +87,17 @@ impl Policy {
     }
 }
 
-/// The facts a transition may consult besides the saga: its strategy, the time, the policy,
-/// the retry configuration (S5), and a jitter number drawn by the shell.
+/// What every transition may consult besides the saga: the time, the policy, the retry
+/// configuration (S5), and a jitter number drawn by the shell.
+#[derive(Debug, Clone, Copy)]
+pub struct Env<'a> {
+    pub now: Millis,
+    pub policy: Policy,
+    pub retry: &'a retry::Config,
+    pub jitter: f64,
+}
+
+/// An orchestrated saga's context: its strategy and the environment.
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     pub strategy: &'a Strategy,
@@ -96,6 +105,17 @@ pub struct Context<'a> {
     pub policy: Policy,
     pub retry: &'a retry::Config,
     pub jitter: f64,
+}
+
+impl<'a> Context<'a> {
+    pub fn env(&self) -> Env<'a> {
+        Env {
+            now: self.now,
+            policy: self.policy,
+            retry: self.retry,
+            jitter: self.jitter,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -384,7 +404,7 @@ fn fire_rules(saga: &mut Saga, ctx: Context<'_>) -> Vec<Effect> {
     effects
 }
 
-fn signal_every_node(saga: &Saga, signal: Signal) -> Vec<Effect> {
+pub(crate) fn signal_every_node(saga: &Saga, signal: Signal) -> Vec<Effect> {
     saga.nodes()
         .into_iter()
         .map(|node_id| Effect::Signal {
@@ -473,41 +493,57 @@ pub fn on_reversal_answered(
     report: Report,
     ctx: Context<'_>,
 ) -> Transition {
+    let mut effects = apply_reversal_answer(&mut saga, branch_id, report, ctx.env());
+    effects.extend(settle_if_done(&mut saga));
+    saga.updated_ms = ctx.now;
+    Transition { saga, effects }
+}
+
+/// How a Reverse answer changes its branch — shared by both ways of running a saga. A failure
+/// is retried by the S5 policy (and the first one tells every node REPROCESS); a reversal still
+/// processing is asked again within the poll budget.
+pub(crate) fn apply_reversal_answer(
+    saga: &mut Saga,
+    branch_id: &str,
+    report: Report,
+    env: Env<'_>,
+) -> Vec<Effect> {
     let mut effects = Vec::new();
+    let mut failed = false;
     if let Some(branch) = saga.branch_mut(branch_id)
         && branch.state == BranchState::Reversing
     {
         match report.outcome {
             Outcome::Succeeded | Outcome::Reversed => {
                 branch.state = BranchState::Reversed;
-                branch.note(ctx.now, "reversed");
+                branch.note(env.now, "reversed");
             }
             // Null compensation: the forward action never ran, so there is nothing to undo,
             // and the node will refuse it if it arrives late.
             Outcome::NotFound => {
                 branch.state = BranchState::NotOccurred;
                 branch.note(
-                    ctx.now,
+                    env.now,
                     "reversal found nothing to undo: the forward action never happened",
                 );
             }
             Outcome::Unknown | Outcome::Processing => {
                 // Not a failure: the node is still at it. Ask again later, within the poll budget.
                 branch.polls += 1;
-                if branch.polls >= ctx.policy.max_polls {
+                if branch.polls >= env.policy.max_polls {
                     branch.state = BranchState::ReversalFailed;
-                    branch.note(ctx.now, "the reversal's outcome stayed unknown past the poll budget: needs an operator");
+                    branch.note(env.now, "the reversal's outcome stayed unknown past the poll budget: needs an operator");
                 } else {
-                    let delay = ctx.policy.retry_delay_ms(branch.polls, ctx.jitter);
+                    let delay = env.policy.retry_delay_ms(branch.polls, env.jitter);
                     branch.note(
-                        ctx.now,
+                        env.now,
                         format!(
                             "reversal {}: asking again in {delay} ms",
                             outcome_name(report.outcome)
                         ),
                     );
                     effects.push(Effect::WakeAt {
-                        at_ms: ctx.now.saturating_add(delay),
+                        at_ms: env.now.saturating_add(delay),
                         timer: Timer::RetryReversal {
                             branch_id: branch_id.to_owned(),
                         },
@@ -515,14 +551,15 @@ pub fn on_reversal_answered(
                 }
             }
             Outcome::Failed => {
+                failed = true;
                 branch.error_code = report.error_code.clone();
                 branch.message = report.message.clone();
-                let resolved = retry::resolve(ctx.retry, &branch.reversal_action, &branch.node_id);
+                let resolved = retry::resolve(env.retry, &branch.reversal_action, &branch.node_id);
                 let made = branch.attempts.saturating_sub(1);
-                match retry::redelivery(&resolved, &report.error_code, made, ctx.now, ctx.jitter) {
+                match retry::redelivery(&resolved, &report.error_code, made, env.now, env.jitter) {
                     Redelivery::RetryAt(at_ms) => {
                         branch.note(
-                            ctx.now,
+                            env.now,
                             format!("reversal failed ({}): retrying", report.error_code),
                         );
                         effects.push(Effect::WakeAt {
@@ -535,22 +572,62 @@ pub fn on_reversal_answered(
                     Redelivery::GiveUp(give_up) => {
                         branch.state = BranchState::ReversalFailed;
                         branch.note(
-                            ctx.now,
+                            env.now,
                             format!("reversal failed: {}; needs an operator", give_up.reason()),
                         );
                     }
                 }
-                // DESIGN: a failed reversal tells every node REPROCESS (once), then the final signal.
-                if saga.signal != Some(Signal::Reprocess) {
-                    saga.signal = Some(Signal::Reprocess);
-                    effects.extend(signal_every_node(&saga, Signal::Reprocess));
-                }
             }
         }
     }
-    effects.extend(settle_if_done(&mut saga));
-    saga.updated_ms = ctx.now;
-    Transition { saga, effects }
+    // DESIGN: a failed reversal tells every node REPROCESS (once), then the final signal.
+    if failed && saga.signal != Some(Signal::Reprocess) {
+        saga.signal = Some(Signal::Reprocess);
+        effects.extend(signal_every_node(saga, Signal::Reprocess));
+    }
+    effects
+}
+
+/// Resends a reversal whose retry came due.
+pub(crate) fn resend_reversal(saga: &mut Saga, branch_id: &str, now: Millis) -> Vec<Effect> {
+    let reason = saga.reason.clone();
+    match saga.branch_mut(branch_id) {
+        Some(branch) if branch.state == BranchState::Reversing => {
+            branch.attempts += 1;
+            branch.note(now, format!("reversal attempt {}", branch.attempts));
+            vec![Effect::Reverse {
+                branch_id: branch_id.to_owned(),
+                reason,
+            }]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// An operator re-drives a saga that needs attention: each failed reversal gets a fresh budget.
+pub fn on_reprocess(mut saga: Saga, now: Millis) -> Option<Transition> {
+    if saga.state != SagaState::NeedsAttention {
+        return None;
+    }
+    saga.state = SagaState::Reversing;
+    let reason = saga.reason.clone();
+    let mut effects = Vec::new();
+    for branch in saga
+        .branches
+        .iter_mut()
+        .filter(|b| b.state == BranchState::ReversalFailed)
+    {
+        branch.state = BranchState::Reversing;
+        branch.attempts = 1;
+        branch.polls = 0;
+        branch.note(now, "reprocessed by an operator: reversing again");
+        effects.push(Effect::Reverse {
+            branch_id: branch.branch_id.clone(),
+            reason: reason.clone(),
+        });
+    }
+    saga.updated_ms = now;
+    Some(Transition { saga, effects })
 }
 
 /// A timer came due.
@@ -649,16 +726,7 @@ pub fn on_timer(mut saga: Saga, timer: &Timer, ctx: Context<'_>) -> Transition {
             }
         }
         Timer::RetryReversal { branch_id } => {
-            if let Some(branch) = saga.branch_mut(branch_id)
-                && branch.state == BranchState::Reversing
-            {
-                branch.attempts += 1;
-                branch.note(ctx.now, format!("reversal attempt {}", branch.attempts));
-                effects.push(Effect::Reverse {
-                    branch_id: branch_id.clone(),
-                    reason: saga.reason.clone(),
-                });
-            }
+            effects = resend_reversal(&mut saga, branch_id, ctx.now)
         }
     }
     saga.updated_ms = ctx.now;

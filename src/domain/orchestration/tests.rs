@@ -81,6 +81,7 @@ fn new_saga() -> Saga {
         reason: String::new(),
         reversal_serials: Vec::new(),
         reversal_type: None,
+        reversal_target: String::new(),
     }
 }
 

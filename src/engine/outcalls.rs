@@ -1,0 +1,408 @@
+//! Registered outcalls and reversals in the engine (S1): RegisterOutcall, RequestReversal,
+//! CompleteSaga and ReprocessSaga, each one ledger write around the pure rules of
+//! `domain::outcalls`. RequestReversal answers with the signal the reversal ended with, so it
+//! waits (up to the caller's `wait`) between a durable start and a durable answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::domain::branch::Signal;
+use crate::domain::idempotency::{self, Answer, Lookup, Terms};
+use crate::domain::ids::{Gsn, RequestId};
+use crate::domain::orchestration;
+use crate::domain::outcalls::{self, Outcall, ReversalAsked};
+use crate::domain::saga::{ReversalType, Saga, SagaState};
+use crate::engine::sagas::{Applied, load_saga, outcall_refusal, store_transition};
+use crate::engine::{Answered, Engine, Error, convert, retries, stored_record};
+use crate::store::{IdempotencyKey, IdempotencyNamespace, PayloadRecord};
+
+/// RegisterOutcall as it arrives.
+#[derive(Debug, Clone)]
+pub struct OutcallInput {
+    pub request_id: String,
+    pub gsn: String,
+    pub caller_node_id: String,
+    pub callee_node_id: String,
+    pub forward_action: String,
+    pub reversal_action: String,
+    pub order: u32,
+    pub payload: Vec<u8>,
+    pub content_type: String,
+}
+
+/// RequestReversal as it arrives.
+#[derive(Debug, Clone)]
+pub struct ReversalInput {
+    pub request_id: String,
+    pub gsn: String,
+    pub branch_id: String,
+    pub reversal_type: Option<ReversalType>,
+    pub serial: String,
+    pub reason: String,
+    /// `None`: the default (5 s).
+    pub wait: Option<Duration>,
+}
+
+const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+const MAX_WAIT: Duration = Duration::from_secs(60);
+const MAX_ACTION: usize = 128;
+
+fn node_id(field: &str, text: &str) -> Result<(), Error> {
+    let valid = !text.is_empty()
+        && text.len() <= 64
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            "must be 1 to 64 letters, digits, '.', '_' or '-'",
+        ))
+    }
+}
+
+fn action(field: &str, text: &str) -> Result<(), Error> {
+    if text.is_empty() || text.chars().count() > MAX_ACTION {
+        Err(Error::invalid(
+            field,
+            format!("is required, at most {MAX_ACTION} characters"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// The signal a reversal ended with, if it ended.
+fn final_signal(saga: &Saga) -> Option<Signal> {
+    match saga.state {
+        SagaState::Reversed => saga.signal,
+        SagaState::NeedsAttention => Some(Signal::Reprocess),
+        SagaState::Running | SagaState::Reversing | SagaState::Completed => None,
+    }
+}
+
+impl Engine {
+    fn gsn(&self, text: &str) -> Result<Gsn, Error> {
+        Gsn::parse(text).map_err(|e| Error::invalid("gsn", e.to_string()))
+    }
+
+    fn request_id(text: &str) -> Result<RequestId, Error> {
+        RequestId::parse(text).map_err(|e| Error::invalid("request_id", e.to_string()))
+    }
+
+    pub async fn register_outcall<F>(
+        &self,
+        input: OutcallInput,
+        fingerprint: Vec<u8>,
+        encode: F,
+    ) -> Result<Answered, Error>
+    where
+        F: FnOnce(&Saga, &str) -> Vec<u8> + Send + 'static,
+    {
+        let request_id = Self::request_id(&input.request_id)?;
+        let gsn = self.gsn(&input.gsn)?;
+        node_id("caller_node_id", &input.caller_node_id)?;
+        node_id("callee_node_id", &input.callee_node_id)?;
+        action("forward_action", &input.forward_action)?;
+        action("reversal_action", &input.reversal_action)?;
+        if input.order == 0 {
+            return Err(Error::invalid(
+                "order",
+                "is required: the outcall's position in the saga, from 1",
+            ));
+        }
+        if input.payload.len() > self.settings.limits.max_payload_bytes {
+            return Err(Error::invalid(
+                "payload",
+                format!(
+                    "is {} bytes; at most {} are allowed",
+                    input.payload.len(),
+                    self.settings.limits.max_payload_bytes
+                ),
+            ));
+        }
+        let (answered, applied) = self
+            .idempotent_write_with(
+                "RegisterOutcall",
+                &request_id,
+                fingerprint,
+                move |tx, now| {
+                    let saga = load_saga(tx, &gsn)?;
+                    let outcall = Outcall {
+                        caller_node_id: input.caller_node_id,
+                        callee_node_id: input.callee_node_id,
+                        forward_action: input.forward_action,
+                        reversal_action: input.reversal_action,
+                        order: input.order,
+                    };
+                    let branch_id = outcalls::branch_id(outcall.order, &outcall.callee_node_id);
+                    let transition = outcalls::on_outcall_registered(saga, outcall, now)
+                        .map_err(|r| outcall_refusal(r, &gsn))?;
+                    if !input.payload.is_empty() {
+                        tx.put_payload(
+                            gsn.sequence(),
+                            &branch_id,
+                            &PayloadRecord {
+                                data: input.payload,
+                                content_type: input.content_type,
+                            },
+                        )?;
+                    }
+                    let applied = store_transition(tx, transition, now)?;
+                    let saga = applied
+                        .saga
+                        .clone()
+                        .ok_or_else(|| Error::NotFound(format!("no saga has GSN {gsn}")))?;
+                    Ok((encode(&saga, &branch_id), applied))
+                },
+            )
+            .await?;
+        if let Some(applied) = applied {
+            self.after_commit(applied);
+        }
+        Ok(answered)
+    }
+
+    pub async fn complete_saga<F>(
+        &self,
+        request_id: &str,
+        gsn: &str,
+        fingerprint: Vec<u8>,
+        encode: F,
+    ) -> Result<Answered, Error>
+    where
+        F: FnOnce(&Saga) -> Vec<u8> + Send + 'static,
+    {
+        let request_id = Self::request_id(request_id)?;
+        let gsn = self.gsn(gsn)?;
+        let (answered, applied) = self
+            .idempotent_write_with("CompleteSaga", &request_id, fingerprint, move |tx, now| {
+                let saga = load_saga(tx, &gsn)?;
+                let transition =
+                    outcalls::on_completed(saga, now).map_err(|r| outcall_refusal(r, &gsn))?;
+                let applied = store_transition(tx, transition, now)?;
+                let saga = applied
+                    .saga
+                    .clone()
+                    .ok_or_else(|| Error::NotFound(format!("no saga has GSN {gsn}")))?;
+                Ok((encode(&saga), applied))
+            })
+            .await?;
+        if let Some(applied) = applied {
+            self.after_commit(applied);
+        }
+        Ok(answered)
+    }
+
+    pub async fn reprocess_saga<F>(
+        &self,
+        request_id: &str,
+        gsn: &str,
+        fingerprint: Vec<u8>,
+        encode: F,
+    ) -> Result<Answered, Error>
+    where
+        F: FnOnce(&Saga) -> Vec<u8> + Send + 'static,
+    {
+        let request_id = Self::request_id(request_id)?;
+        let gsn = self.gsn(gsn)?;
+        let (answered, applied) = self
+            .idempotent_write_with("ReprocessSaga", &request_id, fingerprint, move |tx, now| {
+                let saga = load_saga(tx, &gsn)?;
+                let state = saga.state;
+                let transition = orchestration::on_reprocess(saga, now).ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "saga {gsn} is {}; only a saga in NEEDS_ATTENTION is reprocessed",
+                        convert::saga_state_name(state)
+                    ))
+                })?;
+                let applied = store_transition(tx, transition, now)?;
+                let saga = applied
+                    .saga
+                    .clone()
+                    .ok_or_else(|| Error::NotFound(format!("no saga has GSN {gsn}")))?;
+                Ok((encode(&saga), applied))
+            })
+            .await?;
+        if let Some(applied) = applied {
+            tracing::info!(gsn = %answered_gsn(&applied), "saga reprocessed by an operator");
+            self.after_commit(applied);
+        }
+        Ok(answered)
+    }
+
+    /// RequestReversal: starts the reversal durably, waits up to `wait` for its signal, and
+    /// stores that answer for every repeat of the request. If the reversal has not ended by
+    /// then, the answer is REPROCESS and nothing is stored: a repeat of the same request asks
+    /// again and gets the final signal once there is one (a crash between the two steps is
+    /// covered the same way, by the registration's lease).
+    pub async fn request_reversal<F>(
+        &self,
+        input: ReversalInput,
+        fingerprint: Vec<u8>,
+        encode: F,
+    ) -> Result<Answered, Error>
+    where
+        F: Fn(Signal, &Saga) -> Vec<u8> + Send + Sync + 'static,
+    {
+        let request_id = Self::request_id(&input.request_id)?;
+        let gsn = self.gsn(&input.gsn)?;
+        let Some(reversal_type) = input.reversal_type else {
+            return Err(Error::invalid(
+                "reversal_type",
+                "is required: REVERSAL_TYPE_EXTERNAL (a reversal request from outside) or REVERSAL_TYPE_INTERNAL \
+                 (reverse the earlier outcalls of an ordered saga)",
+            ));
+        };
+        let wait = input.wait.unwrap_or(DEFAULT_WAIT);
+        if wait > MAX_WAIT {
+            return Err(Error::invalid(
+                "wait",
+                format!("is {wait:?}; at most {MAX_WAIT:?}"),
+            ));
+        }
+        let serial = if input.serial.is_empty() {
+            input.request_id.clone()
+        } else {
+            input.serial.clone()
+        };
+        let key = IdempotencyKey {
+            namespace: IdempotencyNamespace::Coordinator,
+            scope: "RequestReversal".to_owned(),
+            key: request_id.as_str().to_owned(),
+        };
+        let terms = Terms {
+            retention_ms: u64::try_from(self.settings.idempotency_retention.as_millis())
+                .unwrap_or(u64::MAX),
+            processing_lease_ms: Some(
+                u64::try_from((wait + Duration::from_secs(30)).as_millis()).unwrap_or(u64::MAX),
+            ),
+        };
+        let encode = Arc::new(encode);
+        let mut changes = self.shared.watchers.subscribe(gsn.sequence());
+        let now = self.clock.now_ms();
+        let engine = self.clone();
+        let asked = ReversalAsked {
+            reversal_type,
+            branch_id: input.branch_id.clone(),
+            serial,
+            reason: input.reason.clone(),
+        };
+        let start_key = key.clone();
+        let started = self
+            .store
+            .write(
+                move |tx| -> Result<Result<(Applied, idempotency::Record), Answered>, Error> {
+                    let existing = stored_record(tx, &start_key)?;
+                    let registered =
+                        match idempotency::on_lookup(existing.as_ref(), &fingerprint, terms, now) {
+                            Lookup::Register(registered) => registered,
+                            Lookup::Replay(done) => {
+                                return Ok(Err(Answered {
+                                    response: done.response,
+                                    replayed: true,
+                                }));
+                            }
+                            Lookup::InProgress(_) => {
+                                return Err(Error::InProgress {
+                                    request_id: start_key.key,
+                                });
+                            }
+                            Lookup::Mismatch => {
+                                return Err(Error::RequestIdReused {
+                                    request_id: start_key.key,
+                                });
+                            }
+                        };
+                    let saga = load_saga(tx, &gsn)?;
+                    let retry = retries::load_retry_config(tx)?;
+                    let env = engine.env(&retry, now);
+                    let transition = outcalls::on_reversal_requested(saga, asked, env)
+                        .map_err(|r| outcall_refusal(r, &gsn))?;
+                    tx.put_idempotency(&start_key, &convert::idempotency_to_record(&registered))?;
+                    Ok(Ok((store_transition(tx, transition, now)?, registered)))
+                },
+            )
+            .await??;
+        let (applied, registered) = match started {
+            Ok(started) => started,
+            Err(replayed) => return Ok(replayed),
+        };
+        let mut saga = applied
+            .saga
+            .clone()
+            .ok_or_else(|| Error::NotFound(format!("no saga has GSN {}", input.gsn)))?;
+        self.after_commit(applied);
+
+        // Wait for the end, from the published transitions.
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
+        while final_signal(&saga).is_none() {
+            tokio::select! {
+                () = &mut deadline => break,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // The saga ended and its watch closed; read the final state.
+                        saga = self.get_saga(&input.gsn).await?;
+                        break;
+                    }
+                    if let Some(latest) = changes.borrow_and_update().clone() {
+                        saga = (*latest).clone();
+                    }
+                }
+            }
+        }
+        let now = self.clock.now_ms();
+        match final_signal(&saga) {
+            Some(signal) => {
+                let response = encode(signal, &saga);
+                let done = idempotency::finished(
+                    registered,
+                    Answer {
+                        result: "OK".to_owned(),
+                        response: response.clone(),
+                        content_type: String::new(),
+                    },
+                    terms,
+                    now,
+                );
+                self.store
+                    .write(move |tx| {
+                        tx.put_idempotency(&key, &convert::idempotency_to_record(&done))
+                    })
+                    .await??;
+                Ok(Answered {
+                    response,
+                    replayed: false,
+                })
+            }
+            None => {
+                self.store
+                    .write(move |tx| -> Result<(), Error> {
+                        // Only our own registration: a takeover after the lease is another's.
+                        if stored_record(tx, &key)?
+                            .is_some_and(|r| r.attempts == registered.attempts)
+                        {
+                            tx.delete_idempotency(&key)?;
+                        }
+                        Ok(())
+                    })
+                    .await??;
+                Ok(Answered {
+                    response: encode(Signal::Reprocess, &saga),
+                    replayed: false,
+                })
+            }
+        }
+    }
+}
+
+fn answered_gsn(applied: &Applied) -> String {
+    applied
+        .saga
+        .as_ref()
+        .map(|s| s.gsn.to_string())
+        .unwrap_or_default()
+}

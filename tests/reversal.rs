@@ -1,0 +1,582 @@
+//! The reversal protocol (S1) end to end: a real sagad, real participant servers, and a caller
+//! that registers its outcalls, makes them, reports them, and asks for reversals.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use common::orders::{eventually, get, register_node};
+use common::participant::{Node, PushParticipant, Script};
+use sagad::grpc::pb;
+use sagad::grpc::pb::coordinator_client::CoordinatorClient;
+use tonic::transport::Channel;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+struct Bank {
+    server: TestServer,
+    caller: PushParticipant,
+    nodes: Vec<PushParticipant>,
+}
+
+/// Three callee nodes a, b, c and the caller "orders", all registered; retries come fast.
+async fn bank() -> Bank {
+    let server = TestServer::start().await;
+    let caller = PushParticipant::start(Node::new("orders")).await;
+    register_node(&server.channel, "orders", &caller.endpoint()).await;
+    let mut nodes = Vec::new();
+    for id in ["a", "b", "c"] {
+        let node = PushParticipant::start(Node::new(id)).await;
+        register_node(&server.channel, id, &node.endpoint()).await;
+        nodes.push(node);
+    }
+    pb::retries_client::RetriesClient::new(server.channel.clone())
+        .put_retry_config(pb::PutRetryConfigRequest {
+            request_id: "fast-retries".into(),
+            config: Some(pb::RetryConfig {
+                defaults: Some(pb::RetryPolicy {
+                    retryable_codes: vec!["UNAVAILABLE".into()],
+                    max_retries: Some(5),
+                    min_interval: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 50_000_000,
+                    }),
+                    backoff_factor: Some(1.0),
+                    max_interval: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 100_000_000,
+                    }),
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    Bank {
+        server,
+        caller,
+        nodes,
+    }
+}
+
+impl Bank {
+    fn node(&self, id: &str) -> &Node {
+        &self
+            .nodes
+            .iter()
+            .find(|n| n.node.node_id == id)
+            .unwrap()
+            .node
+    }
+
+    fn client(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::new(self.server.channel.clone())
+    }
+
+    async fn start(&self, request_id: &str) -> String {
+        self.client()
+            .start_saga(pb::StartSagaRequest {
+                request_id: request_id.into(),
+                business_type: "transfer".into(),
+                mode: pb::SagaMode::RegisteredOutcalls as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .gsn
+    }
+
+    async fn register(&self, gsn: &str, order: u32, callee: &str) -> String {
+        self.client()
+            .register_outcall(pb::RegisterOutcallRequest {
+                request_id: format!("{gsn}-reg-{order}"),
+                gsn: gsn.into(),
+                caller_node_id: "orders".into(),
+                callee_node_id: callee.into(),
+                forward_action: format!("debit-{callee}"),
+                reversal_action: format!("credit-{callee}"),
+                order,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .branch_id
+    }
+
+    async fn report(&self, gsn: &str, branch_id: &str, outcome: pb::Outcome) {
+        self.client()
+            .report_state(pb::ReportStateRequest {
+                request_id: format!("{gsn}-report-{branch_id}"),
+                gsn: gsn.into(),
+                branch_id: branch_id.into(),
+                reporter_node_id: "orders".into(),
+                outcome: outcome as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Registers, makes (when `makes`), and reports one outcall.
+    async fn outcall(
+        &self,
+        gsn: &str,
+        order: u32,
+        callee: &str,
+        makes: bool,
+        reported: pb::Outcome,
+    ) -> String {
+        let branch = self.register(gsn, order, callee).await;
+        if makes {
+            self.node(callee)
+                .execute_directly(gsn, &branch, &format!("debit-{callee}"))
+                .await;
+        }
+        self.report(gsn, &branch, reported).await;
+        branch
+    }
+
+    async fn reverse(
+        &self,
+        request_id: &str,
+        gsn: &str,
+        branch: &str,
+        kind: pb::ReversalType,
+        wait_ms: u32,
+    ) -> tonic::Response<pb::RequestReversalResponse> {
+        self.client()
+            .request_reversal(pb::RequestReversalRequest {
+                request_id: request_id.into(),
+                gsn: gsn.into(),
+                branch_id: branch.into(),
+                reversal_type: kind as i32,
+                reversal_serial: format!("serial-{request_id}"),
+                reason: "test".into(),
+                wait: Some(prost_types::Duration {
+                    seconds: i64::from(wait_ms / 1000),
+                    nanos: ((wait_ms % 1000) * 1_000_000) as i32,
+                }),
+            })
+            .await
+            .unwrap()
+    }
+
+    fn signals_everywhere(&self, gsn: &str) -> Vec<Vec<i32>> {
+        let mut all = vec![self.caller.node.signals_for(gsn)];
+        all.extend(self.nodes.iter().map(|n| n.node.signals_for(gsn)));
+        all
+    }
+}
+
+const SUCCESS: i32 = pb::Signal::ReversalSuccess as i32;
+const FAILURE: i32 = pb::Signal::ReversalFailure as i32;
+const REPROCESS: i32 = pb::Signal::Reprocess as i32;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn external_reversal_of_a_failed_original_signals_reversal_success_without_reversing() {
+    let bank = bank().await;
+    let gsn = bank.start("t-1").await;
+    let branch = bank.outcall(&gsn, 1, "a", false, pb::Outcome::Failed).await;
+    let answer = bank
+        .reverse("r-1", &gsn, &branch, pb::ReversalType::External, 5_000)
+        .await
+        .into_inner();
+    assert_eq!(answer.signal, SUCCESS);
+    assert_eq!(answer.saga.unwrap().state, pb::SagaState::Reversed as i32);
+    assert!(
+        bank.node("a")
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(_, k)| *k != "reverse"),
+        "nothing was sent to undo"
+    );
+    assert!(
+        eventually(LIMIT, || bank.caller.node.signals_for(&gsn)
+            == vec![SUCCESS])
+        .await,
+        "the caller is told"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn external_reversal_of_a_succeeded_original_reverses_it_and_signals_reversal_success() {
+    let bank = bank().await;
+    let gsn = bank.start("t-2").await;
+    let branch = bank
+        .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    assert_eq!(branch, "1.a", "the branch id names the callee");
+    let answer = bank
+        .reverse("r-2", &gsn, &branch, pb::ReversalType::External, 5_000)
+        .await
+        .into_inner();
+    assert_eq!(answer.signal, SUCCESS);
+    assert_eq!(bank.node("a").reversals_of(&gsn, &branch), 1);
+    assert!(
+        eventually(LIMIT, || bank.signals_everywhere(&gsn)[..2]
+            == [vec![SUCCESS], vec![SUCCESS]])
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reversal_that_fails_twice_answers_reprocess_then_reversal_success() {
+    let bank = bank().await;
+    let gsn = bank.start("t-3").await;
+    let branch = bank
+        .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    bank.node("a").script(
+        "credit-a",
+        vec![Script::Fail("UNAVAILABLE"), Script::Fail("UNAVAILABLE")],
+    );
+    let first = bank
+        .reverse("r-3", &gsn, &branch, pb::ReversalType::External, 30)
+        .await;
+    assert!(!first.metadata().contains_key(sagad::grpc::REPLAYED_HEADER));
+    assert_eq!(
+        first.into_inner().signal,
+        REPROCESS,
+        "the caller could not wait for the retries"
+    );
+    assert!(
+        eventually(LIMIT, || bank
+            .node("a")
+            .signals_for(&gsn)
+            .contains(&REPROCESS))
+        .await,
+        "nodes are told REPROCESS"
+    );
+
+    let mut last = REPROCESS;
+    for _ in 0..50 {
+        last = bank
+            .reverse("r-3", &gsn, &branch, pb::ReversalType::External, 2_000)
+            .await
+            .into_inner()
+            .signal;
+        if last != REPROCESS {
+            break;
+        }
+    }
+    assert_eq!(
+        last, SUCCESS,
+        "asking again with the same request id gets the final signal"
+    );
+    assert_eq!(bank.node("a").reversals_of(&gsn, &branch), 1);
+    assert!(
+        eventually(LIMIT, || bank.node("a").signals_for(&gsn)
+            == vec![REPROCESS, SUCCESS])
+        .await
+    );
+    let replay = bank
+        .reverse("r-3", &gsn, &branch, pb::ReversalType::External, 2_000)
+        .await;
+    assert!(
+        replay.metadata().contains_key(sagad::grpc::REPLAYED_HEADER),
+        "the final answer is stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn external_reversal_of_an_original_that_never_happened_signals_reversal_failure() {
+    let bank = bank().await;
+    let gsn = bank.start("t-4").await;
+    let branch = bank.register(&gsn, 1, "a").await;
+    let answer = bank
+        .reverse("r-4", &gsn, &branch, pb::ReversalType::External, 5_000)
+        .await
+        .into_inner();
+    assert_eq!(answer.signal, FAILURE);
+    let saga = answer.saga.unwrap();
+    assert_eq!(
+        saga.branches[0].state,
+        pb::BranchState::NotOccurred as i32,
+        "a tombstone: a late forward is refused"
+    );
+    assert_eq!(
+        saga.branches[0].last_poll_outcome,
+        pb::Outcome::NotFound as i32,
+        "the node was asked"
+    );
+    assert!(eventually(LIMIT, || bank.node("a").signals_for(&gsn) == vec![FAILURE]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn external_reversal_of_an_unknown_original_keeps_polling_and_answers_reprocess_meanwhile() {
+    let bank = bank().await;
+    let gsn = bank.start("t-5").await;
+    // Until told otherwise, node a cannot say yet what became of the outcall.
+    bank.node("a")
+        .queries_answer_processing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let branch = bank.outcall(&gsn, 1, "a", true, pb::Outcome::Unknown).await;
+    let answer = bank
+        .reverse("r-5", &gsn, &branch, pb::ReversalType::External, 300)
+        .await
+        .into_inner();
+    assert_eq!(answer.signal, REPROCESS);
+    assert_eq!(answer.saga.unwrap().state, pb::SagaState::Reversing as i32);
+    bank.node("a")
+        .queries_answer_processing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut last = REPROCESS;
+    for _ in 0..20 {
+        last = bank
+            .reverse("r-5", &gsn, &branch, pb::ReversalType::External, 2_000)
+            .await
+            .into_inner()
+            .signal;
+        if last != REPROCESS {
+            break;
+        }
+    }
+    assert_eq!(
+        last, SUCCESS,
+        "once the node knew it had succeeded, it was reversed"
+    );
+    assert_eq!(bank.node("a").reversals_of(&gsn, &branch), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_reversal_asked_twice_or_under_two_serials_reverses_once() {
+    let bank = bank().await;
+    let gsn = bank.start("t-6").await;
+    let branch = bank
+        .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    let first = bank
+        .reverse("r-6", &gsn, &branch, pb::ReversalType::External, 5_000)
+        .await
+        .into_inner();
+    let again = bank
+        .reverse("r-6", &gsn, &branch, pb::ReversalType::External, 5_000)
+        .await;
+    assert!(again.metadata().contains_key(sagad::grpc::REPLAYED_HEADER));
+    assert_eq!(again.into_inner(), first);
+    let other_serial = bank
+        .reverse("r-6b", &gsn, &branch, pb::ReversalType::External, 5_000)
+        .await
+        .into_inner();
+    assert_eq!(other_serial.signal, first.signal);
+    assert_eq!(bank.node("a").reversals_of(&gsn, &branch), 1);
+    let saga = get(&bank.server.channel, &gsn).await;
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn internal_reversal_undoes_earlier_outcalls_in_reverse_order_when_the_third_fails() {
+    let bank = bank().await;
+    let gsn = bank.start("t-7").await;
+    let one = bank
+        .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    let two = bank
+        .outcall(&gsn, 2, "b", true, pb::Outcome::Succeeded)
+        .await;
+    let three = bank.outcall(&gsn, 3, "c", false, pb::Outcome::Failed).await;
+    let answer = bank
+        .reverse("r-7", &gsn, "", pb::ReversalType::Internal, 10_000)
+        .await
+        .into_inner();
+    assert_eq!(answer.signal, SUCCESS);
+    let saga = answer.saga.unwrap();
+    let state = |id: &str| {
+        saga.branches
+            .iter()
+            .find(|b| b.branch_id == id)
+            .unwrap()
+            .state
+    };
+    assert_eq!(
+        state(&three),
+        pb::BranchState::NotOccurred as i32,
+        "the failed one is proven never to have happened"
+    );
+    assert_eq!(state(&two), pb::BranchState::Reversed as i32);
+    assert_eq!(state(&one), pb::BranchState::Reversed as i32);
+    let (b_at, a_at) = (
+        bank.node("b").reversed_at(&gsn, &two).unwrap(),
+        bank.node("a").reversed_at(&gsn, &one).unwrap(),
+    );
+    assert!(b_at < a_at, "2 is undone before 1");
+    assert!(
+        eventually(LIMIT, || bank
+            .signals_everywhere(&gsn)
+            .iter()
+            .all(|s| s == &vec![SUCCESS]))
+        .await,
+        "every node, caller included, is told REVERSAL_SUCCESS: {:?}",
+        bank.signals_everywhere(&gsn)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn internal_reversal_undoes_an_unknown_third_outcall_that_turns_out_to_have_succeeded() {
+    let bank = bank().await;
+    let gsn = bank.start("t-8").await;
+    bank.outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    bank.outcall(&gsn, 2, "b", true, pb::Outcome::Succeeded)
+        .await;
+    let three = bank.outcall(&gsn, 3, "c", true, pb::Outcome::Unknown).await;
+    let answer = bank
+        .reverse("r-8", &gsn, "", pb::ReversalType::Internal, 10_000)
+        .await
+        .into_inner();
+    assert_eq!(answer.signal, SUCCESS);
+    assert_eq!(
+        bank.node("c").reversals_of(&gsn, &three),
+        1,
+        "it had happened, so it was undone"
+    );
+    assert_eq!(bank.node("a").max_reversals(), 1);
+    assert_eq!(bank.node("b").max_reversals(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn complete_saga_needs_every_outcall_succeeded_and_tells_every_node() {
+    let bank = bank().await;
+    let gsn = bank.start("t-9").await;
+    bank.outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    let pending = bank.register(&gsn, 2, "b").await;
+    let err = bank
+        .client()
+        .complete_saga(pb::CompleteSagaRequest {
+            request_id: "c-1".into(),
+            gsn: gsn.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains(&pending), "{}", err.message());
+    bank.node("b")
+        .execute_directly(&gsn, &pending, "debit-b")
+        .await;
+    bank.report(&gsn, &pending, pb::Outcome::Succeeded).await;
+    let done = bank
+        .client()
+        .complete_saga(pb::CompleteSagaRequest {
+            request_id: "c-2".into(),
+            gsn: gsn.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.saga.unwrap().state, pb::SagaState::Completed as i32);
+    let completed = pb::Signal::Completed as i32;
+    assert!(
+        eventually(LIMIT, || bank.node("a").signals_for(&gsn)
+            == vec![completed]
+            && bank.caller.node.signals_for(&gsn) == vec![completed])
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outcall_misuse_gets_the_right_codes() {
+    let bank = bank().await;
+    let gsn = bank.start("t-10").await;
+    bank.register(&gsn, 1, "a").await;
+    let mut client = bank.client();
+    let mut dup = pb::RegisterOutcallRequest {
+        request_id: "dup".into(),
+        gsn: gsn.clone(),
+        caller_node_id: "orders".into(),
+        callee_node_id: "b".into(),
+        forward_action: "x".into(),
+        reversal_action: "y".into(),
+        order: 1,
+        ..Default::default()
+    };
+    assert_eq!(
+        client
+            .register_outcall(dup.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::AlreadyExists
+    );
+    dup.request_id = "zero".into();
+    dup.order = 0;
+    assert_eq!(
+        client
+            .register_outcall(dup.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::InvalidArgument
+    );
+    dup.request_id = "nogsn".into();
+    dup.order = 5;
+    dup.gsn = "c1-0000000000000999".into();
+    assert_eq!(
+        client.register_outcall(dup).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    let no_type = client
+        .request_reversal(pb::RequestReversalRequest {
+            request_id: "rt".into(),
+            gsn: gsn.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_type.code(), tonic::Code::InvalidArgument);
+    assert!(
+        no_type.message().contains("REVERSAL_TYPE_EXTERNAL"),
+        "{}",
+        no_type.message()
+    );
+    let reprocess = client
+        .reprocess_saga(pb::ReprocessSagaRequest {
+            request_id: "rp".into(),
+            gsn: gsn.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reprocess.code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_saga_needing_attention_is_reprocessed_by_an_operator() {
+    let bank = bank().await;
+    let gsn = bank.start("t-11").await;
+    let branch = bank
+        .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    bank.node("a")
+        .script("credit-a", vec![Script::Fail("LOCKED")]);
+    let answer = bank
+        .reverse("r-11", &gsn, &branch, pb::ReversalType::External, 5_000)
+        .await
+        .into_inner();
+    assert_eq!(answer.signal, REPROCESS);
+    assert_eq!(
+        answer.saga.unwrap().state,
+        pb::SagaState::NeedsAttention as i32
+    );
+    let reprocessed = bank
+        .client()
+        .reprocess_saga(pb::ReprocessSagaRequest {
+            request_id: "op-1".into(),
+            gsn: gsn.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reprocessed.saga.unwrap().state,
+        pb::SagaState::Reversing as i32
+    );
+    assert!(eventually(LIMIT, || bank.node("a").reversals_of(&gsn, &branch) == 1).await);
+    let saga = common::orders::wait_terminal(&bank.server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32);
+}
