@@ -147,6 +147,10 @@ pub(crate) const MAX_PAGE_SIZE: u32 = 500;
 pub(crate) struct Shared {
     /// Strategy versions by (business type, version); a stored version never changes.
     strategies: RwLock<HashMap<(String, u64), Arc<Strategy>>>,
+    /// The retry configuration in force, read once instead of on every transition. Only ledger
+    /// writes fill or clear it (they run one at a time), and the write that stores a new version
+    /// clears it, so a later write never decides by an old version.
+    retry_config: RwLock<Option<Arc<crate::domain::retry::Config>>>,
     delivery: delivery::Delivery,
     watchers: watch::Watchers,
     metrics: metrics::Metrics,
@@ -181,6 +185,7 @@ impl Engine {
     ) -> Engine {
         let shared = Arc::new(Shared {
             strategies: RwLock::new(HashMap::new()),
+            retry_config: RwLock::new(None),
             delivery: delivery::Delivery::new(
                 settings.participant_timeout,
                 settings.resend_after,

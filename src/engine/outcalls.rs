@@ -13,7 +13,7 @@ use crate::domain::orchestration;
 use crate::domain::outcalls::{self, Outcall, ReversalAsked};
 use crate::domain::saga::{ReversalType, Saga, SagaState};
 use crate::engine::sagas::{Applied, load_saga, outcall_refusal, store_transition};
-use crate::engine::{Answered, Engine, Error, convert, retries, stored_record};
+use crate::engine::{Answered, Engine, Error, convert, stored_record};
 use crate::store::{IdempotencyKey, IdempotencyNamespace, PayloadRecord};
 
 /// RegisterOutcall as it arrives.
@@ -317,7 +317,7 @@ impl Engine {
                             }
                         };
                     let saga = load_saga(tx, &gsn)?;
-                    let retry = retries::load_retry_config(tx)?;
+                    let retry = engine.shared.retry_config(tx)?;
                     let env = engine.env(&retry, now);
                     let transition = outcalls::on_reversal_requested(saga, asked, env)
                         .map_err(|r| outcall_refusal(r, &gsn))?;

@@ -62,6 +62,7 @@ impl Engine {
         let (Some(request_id), Some(rules)) = (request_id, rules) else {
             return Err(Error::Invalid(violations));
         };
+        let shared = self.shared.clone();
         self.idempotent_write(
             "PutRetryConfig",
             &request_id,
@@ -70,6 +71,7 @@ impl Engine {
                 let latest = tx.retry_config()?.map(|record| record.version);
                 let config = Config::next(rules, latest, now);
                 tx.put_retry_config(&config_to_record(&config))?;
+                shared.forget_retry_config();
                 Ok(encode(&config))
             },
         )

@@ -66,6 +66,21 @@ pub(crate) fn load_saga(tx: &WriteTx<'_>, gsn: &Gsn) -> Result<Saga, Error> {
 }
 
 impl Shared {
+    /// The retry configuration in force, from the cache or the ledger. Call it only inside a
+    /// ledger write, so the cache follows the ledger's order.
+    pub(crate) fn retry_config(&self, tx: &WriteTx<'_>) -> Result<Arc<RetryConfig>, Error> {
+        if let Some(cached) = self.retry_config.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(cached.clone());
+        }
+        let loaded = Arc::new(retries::load_retry_config(tx)?);
+        *self.retry_config.write().unwrap_or_else(|p| p.into_inner()) = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    pub(crate) fn forget_retry_config(&self) {
+        *self.retry_config.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// Strategy versions never change once stored, so they are cached for good.
     pub(crate) fn strategy(
         &self,
@@ -375,7 +390,7 @@ impl Engine {
                 let payload = std::mem::take(&mut saga.payload);
                 let applied = match &strategy {
                     Some(strategy) => {
-                        let retry = retries::load_retry_config(tx)?;
+                        let retry = shared.retry_config(tx)?;
                         let ctx = Context {
                             strategy,
                             now,
@@ -613,7 +628,7 @@ impl Engine {
         if kind == Kind::QueryStatus {
             Metrics::bump(&self.shared.metrics.poll_answers);
         }
-        let retry = retries::load_retry_config(tx)?;
+        let retry = self.shared.retry_config(tx)?;
         let Some(strategy) = self.strategy_of(tx, &saga)? else {
             let env = self.env(&retry, now);
             let transition = match kind {
@@ -665,7 +680,7 @@ impl Engine {
                         return Ok(Applied::default());
                     }
                     let now = key.at_ms.max(engine.clock.now_ms());
-                    let retry = retries::load_retry_config(tx)?;
+                    let retry = engine.shared.retry_config(tx)?;
                     let Some(strategy) = engine.strategy_of(tx, &saga)? else {
                         Metrics::bump(&engine.shared.metrics.timers_fired);
                         let env = engine.env(&retry, now);
