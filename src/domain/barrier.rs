@@ -1,3 +1,544 @@
 //! The participants' branch barrier as pure rules: each branch action runs at most once, a
 //! reversal of what never ran is a null compensation, and a forward action after its reversal
-//! is refused (hanging).
+//! is refused (hanging). No clock, no I/O: the caller reads both records of the branch, passes
+//! `now`, and stores what the decision says, all in one ledger write.
+//!
+//! A branch on one node has two records in the idempotence table (S3): the forward action's and
+//! the reversal action's. The barrier judges a Guard call over both at once, because the rules
+//! that matter cross them: a reversal record of any kind refuses the forward action, and a
+//! reversal is only run after its forward action finished.
+
+use crate::domain::idempotency::{self, Answer, Record, RecordState, Terms};
+use crate::domain::ids::RequestId;
+use crate::domain::{Millis, Violation};
+
+/// Which action of a branch a Guard call is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Forward,
+    Reversal,
+}
+
+/// The result stored on the reversal record of a branch whose forward action never ran. It is
+/// the tombstone that makes a late forward action HANGING.
+pub const NULL_COMPENSATION: &str = "NULL_COMPENSATION";
+
+/// What the participant is told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Proceed,
+    Duplicate,
+    InProgress,
+    NullCompensation,
+    Hanging,
+}
+
+/// The barrier's decision. Each variant holds the record the participant is shown; `write`
+/// says which record, if any, must be stored with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// `registered` (PROCESSING) is stored under `action`'s key; the participant runs the
+    /// action and finishes the record.
+    Proceed { action: Action, registered: Record },
+    /// `action` already finished: the participant answers with `done.response`.
+    Duplicate { action: Action, done: Record },
+    /// `action` is registered and not finished: the asked action itself, or, for a reversal,
+    /// the forward action still running. Nothing runs now; the participant is asked again.
+    InProgress { action: Action, running: Record },
+    /// The forward action never ran: `tombstone` (DONE, result NULL_COMPENSATION) is stored
+    /// under the reversal's key and nothing runs.
+    NullCompensation { tombstone: Record },
+    /// A reversal record exists, so the forward action must never run.
+    Hanging { reversal: Record },
+}
+
+impl Decision {
+    pub fn verdict(&self) -> Verdict {
+        match self {
+            Decision::Proceed { .. } => Verdict::Proceed,
+            Decision::Duplicate { .. } => Verdict::Duplicate,
+            Decision::InProgress { .. } => Verdict::InProgress,
+            Decision::NullCompensation { .. } => Verdict::NullCompensation,
+            Decision::Hanging { .. } => Verdict::Hanging,
+        }
+    }
+
+    /// The record to store, and which action's key it goes under; `None`: nothing changes.
+    pub fn write(&self) -> Option<(Action, &Record)> {
+        match self {
+            Decision::Proceed { action, registered } => Some((*action, registered)),
+            Decision::NullCompensation { tombstone } => Some((Action::Reversal, tombstone)),
+            Decision::Duplicate { .. } | Decision::InProgress { .. } | Decision::Hanging { .. } => {
+                None
+            }
+        }
+    }
+
+    /// The record the verdict is about, and which action's key it lives under: what the
+    /// participant is shown (and, after PROCEED, what it finishes).
+    pub fn shown(&self) -> (Action, &Record) {
+        match self {
+            Decision::Proceed { action, registered } => (*action, registered),
+            Decision::Duplicate { action, done } => (*action, done),
+            Decision::InProgress { action, running } => (*action, running),
+            Decision::NullCompensation { tombstone } => (Action::Reversal, tombstone),
+            Decision::Hanging { reversal } => (Action::Reversal, reversal),
+        }
+    }
+}
+
+/// A Guard call: judge `asked` over the branch's two records.
+///
+/// The barrier never takes over a PROCESSING registration (`terms.processing_lease_ms` is not
+/// consulted): running an action twice is exactly what it exists to prevent, so only the
+/// participant's Finish, or the record's retention, ends a registration.
+pub fn on_guard(
+    asked: Action,
+    forward: Option<&Record>,
+    reversal: Option<&Record>,
+    terms: Terms,
+    now: Millis,
+) -> Decision {
+    match asked {
+        Action::Forward => on_forward_guarded(forward, reversal, terms, now),
+        Action::Reversal => on_reversal_guarded(forward, reversal, terms, now),
+    }
+}
+
+fn on_forward_guarded(
+    forward: Option<&Record>,
+    reversal: Option<&Record>,
+    terms: Terms,
+    now: Millis,
+) -> Decision {
+    // Checked first: once a reversal was asked for, in any state, running the forward action
+    // would leave an effect nobody will reverse (the "hanging" transaction).
+    if let Some(reversal) = reversal {
+        return Decision::Hanging {
+            reversal: reversal.clone(),
+        };
+    }
+    match forward {
+        None => Decision::Proceed {
+            action: Action::Forward,
+            registered: registered(terms, now),
+        },
+        Some(record) => match record.state {
+            RecordState::Done => Decision::Duplicate {
+                action: Action::Forward,
+                done: record.clone(),
+            },
+            RecordState::Processing => Decision::InProgress {
+                action: Action::Forward,
+                running: record.clone(),
+            },
+        },
+    }
+}
+
+fn on_reversal_guarded(
+    forward: Option<&Record>,
+    reversal: Option<&Record>,
+    terms: Terms,
+    now: Millis,
+) -> Decision {
+    if let Some(record) = reversal {
+        return match record.state {
+            RecordState::Done => Decision::Duplicate {
+                action: Action::Reversal,
+                done: record.clone(),
+            },
+            RecordState::Processing => Decision::InProgress {
+                action: Action::Reversal,
+                running: record.clone(),
+            },
+        };
+    }
+    match forward {
+        // Nothing ran, so nothing is undone; the stored record doubles as the tombstone that
+        // refuses the forward action if it arrives later.
+        None => Decision::NullCompensation {
+            tombstone: idempotency::finished(
+                registered(terms, now),
+                Answer {
+                    result: NULL_COMPENSATION.to_owned(),
+                    response: Vec::new(),
+                    content_type: String::new(),
+                },
+                terms,
+                now,
+            ),
+        },
+        Some(record) => match record.state {
+            // The forward action is running now: reversing half-done work would undo what is
+            // not there yet, and a tombstone would contradict a forward that then finishes.
+            RecordState::Processing => Decision::InProgress {
+                action: Action::Forward,
+                running: record.clone(),
+            },
+            RecordState::Done => Decision::Proceed {
+                action: Action::Reversal,
+                registered: registered(terms, now),
+            },
+        },
+    }
+}
+
+/// A fresh PROCESSING registration (S13) with no fingerprint: the barrier's keys are derived
+/// from the branch, so there is no request body to compare.
+fn registered(terms: Terms, now: Millis) -> Record {
+    Record {
+        fingerprint: Vec::new(),
+        state: RecordState::Processing,
+        result: String::new(),
+        response: Vec::new(),
+        content_type: String::new(),
+        created_ms: now,
+        updated_ms: now,
+        expires_ms: if terms.retention_ms == 0 {
+            0
+        } else {
+            now.saturating_add(terms.retention_ms)
+        },
+        attempts: 1,
+    }
+}
+
+/// Where a branch's two records live in the participants' part of the table: scope
+/// `guard/<node_id>/<gsn>`, request ids `<branch_id>/forward` and `<branch_id>/reversal`.
+/// A participant finishes a guarded action with exactly these names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchKeys {
+    pub scope: String,
+    pub forward: String,
+    pub reversal: String,
+}
+
+impl BranchKeys {
+    /// Node ids follow RegisterNode's rule, and in particular contain no `/`: that keeps
+    /// `guard/<node_id>/<gsn>` unambiguous, so two branches can never share a scope.
+    pub const NODE_ID_MAX_LEN: usize = 64;
+    const NODE_ID_ALLOWED: &'static str = "._-";
+    const SCOPE_PREFIX: &'static str = "guard/";
+    const FORWARD_SUFFIX: &'static str = "/forward";
+    const REVERSAL_SUFFIX: &'static str = "/reversal";
+
+    /// Validates the three names and composes the keys; every problem is reported at once,
+    /// each naming its field.
+    pub fn parse(node_id: &str, gsn: &str, branch_id: &str) -> Result<BranchKeys, Vec<Violation>> {
+        let mut violations = Vec::new();
+        let node_ok = check_node_id(node_id, &mut violations);
+        let gsn_ok = check_text("gsn", gsn, &mut violations);
+        let branch_ok = check_text("branch_id", branch_id, &mut violations);
+        let scope = format!("{}{node_id}/{gsn}", Self::SCOPE_PREFIX);
+        if node_ok && gsn_ok {
+            check_composed(
+                "gsn",
+                &scope,
+                "the scope guard/<node_id>/<gsn>",
+                &mut violations,
+            );
+        }
+        // The reversal suffix is the longer one, so it alone decides the limit.
+        let reversal = format!("{branch_id}{}", Self::REVERSAL_SUFFIX);
+        if branch_ok {
+            check_composed(
+                "branch_id",
+                &reversal,
+                "the request_id <branch_id>/reversal",
+                &mut violations,
+            );
+        }
+        if violations.is_empty() {
+            Ok(BranchKeys {
+                scope,
+                forward: format!("{branch_id}{}", Self::FORWARD_SUFFIX),
+                reversal,
+            })
+        } else {
+            Err(violations)
+        }
+    }
+
+    /// The request id of `action`'s record.
+    pub fn request_id(&self, action: Action) -> &str {
+        match action {
+            Action::Forward => &self.forward,
+            Action::Reversal => &self.reversal,
+        }
+    }
+}
+
+fn check_node_id(node_id: &str, violations: &mut Vec<Violation>) -> bool {
+    let valid = !node_id.is_empty()
+        && node_id.chars().count() <= BranchKeys::NODE_ID_MAX_LEN
+        && node_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || BranchKeys::NODE_ID_ALLOWED.contains(c));
+    if !valid {
+        violations.push(Violation::new(
+            "node_id",
+            format!(
+                "must be 1 to {} letters, digits, '.', '_' or '-' (the node id sagad knows the node by)",
+                BranchKeys::NODE_ID_MAX_LEN
+            ),
+        ));
+    }
+    valid
+}
+
+/// Any printable text, as request ids are; length is judged on the composed key.
+fn check_text(field: &str, text: &str, violations: &mut Vec<Violation>) -> bool {
+    match RequestId::parse(text) {
+        Ok(_) => true,
+        Err(e) => {
+            violations.push(Violation::new(field, e.to_string()));
+            false
+        }
+    }
+}
+
+fn check_composed(field: &str, composed: &str, what: &str, violations: &mut Vec<Violation>) {
+    let len = composed.chars().count();
+    if len > RequestId::MAX_LEN {
+        violations.push(Violation::new(
+            field,
+            format!(
+                "is too long: {what} would be {len} characters, and at most {} are allowed",
+                RequestId::MAX_LEN
+            ),
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TERMS: Terms = Terms {
+        retention_ms: 1_000,
+        processing_lease_ms: None,
+    };
+    const NOW: Millis = 50;
+
+    fn record(state: RecordState, result: &str) -> Record {
+        Record {
+            fingerprint: Vec::new(),
+            state,
+            result: result.to_owned(),
+            response: result.as_bytes().to_vec(),
+            content_type: String::new(),
+            created_ms: 10,
+            updated_ms: 20,
+            expires_ms: 1_020,
+            attempts: 1,
+        }
+    }
+
+    /// A record in a row of the table: absent, processing, or done.
+    #[derive(Debug, Clone, Copy)]
+    enum Held {
+        None,
+        Processing,
+        Done,
+    }
+
+    fn held(h: Held, done_result: &str) -> Option<Record> {
+        match h {
+            Held::None => None,
+            Held::Processing => Some(record(RecordState::Processing, "")),
+            Held::Done => Some(record(RecordState::Done, done_result)),
+        }
+    }
+
+    /// Every combination of (asked action, forward record, reversal record): the verdict, the
+    /// record shown (whose, and its result), and what is written (whose, state, result).
+    #[test]
+    fn every_row_of_the_barrier_table() {
+        use Action::{Forward as F, Reversal as R};
+        use Held::{Done as D, None as N, Processing as P};
+        use RecordState::{Done as SD, Processing as SP};
+        use Verdict::*;
+        type Written = Option<(Action, RecordState, &'static str)>;
+        #[rustfmt::skip]
+        let rows: [(Action, Held, Held, Verdict, Action, &str, Written); 18] = [
+            // asked forward: any reversal record refuses it, whatever the forward record says.
+            (F, N, N, Proceed,          F, "",               Some((F, SP, ""))),
+            (F, P, N, InProgress,       F, "",               None),
+            (F, D, N, Duplicate,        F, "SUCCEEDED",      None),
+            (F, N, P, Hanging,          R, "",               None),
+            (F, P, P, Hanging,          R, "",               None),
+            (F, D, P, Hanging,          R, "",               None),
+            (F, N, D, Hanging,          R, "rev-done",       None),
+            (F, P, D, Hanging,          R, "rev-done",       None),
+            (F, D, D, Hanging,          R, "rev-done",       None),
+            // asked reversal: its own record first, then the forward's.
+            (R, N, N, NullCompensation, R, NULL_COMPENSATION, Some((R, SD, NULL_COMPENSATION))),
+            (R, P, N, InProgress,       F, "",               None),
+            (R, D, N, Proceed,          R, "",               Some((R, SP, ""))),
+            (R, N, P, InProgress,       R, "",               None),
+            (R, P, P, InProgress,       R, "",               None),
+            (R, D, P, InProgress,       R, "",               None),
+            (R, N, D, Duplicate,        R, "rev-done",       None),
+            (R, P, D, Duplicate,        R, "rev-done",       None),
+            (R, D, D, Duplicate,        R, "rev-done",       None),
+        ];
+        for (asked, fwd, rev, verdict, shown_of, shown_result, written) in rows {
+            let row = format!("{asked:?} forward={fwd:?} reversal={rev:?}");
+            let forward = held(fwd, "SUCCEEDED");
+            let reversal = held(rev, "rev-done");
+            let decision = on_guard(asked, forward.as_ref(), reversal.as_ref(), TERMS, NOW);
+            assert_eq!(decision.verdict(), verdict, "{row}");
+            let (whose, shown) = decision.shown();
+            assert_eq!(
+                (whose, shown.result.as_str()),
+                (shown_of, shown_result),
+                "{row}"
+            );
+            let write = decision
+                .write()
+                .map(|(whose, r)| (whose, r.state, r.result.as_str()));
+            assert_eq!(write, written, "{row}");
+        }
+    }
+
+    #[test]
+    fn written_records_are_new_and_expire_after_the_retention() {
+        for asked in [Action::Forward, Action::Reversal] {
+            let decision = on_guard(asked, None, None, TERMS, NOW);
+            let (_, written) = decision.write().expect("a fresh branch writes a record");
+            assert_eq!(
+                (written.created_ms, written.updated_ms, written.expires_ms),
+                (NOW, NOW, NOW + TERMS.retention_ms)
+            );
+            assert_eq!(written.attempts, 1);
+        }
+    }
+
+    #[test]
+    fn a_duplicate_shows_the_stored_response() {
+        let mut done = record(RecordState::Done, "SUCCEEDED");
+        done.response = b"reserved 3".to_vec();
+        let decision = on_guard(Action::Forward, Some(&done), None, TERMS, NOW);
+        assert_eq!(decision.shown().1.response, b"reserved 3");
+    }
+
+    #[test]
+    fn keys_name_the_node_the_saga_and_the_branch() {
+        let keys = BranchKeys::parse("inventory", "c1-0000000000000042", "reserve").unwrap();
+        assert_eq!(keys.scope, "guard/inventory/c1-0000000000000042");
+        assert_eq!(keys.request_id(Action::Forward), "reserve/forward");
+        assert_eq!(keys.request_id(Action::Reversal), "reserve/reversal");
+    }
+
+    #[test]
+    fn bad_names_are_each_reported_by_field() {
+        let fields = |r: Result<BranchKeys, Vec<Violation>>| -> Vec<String> {
+            r.unwrap_err().into_iter().map(|v| v.field).collect()
+        };
+        assert_eq!(
+            fields(BranchKeys::parse("", "", "")),
+            ["node_id", "gsn", "branch_id"]
+        );
+        assert_eq!(fields(BranchKeys::parse("a/b", "g", "b")), ["node_id"]);
+        assert_eq!(fields(BranchKeys::parse("n", "g\n", "b")), ["gsn"]);
+        // guard/ + 64 + / + 58 = 129 characters: one too many, and the gsn is named.
+        let node = "n".repeat(64);
+        assert!(BranchKeys::parse(&node, &"g".repeat(57), "b").is_ok());
+        assert_eq!(
+            fields(BranchKeys::parse(&node, &"g".repeat(58), "b")),
+            ["gsn"]
+        );
+        // 119 + "/reversal" = 128 is the longest branch id.
+        assert!(BranchKeys::parse("n", "g", &"b".repeat(119)).is_ok());
+        assert_eq!(
+            fields(BranchKeys::parse("n", "g", &"b".repeat(120))),
+            ["branch_id"]
+        );
+    }
+
+    /// One call a participant (or a confused one) may make for the branch.
+    #[derive(Debug, Clone)]
+    enum Call {
+        Guard(Action),
+        Finish(Action, &'static str),
+    }
+
+    fn call() -> impl Strategy<Value = Call> {
+        let action = prop_oneof![Just(Action::Forward), Just(Action::Reversal)];
+        prop_oneof![
+            action.clone().prop_map(Call::Guard),
+            (action, prop_oneof![Just("SUCCEEDED"), Just("FAILED")])
+                .prop_map(|(a, r)| Call::Finish(a, r)),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the order of Guards and Finishes: each action is PROCEEDed at most once, a
+        /// forward is never PROCEEDed after any reversal verdict, and a reversal is PROCEEDed
+        /// only after its forward action was PROCEEDed and finished.
+        #[test]
+        fn the_barrier_never_runs_an_action_twice_or_out_of_order(
+            calls in proptest::collection::vec(call(), 1..40)
+        ) {
+            let mut forward: Option<Record> = None;
+            let mut reversal: Option<Record> = None;
+            let (mut forward_runs, mut reversal_runs) = (0, 0);
+            let mut reversal_judged = false;
+            for (i, call) in calls.into_iter().enumerate() {
+                let now = 1_000 + i as Millis;
+                match call {
+                    Call::Guard(asked) => {
+                        let decision =
+                            on_guard(asked, forward.as_ref(), reversal.as_ref(), TERMS, now);
+                        match (asked, decision.verdict()) {
+                            (Action::Forward, Verdict::Proceed) => {
+                                prop_assert!(!reversal_judged, "forward run after a reversal verdict");
+                                forward_runs += 1;
+                            }
+                            (Action::Reversal, Verdict::Proceed) => {
+                                prop_assert!(forward_runs == 1, "reversal of a forward that never ran");
+                                prop_assert_eq!(
+                                    forward.as_ref().map(|r| r.state),
+                                    Some(RecordState::Done),
+                                    "reversal while the forward runs"
+                                );
+                                reversal_runs += 1;
+                            }
+                            (Action::Forward, _) | (Action::Reversal, _) => {}
+                        }
+                        if asked == Action::Reversal {
+                            reversal_judged = true;
+                        }
+                        if let Some((whose, written)) = decision.write() {
+                            let slot = match whose {
+                                Action::Forward => &mut forward,
+                                Action::Reversal => &mut reversal,
+                            };
+                            *slot = Some(written.clone());
+                        }
+                    }
+                    Call::Finish(whose, result) => {
+                        let slot = match whose {
+                            Action::Forward => &mut forward,
+                            Action::Reversal => &mut reversal,
+                        };
+                        let answer = Answer {
+                            result: result.to_owned(),
+                            response: result.as_bytes().to_vec(),
+                            content_type: String::new(),
+                        };
+                        match idempotency::on_finish(slot.as_ref(), answer, TERMS, now) {
+                            idempotency::Finish::Store(done) => *slot = Some(done),
+                            idempotency::Finish::AlreadyDone(_)
+                            | idempotency::Finish::NotBegun
+                            | idempotency::Finish::Conflict(_) => {}
+                        }
+                    }
+                }
+                prop_assert!(forward_runs <= 1 && reversal_runs <= 1);
+            }
+        }
+    }
+}

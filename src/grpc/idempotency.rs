@@ -1,10 +1,12 @@
-//! The Idempotency service at the edge: the S3 table offered to participants.
+//! The Idempotency service at the edge: the S3 table offered to participants, and the branch
+//! barrier (Guard) built on it.
 
 use tonic::{Request, Response, Status};
 
+use crate::domain::Violation;
+use crate::domain::barrier::{Action, BranchKeys, Verdict};
 use crate::domain::idempotency::Answer;
-use crate::engine::{Begun, Engine};
-use crate::grpc::unimplemented::not_yet;
+use crate::engine::{Begun, Engine, Error};
 use crate::grpc::{convert, pb, status};
 
 pub struct IdempotencyService {
@@ -103,11 +105,45 @@ impl pb::idempotency_server::Idempotency for IdempotencyService {
 
     async fn guard(
         &self,
-        _: Request<pb::GuardRequest>,
+        request: Request<pb::GuardRequest>,
     ) -> Result<Response<pb::GuardResponse>, Status> {
-        Err(not_yet(
-            "Idempotency.Guard",
-            "the reversal protocol's participant barrier (S1)",
-        ))
+        let request = request.into_inner();
+        let action = match pb::BranchAction::try_from(request.action) {
+            Ok(pb::BranchAction::Forward) => Action::Forward,
+            Ok(pb::BranchAction::Reversal) => Action::Reversal,
+            Ok(pb::BranchAction::Unspecified) | Err(_) => {
+                // Reported together with whatever else is wrong, so one round trip shows it all.
+                let mut violations = vec![Violation::new(
+                    "action",
+                    "must be BRANCH_ACTION_FORWARD or BRANCH_ACTION_REVERSAL",
+                )];
+                if let Err(more) =
+                    BranchKeys::parse(&request.node_id, &request.gsn, &request.branch_id)
+                {
+                    violations.extend(more);
+                }
+                return Err(status::from_engine(Error::Invalid(violations)));
+            }
+        };
+        let guarded = self
+            .engine
+            .guard(&request.node_id, &request.gsn, &request.branch_id, action)
+            .await
+            .map_err(status::from_engine)?;
+        let verdict = match guarded.verdict {
+            Verdict::Proceed => pb::GuardVerdict::Proceed,
+            Verdict::Duplicate => pb::GuardVerdict::Duplicate,
+            Verdict::InProgress => pb::GuardVerdict::InProgress,
+            Verdict::NullCompensation => pb::GuardVerdict::NullCompensation,
+            Verdict::Hanging => pb::GuardVerdict::Hanging,
+        };
+        Ok(Response::new(pb::GuardResponse {
+            verdict: verdict as i32,
+            record: Some(convert::idempotency_record(
+                &guarded.scope,
+                &guarded.request_id,
+                &guarded.record,
+            )),
+        }))
     }
 }

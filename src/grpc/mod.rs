@@ -8,7 +8,6 @@ mod idempotency;
 mod retries;
 mod status;
 mod strategies;
-mod unimplemented;
 
 pub use coordinator::CoordinatorService;
 pub use idempotency::IdempotencyService;

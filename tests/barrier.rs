@@ -1,0 +1,390 @@
+//! The participants' branch barrier (Idempotency.Guard, then Finish), end to end over gRPC:
+//! each action PROCEEDs at most once, a reversal before its forward action is a null
+//! compensation, and a forward action after its reversal is refused.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise; that is what unwrap is for here.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::TestServer;
+use sagad::clock::ManualClock;
+use sagad::grpc::pb::idempotency_client::IdempotencyClient;
+use sagad::grpc::pb::{self, BranchAction, GuardVerdict, RecordState};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+const GSN: &str = "c1-0000000000000007";
+const FORWARD: BranchAction = BranchAction::Forward;
+const REVERSAL: BranchAction = BranchAction::Reversal;
+
+fn request(node: &str, gsn: &str, branch: &str, action: BranchAction) -> pb::GuardRequest {
+    pb::GuardRequest {
+        node_id: node.into(),
+        gsn: gsn.into(),
+        branch_id: branch.into(),
+        action: action as i32,
+    }
+}
+
+async fn guard(
+    client: &mut IdempotencyClient<Channel>,
+    branch: &str,
+    action: BranchAction,
+) -> (GuardVerdict, pb::IdempotencyRecord) {
+    let response = client
+        .guard(request("inventory", GSN, branch, action))
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        GuardVerdict::try_from(response.verdict).unwrap(),
+        response.record.unwrap(),
+    )
+}
+
+/// Step 3 of the three calls: Finish with the names the Guard answer gave.
+async fn finish(
+    client: &mut IdempotencyClient<Channel>,
+    record: &pb::IdempotencyRecord,
+    result: &str,
+    response: &[u8],
+) -> pb::IdempotencyRecord {
+    client
+        .finish(pb::FinishRequest {
+            scope: record.scope.clone(),
+            request_id: record.request_id.clone(),
+            result: result.into(),
+            response: response.to_vec(),
+            content_type: "text/plain".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_forward_finished_then_guarded_again_is_a_duplicate_with_the_stored_response() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+
+    let (verdict, record) = guard(&mut client, "reserve", FORWARD).await;
+    assert_eq!(verdict, GuardVerdict::Proceed);
+    assert_eq!(record.scope, format!("guard/inventory/{GSN}"));
+    assert_eq!(record.request_id, "reserve/forward");
+    assert_eq!(record.state, RecordState::Processing as i32);
+
+    let done = finish(&mut client, &record, "SUCCEEDED", b"reserved 3").await;
+    assert_eq!(done.state, RecordState::Done as i32);
+
+    let (verdict, repeat) = guard(&mut client, "reserve", FORWARD).await;
+    assert_eq!(verdict, GuardVerdict::Duplicate);
+    assert_eq!(repeat.response, b"reserved 3");
+    assert_eq!(repeat.result, "SUCCEEDED");
+    assert_eq!(repeat.content_type, "text/plain");
+}
+
+#[tokio::test]
+async fn a_duplicate_forward_while_the_first_runs_is_in_progress() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+    assert_eq!(
+        guard(&mut client, "reserve", FORWARD).await.0,
+        GuardVerdict::Proceed
+    );
+    let (verdict, record) = guard(&mut client, "reserve", FORWARD).await;
+    assert_eq!(verdict, GuardVerdict::InProgress);
+    assert_eq!(record.request_id, "reserve/forward");
+}
+
+#[tokio::test]
+async fn a_forward_finished_failed_is_answered_failed_to_every_repeat() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+    let (_, record) = guard(&mut client, "reserve", FORWARD).await;
+    finish(&mut client, &record, "FAILED", b"out of stock").await;
+    let (verdict, repeat) = guard(&mut client, "reserve", FORWARD).await;
+    assert_eq!(verdict, GuardVerdict::Duplicate);
+    assert_eq!(
+        (repeat.result.as_str(), repeat.response.as_slice()),
+        ("FAILED", b"out of stock".as_slice())
+    );
+}
+
+#[tokio::test]
+async fn a_duplicate_reversal_runs_once_and_is_then_answered_from_its_record() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+    let (_, forward) = guard(&mut client, "reserve", FORWARD).await;
+    finish(&mut client, &forward, "SUCCEEDED", b"reserved").await;
+
+    let (verdict, reversal) = guard(&mut client, "reserve", REVERSAL).await;
+    assert_eq!(verdict, GuardVerdict::Proceed);
+    assert_eq!(reversal.request_id, "reserve/reversal");
+    assert_eq!(
+        guard(&mut client, "reserve", REVERSAL).await.0,
+        GuardVerdict::InProgress,
+        "a repeat while the reversal runs"
+    );
+    finish(&mut client, &reversal, "SUCCEEDED", b"released").await;
+
+    let (verdict, repeat) = guard(&mut client, "reserve", REVERSAL).await;
+    assert_eq!(verdict, GuardVerdict::Duplicate);
+    assert_eq!(repeat.response, b"released");
+}
+
+#[tokio::test]
+async fn a_reversal_before_its_forward_is_a_null_compensation_and_the_late_forward_is_hanging() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+
+    let (verdict, tombstone) = guard(&mut client, "reserve", REVERSAL).await;
+    assert_eq!(verdict, GuardVerdict::NullCompensation);
+    assert_eq!(tombstone.request_id, "reserve/reversal");
+    assert_eq!(tombstone.state, RecordState::Done as i32);
+    assert_eq!(tombstone.result, "NULL_COMPENSATION");
+
+    let (verdict, refusal) = guard(&mut client, "reserve", FORWARD).await;
+    assert_eq!(verdict, GuardVerdict::Hanging);
+    assert_eq!(
+        refusal.request_id, "reserve/reversal",
+        "the record shown is the tombstone that refuses it"
+    );
+
+    let (verdict, again) = guard(&mut client, "reserve", REVERSAL).await;
+    assert_eq!(verdict, GuardVerdict::Duplicate);
+    assert_eq!(again.result, "NULL_COMPENSATION");
+
+    let forward = client
+        .get(pb::GetRecordRequest {
+            scope: format!("guard/inventory/{GSN}"),
+            request_id: "reserve/forward".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        forward.code(),
+        Code::NotFound,
+        "the refused forward registered nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_forward_after_its_reversal_is_hanging() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+    let (_, forward) = guard(&mut client, "reserve", FORWARD).await;
+    finish(&mut client, &forward, "SUCCEEDED", b"reserved").await;
+    let (_, reversal) = guard(&mut client, "reserve", REVERSAL).await;
+
+    assert_eq!(
+        guard(&mut client, "reserve", FORWARD).await.0,
+        GuardVerdict::Hanging,
+        "while the reversal runs"
+    );
+    finish(&mut client, &reversal, "SUCCEEDED", b"released").await;
+    assert_eq!(
+        guard(&mut client, "reserve", FORWARD).await.0,
+        GuardVerdict::Hanging,
+        "after the reversal finished"
+    );
+}
+
+#[tokio::test]
+async fn a_reversal_while_its_forward_runs_waits_and_proceeds_once_the_forward_finished() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+    let (_, forward) = guard(&mut client, "reserve", FORWARD).await;
+
+    let (verdict, running) = guard(&mut client, "reserve", REVERSAL).await;
+    assert_eq!(verdict, GuardVerdict::InProgress);
+    assert_eq!(
+        running.request_id, "reserve/forward",
+        "the record shown is the forward still running"
+    );
+
+    finish(&mut client, &forward, "SUCCEEDED", b"reserved").await;
+    assert_eq!(
+        guard(&mut client, "reserve", REVERSAL).await.0,
+        GuardVerdict::Proceed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_many_concurrent_guards_for_one_branch_action_exactly_one_proceeds() {
+    let server = TestServer::start().await;
+    for action in [FORWARD, REVERSAL] {
+        if action == REVERSAL {
+            // A reversal can only PROCEED once its forward action finished.
+            let mut client = server.idempotency();
+            let (_, forward) = guard(&mut client, "reserve", FORWARD).await;
+            finish(&mut client, &forward, "SUCCEEDED", b"reserved").await;
+        }
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let mut client = server.idempotency();
+            tasks.push(tokio::spawn(async move {
+                guard(&mut client, "reserve", action).await.0
+            }));
+        }
+        let mut verdicts = Vec::new();
+        for task in tasks {
+            verdicts.push(task.await.unwrap());
+        }
+        let proceeded = verdicts
+            .iter()
+            .filter(|v| **v == GuardVerdict::Proceed)
+            .count();
+        assert_eq!(proceeded, 1, "{action:?}: {verdicts:?}");
+        assert!(
+            verdicts
+                .iter()
+                .all(|v| matches!(v, GuardVerdict::Proceed | GuardVerdict::InProgress)),
+            "{verdicts:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forward_and_a_reversal_racing_on_a_fresh_branch_never_both_run() {
+    let server = TestServer::start().await;
+    for round in 0..16 {
+        let branch = format!("race-{round}");
+        let (mut a, mut b) = (server.idempotency(), server.idempotency());
+        let (forward_branch, reversal_branch) = (branch.clone(), branch.clone());
+        let forward = tokio::spawn(async move { guard(&mut a, &forward_branch, FORWARD).await.0 });
+        let reversal =
+            tokio::spawn(async move { guard(&mut b, &reversal_branch, REVERSAL).await.0 });
+        let verdicts = (forward.await.unwrap(), reversal.await.unwrap());
+        assert!(
+            matches!(
+                verdicts,
+                (GuardVerdict::Proceed, GuardVerdict::InProgress)
+                    | (GuardVerdict::Hanging, GuardVerdict::NullCompensation)
+            ),
+            "{branch}: {verdicts:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn nodes_sagas_and_branches_each_have_their_own_barrier() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+    for (node, gsn, branch) in [
+        ("inventory", GSN, "reserve"),
+        ("payments", GSN, "reserve"),
+        ("inventory", "c1-0000000000000008", "reserve"),
+        ("inventory", GSN, "reserve-2"),
+    ] {
+        let verdict = client
+            .guard(request(node, gsn, branch, FORWARD))
+            .await
+            .unwrap()
+            .into_inner()
+            .verdict;
+        assert_eq!(
+            verdict,
+            GuardVerdict::Proceed as i32,
+            "{node} {gsn} {branch}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_tombstone_cannot_be_finished_into_something_else() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+    let (_, tombstone) = guard(&mut client, "reserve", REVERSAL).await;
+    let refused = client
+        .finish(pb::FinishRequest {
+            scope: tombstone.scope.clone(),
+            request_id: tombstone.request_id.clone(),
+            result: "SUCCEEDED".into(),
+            response: b"released".to_vec(),
+            content_type: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn guard_records_expire_with_the_usual_retention() {
+    const START_MS: u64 = 1_800_000_000_000;
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let server = TestServer::start_with_clock(clock).await;
+    let mut client = server.idempotency();
+    let (_, record) = guard(&mut client, "reserve", FORWARD).await;
+    let expires = record.expires_at.unwrap();
+    let retention_s = 7 * 24 * 3600;
+    assert_eq!(
+        expires.seconds,
+        (START_MS / 1000) as i64 + retention_s,
+        "the default retention is 7 days"
+    );
+}
+
+fn violations(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn invalid_guards_are_refused_naming_every_bad_field() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+    // Each fits alone; composed into the scope or the reversal key it passes 128.
+    let long_gsn = "g".repeat(120);
+    let long_branch = "b".repeat(120);
+    let cases: Vec<(pb::GuardRequest, Vec<&str>)> = vec![
+        (request("", GSN, "reserve", FORWARD), vec!["node_id"]),
+        (request("inventory", "", "reserve", FORWARD), vec!["gsn"]),
+        (request("inventory", GSN, "", REVERSAL), vec!["branch_id"]),
+        (
+            request("inventory", GSN, "reserve", BranchAction::Unspecified),
+            vec!["action"],
+        ),
+        (
+            pb::GuardRequest {
+                action: 9,
+                ..request("", "", "", FORWARD)
+            },
+            vec!["action", "node_id", "gsn", "branch_id"],
+        ),
+        (
+            request("inv/entory", GSN, "reserve", FORWARD),
+            vec!["node_id"],
+        ),
+        (
+            request("inventory", &long_gsn, "reserve", FORWARD),
+            vec!["gsn"],
+        ),
+        (
+            request("inventory", GSN, &long_branch, FORWARD),
+            vec!["branch_id"],
+        ),
+    ];
+    for (bad, fields) in cases {
+        let status = client.guard(bad.clone()).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
+        assert_eq!(violations(&status), fields, "{bad:?}: {}", status.message());
+    }
+    let message = client
+        .guard(request("inventory", &long_gsn, "reserve", FORWARD))
+        .await
+        .unwrap_err()
+        .message()
+        .to_owned();
+    assert!(
+        message.contains("gsn") && message.contains("128"),
+        "the message names the field and the limit: {message}"
+    );
+}

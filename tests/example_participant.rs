@@ -1,0 +1,254 @@
+//! The example participant (examples/participant.rs), run as the real compiled program against
+//! a real sagad: what a user copies must work, pushed to and on a Subscribe stream, forward and
+//! reversal both going through the barrier.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise; that is what unwrap is for here.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::TestServer;
+use common::orders::{branch, get, put_strategy, wait_terminal};
+use sagad::grpc::pb;
+use sagad::grpc::pb::coordinator_client::CoordinatorClient;
+use tonic::transport::Channel;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// The example as `cargo test` builds it: tests run from `<target>/<profile>/deps/`, examples
+/// land in `<target>/<profile>/examples/` (whatever CARGO_TARGET_DIR says).
+fn example_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let path = profile_dir
+        .join("examples")
+        .join(format!("participant{}", std::env::consts::EXE_SUFFIX));
+    // `cargo test` builds examples, but `cargo test --test example_participant` does not:
+    // refuse to test a missing or stale binary rather than pass on an old one.
+    let built = std::fs::metadata(&path).and_then(|m| m.modified());
+    let source = std::fs::metadata(common::repo_path("examples/participant.rs"))
+        .and_then(|m| m.modified())
+        .unwrap();
+    assert!(
+        built.is_ok_and(|built| built >= source),
+        "{} is missing or older than examples/participant.rs: run `cargo build --examples` \
+         (plain `cargo test` builds it)",
+        path.display()
+    );
+    path
+}
+
+/// A running example node; killed when dropped. Its log is kept to explain a failure.
+struct Example {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Example {
+    /// Starts the example and waits until it says it is ready (registered and serving, or
+    /// subscribed).
+    async fn start(sagad: SocketAddr, node_id: &str, stock: &str, mode: &[&str]) -> Example {
+        let mut child = Command::new(example_binary())
+            .args(["--sagad", &format!("http://{sagad}"), "--node-id", node_id])
+            .args(["--listen", "127.0.0.1:0", "--stock", stock])
+            .args(mode)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let example = Example { child, log };
+        let ready = common::orders::eventually(LIMIT, || example.log().contains("ready")).await;
+        assert!(ready, "the example never got ready:\n{}", example.log());
+        example
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Example {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn step(id: &str, node: &str) -> pb::Step {
+    pb::Step {
+        id: id.into(),
+        node_id: node.into(),
+        forward_action: "reserve".into(),
+        reversal_action: "release".into(),
+        timeout: Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+    }
+}
+
+fn reserved(step_id: &str) -> pb::StepStatus {
+    pb::StepStatus {
+        step_id: step_id.into(),
+        status: "RESERVED".into(),
+    }
+}
+
+/// One step at one node: RESERVED completes the saga; a refusal (FAILED) reverses it.
+fn one_step(business_type: &str, node: &str) -> pb::Strategy {
+    pb::Strategy {
+        business_type: business_type.into(),
+        description: "reserve stock at the example inventory".into(),
+        steps: vec![step("reserve", node)],
+        first_set: vec!["reserve".into()],
+        end_statuses: vec![reserved("reserve")],
+        ..Default::default()
+    }
+}
+
+/// Reserve at `main`, then at `backup`; RESERVED at both completes it. If `backup` refuses,
+/// `main`'s reservation is reversed: its Reverse goes through the barrier.
+fn two_steps(business_type: &str, main: &str, backup: &str) -> pb::Strategy {
+    pb::Strategy {
+        business_type: business_type.into(),
+        description: "reserve at main, then at backup".into(),
+        steps: vec![step("main", main), step("backup", backup)],
+        first_set: vec!["main".into()],
+        rules: vec![pb::Rule {
+            when: vec![reserved("main")],
+            trigger: vec!["backup".into()],
+        }],
+        end_statuses: vec![reserved("backup")],
+        ..Default::default()
+    }
+}
+
+async fn run_saga(channel: &Channel, business_type: &str, request_id: &str, qty: u32) -> pb::Saga {
+    let gsn = CoordinatorClient::new(channel.clone())
+        .start_saga(pb::StartSagaRequest {
+            request_id: request_id.into(),
+            business_type: business_type.into(),
+            mode: pb::SagaMode::Orchestrated as i32,
+            payload: format!(r#"{{"sku":"widget","qty":{qty}}}"#).into_bytes(),
+            content_type: "application/json".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .gsn;
+    wait_terminal(channel, &gsn, LIMIT).await;
+    // The full saga, branches included.
+    get(channel, &gsn).await
+}
+
+/// The barrier record the example finished for one action of one branch.
+async fn barrier_record(
+    channel: &Channel,
+    node: &str,
+    gsn: &str,
+    key: &str,
+) -> pb::IdempotencyRecord {
+    sagad::grpc::pb::idempotency_client::IdempotencyClient::new(channel.clone())
+        .get(pb::GetRecordRequest {
+            scope: format!("guard/{node}/{gsn}"),
+            request_id: key.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_completes_a_saga_it_can_serve_and_refuses_one_it_cannot_which_ends_reversed() {
+    let server = TestServer::start().await;
+    put_strategy(&server.channel, one_step("stock", "inventory")).await;
+    let example = Example::start(server.addr, "inventory", "widget=5", &["--register"]).await;
+
+    let served = run_saga(&server.channel, "stock", "saga-1", 3).await;
+    assert_eq!(
+        served.state,
+        pb::SagaState::Completed as i32,
+        "{}",
+        example.log()
+    );
+    let record = barrier_record(&server.channel, "inventory", &served.gsn, "reserve/forward").await;
+    assert_eq!(
+        (record.state, record.result.as_str()),
+        (pb::RecordState::Done as i32, "SUCCEEDED"),
+        "the example finished its forward action through the barrier"
+    );
+
+    // Two widgets are left: reserving three more is refused.
+    let refused = run_saga(&server.channel, "stock", "saga-2", 3).await;
+    assert_eq!(
+        refused.state,
+        pb::SagaState::Reversed as i32,
+        "{}",
+        example.log()
+    );
+    let reserve = branch(&refused, "reserve");
+    assert_eq!(reserve.state, pb::BranchState::Failed as i32);
+    assert_eq!(reserve.error_code, "OUT_OF_STOCK");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_reverses_a_reservation_when_a_later_step_fails_pushed_or_subscribed() {
+    let server = TestServer::start().await;
+    put_strategy(
+        &server.channel,
+        two_steps("transfer", "warehouse-a", "warehouse-b"),
+    )
+    .await;
+    let main = Example::start(server.addr, "warehouse-a", "widget=10", &["--register"]).await;
+    let backup = Example::start(server.addr, "warehouse-b", "widget=4", &["--subscribe"]).await;
+    let logs = || format!("{}\n{}", main.log(), backup.log());
+
+    let done = run_saga(&server.channel, "transfer", "transfer-1", 4).await;
+    assert_eq!(done.state, pb::SagaState::Completed as i32, "{}", logs());
+
+    // warehouse-b has nothing left: main's reservation of 6 (all it had left) is released.
+    let reversed = run_saga(&server.channel, "transfer", "transfer-2", 6).await;
+    assert_eq!(reversed.state, pb::SagaState::Reversed as i32, "{}", logs());
+    assert_eq!(
+        branch(&reversed, "main").state,
+        pb::BranchState::Reversed as i32
+    );
+    let reversal = barrier_record(
+        &server.channel,
+        "warehouse-a",
+        &reversed.gsn,
+        "main/reversal",
+    )
+    .await;
+    assert_eq!(reversal.result, "SUCCEEDED");
+
+    // The released stock is back: warehouse-a can reserve all 6 again (and b refuses again).
+    let again = run_saga(&server.channel, "transfer", "transfer-3", 6).await;
+    assert_eq!(
+        branch(&again, "main").state,
+        pb::BranchState::Reversed as i32,
+        "main reserved (then was reversed), so the first release gave the stock back: {}",
+        logs()
+    );
+}
