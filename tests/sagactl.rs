@@ -71,3 +71,14 @@ async fn sagactl_reports_errors_in_one_line_and_fails() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.starts_with("sagactl: NotFound"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_strategies_are_accepted_as_written() {
+    let server = TestServer::start().await;
+    let addr = server.addr.to_string();
+    for file in ["examples/strategies/order.toml", "examples/strategies/stock.toml"] {
+        let path = common::repo_path(file);
+        let out = sagactl(&addr, &["strategy", "put", path.to_str().unwrap()]);
+        assert!(out.contains("version 1"), "{file}: {out}");
+    }
+}

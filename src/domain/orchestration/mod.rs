@@ -376,7 +376,11 @@ fn apply_forward_report(
         Meaning::Normal => effects.extend(fire_rules(saga, ctx)),
         Meaning::End => effects.extend(complete(saga)),
         Meaning::Abnormal => {
-            let reason = format!("step {branch_id} reported abnormal status {}", status.name);
+            let reason = match report.outcome {
+                Outcome::Failed => format!("step {branch_id} failed ({})", report.error_code),
+                Outcome::NotFound => format!("step {branch_id} never happened on its node"),
+                _ => format!("step {branch_id} reported abnormal status {}", status.name),
+            };
             effects.extend(begin_reversal(
                 saga,
                 ctx,
