@@ -282,7 +282,7 @@ async fn deliver(engine: Engine, outbox_id: u64, command: Command, acked: Arc<No
                         .await
                     {
                         Ok(()) => {
-                            delivery.acknowledged(outbox_id);
+                            engine.command_done(outbox_id);
                             return;
                         }
                         Err(Error::Store(store::Error::Closed)) => return,

@@ -69,7 +69,12 @@ impl Shared {
     /// The retry configuration in force, from the cache or the ledger. Call it only inside a
     /// ledger write, so the cache follows the ledger's order.
     pub(crate) fn retry_config(&self, tx: &WriteTx<'_>) -> Result<Arc<RetryConfig>, Error> {
-        if let Some(cached) = self.retry_config.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(cached) = self
+            .retry_config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             return Ok(cached.clone());
         }
         let loaded = Arc::new(retries::load_retry_config(tx)?);
@@ -302,6 +307,13 @@ impl Engine {
             retry,
             jitter: self.random.unit(),
         }
+    }
+
+    /// A command was answered (pushed and answered, or acknowledged on a stream): its delivery
+    /// stops, and it counts as delivered.
+    pub(crate) fn command_done(&self, outbox_id: u64) {
+        Metrics::bump(&self.shared.metrics.commands_delivered);
+        self.shared.delivery.acknowledged(outbox_id);
     }
 
     /// Hands what a durable write produced to delivery and to watchers, and counts it.
@@ -591,7 +603,7 @@ impl Engine {
             })
             .await?;
         if let Some((outbox_id, _)) = answering {
-            self.shared.delivery.acknowledged(outbox_id);
+            self.command_done(outbox_id);
         }
         if let Some(applied) = applied {
             self.after_commit(applied);
@@ -778,7 +790,7 @@ impl Engine {
                 Ok((Vec::new(), ()))
             })
             .await?;
-        self.shared.delivery.acknowledged(outbox_id);
+        self.command_done(outbox_id);
         Ok(answered)
     }
 

@@ -326,12 +326,14 @@ fn apply_forward_report(
             let made = branch.attempts.saturating_sub(1);
             match retry::redelivery(&resolved, &report.error_code, made, ctx.now, ctx.jitter) {
                 Redelivery::RetryAt(at_ms) if running && branch.state == BranchState::Triggered => {
+                    // Counted now, so the failed attempt's timeout is stale and cannot turn the
+                    // branch UNKNOWN while the retry waits.
+                    branch.attempts += 1;
                     branch.note(
                         ctx.now,
                         format!(
-                            "failed ({}): retrying at attempt {}",
-                            report.error_code,
-                            branch.attempts + 1
+                            "failed ({}): retrying as attempt {}",
+                            report.error_code, branch.attempts
                         ),
                     );
                     effects.push(Effect::WakeAt {
@@ -449,6 +451,8 @@ fn begin_reversal(
         }
         branch.state = BranchState::Reversing;
         branch.attempts = 1;
+        // The reversal has its own budget: polls of the forward action do not count against it.
+        branch.polls = 0;
         branch.note(
             ctx.now,
             format!(
@@ -702,12 +706,13 @@ pub fn on_timer(mut saga: Saga, timer: &Timer, ctx: Context<'_>) -> Transition {
                 }
             }
             if let Some(reason) = give_up {
-                effects = begin_reversal(
-                    &mut saga,
-                    ctx,
-                    &ctx.strategy.exception_scope(branch_id),
-                    reason,
-                );
+                // The silent step may have taken effect: it is reversed too, whatever its scope
+                // says (its node's barrier undoes it, or records that it never ran).
+                let mut scope = ctx.strategy.exception_scope(branch_id);
+                if !scope.contains(branch_id) {
+                    scope.push(branch_id.clone());
+                }
+                effects = begin_reversal(&mut saga, ctx, &scope, reason);
             }
         }
         Timer::RetryExecute { branch_id } => {
@@ -715,7 +720,6 @@ pub fn on_timer(mut saga: Saga, timer: &Timer, ctx: Context<'_>) -> Transition {
                 && let Some(branch) = saga.branch_mut(branch_id)
                 && branch.state == BranchState::Triggered
             {
-                branch.attempts += 1;
                 branch.note(ctx.now, format!("execute attempt {}", branch.attempts));
                 effects.push(Effect::Execute {
                     branch_id: branch_id.clone(),

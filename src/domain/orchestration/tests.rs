@@ -409,8 +409,8 @@ fn a_node_that_never_answers_polls_is_given_up_on_and_the_saga_reversed() {
     assert_eq!(saga.state, SagaState::Reversing);
     assert_eq!(
         reverses(&last),
-        ["reserve"],
-        "charge's exception scope (reserve) is reversed"
+        ["reserve", "charge"],
+        "its scope (reserve), and the silent step itself"
     );
 }
 
@@ -533,6 +533,107 @@ fn a_forward_action_failing_with_a_retryable_code_is_executed_again() {
     assert_eq!(
         t.saga.branch("charge").unwrap().state,
         BranchState::Succeeded
+    );
+}
+
+#[test]
+fn a_retry_decided_by_the_policy_is_not_pre_empted_by_the_failed_attempts_timeout() {
+    let s = order();
+    let t = report(started(&s), &s, "charge", failed("UNAVAILABLE"));
+    let t = on_timer(
+        t.saga,
+        &Timer::StepTimeout {
+            branch_id: "charge".into(),
+            attempt: 1,
+        },
+        ctx(&s, NOW + 5_000),
+    );
+    assert!(
+        t.effects.is_empty(),
+        "the retry is waiting; the first attempt's timeout is stale"
+    );
+    assert_eq!(
+        t.saga.branch("charge").unwrap().state,
+        BranchState::Triggered
+    );
+}
+
+#[test]
+fn a_reversal_gets_its_own_poll_budget_after_its_step_was_polled() {
+    let s = order();
+    let mut saga = on_timer(
+        started(&s),
+        &Timer::StepTimeout {
+            branch_id: "reserve".into(),
+            attempt: 1,
+        },
+        ctx(&s, NOW),
+    )
+    .saga;
+    for i in 0..Policy::default().max_polls - 1 {
+        saga = on_timer(
+            saga,
+            &Timer::Poll {
+                branch_id: "reserve".into(),
+            },
+            ctx(&s, NOW + u64::from(i)),
+        )
+        .saga;
+    }
+    let saga = on_polled(saga, "reserve", succeeded("RESERVED"), ctx(&s, NOW + 100))
+        .unwrap()
+        .saga;
+    let saga = report(saga, &s, "charge", succeeded("DECLINED")).saga;
+    let processing = Report {
+        outcome: Outcome::Processing,
+        status: None,
+        error_code: String::new(),
+        message: String::new(),
+    };
+    let t = on_reversal_answered(saga, "reserve", processing, ctx(&s, NOW + 200));
+    assert_eq!(
+        t.saga.branch("reserve").unwrap().state,
+        BranchState::Reversing,
+        "asked again, not given up"
+    );
+    assert!(t.effects.iter().any(|e| matches!(
+        e,
+        Effect::WakeAt {
+            timer: Timer::RetryReversal { .. },
+            ..
+        }
+    )));
+}
+
+#[test]
+fn an_escalated_step_is_reversed_even_outside_its_own_exception_scope() {
+    let s = order();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    let mut saga = on_timer(
+        t.saga,
+        &Timer::StepTimeout {
+            branch_id: "charge".into(),
+            attempt: 1,
+        },
+        ctx(&s, NOW),
+    )
+    .saga;
+    let mut last = Vec::new();
+    for i in 0..Policy::default().max_polls {
+        let t = on_timer(
+            saga,
+            &Timer::Poll {
+                branch_id: "charge".into(),
+            },
+            ctx(&s, NOW + u64::from(i)),
+        );
+        saga = t.saga;
+        last = t.effects;
+    }
+    assert_eq!(
+        reverses(&last),
+        ["reserve", "charge"],
+        "the silent charge may have taken effect"
     );
 }
 
