@@ -42,11 +42,12 @@ const COLLECT_EVERY: Duration = Duration::from_secs(60);
 const COLLECT_BATCH: usize = 1_000;
 
 /// The names health reports on, besides the whole server ("").
-const SERVICE_NAMES: [&str; 4] = [
+const SERVICE_NAMES: [&str; 5] = [
     "sagad.v1.Coordinator",
     "sagad.v1.Strategies",
     "sagad.v1.Retries",
     "sagad.v1.Idempotency",
+    "sagad.v1.Operations",
 ];
 
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
@@ -143,6 +144,9 @@ pub async fn serve_with(
         ))
         .add_service(pb::retries_server::RetriesServer::new(
             grpc::RetriesService::new(engine.clone()),
+        ))
+        .add_service(pb::operations_server::OperationsServer::new(
+            grpc::OperationsService::new(engine.clone()),
         ));
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;

@@ -563,19 +563,25 @@ async fn a_saga_needing_attention_is_reprocessed_by_an_operator() {
         answer.saga.unwrap().state,
         pb::SagaState::NeedsAttention as i32
     );
-    let reprocessed = bank
-        .client()
-        .reprocess_saga(pb::ReprocessSagaRequest {
-            request_id: "op-1".into(),
-            gsn: gsn.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        reprocessed.saga.unwrap().state,
-        pb::SagaState::Reversing as i32
-    );
+    // The operator's view: listed as needing attention, then re-driven.
+    let sagactl = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sagactl"))
+            .arg("--addr")
+            .arg(format!("http://{}", bank.server.addr))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "sagactl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let listed = sagactl(&["attention"]);
+    assert!(listed.contains(&gsn), "{listed}");
+    let reprocessed = sagactl(&["reprocess", &gsn]);
+    assert!(reprocessed.contains("REVERSING"), "{reprocessed}");
     assert!(eventually(LIMIT, || bank.node("a").reversals_of(&gsn, &branch) == 1).await);
     let saga = common::orders::wait_terminal(&bank.server.channel, &gsn, LIMIT).await;
     assert_eq!(saga.state, pb::SagaState::Reversed as i32);

@@ -76,7 +76,10 @@ async fn sagactl_reports_errors_in_one_line_and_fails() {
 async fn the_example_strategies_are_accepted_as_written() {
     let server = TestServer::start().await;
     let addr = server.addr.to_string();
-    for file in ["examples/strategies/order.toml", "examples/strategies/stock.toml"] {
+    for file in [
+        "examples/strategies/order.toml",
+        "examples/strategies/stock.toml",
+    ] {
         let path = common::repo_path(file);
         let out = sagactl(&addr, &["strategy", "put", path.to_str().unwrap()]);
         assert!(out.contains("version 1"), "{file}: {out}");

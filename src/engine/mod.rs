@@ -9,6 +9,7 @@ mod convert;
 mod delivery;
 pub mod metrics;
 mod nodes;
+pub mod operations;
 mod outcalls;
 pub mod paging;
 mod retries;

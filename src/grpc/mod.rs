@@ -5,12 +5,14 @@
 pub(crate) mod convert;
 mod coordinator;
 mod idempotency;
+mod operations;
 mod retries;
 mod status;
 mod strategies;
 
 pub use coordinator::CoordinatorService;
 pub use idempotency::IdempotencyService;
+pub use operations::OperationsService;
 pub use retries::RetriesService;
 pub use strategies::StrategiesService;
 

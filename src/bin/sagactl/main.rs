@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod ops;
 mod retry;
 mod strategy;
 
@@ -49,7 +50,7 @@ enum Command {
         #[arg(long)]
         timeout: Option<String>,
     },
-    /// Show one saga.
+    /// Show one saga, each branch's processing details and its timeline.
     Show { gsn: String },
     /// List sagas, newest first.
     List {
@@ -60,6 +61,28 @@ enum Command {
         business_type: String,
         #[arg(long, default_value_t = 50)]
         limit: u32,
+    },
+    /// List what recovery is waiting on, and why: unknown outcomes being polled, reversals
+    /// being retried, sagas needing attention, commands whose delivery fails.
+    Stuck {
+        /// Show at most this many rows
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show the engine's counters (polls, answers, escalations, deliveries, ...).
+    Counters,
+    /// List the sagas that need an operator (a reversal failed past its retry budget), and why.
+    Attention {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Re-drive a saga that needs attention: its failed reversals are sent again.
+    Reprocess {
+        gsn: String,
+        /// Idempotency key; by default one per attention episode of the saga, so repeating
+        /// the command is safe
+        #[arg(long)]
+        request_id: Option<String>,
     },
     /// Ask sagad's health service.
     Health,
@@ -100,6 +123,57 @@ async fn connect(addr: &str) -> Result<Channel, String> {
         .connect()
         .await
         .map_err(|e| format!("cannot reach sagad at {addr}: {e}"))
+}
+
+/// One page of sagas, newest first; `reasons` adds why each is in its state.
+async fn list(
+    channel: Channel,
+    states: Vec<i32>,
+    business_type: String,
+    limit: u32,
+    reasons: bool,
+) -> Result<(), String> {
+    let response = CoordinatorClient::new(channel)
+        .list_sagas(pb::ListSagasRequest {
+            states,
+            business_type,
+            page_size: limit,
+            page_token: String::new(),
+            newest_first: true,
+            full: false,
+        })
+        .await
+        .map_err(status_text)?
+        .into_inner();
+    println!(
+        "{:<28} {:<16} {:<24} CREATED{}",
+        "GSN",
+        "STATE",
+        "BUSINESS TYPE",
+        if reasons {
+            "                   REASON"
+        } else {
+            ""
+        }
+    );
+    for saga in &response.sagas {
+        let reason = if reasons {
+            format!("  {}", saga.reason)
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<28} {:<16} {:<24} {}{reason}",
+            saga.gsn,
+            state_name(saga.state),
+            saga.business_type,
+            time_text(&saga.created_at)
+        );
+    }
+    if !response.next_page_token.is_empty() {
+        println!("(more: raise --limit)");
+    }
+    Ok(())
 }
 
 pub(crate) fn status_text(status: tonic::Status) -> String {
@@ -221,6 +295,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .saga
                 .ok_or("sagad answered without a saga")?;
             print_saga(&saga);
+            ops::print_progress(&saga);
         }
         Command::List {
             states,
@@ -234,35 +309,45 @@ async fn run(cli: Cli) -> Result<(), String> {
                     .ok_or_else(|| format!("--state {state:?} is not a saga state"))?;
                 state_values.push(value as i32);
             }
-            let response = CoordinatorClient::new(channel)
-                .list_sagas(pb::ListSagasRequest {
-                    states: state_values,
-                    business_type,
-                    page_size: limit,
-                    page_token: String::new(),
-                    newest_first: true,
-                    full: false,
-                })
+            list(channel, state_values, business_type, limit, false).await?;
+        }
+        Command::Attention { limit } => {
+            let states = vec![pb::SagaState::NeedsAttention as i32];
+            list(channel, states, String::new(), limit, true).await?;
+        }
+        Command::Reprocess { gsn, request_id } => {
+            let mut client = CoordinatorClient::new(channel);
+            let request_id = match request_id {
+                Some(id) => id,
+                None => {
+                    // One key per episode: the saga's last change names it, so a repeated
+                    // command replays, and the next episode gets a new key.
+                    let saga = client
+                        .get_saga(pb::GetSagaRequest { gsn: gsn.clone() })
+                        .await
+                        .map_err(status_text)?
+                        .into_inner()
+                        .saga
+                        .ok_or("sagad answered without a saga")?;
+                    let at = saga.updated_at.unwrap_or_default();
+                    format!("reprocess-{gsn}-{}.{:09}", at.seconds, at.nanos)
+                }
+            };
+            let saga = client
+                .reprocess_saga(pb::ReprocessSagaRequest { request_id, gsn })
                 .await
                 .map_err(status_text)?
-                .into_inner();
+                .into_inner()
+                .saga
+                .ok_or("sagad answered without a saga")?;
             println!(
-                "{:<28} {:<16} {:<24} CREATED",
-                "GSN", "STATE", "BUSINESS TYPE"
+                "{} is {} again: its failed reversals were sent again",
+                saga.gsn,
+                state_name(saga.state)
             );
-            for saga in &response.sagas {
-                println!(
-                    "{:<28} {:<16} {:<24} {}",
-                    saga.gsn,
-                    state_name(saga.state),
-                    saga.business_type,
-                    time_text(&saga.created_at)
-                );
-            }
-            if !response.next_page_token.is_empty() {
-                println!("(more: raise --limit)");
-            }
         }
+        Command::Stuck { limit } => ops::stuck(channel, limit).await?,
+        Command::Counters => ops::counters(channel).await?,
         Command::Strategy(command) => strategy::run(channel, command).await?,
         Command::Retry(command) => retry::run(channel, command).await?,
         Command::Health => {
