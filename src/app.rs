@@ -124,7 +124,10 @@ pub async fn serve_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let collector = tokio::spawn(collect_expired_forever(engine.clone()));
+    let collector = tokio::spawn(collect_expired_forever(
+        engine.clone(),
+        config.saga_retention,
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // Nagle's algorithm stays on unless asked: with it, p99 latency at 64 in flight is ~7x worse.
@@ -187,10 +190,18 @@ pub async fn serve_with(
     result
 }
 
-async fn collect_expired_forever(engine: Engine) {
+/// Collects expired idempotency records and, when a saga retention is set, finished sagas.
+async fn collect_expired_forever(engine: Engine, saga_retention: Duration) {
     let mut ticker = tokio::time::interval(COLLECT_EVERY);
     loop {
         ticker.tick().await;
+        if !saga_retention.is_zero() {
+            match engine.collect_finished_sagas(saga_retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "finished sagas past their retention removed"),
+                Err(e) => tracing::warn!(error = %e, "removing finished sagas failed; will retry"),
+            }
+        }
         loop {
             match engine.collect_expired(COLLECT_BATCH).await {
                 Ok(n) if n == COLLECT_BATCH => continue,

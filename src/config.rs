@@ -59,6 +59,8 @@ pub struct Config {
     pub participant_timeout: Duration,
     /// QueryStatus polls of a branch whose outcome is unknown before the saga is escalated.
     pub max_polls: u32,
+    /// Finished sagas are removed this long after their last change; zero keeps them.
+    pub saga_retention: Duration,
 }
 
 impl Config {
@@ -79,6 +81,7 @@ impl Config {
             nodes: Vec::new(),
             participant_timeout: Duration::from_secs(10),
             max_polls: 10,
+            saga_retention: Duration::ZERO,
         }
     }
 }
@@ -150,6 +153,11 @@ struct Flags {
     /// [default: 10]
     #[arg(long)]
     max_polls: Option<String>,
+    /// Remove finished (COMPLETED or REVERSED) sagas this long after their last change, e.g.
+    /// 30d; 0 keeps them forever. Keep it longer than the idempotency retention, so a replayed
+    /// StartSaga never names a removed saga [env: SAGAD_SAGA_RETENTION] [default: 0]
+    #[arg(long)]
+    saga_retention: Option<String>,
 }
 
 fn node(setting: &'static str, text: &str) -> Result<(String, String), Error> {
@@ -359,6 +367,9 @@ impl Config {
                 .ok_or_else(|| {
                     invalid("max-polls (SAGAD_MAX_POLLS)", &value, "expected 1 to 10000")
                 })?;
+        }
+        if let Some((value, _)) = pick(flags.saga_retention, env, "SAGAD_SAGA_RETENTION") {
+            config.saga_retention = duration("saga-retention (SAGAD_SAGA_RETENTION)", &value)?;
         }
         Ok(config)
     }

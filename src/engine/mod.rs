@@ -12,6 +12,7 @@ mod nodes;
 pub mod operations;
 mod outcalls;
 pub mod paging;
+mod retention;
 mod retries;
 mod sagas;
 mod strategies;
@@ -154,6 +155,7 @@ pub(crate) struct Shared {
     retry_config: RwLock<Option<Arc<crate::domain::retry::Config>>>,
     delivery: delivery::Delivery,
     watchers: watch::Watchers,
+    retention_cursor: retention::Cursor,
     metrics: metrics::Metrics,
 }
 
@@ -194,6 +196,7 @@ impl Engine {
                 settings.redelivery_cap,
             ),
             watchers: watch::Watchers::default(),
+            retention_cursor: retention::Cursor::default(),
             metrics: metrics::Metrics::default(),
         });
         Engine {

@@ -366,6 +366,17 @@ impl WriteTx<'_> {
     pub fn saga(&self, sequence: u64) -> Result<Option<SagaRecord>, Error> {
         self.get(Table::Sagas, &codec::u64_key(sequence))
     }
+    /// Removes a saga and every payload stored under it (payloads written earlier in the same
+    /// write are not seen: delete in a write of its own).
+    pub fn delete_saga(&mut self, sequence: u64) -> Result<(), Error> {
+        let prefix = codec::u64_key(sequence);
+        for entry in self.tables.tree(Table::Payloads).scan_prefix(prefix) {
+            let (key, _) = entry.map_err(tables::storage_error)?;
+            self.overlay.delete(Table::Payloads, key.to_vec());
+        }
+        self.overlay.delete(Table::Sagas, prefix.to_vec());
+        Ok(())
+    }
     /// Keyed by `record.sequence`.
     pub fn put_saga(&mut self, record: &SagaRecord) -> Result<(), Error> {
         self.put(
