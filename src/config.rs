@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::domain::ids::CoordinatorId;
+use crate::domain::ids::{CoordinatorId, NodeId};
 use crate::store::Durability;
 
 /// Where environment variables come from.
@@ -170,18 +170,7 @@ fn node(setting: &'static str, text: &str) -> Result<(String, String), Error> {
     })?;
     let id = id.trim();
     let url = url.trim();
-    let valid_id = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if !valid_id {
-        return Err(invalid(
-            setting,
-            text,
-            "the node id must be 1 to 64 letters, digits, '.', '_' or '-'",
-        ));
-    }
+    NodeId::parse(id).map_err(|e| invalid(setting, text, format!("the node id {e}")))?;
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(invalid(
             setting,

@@ -112,6 +112,24 @@ impl fmt::Display for Gsn {
     }
 }
 
+/// A participant node's id, as strategies, outcalls and endpoints name it (`inventory`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(String);
+
+impl NodeId {
+    pub const MAX_LEN: usize = 64;
+    pub const ALLOWED: &'static str = "._-";
+
+    pub fn parse(text: &str) -> Result<NodeId, Error> {
+        check_name(text, Self::MAX_LEN, Self::ALLOWED)?;
+        Ok(NodeId(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A caller-chosen idempotency key.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestId(String);
@@ -192,6 +210,20 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn node_ids_are_short_plain_names() {
+        assert!(NodeId::parse("payments.eu-1_a").is_ok());
+        assert_eq!(NodeId::parse(""), Err(Error::Empty));
+        assert!(matches!(
+            NodeId::parse("a/b"),
+            Err(Error::BadCharacter { found: '/', .. })
+        ));
+        assert!(matches!(
+            NodeId::parse(&"n".repeat(65)),
+            Err(Error::TooLong { .. })
+        ));
     }
 
     #[test]

@@ -249,6 +249,18 @@ impl Engine {
         self.shared.delivery.stop();
     }
 
+    /// Payloads and stored responses are bounded by the configured maximum.
+    pub(crate) fn check_size(&self, field: &str, len: usize) -> Result<(), Error> {
+        let max = self.settings.limits.max_payload_bytes;
+        if len > max {
+            return Err(Error::invalid(
+                field,
+                format!("is {len} bytes; at most {max} are allowed"),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn metrics(&self) -> &metrics::Metrics {
         &self.shared.metrics
     }
@@ -418,16 +430,7 @@ impl Engine {
                 "is required, at most 64 characters (e.g. SUCCEEDED or FAILED)",
             ));
         }
-        if answer.response.len() > self.settings.limits.max_payload_bytes {
-            return Err(Error::invalid(
-                "response",
-                format!(
-                    "is {} bytes; at most {} are allowed",
-                    answer.response.len(),
-                    self.settings.limits.max_payload_bytes
-                ),
-            ));
-        }
+        self.check_size("response", answer.response.len())?;
         let terms = self.terms(None);
         let now = self.clock.now_ms();
         self.store

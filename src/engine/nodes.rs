@@ -7,26 +7,16 @@ use std::sync::Arc;
 use futures::Stream;
 use tokio::sync::mpsc;
 
-use crate::domain::ids::RequestId;
+use crate::domain::ids::{NodeId, RequestId};
 use crate::domain::saga::Saga;
 use crate::engine::{Answered, Engine, Error};
 use crate::store::NodeRecord;
 use crate::transport::Outgoing;
 
 fn check_node_id(node_id: &str) -> Result<(), Error> {
-    let valid = !node_id.is_empty()
-        && node_id.len() <= 64
-        && node_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if valid {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "node_id",
-            "must be 1 to 64 letters, digits, '.', '_' or '-'",
-        ))
-    }
+    NodeId::parse(node_id)
+        .map(|_| ())
+        .map_err(|e| Error::invalid("node_id", e.to_string()))
 }
 
 fn check_endpoint(endpoint: &str) -> Result<(), Error> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::domain::branch::Signal;
 use crate::domain::idempotency::{self, Answer, Lookup, Terms};
 use crate::domain::ids::{Gsn, RequestId};
-use crate::domain::orchestration;
+use crate::domain::orchestration::{self, Transition};
 use crate::domain::outcalls::{self, Outcall, ReversalAsked};
 use crate::domain::saga::{ReversalType, Saga, SagaState};
 use crate::engine::sagas::{Applied, load_saga, outcall_refusal, store_transition};
@@ -113,16 +113,7 @@ impl Engine {
                 "is required: the outcall's position in the saga, from 1",
             ));
         }
-        if input.payload.len() > self.settings.limits.max_payload_bytes {
-            return Err(Error::invalid(
-                "payload",
-                format!(
-                    "is {} bytes; at most {} are allowed",
-                    input.payload.len(),
-                    self.settings.limits.max_payload_bytes
-                ),
-            ));
-        }
+        self.check_size("payload", input.payload.len())?;
         let (answered, applied) = self
             .idempotent_write_with(
                 "RegisterOutcall",
@@ -165,24 +156,27 @@ impl Engine {
         Ok(answered)
     }
 
-    pub async fn complete_saga<F>(
+    /// One idempotent request that moves a stored saga by `step` (a pure transition) and
+    /// answers with `encode` of the saga after it.
+    async fn saga_request<S, F>(
         &self,
+        method: &'static str,
         request_id: &str,
         gsn: &str,
         fingerprint: Vec<u8>,
+        step: S,
         encode: F,
     ) -> Result<Answered, Error>
     where
+        S: FnOnce(Saga, &Gsn, u64) -> Result<Transition, Error> + Send + 'static,
         F: FnOnce(&Saga) -> Vec<u8> + Send + 'static,
     {
         let request_id = Self::request_id(request_id)?;
         let gsn = self.gsn(gsn)?;
         let (answered, applied) = self
-            .idempotent_write_with("CompleteSaga", &request_id, fingerprint, move |tx, now| {
+            .idempotent_write_with(method, &request_id, fingerprint, move |tx, now| {
                 let saga = load_saga(tx, &gsn)?;
-                let transition =
-                    outcalls::on_completed(saga, now).map_err(|r| outcall_refusal(r, &gsn))?;
-                let applied = store_transition(tx, transition, now)?;
+                let applied = store_transition(tx, step(saga, &gsn, now)?, now)?;
                 let saga = applied
                     .saga
                     .clone()
@@ -196,6 +190,23 @@ impl Engine {
         Ok(answered)
     }
 
+    pub async fn complete_saga<F>(
+        &self,
+        request_id: &str,
+        gsn: &str,
+        fingerprint: Vec<u8>,
+        encode: F,
+    ) -> Result<Answered, Error>
+    where
+        F: FnOnce(&Saga) -> Vec<u8> + Send + 'static,
+    {
+        let step = |saga: Saga, gsn: &Gsn, now: u64| {
+            outcalls::on_completed(saga, now).map_err(|r| outcall_refusal(r, gsn))
+        };
+        self.saga_request("CompleteSaga", request_id, gsn, fingerprint, step, encode)
+            .await
+    }
+
     pub async fn reprocess_saga<F>(
         &self,
         request_id: &str,
@@ -206,31 +217,19 @@ impl Engine {
     where
         F: FnOnce(&Saga) -> Vec<u8> + Send + 'static,
     {
-        let request_id = Self::request_id(request_id)?;
-        let gsn = self.gsn(gsn)?;
-        let (answered, applied) = self
-            .idempotent_write_with("ReprocessSaga", &request_id, fingerprint, move |tx, now| {
-                let saga = load_saga(tx, &gsn)?;
-                let state = saga.state;
-                let transition = orchestration::on_reprocess(saga, now).ok_or_else(|| {
-                    Error::FailedPrecondition(format!(
-                        "saga {gsn} is {}; only a saga in NEEDS_ATTENTION is reprocessed",
-                        convert::saga_state_name(state)
-                    ))
-                })?;
-                let applied = store_transition(tx, transition, now)?;
-                let saga = applied
-                    .saga
-                    .clone()
-                    .ok_or_else(|| Error::NotFound(format!("no saga has GSN {gsn}")))?;
-                Ok((encode(&saga), applied))
-            })
-            .await?;
-        if let Some(applied) = applied {
-            tracing::info!(gsn = %answered_gsn(&applied), "saga reprocessed by an operator");
-            self.after_commit(applied);
-        }
-        Ok(answered)
+        let step = |saga: Saga, gsn: &Gsn, now: u64| {
+            let state = saga.state;
+            let transition = orchestration::on_reprocess(saga, now).ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "saga {gsn} is {}; only a saga in NEEDS_ATTENTION is reprocessed",
+                    convert::saga_state_name(state)
+                ))
+            })?;
+            tracing::info!(gsn = %gsn, "saga reprocessed by an operator");
+            Ok(transition)
+        };
+        self.saga_request("ReprocessSaga", request_id, gsn, fingerprint, step, encode)
+            .await
     }
 
     /// RequestReversal: starts the reversal durably, waits up to `wait` for its signal, and
@@ -397,12 +396,4 @@ impl Engine {
             }
         }
     }
-}
-
-fn answered_gsn(applied: &Applied) -> String {
-    applied
-        .saga
-        .as_ref()
-        .map(|s| s.gsn.to_string())
-        .unwrap_or_default()
 }
