@@ -1,3 +1,536 @@
-//! sagad-bench: sagas per second and latency against the gRPC and disk floors (being written).
+//! sagad-bench: runs real sagas against a real sagad (started here on a temp ledger, or named
+//! by --target) with real participant gRPC servers on loopback, and measures sagas per second,
+//! latency from the client's view and sagad's cost, next to the floors measured in the same
+//! run: a plain tonic unary call and the ledger's durable group commit. See docs/benchmarks.md.
+#![allow(clippy::print_stdout)] // A command-line tool: the report on stdout is its output.
 
-fn main() {}
+mod floors;
+mod machine;
+mod participant;
+mod report;
+mod scenario;
+mod stats;
+mod stopwatch;
+mod under_test;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use sagad::grpc::pb::coordinator_client::CoordinatorClient;
+use serde::Serialize;
+
+use crate::participant::Counters;
+use crate::report::{Report, SagaRun};
+use crate::scenario::{Amount, Failure, Saga, Scenario};
+use crate::stats::percentile_ms;
+use crate::stopwatch::now;
+use crate::under_test::{Sagad, TempDir};
+
+/// The bench is a tool: failures carry a message to print, nothing a caller matches on.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+pub fn fail(message: impl Into<String>) -> Error {
+    message.into().into()
+}
+
+/// sagad's durability setting, as the bench varies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Answers after flush + fdatasync (survives power loss).
+    Durable,
+    /// Answers after the flush reaches the kernel (survives a sagad crash).
+    Relaxed,
+}
+
+impl Durability {
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Durable => "durable",
+            Durability::Relaxed => "relaxed",
+        }
+    }
+
+    pub fn store(self) -> sagad::store::Durability {
+        match self {
+            Durability::Durable => sagad::store::Durability::Durable,
+            Durability::Relaxed => sagad::store::Durability::Relaxed,
+        }
+    }
+}
+
+/// Sagas per second, latency and cost of sagad, against the gRPC and disk floors.
+#[derive(Debug, Parser)]
+#[command(name = "sagad-bench", version, about, long_about = None)]
+struct Flags {
+    /// Sagas per configuration and run (after the warm-up).
+    #[arg(long, default_value_t = 2000)]
+    sagas: usize,
+    /// Run each configuration for this long instead of a number of sagas, e.g. 10s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Sagas in flight at once; a list runs each, e.g. 1,16,64.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// How often each configuration runs; the report quotes the median, min and max.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Which paths to run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "success,reversal,outcalls"
+    )]
+    scenarios: Vec<Scenario>,
+    /// sagad's --durability; a list runs each (and the disk floor for each).
+    #[arg(long, value_delimiter = ',', default_value = "durable")]
+    durability: Vec<Durability>,
+    /// The sagad binary [default: `sagad` next to this executable].
+    #[arg(long, conflicts_with = "target")]
+    sagad: Option<PathBuf>,
+    /// Extra flag for the sagad child, e.g. --sagad-arg=--log=warn; repeat for more.
+    #[arg(
+        long = "sagad-arg",
+        allow_hyphen_values = true,
+        conflicts_with = "target"
+    )]
+    sagad_args: Vec<String>,
+    /// Bench a running sagad at this URL (e.g. http://127.0.0.1:50051) instead of starting
+    /// one; it must be able to dial this machine's loopback participants.
+    #[arg(long)]
+    target: Option<String>,
+    /// With --target: its process id, to report its CPU and peak memory.
+    #[arg(long, requires = "target")]
+    target_pid: Option<u32>,
+    /// Client connections to sagad (and to the echo server), shared by the workers.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Sagas run before each measurement and not counted (connections, caches).
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    /// Size of each saga's payload in bytes.
+    #[arg(long, default_value_t = 200)]
+    payload_bytes: usize,
+    /// A saga not terminal after this long counts as a failure.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    saga_timeout: Duration,
+    /// Calls per run of the gRPC floor.
+    #[arg(long, default_value_t = 20_000)]
+    echo_calls: usize,
+    /// Commits per run of the disk floor.
+    #[arg(long, default_value_t = 3_000)]
+    disk_writes: usize,
+    /// Skip the floors (and the efficiency ratio).
+    #[arg(long)]
+    no_floors: bool,
+    /// Where temp ledgers go [default: the system temp dir]; its filesystem sets fsync cost.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Before each measurement, wait up to this long for the machine to be idle (0s: don't).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    settle: Duration,
+    /// Also write every run, unsummarised, as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("sagad-bench: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(flags)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("sagad-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What every configuration shares.
+struct Bench {
+    flags: Flags,
+    root: PathBuf,
+    sagad: Option<PathBuf>,
+    ticks: u64,
+}
+
+/// Runs the matrix, prints the report; `Ok(false)` if any saga failed.
+async fn run(flags: Flags) -> Result<bool, Error> {
+    if flags.runs == 0 || flags.concurrency.contains(&0) {
+        return Err(fail("--runs and every --concurrency must be at least 1"));
+    }
+    let root = flags.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let sagad = match (&flags.target, &flags.sagad) {
+        (Some(_), _) => None,
+        (None, Some(path)) => Some(path.clone()),
+        (None, None) => Some(under_test::sibling_binary()?),
+    };
+    let machine = machine::describe(&root);
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let bench = Bench {
+        root,
+        sagad,
+        ticks: machine::clock_ticks(),
+        flags,
+    };
+    let flags = &bench.flags;
+    let mut report = Report {
+        machine,
+        command,
+        sagad: match (&bench.sagad, &flags.target) {
+            (Some(path), _) => path.display().to_string(),
+            (None, Some(url)) => format!("running at {url}"),
+            (None, None) => String::new(),
+        },
+        sagas: Vec::new(),
+        echo: Vec::new(),
+        disk: Vec::new(),
+        unavailable: BTreeMap::new(),
+    };
+    let modes: Vec<Option<Durability>> = match flags.target {
+        Some(_) => vec![None],
+        None => flags.durability.iter().copied().map(Some).collect(),
+    };
+    // Runs are the outer loop, so a slow drift of the machine (or a neighbour's build) spreads
+    // over every configuration instead of landing on one.
+    for run in 1..=flags.runs {
+        for &concurrency in &flags.concurrency {
+            let echo = if flags.no_floors {
+                None
+            } else {
+                eprintln!("sagad-bench: run {run}: echo floor at C={concurrency}");
+                settle(&bench).await;
+                let echo = floors::echo(
+                    concurrency,
+                    flags.echo_calls,
+                    flags.connections,
+                    run,
+                    bench.ticks,
+                )
+                .await?;
+                report.echo.push(echo.clone());
+                Some(echo)
+            };
+            if !flags.no_floors {
+                for &durability in &flags.durability {
+                    eprintln!(
+                        "sagad-bench: run {run}: disk floor, {} at C={concurrency}",
+                        durability.name()
+                    );
+                    settle(&bench).await;
+                    report.disk.push(
+                        floors::disk(
+                            &bench.root,
+                            durability,
+                            concurrency,
+                            flags.disk_writes,
+                            run,
+                            bench.ticks,
+                        )
+                        .await?,
+                    );
+                }
+            }
+            for &mode in &modes {
+                for &scenario in &flags.scenarios {
+                    if report.unavailable.contains_key(scenario.name()) {
+                        continue;
+                    }
+                    let label = mode.map_or("target", Durability::name);
+                    eprintln!(
+                        "sagad-bench: run {run}: {} / {label} / C={concurrency}",
+                        scenario.name()
+                    );
+                    settle(&bench).await;
+                    match point(&bench, scenario, mode, concurrency, run).await? {
+                        Point::Measured(mut measured) => {
+                            if let Some(echo) = &echo {
+                                measured.echo_rpcs_per_s = Some(echo.rpcs_per_s);
+                                measured.efficiency = Some(
+                                    measured.sagas_per_s * f64::from(scenario.rpcs_per_saga())
+                                        / echo.rpcs_per_s,
+                                );
+                            }
+                            report.sagas.push(*measured);
+                        }
+                        Point::Unavailable(why) => {
+                            eprintln!(
+                                "sagad-bench: {} is not available in this build: {why}",
+                                scenario.name()
+                            );
+                            report.unavailable.insert(scenario.name().to_owned(), why);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!("{}", report.markdown());
+    if let Some(path) = &flags.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    let failures: usize = report.sagas.iter().map(|r| r.failures).sum();
+    if failures > 0 {
+        for run in report.sagas.iter().filter(|r| r.failures > 0) {
+            eprintln!(
+                "sagad-bench: {} / {} / C={} run {}: {} sagas failed; first: {}",
+                run.scenario.name(),
+                run.durability,
+                run.concurrency,
+                run.run,
+                run.failures,
+                run.first_failure.as_deref().unwrap_or("?")
+            );
+        }
+    }
+    Ok(failures == 0)
+}
+
+/// Waits for an idle machine before a measurement (see `--settle`), saying so if it is not.
+async fn settle(bench: &Bench) {
+    if bench.flags.settle.is_zero() {
+        return;
+    }
+    if let Some(busy) = machine::settle(bench.flags.settle, bench.ticks).await
+        && busy >= machine::QUIET_CORES
+    {
+        eprintln!(
+            "sagad-bench: the machine is still busy ({busy:.2} cores used by other processes); measuring anyway"
+        );
+    }
+}
+
+enum Point {
+    Measured(Box<SagaRun>),
+    Unavailable(String),
+}
+
+/// A snapshot of everything measured from outside the saga loop.
+struct Sample {
+    sagad: Option<machine::ProcessSample>,
+    bench: Option<machine::ProcessSample>,
+    device_flushes: Option<u64>,
+    participant_calls: u64,
+}
+
+fn sample(
+    bench: &Bench,
+    pid: Option<u32>,
+    ledger: &std::path::Path,
+    nodes: &[&Counters],
+) -> Sample {
+    Sample {
+        sagad: pid.and_then(|pid| machine::sample(&pid.to_string(), bench.ticks)),
+        bench: machine::sample("self", bench.ticks),
+        device_flushes: machine::device_flushes(ledger),
+        participant_calls: nodes.iter().map(|n| n.total()).sum(),
+    }
+}
+
+/// Waits until the participants have received `expected` calls (the signals of the last
+/// sagas go out after they are terminal), or until the count stops moving.
+async fn drain(nodes: &[&Counters], expected: u64) {
+    const STILL_FOR: Duration = Duration::from_millis(1500);
+    const AT_MOST: Duration = Duration::from_secs(15);
+    let started = now();
+    let mut last = 0;
+    let mut last_change = now();
+    loop {
+        let total: u64 = nodes.iter().map(|n| n.total()).sum();
+        if total >= expected || started.elapsed() > AT_MOST {
+            return;
+        }
+        if total != last {
+            last = total;
+            last_change = now();
+        } else if last_change.elapsed() > STILL_FOR {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One run of one configuration on a fresh sagad (or the target).
+async fn point(
+    bench: &Bench,
+    scenario: Scenario,
+    mode: Option<Durability>,
+    concurrency: usize,
+    run: usize,
+) -> Result<Point, Error> {
+    let flags = &bench.flags;
+    let dir = TempDir::new(&bench.root, "sagad")?;
+    let (mut child, url, pid) = match (&bench.sagad, mode, &flags.target) {
+        (Some(binary), Some(durability), _) => {
+            let mut child = Sagad::spawn(binary, &dir.path, durability.name(), &flags.sagad_args)?;
+            child.wait_serving().await?;
+            let url = child.url.clone();
+            let pid = child.pid();
+            (Some(child), url, Some(pid))
+        }
+        (_, _, Some(url)) => (None, url.clone(), flags.target_pid),
+        _ => return Err(fail("neither a sagad binary nor a --target")),
+    };
+    let ledger = child.as_ref().map(|c| c.data.clone());
+    let ledger_before = ledger
+        .as_deref()
+        .and_then(|l| machine::allocated_bytes(l).ok());
+
+    let inventory = participant::Running::start().await?;
+    let payment = participant::Running::start().await?;
+    let orders = participant::Running::start().await?;
+    let counters = [
+        inventory.counters.as_ref(),
+        payment.counters.as_ref(),
+        orders.counters.as_ref(),
+    ];
+    let channels = under_test::connect_many(&url, flags.connections).await?;
+    let first = channels
+        .first()
+        .ok_or_else(|| fail("no connection to sagad"))?;
+    let label = mode.map_or("target", Durability::name);
+    let nonce = format!(
+        "{}-{}-{label}-c{concurrency}-r{run}",
+        std::process::id(),
+        scenario.name()
+    );
+    scenario::set_up(
+        first,
+        &nonce,
+        &[
+            (scenario::INVENTORY, inventory.endpoint()),
+            (scenario::PAYMENT, payment.endpoint()),
+            (scenario::ORDERS, orders.endpoint()),
+        ],
+    )
+    .await?;
+    let saga = |phase: &str| {
+        Arc::new(Saga {
+            scenario,
+            payload: scenario::payload(scenario, flags.payload_bytes),
+            timeout: flags.saga_timeout,
+            prefix: format!("bench-{nonce}-{phase}"),
+        })
+    };
+
+    // One saga alone first: it tells a scenario this build cannot run apart from a failure.
+    match saga("probe")
+        .run(&mut CoordinatorClient::new(first.clone()), 0)
+        .await
+    {
+        Ok(_) => {}
+        Err(Failure::Unimplemented(why)) => {
+            if let Some(child) = child.take() {
+                child.stop().await?;
+            }
+            return Ok(Point::Unavailable(why));
+        }
+        Err(Failure::Other(why)) => {
+            let log = child.as_ref().map(|c| c.log_tail()).unwrap_or_default();
+            return Err(fail(format!(
+                "the first {} saga failed: {why}\nsagad's log ends with:\n{log}",
+                scenario.name()
+            )));
+        }
+    }
+    let mut started_sagas = 1;
+    if flags.warmup > 0 {
+        let warm = scenario::drive(
+            &channels,
+            saga("warmup"),
+            concurrency,
+            Amount::Sagas(flags.warmup),
+        )
+        .await?;
+        started_sagas += warm.latencies_us.len() + warm.failures;
+    }
+    let per_saga = scenario.participant_rpcs();
+    drain(&counters, started_sagas as u64 * per_saga).await;
+
+    let where_ledger = ledger.clone().unwrap_or_else(|| bench.root.clone());
+    let measured_pids: Vec<String> = pid
+        .map(|p| p.to_string())
+        .into_iter()
+        .chain(["self".to_owned()])
+        .collect();
+    let window = machine::Window::open(&measured_pids, bench.ticks);
+    let before = sample(bench, pid, &where_ledger, &counters);
+    let amount = match flags.duration {
+        Some(limit) => Amount::For(limit),
+        None => Amount::Sagas(flags.sagas),
+    };
+    let mut load = scenario::drive(&channels, saga("run"), concurrency, amount).await?;
+    if let Some(why) = load.unimplemented.take() {
+        return Err(fail(format!(
+            "sagad answered UNIMPLEMENTED in the middle of a run: {why}"
+        )));
+    }
+    let measured = load.latencies_us.len() + load.failures;
+    started_sagas += measured;
+    drain(&counters, started_sagas as u64 * per_saga).await;
+    let after = sample(bench, pid, &where_ledger, &counters);
+    // Without sagad's pid its CPU would count as "other": report nothing rather than that.
+    let other_cores = pid.and_then(|_| window.other_cores(&measured_pids));
+
+    if let Some(child) = child.take() {
+        child.stop().await?;
+    }
+    let ledger_after = ledger
+        .as_deref()
+        .and_then(|l| machine::allocated_bytes(l).ok());
+
+    let n = measured.max(1) as f64;
+    let cpu_ms = |b: Option<machine::ProcessSample>, a: Option<machine::ProcessSample>| {
+        Some((a?.cpu_seconds - b?.cpu_seconds) * 1000.0 / n)
+    };
+    load.latencies_us.sort_unstable();
+    let latencies = &load.latencies_us;
+    let seconds = load.elapsed.as_secs_f64();
+    Ok(Point::Measured(Box::new(SagaRun {
+        scenario,
+        durability: label.to_owned(),
+        concurrency,
+        run,
+        sagas: latencies.len(),
+        failures: load.failures,
+        seconds,
+        sagas_per_s: latencies.len() as f64 / seconds,
+        p50_ms: percentile_ms(latencies, 0.50),
+        p99_ms: percentile_ms(latencies, 0.99),
+        p999_ms: percentile_ms(latencies, 0.999),
+        max_ms: percentile_ms(latencies, 1.0),
+        rpcs_per_saga: scenario.rpcs_per_saga(),
+        participant_rpcs_per_saga: (after.participant_calls - before.participant_calls) as f64 / n,
+        sagad_cpu_ms_per_saga: cpu_ms(before.sagad, after.sagad),
+        bench_cpu_ms_per_saga: cpu_ms(before.bench, after.bench),
+        sagad_peak_rss_mib: after
+            .sagad
+            .map(|s| s.peak_rss_bytes as f64 / (1024.0 * 1024.0)),
+        ledger_bytes_per_saga: match (ledger_before, ledger_after) {
+            (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / started_sagas as f64),
+            _ => None,
+        },
+        device_flushes_per_saga: match (before.device_flushes, after.device_flushes) {
+            (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / n),
+            _ => None,
+        },
+        other_cores,
+        echo_rpcs_per_s: None,
+        efficiency: None,
+        first_failure: load.first_failure,
+    })))
+}

@@ -1,0 +1,200 @@
+//! The floors a saga's cost is compared with, measured in the same run at the same
+//! concurrency: a plain tonic unary call (Participant.Signal with a ~200-byte reason, on the
+//! same kind of connections the bench uses for sagad), and the ledger's durable commit rate
+//! with group commit (`sagad::store::Store`, C concurrent writers of 200-byte payloads).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use sagad::grpc::pb;
+use sagad::grpc::pb::participant_client::ParticipantClient;
+use sagad::store::{self, PayloadRecord, Store};
+use serde::Serialize;
+
+use crate::machine;
+use crate::participant;
+use crate::stats::percentile_ms;
+use crate::stopwatch::now;
+use crate::under_test::{TempDir, connect_many};
+use crate::{Durability, Error, fail};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EchoRun {
+    pub concurrency: usize,
+    pub run: usize,
+    pub calls: usize,
+    pub rpcs_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Cores used by other processes meanwhile (noise on a shared machine).
+    pub other_cores: Option<f64>,
+}
+
+/// `calls` unary calls at `concurrency`, over `connections` connections.
+pub async fn echo(
+    concurrency: usize,
+    calls: usize,
+    connections: usize,
+    run: usize,
+    ticks: u64,
+) -> Result<EchoRun, Error> {
+    let server = participant::Running::start().await?;
+    let channels = connect_many(&server.endpoint(), connections).await?;
+    let reason = "r".repeat(200);
+    // One call per connection first, so connection setup is not in the measurement.
+    for channel in &channels {
+        call_signal(&mut ParticipantClient::new(channel.clone()), &reason).await?;
+    }
+    let measured = ["self".to_owned()];
+    let window = machine::Window::open(&measured, ticks);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = now();
+    let mut workers = Vec::with_capacity(concurrency);
+    for w in 0..concurrency.max(1) {
+        let channel = channels
+            .get(w % channels.len().max(1))
+            .ok_or_else(|| fail("no connection to the echo server"))?;
+        let mut client = ParticipantClient::new(channel.clone());
+        let next = next.clone();
+        let reason = reason.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < calls {
+                let sent = now();
+                call_signal(&mut client, &reason).await?;
+                latencies.push(sent.elapsed().as_micros() as u64);
+            }
+            Ok::<_, Error>(latencies)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(calls);
+    for worker in workers {
+        latencies.extend(worker.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    Ok(EchoRun {
+        concurrency,
+        run,
+        calls,
+        rpcs_per_s: calls as f64 / elapsed,
+        p50_ms: percentile_ms(&latencies, 0.50),
+        p99_ms: percentile_ms(&latencies, 0.99),
+        other_cores: window.other_cores(&measured),
+    })
+}
+
+async fn call_signal(
+    client: &mut ParticipantClient<tonic::transport::Channel>,
+    reason: &str,
+) -> Result<(), Error> {
+    client
+        .signal(pb::SignalRequest {
+            command_id: "echo".into(),
+            gsn: "c1-0000000000000001".into(),
+            signal: pb::Signal::Completed as i32,
+            reason: reason.to_owned(),
+        })
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskRun {
+    pub durability: Durability,
+    pub concurrency: usize,
+    pub run: usize,
+    pub writes: usize,
+    pub commits_per_s: f64,
+    /// The store's own count of group flushes (`Store::flush_count`).
+    pub flushes: u64,
+    pub commits_per_flush: f64,
+    /// Device cache flushes per store flush (/proc/diskstats): how many the kernel turns one
+    /// fdatasync into, used to read sagad's device flushes as store flushes.
+    pub device_flushes_per_flush: Option<f64>,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Cores used by other processes meanwhile (noise on a shared machine).
+    pub other_cores: Option<f64>,
+}
+
+/// `writes` one-payload transactions of 200 bytes by `concurrency` writers on a fresh ledger.
+pub async fn disk(
+    root: &Path,
+    durability: Durability,
+    concurrency: usize,
+    writes: usize,
+    run: usize,
+    ticks: u64,
+) -> Result<DiskRun, Error> {
+    let dir = TempDir::new(root, "store")?;
+    let mut options = store::Options::new(dir.path.join("ledger"));
+    options.durability = durability.store();
+    // Store::open blocks (it opens sled and fsyncs the folder): off the async workers.
+    let store = tokio::task::spawn_blocking(move || Store::open(options)).await??;
+    let record = PayloadRecord {
+        data: vec![b'x'; 200],
+        content_type: "application/json".into(),
+    };
+    let measured = ["self".to_owned()];
+    let window = machine::Window::open(&measured, ticks);
+    let device_before = machine::device_flushes(&dir.path);
+    let flushes_before = store.flush_count();
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = now();
+    let mut workers = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency.max(1) {
+        let store = store.clone();
+        let next = next.clone();
+        let record = record.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= writes {
+                    break;
+                }
+                let record = record.clone();
+                let sent = now();
+                store
+                    .write(move |tx| tx.put_payload(i as u64 + 1, "", &record))
+                    .await??;
+                latencies.push(sent.elapsed().as_micros() as u64);
+            }
+            Ok::<_, Error>(latencies)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(writes);
+    for worker in workers {
+        latencies.extend(worker.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let flushes = store.flush_count() - flushes_before;
+    let device_after = machine::device_flushes(&dir.path);
+    let other_cores = window.other_cores(&measured);
+    store
+        .close()
+        .await
+        .map_err(|e| fail(format!("closing the floor's ledger: {e}")))?;
+    latencies.sort_unstable();
+    let device = match (device_before, device_after) {
+        (Some(before), Some(after)) if flushes > 0 => {
+            Some(after.saturating_sub(before) as f64 / flushes as f64)
+        }
+        _ => None,
+    };
+    Ok(DiskRun {
+        durability,
+        concurrency,
+        run,
+        writes,
+        commits_per_s: writes as f64 / elapsed,
+        flushes,
+        commits_per_flush: writes as f64 / flushes.max(1) as f64,
+        device_flushes_per_flush: device,
+        p50_ms: percentile_ms(&latencies, 0.50),
+        p99_ms: percentile_ms(&latencies, 0.99),
+        other_cores,
+    })
+}

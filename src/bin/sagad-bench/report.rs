@@ -1,0 +1,279 @@
+//! The report: one markdown document (machine, command, results, floors) printed to stdout so
+//! docs/benchmarks.md can be refreshed by pasting, and optionally every run as JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::floors::{DiskRun, EchoRun};
+use crate::machine::Machine;
+use crate::scenario::Scenario;
+use crate::stats::Spread;
+
+/// One run of one configuration (scenario, durability, concurrency).
+#[derive(Debug, Clone, Serialize)]
+pub struct SagaRun {
+    pub scenario: Scenario,
+    /// "durable", "relaxed", or "target" for a running sagad named by --target.
+    pub durability: String,
+    pub concurrency: usize,
+    pub run: usize,
+    pub sagas: usize,
+    pub failures: usize,
+    pub seconds: f64,
+    pub sagas_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    /// The RPCs one saga takes by the scenario's design (see `Scenario::rpcs_explained`).
+    pub rpcs_per_saga: u32,
+    /// Calls the participant servers received per saga, counted.
+    pub participant_rpcs_per_saga: f64,
+    pub sagad_cpu_ms_per_saga: Option<f64>,
+    /// The bench process's CPU (client and participants) per saga.
+    pub bench_cpu_ms_per_saga: Option<f64>,
+    pub sagad_peak_rss_mib: Option<f64>,
+    pub ledger_bytes_per_saga: Option<f64>,
+    /// Device cache flushes per saga, whole device (an upper bound; see `machine`).
+    pub device_flushes_per_saga: Option<f64>,
+    /// Cores used by processes other than sagad and the bench meanwhile (shared-machine noise).
+    pub other_cores: Option<f64>,
+    pub echo_rpcs_per_s: Option<f64>,
+    /// sagas/s × RPCs per saga ÷ echo RPCs/s at the same concurrency, in the same run.
+    pub efficiency: Option<f64>,
+    pub first_failure: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub command: String,
+    pub sagad: String,
+    pub sagas: Vec<SagaRun>,
+    pub echo: Vec<EchoRun>,
+    pub disk: Vec<DiskRun>,
+    /// Scenarios this sagad cannot run, with what it answered.
+    pub unavailable: BTreeMap<String, String>,
+}
+
+/// A number with thousands separators and `decimals` decimals.
+fn number(value: f64, decimals: usize) -> String {
+    if !value.is_finite() {
+        return "n/a".into();
+    }
+    let text = format!("{:.*}", decimals, value.abs());
+    let (whole, fraction) = text.split_once('.').unwrap_or((&text, ""));
+    let mut grouped = String::new();
+    for (i, digit) in whole.chars().enumerate() {
+        if i > 0 && (whole.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    let sign = if value < 0.0 { "-" } else { "" };
+    if fraction.is_empty() {
+        format!("{sign}{grouped}")
+    } else {
+        format!("{sign}{grouped}.{fraction}")
+    }
+}
+
+/// "median (min–max)" over the runs, or just the value for one run.
+fn cell(values: impl IntoIterator<Item = f64>, decimals: usize) -> String {
+    match Spread::of(values) {
+        None => "n/a".into(),
+        Some(s) if s.runs == 1 => number(s.median, decimals),
+        Some(s) => format!(
+            "{} ({}–{})",
+            number(s.median, decimals),
+            number(s.min, decimals),
+            number(s.max, decimals)
+        ),
+    }
+}
+
+fn optional(values: impl IntoIterator<Item = Option<f64>>, decimals: usize) -> String {
+    cell(values.into_iter().flatten(), decimals)
+}
+
+/// Enough decimals to show a latency in ms without noise.
+const MS: usize = 2;
+
+impl Report {
+    fn groups(&self) -> BTreeMap<(Scenario, String, usize), Vec<&SagaRun>> {
+        let mut groups: BTreeMap<_, Vec<&SagaRun>> = BTreeMap::new();
+        for run in &self.sagas {
+            groups
+                .entry((run.scenario, run.durability.clone(), run.concurrency))
+                .or_default()
+                .push(run);
+        }
+        groups
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let m = &self.machine;
+        let _ = writeln!(out, "### Machine\n");
+        let _ = writeln!(
+            out,
+            "- {} CPUs ({}), {} MiB memory, Linux {}",
+            m.cpus,
+            m.cpu_model,
+            number(m.memory_mib as f64, 0),
+            m.kernel
+        );
+        let _ = writeln!(out, "- ledgers on {}", m.filesystem);
+        let _ = writeln!(out, "- {} build; sagad: {}", m.build, self.sagad);
+        let _ = writeln!(out, "- command: `{}`\n", self.command);
+
+        let groups = self.groups();
+        let runs = groups.values().map(Vec::len).max().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "### Sagas (client view){}\n",
+            if runs > 1 {
+                format!("; median (min–max) of {runs} runs")
+            } else {
+                String::new()
+            }
+        );
+        let _ = writeln!(
+            out,
+            "| scenario | durability | C | sagas/s | p50 ms | p99 ms | p99.9 ms | RPCs/saga | echo RPC/s | efficiency | failures |"
+        );
+        let _ = writeln!(
+            out,
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for ((scenario, durability, c), runs) in &groups {
+            let _ = writeln!(
+                out,
+                "| {} | {durability} | {c} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                scenario.name(),
+                cell(runs.iter().map(|r| r.sagas_per_s), 0),
+                cell(runs.iter().map(|r| r.p50_ms), MS),
+                cell(runs.iter().map(|r| r.p99_ms), MS),
+                cell(runs.iter().map(|r| r.p999_ms), MS),
+                scenario.rpcs_per_saga(),
+                optional(runs.iter().map(|r| r.echo_rpcs_per_s), 0),
+                optional(runs.iter().map(|r| r.efficiency), 2),
+                runs.iter().map(|r| r.failures).sum::<usize>(),
+            );
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "### Cost per saga\n");
+        let _ = writeln!(
+            out,
+            "| scenario | durability | C | sagad CPU ms/saga | bench CPU ms/saga | sagad peak RSS MiB | ledger bytes/saga | device flushes/saga | participant RPCs/saga | other load (cores) |"
+        );
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for ((scenario, durability, c), runs) in &groups {
+            let _ = writeln!(
+                out,
+                "| {} | {durability} | {c} | {} | {} | {} | {} | {} | {} | {} |",
+                scenario.name(),
+                optional(runs.iter().map(|r| r.sagad_cpu_ms_per_saga), 3),
+                optional(runs.iter().map(|r| r.bench_cpu_ms_per_saga), 3),
+                optional(runs.iter().map(|r| r.sagad_peak_rss_mib), 1),
+                optional(runs.iter().map(|r| r.ledger_bytes_per_saga), 0),
+                optional(runs.iter().map(|r| r.device_flushes_per_saga), 2),
+                cell(runs.iter().map(|r| r.participant_rpcs_per_saga), 2),
+                optional(runs.iter().map(|r| r.other_cores), 2),
+            );
+        }
+        let _ = writeln!(out);
+        let mut rpcs: Vec<Scenario> = groups.keys().map(|k| k.0).collect();
+        rpcs.dedup();
+        for scenario in rpcs {
+            let _ = writeln!(
+                out,
+                "- RPCs/saga for {}: {}",
+                scenario.name(),
+                scenario.rpcs_explained()
+            );
+        }
+        for (scenario, why) in &self.unavailable {
+            let _ = writeln!(out, "- {scenario}: not available in this build ({why})");
+        }
+        let _ = writeln!(out);
+        self.floors(&mut out);
+        out
+    }
+
+    fn floors(&self, out: &mut String) {
+        if !self.echo.is_empty() {
+            let mut echo: BTreeMap<usize, Vec<&EchoRun>> = BTreeMap::new();
+            for run in &self.echo {
+                echo.entry(run.concurrency).or_default().push(run);
+            }
+            let _ = writeln!(
+                out,
+                "### gRPC floor: tonic unary echo (Participant.Signal, 200-byte reason)\n"
+            );
+            let _ = writeln!(
+                out,
+                "| C | echo RPC/s | echo p50 ms | echo p99 ms | other load (cores) |"
+            );
+            let _ = writeln!(out, "|---:|---:|---:|---:|---:|");
+            for (c, runs) in &echo {
+                let _ = writeln!(
+                    out,
+                    "| {c} | {} | {} | {} | {} |",
+                    cell(runs.iter().map(|r| r.rpcs_per_s), 0),
+                    cell(runs.iter().map(|r| r.p50_ms), 3),
+                    cell(runs.iter().map(|r| r.p99_ms), 3),
+                    optional(runs.iter().map(|r| r.other_cores), 2),
+                );
+            }
+            let _ = writeln!(out);
+        }
+        if !self.disk.is_empty() {
+            let mut disk: BTreeMap<(String, usize), Vec<&DiskRun>> = BTreeMap::new();
+            for run in &self.disk {
+                disk.entry((run.durability.name().to_owned(), run.concurrency))
+                    .or_default()
+                    .push(run);
+            }
+            let _ = writeln!(
+                out,
+                "### Disk floor: ledger commits with group commit (200-byte payload, C writers)\n"
+            );
+            let _ = writeln!(
+                out,
+                "| durability | C | commits/s | commits per flush | commit p50 ms | commit p99 ms | device flushes per store flush | other load (cores) |"
+            );
+            let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+            for ((durability, c), runs) in &disk {
+                let _ = writeln!(
+                    out,
+                    "| {durability} | {c} | {} | {} | {} | {} | {} | {} |",
+                    cell(runs.iter().map(|r| r.commits_per_s), 0),
+                    cell(runs.iter().map(|r| r.commits_per_flush), 1),
+                    cell(runs.iter().map(|r| r.p50_ms), 3),
+                    cell(runs.iter().map(|r| r.p99_ms), 3),
+                    optional(runs.iter().map(|r| r.device_flushes_per_flush), 2),
+                    optional(runs.iter().map(|r| r.other_cores), 2),
+                );
+            }
+            let _ = writeln!(out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_grouped_by_thousands() {
+        assert_eq!(number(1234567.0, 0), "1,234,567");
+        assert_eq!(number(999.0, 0), "999");
+        assert_eq!(number(1234.5678, 2), "1,234.57");
+        assert_eq!(number(-1234.0, 0), "-1,234");
+        assert_eq!(cell([3.0, 1.0, 2.0], 0), "2 (1–3)");
+        assert_eq!(cell([3.0], 1), "3.0");
+    }
+}
