@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod files;
 mod ops;
 mod retry;
 mod strategy;

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Subcommand;
+
+use crate::files;
 use sagad::grpc::pb;
 use sagad::grpc::pb::retries_client::RetriesClient;
 use serde::{Deserialize, Serialize};
@@ -271,27 +273,15 @@ struct FileChannel {
 }
 
 fn read_file(path: &Path) -> Result<pb::RetryConfig, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let extension = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    let file = parse(&extension, &text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file: FileConfig = files::read(path)?;
     file.to_pb()
         .map_err(|errors| format!("{}: {}", path.display(), errors.join("; ")))
 }
 
+/// The tests parse text in each format without a file.
+#[cfg(test)]
 fn parse(extension: &str, text: &str) -> Result<FileConfig, String> {
-    match extension {
-        "toml" => toml::from_str(text).map_err(|e| e.to_string()),
-        "yaml" | "yml" => serde_yaml_ng::from_str(text).map_err(|e| e.to_string()),
-        "json" => serde_json::from_str(text).map_err(|e| e.to_string()),
-        other => Err(format!(
-            "cannot tell the format from the extension {other:?}: use .toml, .yaml, .yml or .json"
-        )),
-    }
+    files::parse(extension, text)
 }
 
 fn duration(

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Subcommand;
+
+use crate::files;
 use prost::Message;
 use sagad::grpc::pb;
 use sagad::grpc::pb::strategies_client::StrategiesClient;
@@ -211,35 +213,7 @@ fn content_request_id(strategy: &pb::Strategy) -> String {
 }
 
 fn read_file(path: &Path) -> Result<pb::Strategy, String> {
-    #[derive(Clone, Copy)]
-    enum Format {
-        Toml,
-        Yaml,
-        Json,
-    }
-    let extension = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    let format = match extension.as_deref() {
-        Some("toml") => Format::Toml,
-        Some("yaml" | "yml") => Format::Yaml,
-        Some("json") => Format::Json,
-        _ => {
-            return Err(format!(
-                "cannot tell the format of {}: name it .toml, .yaml, .yml or .json",
-                path.display()
-            ));
-        }
-    };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let file: StrategyFile = match format {
-        Format::Toml => toml::from_str(&text).map_err(|e| e.to_string()),
-        Format::Yaml => serde_yaml_ng::from_str(&text).map_err(|e| e.to_string()),
-        Format::Json => serde_json::from_str(&text).map_err(|e| e.to_string()),
-    }
-    .map_err(|e| format!("{} is not a strategy file: {e}", path.display()))?;
+    let file: StrategyFile = files::read(path)?;
     file.into_pb()
         .map_err(|problems| format!("{}:\n  {}", path.display(), problems.join("\n  ")))
 }
