@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::engine::commands::Command;
+use crate::engine::commands::{Command, Kind};
 use crate::engine::metrics::Metrics;
 use crate::engine::sagas::command_id;
 use crate::engine::{Engine, Error};
@@ -239,7 +239,15 @@ async fn deliver(engine: Engine, outbox_id: u64, command: Command, acked: Arc<No
     let delivery = &engine.shared.delivery;
     let mut routes = delivery.routes.subscribe();
     let mut stopping = delivery.stopping.subscribe();
+    // Only Execute and Reverse carry the payload; the others go without a ledger read.
+    let carries_payload = matches!(command.kind, Kind::Execute | Kind::Reverse);
     let payload = loop {
+        if !carries_payload {
+            break crate::store::PayloadRecord {
+                data: Vec::new(),
+                content_type: String::new(),
+            };
+        }
         match engine.payload_of(&command).await {
             Ok(payload) => break payload,
             Err(Error::Store(store::Error::Closed)) => return,
