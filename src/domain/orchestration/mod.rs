@@ -449,21 +449,7 @@ fn begin_reversal(
             );
             continue;
         }
-        branch.state = BranchState::Reversing;
-        branch.attempts = 1;
-        // The reversal has its own budget: polls of the forward action do not count against it.
-        branch.polls = 0;
-        branch.note(
-            ctx.now,
-            format!(
-                "reversing: {} on {}",
-                branch.reversal_action, branch.node_id
-            ),
-        );
-        effects.push(Effect::Reverse {
-            branch_id: branch.branch_id.clone(),
-            reason: reason.clone(),
-        });
+        effects.push(start_reversing(branch, ctx.now, &reason, "reversing"));
     }
     effects.extend(settle_if_done(saga));
     effects
@@ -596,6 +582,22 @@ pub(crate) fn apply_reversal_answer(
     effects
 }
 
+/// Starts a branch's reversal: the one place that sets it REVERSING with a fresh send count and
+/// its own poll budget (polls of the forward action do not count against the reversal).
+pub(crate) fn start_reversing(branch: &mut Branch, now: Millis, reason: &str, why: &str) -> Effect {
+    branch.state = BranchState::Reversing;
+    branch.attempts = 1;
+    branch.polls = 0;
+    branch.note(
+        now,
+        format!("{why}: {} on {}", branch.reversal_action, branch.node_id),
+    );
+    Effect::Reverse {
+        branch_id: branch.branch_id.clone(),
+        reason: reason.to_owned(),
+    }
+}
+
 /// Resends a reversal whose retry came due.
 pub(crate) fn resend_reversal(saga: &mut Saga, branch_id: &str, now: Millis) -> Vec<Effect> {
     let reason = saga.reason.clone();
@@ -625,14 +627,12 @@ pub fn on_reprocess(mut saga: Saga, now: Millis) -> Option<Transition> {
         .iter_mut()
         .filter(|b| b.state == BranchState::ReversalFailed)
     {
-        branch.state = BranchState::Reversing;
-        branch.attempts = 1;
-        branch.polls = 0;
-        branch.note(now, "reprocessed by an operator: reversing again");
-        effects.push(Effect::Reverse {
-            branch_id: branch.branch_id.clone(),
-            reason: reason.clone(),
-        });
+        effects.push(start_reversing(
+            branch,
+            now,
+            &reason,
+            "reprocessed by an operator: reversing again",
+        ));
     }
     saga.updated_ms = now;
     Some(Transition { saga, effects })

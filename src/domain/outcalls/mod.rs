@@ -18,7 +18,7 @@ use crate::domain::Millis;
 use crate::domain::branch::{Branch, BranchState, Outcome, Report, Signal};
 use crate::domain::orchestration::{
     self, Effect, Env, Timer, Transition, apply_reversal_answer, outcome_name, resend_reversal,
-    signal_every_node,
+    signal_every_node, start_reversing,
 };
 use crate::domain::saga::{ReversalType, Saga, SagaMode, SagaState};
 
@@ -287,20 +287,7 @@ fn advance(saga: &mut Saga, env: Env<'_>) -> Vec<Effect> {
                     branch.state = BranchState::Reversed;
                     continue;
                 }
-                branch.state = BranchState::Reversing;
-                branch.attempts = 1;
-                branch.polls = 0;
-                branch.note(
-                    env.now,
-                    format!(
-                        "reversing: {} on {}",
-                        branch.reversal_action, branch.node_id
-                    ),
-                );
-                return vec![Effect::Reverse {
-                    branch_id: branch.branch_id.clone(),
-                    reason,
-                }];
+                return vec![start_reversing(branch, env.now, &reason, "reversing")];
             }
         }
     }
