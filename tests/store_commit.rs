@@ -190,3 +190,72 @@ fn groups_that_write_nothing_skip_the_flush() {
         store.close().await.unwrap();
     });
 }
+
+/// A write whose loss is harmless is answered once applied, visible to later writes at once,
+/// and costs no flush of its own; the next write that waits for durability is flushed, and
+/// that flush covers it.
+#[test]
+fn unflushed_writes_cost_no_flush_and_the_next_durable_write_covers_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let store = Store::open(options(&dir)).unwrap();
+    rt.block_on(async {
+        store
+            .write(|tx| tx.put_saga(&saga(1)))
+            .await
+            .unwrap()
+            .unwrap();
+        let before = store.flush_count();
+        for sequence in 2..=5 {
+            store
+                .write_unflushed(move |tx| tx.put_saga(&saga(sequence)))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(
+            store.flush_count(),
+            before,
+            "an unflushed write caused a flush"
+        );
+        // A write that saw it may act on it, so it is answered only after a flush covers it.
+        let seen = store.write(|tx| tx.saga(5)).await.unwrap().unwrap();
+        assert_eq!(seen, Some(saga(5)), "a later write did not see it");
+        assert_eq!(store.flush_count(), before + 1);
+        store
+            .write(|tx| tx.put_saga(&saga(6)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.flush_count(), before + 2);
+    });
+    // Reopen without close: only what the last flush covered is promised, and it covers all.
+    drop(store);
+    let store = Store::open(options(&dir)).unwrap();
+    let stored: Vec<u64> = rt
+        .block_on(store.read(|tx| tx.sagas(None, false).map(|s| s.unwrap().sequence).collect()))
+        .unwrap();
+    assert_eq!(stored, (1..=6).collect::<Vec<_>>());
+    rt.block_on(store.close()).unwrap();
+}
+
+/// A rejected unflushed write leaves nothing behind, and its caller gets its own error back.
+#[test]
+fn a_rejected_unflushed_write_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let store = Store::open(options(&dir)).unwrap();
+    rt.block_on(async {
+        let rejected = store
+            .write_unflushed(|tx| {
+                tx.put_saga(&saga(1))?;
+                Err::<(), _>(Error::Closed)
+            })
+            .await
+            .unwrap();
+        assert!(matches!(rejected, Err(Error::Closed)));
+        let found = store.write(|tx| tx.saga(1)).await.unwrap().unwrap();
+        assert_eq!(found, None);
+        store.close().await.unwrap();
+    });
+}

@@ -1,5 +1,6 @@
-//! The ledger against a BTreeMap model: random write jobs (committed or rejected) and restarts,
-//! comparing every table after every operation, in the manner of sled's own `tests/tree`.
+//! The ledger against a BTreeMap model: random write jobs (committed, rejected or panicking),
+//! alone or several in one commit group, and restarts, comparing every table after every
+//! operation, in the manner of sled's own `tests/tree`.
 //! Reads inside a job (the latest strategy and retry configuration among them) must see the
 //! job's own writes, so the model checks them against its state as the job goes.
 #![allow(
@@ -226,6 +227,10 @@ enum Step {
     ReadSaga {
         sequence: u64,
     },
+    /// Removes the saga and its payloads (retention).
+    DeleteSaga {
+        sequence: u64,
+    },
     AllocateGsn,
     PutIdempotency {
         key: usize,
@@ -307,10 +312,22 @@ enum Step {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fate {
+    Commit,
+    /// Returns `Err` after doing all its steps.
+    Reject,
+    /// Panics after doing all its steps.
+    Panic,
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     /// A write job; `commit: false` returns `Err` after doing all its steps.
     Write { steps: Vec<Step>, commit: bool },
+    /// Several write jobs queued at once behind a slow one, so the writer runs them in one
+    /// group: each must see the committed jobs before it, and none a failed one's writes.
+    Group { jobs: Vec<(Vec<Step>, Fate)> },
     /// Reopen the same folder, after `close` or after just dropping the handle.
     Restart { graceful: bool },
 }
@@ -320,6 +337,7 @@ fn step() -> impl Strategy<Value = Step> {
         3 => (1..6u64, any::<u8>(), 0..4usize)
             .prop_map(|(sequence, state, branches)| Step::PutSaga { sequence, state, branches }),
         1 => (1..6u64).prop_map(|sequence| Step::ReadSaga { sequence }),
+        1 => (1..4u64).prop_map(|sequence| Step::DeleteSaga { sequence }),
         2 => Just(Step::AllocateGsn),
         3 => (0..5usize, prop_oneof![1 => Just(0u64), 3 => 1..50u64], 0..9u32)
             .prop_map(|(key, expires_ms, attempts)| Step::PutIdempotency { key, expires_ms, attempts }),
@@ -353,8 +371,14 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         7 => (prop::collection::vec(step(), 1..5), Just(true)).prop_map(|(steps, commit)| Op::Write { steps, commit }),
         2 => prop::collection::vec(step(), 1..5).prop_map(|steps| Op::Write { steps, commit: false }),
+        3 => prop::collection::vec((prop::collection::vec(step(), 1..4), fate()), 2..5)
+            .prop_map(|jobs| Op::Group { jobs }),
         1 => any::<bool>().prop_map(|graceful| Op::Restart { graceful }),
     ]
+}
+
+fn fate() -> impl Strategy<Value = Fate> {
+    prop_oneof![5 => Just(Fate::Commit), 2 => Just(Fate::Reject), 1 => Just(Fate::Panic)]
 }
 
 /// A step with its picks resolved to concrete ids (one past the largest id when the model has
@@ -363,6 +387,7 @@ fn op() -> impl Strategy<Value = Op> {
 enum Resolved {
     PutSaga(SagaRecord),
     ReadSaga(u64),
+    DeleteSaga(u64),
     AllocateGsn,
     PutIdempotency(IdempotencyKey, IdempotencyRecord),
     DeleteIdempotency(IdempotencyKey),
@@ -434,6 +459,7 @@ impl Model {
                 branches,
             } => Resolved::PutSaga(saga(*sequence, *state, *branches)),
             Step::ReadSaga { sequence } => Resolved::ReadSaga(*sequence),
+            Step::DeleteSaga { sequence } => Resolved::DeleteSaga(*sequence),
             Step::AllocateGsn => Resolved::AllocateGsn,
             Step::PutIdempotency {
                 key,
@@ -517,6 +543,11 @@ impl Model {
                 Outcome::Done
             }
             Resolved::ReadSaga(sequence) => Outcome::Saga(self.sagas.get(sequence).cloned()),
+            Resolved::DeleteSaga(sequence) => {
+                self.sagas.remove(sequence);
+                self.payloads.retain(|(of, _), _| of != sequence);
+                Outcome::Done
+            }
             Resolved::AllocateGsn => {
                 // Documented as exactly 1, 2, 3, ...: rejected writes consume nothing.
                 self.last_gsn += 1;
@@ -661,6 +692,7 @@ fn run_step(tx: &mut sagad::store::WriteTx<'_>, step: &Resolved) -> Outcome {
     let outcome = match step {
         Resolved::PutSaga(record) => tx.put_saga(record).map(|()| Outcome::Done),
         Resolved::ReadSaga(sequence) => tx.saga(*sequence).map(Outcome::Saga),
+        Resolved::DeleteSaga(sequence) => tx.delete_saga(*sequence).map(|()| Outcome::Done),
         Resolved::AllocateGsn => tx.allocate_gsn_sequence().map(Outcome::Gsn),
         Resolved::PutIdempotency(key, record) => {
             tx.put_idempotency(key, record).map(|()| Outcome::Done)
@@ -864,6 +896,52 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
                 if commit {
                     model = after;
+                }
+            }
+            Op::Group { jobs } => {
+                let live = store.as_ref().unwrap();
+                // The first job holds the writer until the rest are queued behind it.
+                let hold = live.write(|_| {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    Ok::<(), ()>(())
+                });
+                let resolved: Vec<(Vec<Resolved>, Fate)> = jobs
+                    .iter()
+                    .map(|(steps, fate)| (steps.iter().map(|s| model.resolve(s)).collect(), *fate))
+                    .collect();
+                let writes = resolved.iter().cloned().map(|(job, fate)| {
+                    live.write(move |tx| {
+                        let outcomes: Vec<Outcome> =
+                            job.iter().map(|step| run_step(tx, step)).collect();
+                        match fate {
+                            Fate::Commit => Ok(outcomes),
+                            Fate::Reject => Err(outcomes),
+                            Fate::Panic => panic!("a failing job"),
+                        }
+                    })
+                });
+                let (held, answers) =
+                    rt.block_on(async { futures::join!(hold, futures::future::join_all(writes)) });
+                held.unwrap().unwrap();
+                for ((steps, fate), answer) in resolved.iter().zip(answers) {
+                    let outcomes = match (answer, fate) {
+                        (Ok(Ok(outcomes)), Fate::Commit) | (Ok(Err(outcomes)), Fate::Reject) => {
+                            outcomes
+                        }
+                        (Err(sagad::store::Error::Storage(_)), Fate::Panic) => continue,
+                        (answer, _) => {
+                            return Err(TestCaseError::fail(format!(
+                                "{fate:?} but the job answered {answer:?}"
+                            )));
+                        }
+                    };
+                    let mut after = model.clone();
+                    for (step, outcome) in steps.iter().zip(&outcomes) {
+                        after.apply(step, outcome)?;
+                    }
+                    if *fate == Fate::Commit {
+                        model = after;
+                    }
                 }
             }
             Op::Restart { graceful } => {

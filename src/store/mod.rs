@@ -1,16 +1,23 @@
 //! The ledger: the only module that names sled. It owns the trees, the versioned record
-//! encoding, the single writer thread with group commit, and the reader thread; callers talk to
-//! it through async methods and never touch sled from a tokio worker (TOOLING.md: that deadlocks).
+//! encoding, the writer thread and its flusher (group commit), and the reader thread; callers
+//! talk to it through async methods and never touch sled from a tokio worker (TOOLING.md: that
+//! deadlocks).
 //!
 //! Interface contract (the engine relies on every line):
 //! - `write(f)` runs `f` on the writer thread, alone: no other write runs concurrently, so a
-//!   closure may read, decide and write without races. If `f` returns `Ok`, all its writes are
-//!   applied as **one** atomic sled transaction across trees; if it returns `Err`, none are.
+//!   closure may read, decide and write without races, and it sees every write acknowledged or
+//!   run before it. If `f` returns `Ok`, all its writes are applied atomically across trees; if
+//!   it returns `Err` (or panics), none are. The writes of a whole group of jobs reach sled as
+//!   one transaction, so a crash keeps a group entirely or not at all.
 //! - The future returned by `write` resolves only after the group of writes that contains it has
 //!   been made durable (per `Durability`), whether `f` returned `Ok` or `Err`: even a rejection
 //!   may have read data that was applied but not yet flushed, and must not be answered before it.
-//! - Many writes queued at once share one flush (group commit).
-//! - `read(f)` runs `f` on the reader thread. It may see data applied but not yet flushed.
+//! - Many writes queued at once share one flush (group commit), and writes keep running while
+//!   the previous group is being flushed: the group they form goes to the next flush.
+//! - `write_unflushed(f)` is `write` for a write whose loss in a crash is harmless: it is
+//!   answered once applied, and neither waits for nor causes a flush.
+//! - `read(f)` runs `f` on the reader thread. It sees the groups already applied to sled, which
+//!   may include one not yet flushed (no caller was answered about it yet).
 
 mod codec;
 mod reader;
@@ -134,11 +141,13 @@ struct Inner {
     _join_on_drop: Threads,
 }
 
-/// The view a `write` closure gets: reads see the ledger plus this closure's own writes.
+/// The view a `write` closure gets: reads see the ledger plus the writes of the jobs before it
+/// in its group and its own.
 pub struct WriteTx<'a> {
     tables: &'a Tables,
-    /// Everything the closure wrote so far; applied as one transaction only if it returns `Ok`.
-    overlay: Overlay,
+    /// The group's buffered writes, journaled while this closure runs: its own are kept only if
+    /// it returns `Ok`, and the group reaches sled as one transaction.
+    overlay: &'a mut Overlay,
 }
 
 /// The view a `read` closure gets.
@@ -177,17 +186,27 @@ impl Store {
         let max_group = options.max_group.max(1);
         let (writer_inbox, writer_rx) = mpsc::channel(max_group.saturating_mul(2));
         let (reader_inbox, reader_rx) = mpsc::channel(READ_QUEUE);
-        let writer = writer::Writer {
+        let (to_flusher, flusher_rx) = std::sync::mpsc::channel();
+        let flusher = writer::Flusher {
             tables: tables.clone(),
             durability: options.durability,
-            max_group,
             sync: writer::FileSync {
                 data_file,
                 blobs_dir: path.join("blobs"),
                 synced_blobs: HashSet::new(),
             },
             flushes: flushes.clone(),
+            writer: writer_inbox.downgrade(),
             dirty: false,
+        };
+        let flusher = thread::Builder::new()
+            .name("sagad-ledger-flusher".into())
+            .spawn(move || flusher.run(flusher_rx))?;
+        let writer = writer::Writer {
+            tables: tables.clone(),
+            max_group,
+            to_flusher,
+            flusher,
         };
         let mut threads = Threads {
             handles: Vec::with_capacity(2),
@@ -225,8 +244,38 @@ impl Store {
         T: Send + 'static,
         E: Send + 'static,
     {
+        self.write_answered(f, writer::Answer::WhenDurable).await
+    }
+
+    /// Like `write`, for a write whose loss in a crash is harmless because it only forgets
+    /// work already done, which is then done again (the acknowledgement of a signal, whose
+    /// resending nodes de-duplicate): it is answered as soon as its group is applied, and it
+    /// neither waits for a flush nor causes one. The next flush, sled's periodic one or
+    /// `close` makes it durable; every `write` answered after it covers it too.
+    pub async fn write_unflushed<T, E, F>(&self, f: F) -> Result<Result<T, E>, Error>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        self.write_answered(f, writer::Answer::WhenApplied).await
+    }
+
+    async fn write_answered<T, E, F>(
+        &self,
+        f: F,
+        answer: writer::Answer,
+    ) -> Result<Result<T, E>, Error>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
         let (reply_to, reply) = oneshot::channel();
-        let job = writer::Message::Job(writer::job(f, reply_to));
+        let job = writer::Message::Job(writer::Job {
+            run: writer::job(f, reply_to),
+            answer,
+        });
         self.inner
             .writer
             .send(job)
@@ -366,13 +415,20 @@ impl WriteTx<'_> {
     pub fn saga(&self, sequence: u64) -> Result<Option<SagaRecord>, Error> {
         self.get(Table::Sagas, &codec::u64_key(sequence))
     }
-    /// Removes a saga and every payload stored under it (payloads written earlier in the same
-    /// write are not seen: delete in a write of its own).
+    /// Removes a saga and every payload stored under it, buffered ones included.
     pub fn delete_saga(&mut self, sequence: u64) -> Result<(), Error> {
         let prefix = codec::u64_key(sequence);
-        for entry in self.tables.tree(Table::Payloads).scan_prefix(prefix) {
-            let (key, _) = entry.map_err(tables::storage_error)?;
-            self.overlay.delete(Table::Payloads, key.to_vec());
+        // Payload keys are `sequence BE ++ branch id`: the next sequence bounds them.
+        let end = sequence.checked_add(1).map(codec::u64_key);
+        let keys = self.overlay.live_keys_in(
+            self.tables,
+            Table::Payloads,
+            &prefix,
+            end.as_ref().map(|end| end.as_slice()),
+            usize::MAX,
+        )?;
+        for key in keys {
+            self.overlay.delete(Table::Payloads, key);
         }
         self.overlay.delete(Table::Sagas, prefix.to_vec());
         Ok(())
@@ -425,9 +481,10 @@ impl WriteTx<'_> {
         limit: usize,
     ) -> Result<usize, Error> {
         let bound = codec::expiry_bound(now_ms);
-        let index_keys = self.overlay.live_keys_below(
+        let index_keys = self.overlay.live_keys_in(
             self.tables,
             Table::IdempotencyExpiry,
+            &[],
             bound.as_ref().map(|b| b.as_slice()),
             limit,
         )?;

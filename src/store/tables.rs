@@ -1,5 +1,6 @@
-//! The sled trees of the ledger, the per-job overlay of buffered writes, and the one place that
-//! turns an overlay into an atomic sled transaction. Nothing here runs on a tokio worker.
+//! The sled trees of the ledger, the overlay of writes buffered for one group of jobs (with the
+//! undo journal that takes back a failed job's share), and the one place that turns an overlay
+//! into an atomic sled transaction. Nothing here runs on a tokio worker.
 
 use super::Error;
 use super::codec::{self, Record};
@@ -125,8 +126,8 @@ impl Tables {
         }
     }
 
-    /// Applies every buffered write of one job as one sled transaction over the trees it
-    /// touched, so a crash leaves all of them or none.
+    /// Applies every buffered write (of one group of jobs, or of one upgrade batch) as one sled
+    /// transaction over the trees it touched, so a crash leaves all of them or none.
     pub(crate) fn apply(&self, overlay: &Overlay) -> Result<(), Error> {
         let touched: Vec<(&sled::Tree, &Writes)> = Table::ALL
             .iter()
@@ -183,49 +184,102 @@ pub(crate) type Entry = (Vec<u8>, Vec<u8>);
 /// Buffered writes of one table: `Some(value)` is a put, `None` a delete.
 type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
-/// The writes a job has made so far, not yet in sled. Reads consult it first, which gives a
-/// job read-your-writes without touching sled until the job has succeeded.
+/// What one buffered write replaced, so a failed job can be taken back: the table, the key and
+/// the overlay's entry for it before (`None` when the overlay had not touched the key).
+type Undo = (Table, Vec<u8>, Option<Option<Vec<u8>>>);
+
+/// Writes buffered in memory, not yet in sled. Reads consult it first, which gives read-your-
+/// writes without touching sled. The writer keeps one overlay per group of jobs, so each job
+/// also sees the jobs before it in its group, and the whole group reaches sled as one
+/// transaction; while a job runs, the journal records what it replaced, so a job that fails
+/// leaves the overlay exactly as it found it.
 #[derive(Default)]
 pub(crate) struct Overlay {
     writes: [Writes; TABLE_COUNT],
+    /// `Some` while a job runs.
+    journal: Option<Vec<Undo>>,
 }
 
 impl Overlay {
-    /// `Some(None)` when the job deleted the key, `None` when the job has not touched it.
+    /// `Some(None)` when the key was deleted, `None` when the overlay has not touched it.
     pub(crate) fn get(&self, table: Table, key: &[u8]) -> Option<Option<&[u8]>> {
         self.writes[table.index()].get(key).map(Option::as_deref)
     }
 
     pub(crate) fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
-        self.writes[table.index()].insert(key, Some(value));
+        self.write(table, key, Some(value));
     }
 
     pub(crate) fn delete(&mut self, table: Table, key: Vec<u8>) {
-        self.writes[table.index()].insert(key, None);
+        self.write(table, key, None);
+    }
+
+    fn write(&mut self, table: Table, key: Vec<u8>, value: Option<Vec<u8>>) {
+        match &mut self.journal {
+            Some(journal) => {
+                let before = self.writes[table.index()].insert(key.clone(), value);
+                journal.push((table, key, before));
+            }
+            None => {
+                self.writes[table.index()].insert(key, value);
+            }
+        }
+    }
+
+    /// Starts recording what a job writes, so `end_job` can take it back.
+    pub(crate) fn begin_job(&mut self) {
+        self.journal = Some(Vec::new());
+    }
+
+    /// Ends the job begun last: keeps its writes, or takes every one of them back. Returns
+    /// whether the job wrote anything that stays.
+    pub(crate) fn end_job(&mut self, keep: bool) -> bool {
+        let journal = self.journal.take().unwrap_or_default();
+        if keep {
+            return !journal.is_empty();
+        }
+        // Newest first, so a key written twice gets back its value from before the job.
+        for (table, key, before) in journal.into_iter().rev() {
+            let writes = &mut self.writes[table.index()];
+            match before {
+                Some(value) => {
+                    writes.insert(key, value);
+                }
+                None => {
+                    writes.remove(&key);
+                }
+            }
+        }
+        false
     }
 
     pub(crate) fn is_empty(&self) -> bool {
         self.writes.iter().all(BTreeMap::is_empty)
     }
 
-    /// The first `limit` keys of `table` below `end` (exclusive; `None` = no end) as the tree
-    /// and this overlay together show them: overlay puts are added, overlay deletes hidden.
-    pub(crate) fn live_keys_below(
+    /// Forgets every buffered write (after they reached sled, or failed to).
+    pub(crate) fn clear(&mut self) {
+        for writes in &mut self.writes {
+            writes.clear();
+        }
+        self.journal = None;
+    }
+
+    /// The first `limit` keys of `table` in `start..end` (`None` = no end) as the tree and this
+    /// overlay together show them: overlay puts are added, overlay deletes hidden.
+    pub(crate) fn live_keys_in(
         &self,
         tables: &Tables,
         table: Table,
+        start: &[u8],
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Vec<u8>>, Error> {
-        let tree = tables.tree(table);
-        let (mut stored, buffered) = match end {
-            Some(end) => (
-                tree.range(..end),
-                self.writes[table.index()]
-                    .range::<[u8], _>((Bound::Unbounded, Bound::Excluded(end))),
-            ),
-            None => (tree.iter(), self.writes[table.index()].range::<[u8], _>(..)),
-        };
+        let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut stored = tables
+            .tree(table)
+            .range::<&[u8], _>((Bound::Included(start), upper));
+        let buffered = self.writes[table.index()].range::<[u8], _>((Bound::Included(start), upper));
         let mut buffered = buffered.peekable();
         let mut stored_key = next_stored(&mut stored)?;
         let mut keys = Vec::new();
@@ -362,6 +416,88 @@ mod tests {
                 .last_live_in(&tables, Table::RetryConfig, &start, end.as_deref())
                 .unwrap();
             prop_assert_eq!(found, expected);
+        }
+
+        /// The live keys in a range are the tree's keys with the overlay's puts added and its
+        /// deletes taken out, in order, and at most `limit` of them.
+        #[test]
+        fn live_keys_in_lays_the_overlay_over_the_tree(
+            stored in btree_map(key(), any::<u8>(), 0..8),
+            buffered in btree_map(key(), option::of(any::<u8>()), 0..8),
+            start in key(),
+            end in option::of(key()),
+            limit in 0..10usize,
+        ) {
+            prop_assume!(end.as_ref().is_none_or(|end| &start <= end));
+            let dir = tempfile::tempdir().unwrap();
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let tables = Tables::open(db).unwrap();
+            let mut overlay = Overlay::default();
+            let mut merged = BTreeMap::new();
+            for (key, value) in &stored {
+                tables.tree(Table::Payloads).insert(key.as_slice(), vec![*value]).unwrap();
+                merged.insert(key.clone(), ());
+            }
+            for (key, value) in &buffered {
+                match value {
+                    Some(value) => {
+                        overlay.put(Table::Payloads, key.clone(), vec![*value]);
+                        merged.insert(key.clone(), ());
+                    }
+                    None => {
+                        overlay.delete(Table::Payloads, key.clone());
+                        merged.remove(key);
+                    }
+                }
+            }
+            let upper = end.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+            let expected: Vec<Vec<u8>> = merged
+                .range::<[u8], _>((Bound::Included(start.as_slice()), upper))
+                .take(limit)
+                .map(|(key, ())| key.clone())
+                .collect();
+            let found = overlay
+                .live_keys_in(&tables, Table::Payloads, &start, end.as_deref(), limit)
+                .unwrap();
+            prop_assert_eq!(found, expected);
+        }
+
+        /// A job taken back leaves the group's overlay exactly as it was before the job, even
+        /// when the job wrote the same keys as earlier jobs, or one key several times.
+        #[test]
+        fn a_job_taken_back_leaves_the_overlay_as_it_found_it(
+            before in vec((0..3usize, key(), option::of(any::<u8>())), 0..8),
+            job in vec((0..3usize, key(), option::of(any::<u8>())), 0..8),
+            keep in any::<bool>(),
+        ) {
+            let table = |i: usize| [Table::Sagas, Table::Outbox, Table::Payloads][i];
+            let write = |overlay: &mut Overlay, (i, key, value): &(usize, Vec<u8>, Option<u8>)| {
+                match value {
+                    Some(value) => overlay.put(table(*i), key.clone(), vec![*value]),
+                    None => overlay.delete(table(*i), key.clone()),
+                }
+            };
+            let mut overlay = Overlay::default();
+            for entry in &before {
+                write(&mut overlay, entry);
+            }
+            let untouched = overlay.writes.clone();
+            let mut expected = Overlay::default();
+            for entry in before.iter().chain(&job) {
+                write(&mut expected, entry);
+            }
+            overlay.begin_job();
+            for entry in &job {
+                write(&mut overlay, entry);
+            }
+            let kept = overlay.end_job(keep);
+            if keep {
+                prop_assert_eq!(kept, !job.is_empty());
+                prop_assert_eq!(&overlay.writes, &expected.writes);
+            } else {
+                prop_assert!(!kept);
+                prop_assert_eq!(&overlay.writes, &untouched);
+            }
         }
     }
 }

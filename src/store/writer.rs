@@ -1,6 +1,8 @@
-//! The writer thread: runs write jobs one at a time, applies each as one sled transaction, and
-//! makes a whole group of them durable with one flush before answering any of them.
-//! It is the only code that writes to sled, and it never runs on a tokio worker.
+//! The writer and flusher threads: the writer runs write jobs one at a time into one in-memory
+//! overlay per group and applies the group as one sled transaction; the flusher makes applied
+//! groups durable with one flush and only then answers their jobs. The two overlap, so jobs run
+//! while the previous group is being flushed, and a group grows while the disk is busy.
+//! They are the only code that writes to sled, and neither runs on a tokio worker.
 
 use super::tables::{Overlay, Tables, storage_error};
 use super::{Durability, Error, WriteTx};
@@ -11,42 +13,58 @@ use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
 /// Answers one job once its group's flush is known: `Ok` if it made the data durable.
 pub(crate) type Reply = Box<dyn FnOnce(Result<(), &Error>) + Send>;
 
-/// Runs one caller closure and applies its writes; says whether sled was written to.
-pub(crate) type Job = Box<dyn FnOnce(&Tables) -> (Reply, bool) + Send>;
+/// Runs one caller closure against the ledger and its group's overlay, leaving its writes in the
+/// overlay only if it succeeded.
+pub(crate) type Run = Box<dyn FnOnce(&Tables, &mut Overlay) -> Reply + Send>;
+
+/// When a job's caller is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// After a flush has made its group durable.
+    WhenDurable,
+    /// As soon as its group is applied, without waiting for (or causing) a flush: for writes
+    /// whose loss in a crash only makes work be repeated.
+    WhenApplied,
+}
+
+pub(crate) struct Job {
+    pub(crate) run: Run,
+    pub(crate) answer: Answer,
+}
 
 pub(crate) enum Message {
     Job(Job),
+    /// The flusher finished a flush: the group built meanwhile can go to it.
+    Flushed,
     /// Finish what is queued ahead, flush durably, release the database and answer.
     Close(oneshot::Sender<Result<(), Error>>),
 }
 
 /// Wraps a caller closure into a job that answers on `reply_to`.
-pub(crate) fn job<T, E, F>(f: F, reply_to: oneshot::Sender<Result<Result<T, E>, Error>>) -> Job
+pub(crate) fn job<T, E, F>(f: F, reply_to: oneshot::Sender<Result<Result<T, E>, Error>>) -> Run
 where
     F: FnOnce(&mut WriteTx<'_>) -> Result<T, E> + Send + 'static,
     T: Send + 'static,
     E: Send + 'static,
 {
-    Box::new(move |tables: &Tables| {
-        let mut tx = WriteTx {
-            tables,
-            overlay: Overlay::default(),
-        };
+    Box::new(move |tables: &Tables, overlay: &mut Overlay| {
+        overlay.begin_job();
+        let mut tx = WriteTx { tables, overlay };
         // A panicking closure must not take the writer (and every later write) down with it;
-        // its buffered writes are simply dropped, as if it had returned `Err`.
+        // its buffered writes are taken back, as if it had returned `Err`.
         let ran = panic::catch_unwind(AssertUnwindSafe(|| f(&mut tx)));
-        let overlay = tx.overlay;
-        let (outcome, wrote) = match ran {
-            Err(_panic) => (Err(Error::Storage("write job panicked".into())), false),
-            Ok(Err(rejected)) => (Ok(Err(rejected)), false),
-            Ok(Ok(value)) if overlay.is_empty() => (Ok(Ok(value)), false),
-            Ok(Ok(value)) => (tables.apply(&overlay).map(|()| Ok(value)), true),
+        let outcome = match ran {
+            Err(_panic) => Err(Error::Storage("write job panicked".into())),
+            Ok(result) => Ok(result),
         };
+        overlay.end_job(matches!(outcome, Ok(Ok(_))));
         let reply: Reply = Box::new(move |flushed: Result<(), &Error>| {
             let answer = match flushed {
                 Ok(()) => outcome,
@@ -55,7 +73,7 @@ where
             // The caller may have stopped waiting; the write stands either way.
             let _ = reply_to.send(answer);
         });
-        (reply, wrote)
+        reply
     })
 }
 
@@ -81,60 +99,186 @@ fn replicate(error: &Error) -> Error {
     }
 }
 
+/// A group the writer applied (or failed to apply), waiting for a flush.
+pub(crate) struct Applied {
+    replies: Vec<Reply>,
+    /// Whether sled may have been written to.
+    wrote: bool,
+    /// Whether some job of the group waits for a flush (`Answer::WhenDurable`).
+    wants_flush: bool,
+    applied: Result<(), Error>,
+    /// The last group: flush durably and stop.
+    close: bool,
+}
+
 pub(crate) struct Writer {
     pub(crate) tables: Tables,
-    pub(crate) durability: Durability,
     pub(crate) max_group: usize,
-    pub(crate) sync: FileSync,
-    pub(crate) flushes: Arc<AtomicU64>,
-    /// True while some applied write may not be flushed yet. A group that wrote nothing and
-    /// follows a successful flush has nothing to make durable, so it skips the flush.
-    pub(crate) dirty: bool,
+    pub(crate) to_flusher: std_mpsc::Sender<Applied>,
+    /// Joined on close; it returns the result of the last, durable flush.
+    pub(crate) flusher: JoinHandle<Result<(), Error>>,
 }
 
 impl Writer {
-    pub(crate) fn run(mut self, mut inbox: mpsc::Receiver<Message>) {
+    pub(crate) fn run(self, mut inbox: mpsc::Receiver<Message>) {
         let max_group = self.max_group.max(1);
+        let mut group = Group::default();
+        // While the flusher works on a group, the next one is built; it is handed over when
+        // the flusher says it is done (or the group is full), so one flush covers all of it.
+        let mut flusher_busy = false;
         loop {
-            let Some(first) = inbox.blocking_recv() else {
+            let Some(message) = inbox.blocking_recv() else {
                 // Every handle is gone without `close`: still leave nothing unflushed.
-                if let Err(error) = self.flush(Durability::Durable) {
+                let flushed = self.finish(&mut group);
+                if let Err(error) = flushed {
                     tracing::error!(%error, "final ledger flush failed");
                 }
                 return;
             };
-            let mut replies = Vec::new();
-            let mut close = None;
-            let mut next = Some(first);
-            while let Some(message) = next.take() {
-                match message {
-                    Message::Job(job) => {
-                        let (reply, wrote) = job(&self.tables);
-                        self.dirty |= wrote;
-                        replies.push(reply);
+            match message {
+                Message::Job(job) => {
+                    let reply = (job.run)(&self.tables, &mut group.overlay);
+                    match job.answer {
+                        Answer::WhenDurable => group.durable.push(reply),
+                        Answer::WhenApplied => group.applied.push(reply),
                     }
-                    Message::Close(done) => close = Some(done),
                 }
-                if close.is_none() && replies.len() < max_group {
-                    next = inbox.try_recv().ok();
+                Message::Flushed => flusher_busy = false,
+                Message::Close(done) => {
+                    // Later messages are dropped with the inbox; their callers see `Closed`.
+                    inbox.close();
+                    let flushed = self.finish(&mut group);
+                    let _ = done.send(flushed);
+                    return;
                 }
             }
-            let flushed = match close {
-                Some(_) => self.flush(Durability::Durable),
-                None if self.dirty => self.flush(self.durability),
-                None => Ok(()),
+            if group.jobs() > 0 && (!flusher_busy || group.jobs() >= max_group) {
+                let batch = self.apply(&mut group, false);
+                if self.to_flusher.send(batch).is_err() {
+                    // The flusher is gone, so no flush can be promised: its replies were
+                    // dropped with the batch, and their callers see `Closed`.
+                    tracing::error!("the ledger flusher stopped; writes are refused");
+                }
+                flusher_busy = true;
+            }
+        }
+    }
+
+    /// Applies the group's writes as one transaction, answers the jobs that wait for no
+    /// flush, and empties the group.
+    fn apply(&self, group: &mut Group, close: bool) -> Applied {
+        // Jobs that only read or were rejected may still have read earlier groups' writes, so
+        // they too are answered only after a flush.
+        let wrote = !group.overlay.is_empty();
+        let applied = if wrote {
+            self.tables.apply(&group.overlay)
+        } else {
+            Ok(())
+        };
+        group.overlay.clear();
+        for reply in group.applied.drain(..) {
+            reply(applied.as_ref().map(|_| ()));
+        }
+        let replies = std::mem::take(&mut group.durable);
+        Applied {
+            wants_flush: !replies.is_empty(),
+            replies,
+            wrote,
+            applied,
+            close,
+        }
+    }
+
+    /// Hands the last group over, waits for the final durable flush, and releases this
+    /// thread's handle on the database before returning, so a caller can reopen the folder
+    /// as soon as `close` answers.
+    fn finish(self, group: &mut Group) -> Result<(), Error> {
+        let batch = self.apply(group, true);
+        let Writer {
+            tables,
+            to_flusher,
+            flusher,
+            ..
+        } = self;
+        let sent = to_flusher.send(batch);
+        drop(to_flusher);
+        drop(tables);
+        let flushed = flusher
+            .join()
+            .unwrap_or_else(|_| Err(Error::Storage("the ledger flusher panicked".into())));
+        sent.map_err(|_| Error::Storage("the ledger flusher stopped".into()))?;
+        flushed
+    }
+}
+
+/// The group the writer is building: its buffered writes and its jobs' replies.
+#[derive(Default)]
+struct Group {
+    overlay: Overlay,
+    /// Answered after the flush that covers the group.
+    durable: Vec<Reply>,
+    /// Answered once the group is applied.
+    applied: Vec<Reply>,
+}
+
+impl Group {
+    fn jobs(&self) -> usize {
+        self.durable.len() + self.applied.len()
+    }
+}
+
+pub(crate) struct Flusher {
+    pub(crate) tables: Tables,
+    pub(crate) durability: Durability,
+    pub(crate) sync: FileSync,
+    pub(crate) flushes: Arc<AtomicU64>,
+    /// Tells the writer a flush is done; weak, so it never keeps the writer's inbox open.
+    pub(crate) writer: mpsc::WeakSender<Message>,
+    /// True while some applied write may not be flushed yet. Groups that wrote nothing and
+    /// follow a successful flush have nothing to make durable, so they skip the flush.
+    pub(crate) dirty: bool,
+}
+
+impl Flusher {
+    /// Flushes what the writer applied, in order, answering each group after the flush that
+    /// covers it; returns the result of the final flush.
+    pub(crate) fn run(mut self, inbox: std_mpsc::Receiver<Applied>) -> Result<(), Error> {
+        loop {
+            let Ok(first) = inbox.recv() else {
+                // The writer went away without a last group: still leave nothing unflushed.
+                return self.flush(Durability::Durable);
             };
-            for reply in replies {
-                reply(flushed.as_ref().map(|_| ()));
+            // Groups that queued up during the last flush share the next one.
+            let mut batches = vec![first];
+            batches.extend(inbox.try_iter());
+            let close = batches.iter().any(|batch| batch.close);
+            self.dirty |= batches.iter().any(|batch| batch.wrote);
+            // Writes answered when applied stay unflushed until a job waits for a flush (or
+            // sled's own periodic flush, or close, makes them durable).
+            let wanted = batches.iter().any(|batch| batch.wants_flush);
+            let flushed = if close {
+                self.flush(Durability::Durable)
+            } else if self.dirty && wanted {
+                self.flush(self.durability)
+            } else {
+                Ok(())
+            };
+            for batch in batches {
+                let outcome = match (&batch.applied, &flushed) {
+                    (Err(error), _) | (Ok(()), Err(error)) => Err(error),
+                    (Ok(()), Ok(())) => Ok(()),
+                };
+                for reply in batch.replies {
+                    reply(outcome);
+                }
             }
-            if let Some(done) = close {
-                // Later messages are dropped with the inbox; their callers see `Closed`.
-                inbox.close();
-                // Release this thread's handle on the database before answering, so a caller
-                // can reopen the folder as soon as `close` returns.
-                drop(self);
-                let _ = done.send(flushed);
-                return;
+            if close {
+                return flushed;
+            }
+            if let Some(writer) = self.writer.upgrade() {
+                // A full inbox only delays this until the writer takes a job; a closed one
+                // means the writer is finishing and needs no word.
+                let _ = writer.blocking_send(Message::Flushed);
             }
         }
     }
