@@ -146,7 +146,15 @@ impl Delivery {
     }
 
     /// Starts delivering an outbox entry, unless a task already delivers it.
-    pub(crate) fn spawn(&self, engine: Engine, outbox_id: u64, command: Command) {
+    /// `payload` is the command's payload when the caller has it; `None` reads it from the
+    /// ledger if the command carries one.
+    pub(crate) fn spawn(
+        &self,
+        engine: Engine,
+        outbox_id: u64,
+        command: Command,
+        payload: Option<store::PayloadRecord>,
+    ) {
         let notify = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             if pending.contains_key(&outbox_id) {
@@ -156,7 +164,7 @@ impl Delivery {
             pending.insert(outbox_id, notify.clone());
             notify
         };
-        tokio::spawn(deliver(engine, outbox_id, command, notify));
+        tokio::spawn(deliver(engine, outbox_id, command, payload, notify));
     }
 
     pub(crate) fn in_flight(&self) -> Vec<InFlight> {
@@ -235,13 +243,23 @@ impl Delivery {
     }
 }
 
-async fn deliver(engine: Engine, outbox_id: u64, command: Command, acked: Arc<Notify>) {
+async fn deliver(
+    engine: Engine,
+    outbox_id: u64,
+    command: Command,
+    payload: Option<store::PayloadRecord>,
+    acked: Arc<Notify>,
+) {
     let delivery = &engine.shared.delivery;
     let mut routes = delivery.routes.subscribe();
     let mut stopping = delivery.stopping.subscribe();
     // Only Execute and Reverse carry the payload; the others go without a ledger read.
     let carries_payload = matches!(command.kind, Kind::Execute | Kind::Reverse);
+    let mut known = payload;
     let payload = loop {
+        if let Some(payload) = known.take() {
+            break payload;
+        }
         if !carries_payload {
             break crate::store::PayloadRecord {
                 data: Vec::new(),

@@ -228,7 +228,7 @@ impl Engine {
         let resumed = outbox.len();
         for (id, record) in outbox {
             match commands::decode_command(&record.command) {
-                Ok(command) => self.shared.delivery.spawn(self.clone(), id, command),
+                Ok(command) => self.shared.delivery.spawn(self.clone(), id, command, None),
                 Err(e) => {
                     tracing::error!(outbox_id = id, error = %e, "an outbox entry does not decode; it is kept for an operator")
                 }

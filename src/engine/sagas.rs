@@ -32,11 +32,20 @@ const MAX_EXAMINED_PER_PAGE: usize = 10_000;
 pub(crate) struct Applied {
     pub saga: Option<Saga>,
     /// New outbox entries, to deliver once the write is durable.
-    pub deliveries: Vec<(u64, Command)>,
+    pub deliveries: Vec<NewCommand>,
     /// Set when the transition ended the saga (its signals went out).
     pub ended: Option<SagaState>,
     pub polls: u64,
     pub reversals: u64,
+}
+
+/// An outbox entry a write created, with the payload it carries (read in the same write, so
+/// delivery needs no ledger read of its own).
+#[derive(Debug)]
+pub(crate) struct NewCommand {
+    pub outbox_id: u64,
+    pub command: Command,
+    pub payload: Option<PayloadRecord>,
 }
 
 /// A report as ReportState carries it.
@@ -217,7 +226,15 @@ pub(crate) fn store_transition(
             created_ms: now,
             attempts: 0,
         })?;
-        deliveries.push((id, command));
+        let payload = match kind {
+            Kind::Execute | Kind::Reverse => Some(payload_in(tx, &command)?),
+            Kind::QueryStatus | Kind::Signal => None,
+        };
+        deliveries.push(NewCommand {
+            outbox_id: id,
+            command,
+            payload,
+        });
     }
     Ok(Applied {
         saga: Some(saga),
@@ -331,8 +348,10 @@ impl Engine {
             Some(SagaState::NeedsAttention) => Metrics::bump(&metrics.sagas_needing_attention),
             Some(SagaState::Running | SagaState::Reversing) | None => {}
         }
-        for (id, command) in applied.deliveries {
-            self.shared.delivery.spawn(self.clone(), id, command);
+        for new in applied.deliveries {
+            self.shared
+                .delivery
+                .spawn(self.clone(), new.outbox_id, new.command, new.payload);
         }
         if let Some(saga) = applied.saga {
             self.shared.watchers.publish(saga);
@@ -733,14 +752,20 @@ impl Engine {
         command: Command,
         report: Option<Report>,
     ) -> Result<(), Error> {
+        let Some(report) = report else {
+            // An acknowledged signal changes nothing but the outbox. Losing this delete in a
+            // crash only sends the signal again, which nodes de-duplicate by command id, so it
+            // need not wait for (or cost) a flush of its own.
+            self.store
+                .write_unflushed(move |tx| tx.delete_outbox(outbox_id))
+                .await??;
+            return Ok(());
+        };
         let engine = self.clone();
         let applied = self
             .store
             .write(move |tx| -> Result<Applied, Error> {
                 tx.delete_outbox(outbox_id)?;
-                let Some(report) = report else {
-                    return Ok(Applied::default());
-                };
                 let applied = (|| {
                     let gsn = Gsn::parse(&command.gsn).map_err(|e| store::Error::Corrupt {
                         table: "outbox",
@@ -794,9 +819,8 @@ impl Engine {
         Ok(answered)
     }
 
-    /// The payload sent with a command.
-    /// The payload sent with a command: an outcall's own payload if it registered one, else
-    /// the saga's.
+    /// The payload sent with a command, read from the ledger (for commands resumed from the
+    /// outbox; a new command gets it from the write that created it).
     pub(crate) async fn payload_of(&self, command: &Command) -> Result<PayloadRecord, Error> {
         let gsn = Gsn::parse(&command.gsn).map_err(|e| Error::invalid("gsn", e.to_string()))?;
         let sequence = gsn.sequence();
@@ -812,10 +836,30 @@ impl Engine {
                 tx.payload(sequence, "")
             })
             .await??
-            .unwrap_or(PayloadRecord {
-                data: Vec::new(),
-                content_type: String::new(),
-            }))
+            .unwrap_or_else(no_payload))
+    }
+}
+
+/// The payload sent with a command: an outcall's own payload if it registered one, else the
+/// saga's, else none.
+fn payload_in(tx: &WriteTx<'_>, command: &Command) -> Result<PayloadRecord, Error> {
+    let gsn = Gsn::parse(&command.gsn).map_err(|e| store::Error::Corrupt {
+        table: "outbox",
+        detail: e.to_string(),
+    })?;
+    let sequence = gsn.sequence();
+    if !command.branch_id.is_empty()
+        && let Some(own) = tx.payload(sequence, &command.branch_id)?
+    {
+        return Ok(own);
+    }
+    Ok(tx.payload(sequence, "")?.unwrap_or_else(no_payload))
+}
+
+fn no_payload() -> PayloadRecord {
+    PayloadRecord {
+        data: Vec::new(),
+        content_type: String::new(),
     }
 }
 
