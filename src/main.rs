@@ -8,6 +8,11 @@ use sagad::config::{self, Config, LogFormat, ProcessEnvironment};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
+// sagad allocates many small, short-lived buffers on several threads (requests, records,
+// commands); glibc's malloc spent ~20% of sagad's CPU on them under load (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// sysexits' EX_USAGE: the configuration is wrong, so restarting will not help.
 const EXIT_BAD_CONFIG: u8 = 64;
 
