@@ -431,6 +431,10 @@ async fn counters_count_polls_their_answers_and_the_escalation_after_the_poll_bu
     );
     assert_eq!(after["escalations"], 1, "{after:?}");
     assert_eq!(after["sagas_reversed"], 1, "{after:?}");
+    assert!(
+        after["ledger_flushes"] > before["ledger_flushes"],
+        "the saga's ledger writes were flushed: {after:?}"
+    );
 
     let table = sagactl(shop.server.addr, &["counters"]);
     let row = table
@@ -569,7 +573,12 @@ async fn operators_reach_list_stuck_and_get_counters_with_grpcurl() {
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    for name in ["polls_sent", "poll_answers", "escalations"] {
+    for name in [
+        "polls_sent",
+        "poll_answers",
+        "escalations",
+        "ledger_flushes",
+    ] {
         assert!(names.contains(&name), "{name} missing: {counters}");
     }
 }

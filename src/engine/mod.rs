@@ -265,6 +265,13 @@ impl Engine {
         &self.shared.metrics
     }
 
+    /// Every counter by name, for export: the engine's, then the ledger's.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let mut counters = self.shared.metrics.snapshot();
+        counters.push(("ledger_flushes", self.store.flush_count()));
+        counters
+    }
+
     /// Commands being delivered right now: (outbox id, node, attempts so far, last error).
     pub fn deliveries_in_flight(&self) -> Vec<delivery::InFlight> {
         self.shared.delivery.in_flight()

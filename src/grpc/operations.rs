@@ -69,6 +69,9 @@ fn describe(name: &str) -> &'static str {
         "sagas_completed" => "sagas that ended COMPLETED",
         "sagas_reversed" => "sagas that ended REVERSED",
         "sagas_needing_attention" => "sagas whose reversal failed past its budget",
+        "ledger_flushes" => {
+            "flushes that made groups of ledger writes durable (one per group, shared by its writes)"
+        }
         _ => "",
     }
 }
@@ -104,8 +107,7 @@ impl pb::operations_server::Operations for OperationsService {
     ) -> Result<Response<pb::GetCountersResponse>, Status> {
         let counters = self
             .engine
-            .metrics()
-            .snapshot()
+            .counters()
             .into_iter()
             .map(|(name, value)| pb::Counter {
                 name: name.to_owned(),
