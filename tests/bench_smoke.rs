@@ -42,7 +42,7 @@ fn a_short_benchmark_run_completes_and_prints_its_tables() {
     );
     for header in [
         "| scenario | durability | C | sagas/s | p50 ms | p99 ms | p99.9 ms | RPCs/saga | echo RPC/s | efficiency | failures |",
-        "| scenario | durability | C | sagad CPU ms/saga |",
+        "| scenario | durability | C | sagad CPU ms/saga | bench CPU ms/saga | sagad peak RSS MiB | ledger bytes/saga | ledger flushes/saga |",
         "| C | echo RPC/s | echo p50 ms | echo p99 ms |",
         "| durability | C | commits/s | commits per flush |",
     ] {

@@ -1,22 +1,22 @@
 //! The floors a saga's cost is compared with, measured in the same run at the same
-//! concurrency: a plain tonic unary call (Participant.Signal with a ~200-byte reason, on the
-//! same kind of connections the bench uses for sagad), and the ledger's durable commit rate
+//! concurrency: the smallest unary call sagad serves (grpc.health.v1.Health/Check), sent to the
+//! sagad under test on the very connections the sagas use, and the ledger's durable commit rate
 //! with group commit (`sagad::store::Store`, C concurrent writers of 200-byte payloads).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use sagad::grpc::pb;
-use sagad::grpc::pb::participant_client::ParticipantClient;
 use sagad::store::{self, PayloadRecord, Store};
 use serde::Serialize;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::machine;
-use crate::participant;
 use crate::stats::percentile_ms;
 use crate::stopwatch::now;
-use crate::under_test::{TempDir, connect_many};
+use crate::under_test::TempDir;
 use crate::{Durability, Error, fail};
 
 #[derive(Debug, Clone, Serialize)]
@@ -31,38 +31,36 @@ pub struct EchoRun {
     pub other_cores: Option<f64>,
 }
 
-/// `calls` unary calls at `concurrency`, over `connections` connections.
+/// `calls` Health/Check calls at `concurrency` over `channels` (to the sagad under test), so
+/// the floor pays what a saga's RPCs pay: the same connections, the same server process and
+/// its tonic stack, but no saga work. `measured` are the processes whose CPU is not "other".
 pub async fn echo(
+    channels: &[Channel],
     concurrency: usize,
     calls: usize,
-    connections: usize,
     run: usize,
     ticks: u64,
+    measured: &[String],
 ) -> Result<EchoRun, Error> {
-    let server = participant::Running::start().await?;
-    let channels = connect_many(&server.endpoint(), connections).await?;
-    let reason = "r".repeat(200);
-    // One call per connection first, so connection setup is not in the measurement.
-    for channel in &channels {
-        call_signal(&mut ParticipantClient::new(channel.clone()), &reason).await?;
-    }
-    let measured = ["self".to_owned()];
-    let window = machine::Window::open(&measured, ticks);
+    let window = machine::Window::open(measured, ticks);
     let next = Arc::new(AtomicUsize::new(0));
     let started = now();
     let mut workers = Vec::with_capacity(concurrency);
     for w in 0..concurrency.max(1) {
         let channel = channels
             .get(w % channels.len().max(1))
-            .ok_or_else(|| fail("no connection to the echo server"))?;
-        let mut client = ParticipantClient::new(channel.clone());
+            .ok_or_else(|| fail("no connection to sagad"))?;
+        let mut client = HealthClient::new(channel.clone());
         let next = next.clone();
-        let reason = reason.clone();
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < calls {
                 let sent = now();
-                call_signal(&mut client, &reason).await?;
+                client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await?;
                 latencies.push(sent.elapsed().as_micros() as u64);
             }
             Ok::<_, Error>(latencies)
@@ -81,23 +79,8 @@ pub async fn echo(
         rpcs_per_s: calls as f64 / elapsed,
         p50_ms: percentile_ms(&latencies, 0.50),
         p99_ms: percentile_ms(&latencies, 0.99),
-        other_cores: window.other_cores(&measured),
+        other_cores: window.other_cores(measured),
     })
-}
-
-async fn call_signal(
-    client: &mut ParticipantClient<tonic::transport::Channel>,
-    reason: &str,
-) -> Result<(), Error> {
-    client
-        .signal(pb::SignalRequest {
-            command_id: "echo".into(),
-            gsn: "c1-0000000000000001".into(),
-            signal: pb::Signal::Completed as i32,
-            reason: reason.to_owned(),
-        })
-        .await?;
-    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use sagad::grpc::pb::GetCountersRequest;
 use sagad::grpc::pb::coordinator_client::CoordinatorClient;
+use sagad::grpc::pb::operations_client::OperationsClient;
 use serde::Serialize;
 
 use crate::participant::Counters;
@@ -209,22 +211,6 @@ async fn run(flags: Flags) -> Result<bool, Error> {
     // over every configuration instead of landing on one.
     for run in 1..=flags.runs {
         for &concurrency in &flags.concurrency {
-            let echo = if flags.no_floors {
-                None
-            } else {
-                eprintln!("sagad-bench: run {run}: echo floor at C={concurrency}");
-                settle(&bench).await;
-                let echo = floors::echo(
-                    concurrency,
-                    flags.echo_calls,
-                    flags.connections,
-                    run,
-                    bench.ticks,
-                )
-                .await?;
-                report.echo.push(echo.clone());
-                Some(echo)
-            };
             if !flags.no_floors {
                 for &durability in &flags.durability {
                     eprintln!(
@@ -257,13 +243,14 @@ async fn run(flags: Flags) -> Result<bool, Error> {
                     );
                     settle(&bench).await;
                     match point(&bench, scenario, mode, concurrency, run).await? {
-                        Point::Measured(mut measured) => {
-                            if let Some(echo) = &echo {
+                        Point::Measured(mut measured, echo) => {
+                            if let Some(echo) = echo {
                                 measured.echo_rpcs_per_s = Some(echo.rpcs_per_s);
                                 measured.efficiency = Some(
                                     measured.sagas_per_s * f64::from(scenario.rpcs_per_saga())
                                         / echo.rpcs_per_s,
                                 );
+                                report.echo.push(echo);
                             }
                             report.sagas.push(*measured);
                         }
@@ -315,7 +302,8 @@ async fn settle(bench: &Bench) {
 }
 
 enum Point {
-    Measured(Box<SagaRun>),
+    /// The run, and the gRPC floor measured on its connections just before it.
+    Measured(Box<SagaRun>, Option<floors::EchoRun>),
     Unavailable(String),
 }
 
@@ -467,6 +455,24 @@ async fn point(
         .into_iter()
         .chain(["self".to_owned()])
         .collect();
+    let echo = if flags.no_floors {
+        None
+    } else {
+        settle(bench).await;
+        Some(
+            floors::echo(
+                &channels,
+                concurrency,
+                flags.echo_calls,
+                run,
+                bench.ticks,
+                &measured_pids,
+            )
+            .await?,
+        )
+    };
+    let mut operations = OperationsClient::new(first.clone());
+    let flushes_before = ledger_flushes(&mut operations).await;
     let window = machine::Window::open(&measured_pids, bench.ticks);
     let before = sample(bench, pid, &where_ledger, &counters);
     let amount = match flags.duration {
@@ -483,6 +489,7 @@ async fn point(
     started_sagas += measured;
     drain(&counters, started_sagas as u64 * per_saga).await;
     let after = sample(bench, pid, &where_ledger, &counters);
+    let flushes_after = ledger_flushes(&mut operations).await;
     // Without sagad's pid its CPU would count as "other": report nothing rather than that.
     let other_cores = pid.and_then(|_| window.other_cores(&measured_pids));
 
@@ -500,37 +507,61 @@ async fn point(
     load.latencies_us.sort_unstable();
     let latencies = &load.latencies_us;
     let seconds = load.elapsed.as_secs_f64();
-    Ok(Point::Measured(Box::new(SagaRun {
-        scenario,
-        durability: label.to_owned(),
-        concurrency,
-        run,
-        sagas: latencies.len(),
-        failures: load.failures,
-        seconds,
-        sagas_per_s: latencies.len() as f64 / seconds,
-        p50_ms: percentile_ms(latencies, 0.50),
-        p99_ms: percentile_ms(latencies, 0.99),
-        p999_ms: percentile_ms(latencies, 0.999),
-        max_ms: percentile_ms(latencies, 1.0),
-        rpcs_per_saga: scenario.rpcs_per_saga(),
-        participant_rpcs_per_saga: (after.participant_calls - before.participant_calls) as f64 / n,
-        sagad_cpu_ms_per_saga: cpu_ms(before.sagad, after.sagad),
-        bench_cpu_ms_per_saga: cpu_ms(before.bench, after.bench),
-        sagad_peak_rss_mib: after
-            .sagad
-            .map(|s| s.peak_rss_bytes as f64 / (1024.0 * 1024.0)),
-        ledger_bytes_per_saga: match (ledger_before, ledger_after) {
-            (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / started_sagas as f64),
-            _ => None,
-        },
-        device_flushes_per_saga: match (before.device_flushes, after.device_flushes) {
-            (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / n),
-            _ => None,
-        },
-        other_cores,
-        echo_rpcs_per_s: None,
-        efficiency: None,
-        first_failure: load.first_failure,
-    })))
+    Ok(Point::Measured(
+        Box::new(SagaRun {
+            scenario,
+            durability: label.to_owned(),
+            concurrency,
+            run,
+            sagas: latencies.len(),
+            failures: load.failures,
+            seconds,
+            sagas_per_s: latencies.len() as f64 / seconds,
+            p50_ms: percentile_ms(latencies, 0.50),
+            p99_ms: percentile_ms(latencies, 0.99),
+            p999_ms: percentile_ms(latencies, 0.999),
+            max_ms: percentile_ms(latencies, 1.0),
+            rpcs_per_saga: scenario.rpcs_per_saga(),
+            participant_rpcs_per_saga: (after.participant_calls - before.participant_calls) as f64
+                / n,
+            sagad_cpu_ms_per_saga: cpu_ms(before.sagad, after.sagad),
+            bench_cpu_ms_per_saga: cpu_ms(before.bench, after.bench),
+            sagad_peak_rss_mib: after
+                .sagad
+                .map(|s| s.peak_rss_bytes as f64 / (1024.0 * 1024.0)),
+            ledger_bytes_per_saga: match (ledger_before, ledger_after) {
+                (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / started_sagas as f64),
+                _ => None,
+            },
+            device_flushes_per_saga: match (before.device_flushes, after.device_flushes) {
+                (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / n),
+                _ => None,
+            },
+            ledger_flushes_per_saga: match (flushes_before, flushes_after) {
+                (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / n),
+                _ => None,
+            },
+            other_cores,
+            echo_rpcs_per_s: None,
+            efficiency: None,
+            first_failure: load.first_failure,
+        }),
+        echo,
+    ))
+}
+
+/// sagad's count of durable ledger flushes (Operations.GetCounters), if it exports one.
+async fn ledger_flushes(
+    operations: &mut OperationsClient<tonic::transport::Channel>,
+) -> Option<u64> {
+    let counters = operations
+        .get_counters(GetCountersRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .counters;
+    counters
+        .into_iter()
+        .find(|counter| counter.name == "ledger_flushes")
+        .map(|counter| counter.value)
 }

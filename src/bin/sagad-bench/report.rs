@@ -38,10 +38,13 @@ pub struct SagaRun {
     pub ledger_bytes_per_saga: Option<f64>,
     /// Device cache flushes per saga, whole device (an upper bound; see `machine`).
     pub device_flushes_per_saga: Option<f64>,
+    /// sagad's durable ledger flushes per saga (its `ledger_flushes` counter), exact.
+    pub ledger_flushes_per_saga: Option<f64>,
     /// Cores used by processes other than sagad and the bench meanwhile (shared-machine noise).
     pub other_cores: Option<f64>,
     pub echo_rpcs_per_s: Option<f64>,
-    /// sagas/s × RPCs per saga ÷ echo RPCs/s at the same concurrency, in the same run.
+    /// sagas/s × RPCs per saga ÷ echo RPCs/s at the same concurrency, on the same sagad and
+    /// connections, measured just before.
     pub efficiency: Option<f64>,
     pub first_failure: Option<String>,
 }
@@ -167,18 +170,22 @@ impl Report {
         let _ = writeln!(out, "### Cost per saga\n");
         let _ = writeln!(
             out,
-            "| scenario | durability | C | sagad CPU ms/saga | bench CPU ms/saga | sagad peak RSS MiB | ledger bytes/saga | device flushes/saga | participant RPCs/saga | other load (cores) |"
+            "| scenario | durability | C | sagad CPU ms/saga | bench CPU ms/saga | sagad peak RSS MiB | ledger bytes/saga | ledger flushes/saga | device flushes/saga | participant RPCs/saga | other load (cores) |"
         );
-        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            out,
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for ((scenario, durability, c), runs) in &groups {
             let _ = writeln!(
                 out,
-                "| {} | {durability} | {c} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {durability} | {c} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 scenario.name(),
                 optional(runs.iter().map(|r| r.sagad_cpu_ms_per_saga), 3),
                 optional(runs.iter().map(|r| r.bench_cpu_ms_per_saga), 3),
                 optional(runs.iter().map(|r| r.sagad_peak_rss_mib), 1),
                 optional(runs.iter().map(|r| r.ledger_bytes_per_saga), 0),
+                optional(runs.iter().map(|r| r.ledger_flushes_per_saga), 3),
                 optional(runs.iter().map(|r| r.device_flushes_per_saga), 2),
                 cell(runs.iter().map(|r| r.participant_rpcs_per_saga), 2),
                 optional(runs.iter().map(|r| r.other_cores), 2),
@@ -211,7 +218,7 @@ impl Report {
             }
             let _ = writeln!(
                 out,
-                "### gRPC floor: tonic unary echo (Participant.Signal, 200-byte reason)\n"
+                "### gRPC floor: grpc.health.v1.Health/Check to the sagad under test, on the sagas' connections\n"
             );
             let _ = writeln!(
                 out,
