@@ -72,6 +72,10 @@ impl Table {
     fn index(self) -> usize {
         self as usize
     }
+
+    pub(crate) fn from_index(index: usize) -> Option<Table> {
+        Table::ALL.get(index).copied()
+    }
 }
 
 /// sled errors become the store's own: I/O stays I/O, the rest is a storage fault.
@@ -257,12 +261,13 @@ impl Overlay {
         self.writes.iter().all(BTreeMap::is_empty)
     }
 
-    /// Forgets every buffered write (after they reached sled, or failed to).
-    pub(crate) fn clear(&mut self) {
-        for writes in &mut self.writes {
-            writes.clear();
+    /// Every buffered write, table by table, keys in order: `None` is a delete.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(Table, &[u8], Option<&[u8]>)) {
+        for table in Table::ALL {
+            for (key, value) in &self.writes[table.index()] {
+                f(table, key, value.as_deref());
+            }
         }
-        self.journal = None;
     }
 
     /// The first `limit` keys of `table` in `start..end` (`None` = no end) as the tree and this
