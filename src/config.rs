@@ -122,7 +122,7 @@ struct Flags {
     /// Log filter, e.g. info or sagad=debug [env: SAGAD_LOG] [default: info]
     #[arg(long)]
     log: Option<String>,
-    /// durable: answer only after the write survives power loss (intent log + fdatasync); relaxed:
+    /// durable: answer only after the write survives power loss (flush + fdatasync); relaxed:
     /// answer after it reaches the kernel (survives a sagad crash, not power loss)
     /// [env: SAGAD_DURABILITY] [default: durable]
     #[arg(long)]

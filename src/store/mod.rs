@@ -25,7 +25,6 @@ pub mod records;
 mod strategies;
 mod tables;
 mod upgrade;
-mod wal;
 mod writer;
 
 pub use records::{
@@ -46,16 +45,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use tables::{Overlay, Table, Tables, storage_error};
 use tokio::sync::{mpsc, oneshot};
-use wal::Wal;
 
 /// What "acknowledged" promises; chosen per deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// Appended to the intent log and fdatasync'd before it is answered: an acknowledged write
-    /// survives a crash of sagad and a power loss of the machine.
+    /// sled's flush, then fdatasync of the data file (and any new blob files): an acknowledged
+    /// write survives a crash of sagad and a power loss of the machine.
     Durable,
-    /// Appended to the intent log (it reaches the kernel) but not fdatasync'd: it survives a
-    /// crash of sagad but may be lost, even though acknowledged, if the machine loses power.
+    /// sled's flush only: the data reaches the kernel, so it survives a crash of sagad but may be
+    /// lost, even though acknowledged, if the machine loses power.
     Relaxed,
 }
 
@@ -178,23 +176,8 @@ impl Store {
         std::fs::create_dir_all(&path).map_err(|e| open_failed(e.to_string()))?;
         let db = open_db(&options)?;
         let tables = Tables::open(db).map_err(|e| open_failed(e.to_string()))?;
-        let data_file = File::open(path.join("db")).map_err(|e| open_failed(e.to_string()))?;
-        let mut sync = writer::FileSync {
-            data_file,
-            blobs_dir: path.join("blobs"),
-            synced_blobs: HashSet::new(),
-        };
-        // Groups acknowledged before a crash that sled had not flushed yet come back from the
-        // intent log; a checkpoint then makes sled hold them and empties the log.
-        let (mut wal, logged) = Wal::open(&path).map_err(|e| open_failed(e.to_string()))?;
-        let last_group = wal::replay(&tables, logged).map_err(|e| open_failed(e.to_string()))?;
-        if wal.len() > 0 {
-            wal::sled_flush(&tables)
-                .and_then(|()| sync.sync().map_err(Error::Io))
-                .and_then(|()| wal.clear().map_err(Error::Io))
-                .map_err(|e| open_failed(e.to_string()))?;
-        }
         upgrade::run(&tables).map_err(|e| open_failed(e.to_string()))?;
+        let data_file = File::open(path.join("db")).map_err(|e| open_failed(e.to_string()))?;
         if options.durability == Durability::Durable {
             sync_folder(&path).map_err(|e| open_failed(e.to_string()))?;
         }
@@ -207,8 +190,11 @@ impl Store {
         let flusher = writer::Flusher {
             tables: tables.clone(),
             durability: options.durability,
-            wal,
-            sync,
+            sync: writer::FileSync {
+                data_file,
+                blobs_dir: path.join("blobs"),
+                synced_blobs: HashSet::new(),
+            },
             flushes: flushes.clone(),
             writer: writer_inbox.downgrade(),
             dirty: false,
@@ -218,7 +204,6 @@ impl Store {
             .spawn(move || flusher.run(flusher_rx))?;
         let writer = writer::Writer {
             tables: tables.clone(),
-            next_group: last_group + 1,
             max_group,
             to_flusher,
             flusher,
@@ -387,7 +372,7 @@ fn open_db_once(options: &Options) -> Result<sled::Db, Error> {
 /// sled fsyncs neither its `conf` file nor the folder entries it creates; do it once at open,
 /// so that a ledger acknowledged as written is still found as a ledger after a power loss.
 fn sync_folder(path: &Path) -> io::Result<()> {
-    for file in ["conf", "db", "blobs", wal::FILE_NAME] {
+    for file in ["conf", "db", "blobs"] {
         match File::open(path.join(file)) {
             Ok(file) => file.sync_all()?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

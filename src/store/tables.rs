@@ -72,10 +72,6 @@ impl Table {
     fn index(self) -> usize {
         self as usize
     }
-
-    pub(crate) fn from_index(index: usize) -> Option<Table> {
-        Table::ALL.get(index).copied()
-    }
 }
 
 /// sled errors become the store's own: I/O stays I/O, the rest is a storage fault.
@@ -261,13 +257,12 @@ impl Overlay {
         self.writes.iter().all(BTreeMap::is_empty)
     }
 
-    /// Every buffered write, table by table, keys in order: `None` is a delete.
-    pub(crate) fn for_each(&self, mut f: impl FnMut(Table, &[u8], Option<&[u8]>)) {
-        for table in Table::ALL {
-            for (key, value) in &self.writes[table.index()] {
-                f(table, key, value.as_deref());
-            }
+    /// Forgets every buffered write (after they reached sled, or failed to).
+    pub(crate) fn clear(&mut self) {
+        for writes in &mut self.writes {
+            writes.clear();
         }
+        self.journal = None;
     }
 
     /// The first `limit` keys of `table` in `start..end` (`None` = no end) as the tree and this

@@ -1,12 +1,10 @@
 //! The writer and flusher threads: the writer runs write jobs one at a time into one in-memory
-//! overlay per group and applies the group as one sled transaction; the flusher appends applied
-//! groups to the intent log, makes them durable with one fdatasync and only then answers their
-//! jobs. The two overlap, so jobs run while the previous group is being flushed, and a group
-//! grows while the disk is busy.
+//! overlay per group and applies the group as one sled transaction; the flusher makes applied
+//! groups durable with one flush and only then answers their jobs. The two overlap, so jobs run
+//! while the previous group is being flushed, and a group grows while the disk is busy.
 //! They are the only code that writes to sled, and neither runs on a tokio worker.
 
-use super::tables::{Overlay, Table, Tables};
-use super::wal::{self, Wal};
+use super::tables::{Overlay, Tables, storage_error};
 use super::{Durability, Error, WriteTx};
 use std::collections::HashSet;
 use std::fs::File;
@@ -104,9 +102,8 @@ fn replicate(error: &Error) -> Error {
 /// A group the writer applied (or failed to apply), waiting for a flush.
 pub(crate) struct Applied {
     replies: Vec<Reply>,
-    /// The group's number and writes, for the intent log; `None` if it wrote nothing (or
-    /// failed to).
-    writes: Option<(u64, Overlay)>,
+    /// Whether sled may have been written to.
+    wrote: bool,
     /// Whether some job of the group waits for a flush (`Answer::WhenDurable`).
     wants_flush: bool,
     applied: Result<(), Error>,
@@ -116,8 +113,6 @@ pub(crate) struct Applied {
 
 pub(crate) struct Writer {
     pub(crate) tables: Tables,
-    /// The number the next group that writes gets (one past the last in sled).
-    pub(crate) next_group: u64,
     pub(crate) max_group: usize,
     pub(crate) to_flusher: std_mpsc::Sender<Applied>,
     /// Joined on close; it returns the result of the last, durable flush.
@@ -125,7 +120,7 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn run(mut self, mut inbox: mpsc::Receiver<Message>) {
+    pub(crate) fn run(self, mut inbox: mpsc::Receiver<Message>) {
         let max_group = self.max_group.max(1);
         let mut group = Group::default();
         // While the flusher works on a group, the next one is built; it is handed over when
@@ -171,30 +166,16 @@ impl Writer {
 
     /// Applies the group's writes as one transaction, answers the jobs that wait for no
     /// flush, and empties the group.
-    fn apply(&mut self, group: &mut Group, close: bool) -> Applied {
+    fn apply(&self, group: &mut Group, close: bool) -> Applied {
         // Jobs that only read or were rejected may still have read earlier groups' writes, so
         // they too are answered only after a flush.
-        let mut writes = std::mem::take(&mut group.overlay);
-        let (applied, writes) = if writes.is_empty() {
-            (Ok(()), None)
+        let wrote = !group.overlay.is_empty();
+        let applied = if wrote {
+            self.tables.apply(&group.overlay)
         } else {
-            let number = self.next_group;
-            // sled records which group it holds in the same transaction, so after a crash the
-            // intent log replays exactly the groups sled lost.
-            writes.put(
-                Table::Meta,
-                wal::APPLIED_GROUP.to_vec(),
-                number.to_be_bytes().to_vec(),
-            );
-            match self.tables.apply(&writes) {
-                Ok(()) => {
-                    self.next_group += 1;
-                    (Ok(()), Some((number, writes)))
-                }
-                // Nothing was applied, so nothing goes to the log either.
-                Err(error) => (Err(error), None),
-            }
+            Ok(())
         };
+        group.overlay.clear();
         for reply in group.applied.drain(..) {
             reply(applied.as_ref().map(|_| ()));
         }
@@ -202,7 +183,7 @@ impl Writer {
         Applied {
             wants_flush: !replies.is_empty(),
             replies,
-            writes,
+            wrote,
             applied,
             close,
         }
@@ -211,7 +192,7 @@ impl Writer {
     /// Hands the last group over, waits for the final durable flush, and releases this
     /// thread's handle on the database before returning, so a caller can reopen the folder
     /// as soon as `close` answers.
-    fn finish(mut self, group: &mut Group) -> Result<(), Error> {
+    fn finish(self, group: &mut Group) -> Result<(), Error> {
         let batch = self.apply(group, true);
         let Writer {
             tables,
@@ -249,44 +230,38 @@ impl Group {
 pub(crate) struct Flusher {
     pub(crate) tables: Tables,
     pub(crate) durability: Durability,
-    pub(crate) wal: Wal,
     pub(crate) sync: FileSync,
     pub(crate) flushes: Arc<AtomicU64>,
     /// Tells the writer a flush is done; weak, so it never keeps the writer's inbox open.
     pub(crate) writer: mpsc::WeakSender<Message>,
-    /// True while the log holds writes not yet made durable. Groups that wrote nothing and
+    /// True while some applied write may not be flushed yet. Groups that wrote nothing and
     /// follow a successful flush have nothing to make durable, so they skip the flush.
     pub(crate) dirty: bool,
 }
 
 impl Flusher {
-    /// Logs what the writer applied, in order, and answers each group after the flush that
+    /// Flushes what the writer applied, in order, answering each group after the flush that
     /// covers it; returns the result of the final flush.
     pub(crate) fn run(mut self, inbox: std_mpsc::Receiver<Applied>) -> Result<(), Error> {
         loop {
             let Ok(first) = inbox.recv() else {
                 // The writer went away without a last group: still leave nothing unflushed.
-                return self.checkpoint();
+                return self.flush(Durability::Durable);
             };
             // Groups that queued up during the last flush share the next one.
             let mut batches = vec![first];
             batches.extend(inbox.try_iter());
             let close = batches.iter().any(|batch| batch.close);
-            for batch in &batches {
-                if let Some((number, writes)) = &batch.writes {
-                    self.wal.push(*number, writes);
-                    self.dirty = true;
-                }
-            }
-            // Writes answered when applied stay unflushed until a job waits for a flush (or a
-            // checkpoint or close makes them durable); they still go to the log now, in order.
+            self.dirty |= batches.iter().any(|batch| batch.wrote);
+            // Writes answered when applied stay unflushed until a job waits for a flush (or
+            // sled's own periodic flush, or close, makes them durable).
             let wanted = batches.iter().any(|batch| batch.wants_flush);
             let flushed = if close {
-                self.checkpoint()
+                self.flush(Durability::Durable)
             } else if self.dirty && wanted {
-                self.flush()
+                self.flush(self.durability)
             } else {
-                self.wal.write(false).map_err(Error::Io)
+                Ok(())
             };
             for batch in batches {
                 let outcome = match (&batch.applied, &flushed) {
@@ -300,12 +275,6 @@ impl Flusher {
             if close {
                 return flushed;
             }
-            if self.wal.len() > wal::CHECKPOINT_BYTES
-                && let Err(error) = self.checkpoint()
-            {
-                // The log keeps everything, so nothing is lost; the next checkpoint tries again.
-                tracing::error!(%error, "ledger checkpoint failed");
-            }
             if let Some(writer) = self.writer.upgrade() {
                 // A full inbox only delays this until the writer takes a job; a closed one
                 // means the writer is finishing and needs no word.
@@ -314,24 +283,24 @@ impl Flusher {
         }
     }
 
-    /// Makes the logged groups durable: one append, and in `durable` mode one fdatasync.
-    fn flush(&mut self) -> Result<(), Error> {
-        let result = self.wal.write(self.durability == Durability::Durable);
+    fn flush(&mut self, durability: Durability) -> Result<(), Error> {
+        let result = self.flush_inner(durability);
         self.dirty = result.is_err();
         if result.is_ok() {
             self.flushes.fetch_add(1, Ordering::Relaxed);
         }
-        result.map_err(Error::Io)
+        result
     }
 
-    /// Makes sled's own files hold everything durably, then empties the log. Every group in the
-    /// log was applied to sled before it was logged, so sled's flush covers them all.
-    fn checkpoint(&mut self) -> Result<(), Error> {
-        self.flush()?;
-        wal::sled_flush(&self.tables)?;
-        self.sync.sync()?;
-        self.wal.clear()?;
-        Ok(())
+    fn flush_inner(&mut self, durability: Durability) -> Result<(), Error> {
+        self.tables.db.flush().map_err(storage_error)?;
+        match durability {
+            Durability::Durable => {
+                self.sync.sync()?;
+                Ok(())
+            }
+            Durability::Relaxed => Ok(()),
+        }
     }
 }
 
@@ -348,7 +317,7 @@ pub(crate) struct FileSync {
 }
 
 impl FileSync {
-    pub(crate) fn sync(&mut self) -> io::Result<()> {
+    fn sync(&mut self) -> io::Result<()> {
         self.data_file.sync_data()?;
         let mut present = HashSet::new();
         let mut synced_any = false;
