@@ -39,6 +39,9 @@ pub enum Error {
 
 /// Idempotency records are collected this often, this many per ledger write.
 const COLLECT_EVERY: Duration = Duration::from_secs(60);
+/// Finished sagas past their retention are looked for this often; a look that finds nothing
+/// reads one saga.
+const COLLECT_SAGAS_EVERY: Duration = Duration::from_secs(1);
 const COLLECT_BATCH: usize = 1_000;
 
 /// The names health reports on, besides the whole server ("").
@@ -124,10 +127,13 @@ pub async fn serve_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let collector = tokio::spawn(collect_expired_forever(
-        engine.clone(),
-        config.saga_retention,
-    ));
+    let collector = tokio::spawn(collect_expired_forever(engine.clone()));
+    let saga_collector = (!config.saga_retention.is_zero()).then(|| {
+        tokio::spawn(collect_finished_sagas_forever(
+            engine.clone(),
+            config.saga_retention,
+        ))
+    });
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // Nagle's algorithm stays on unless asked: with it, p99 latency at 64 in flight is ~7x worse.
@@ -184,24 +190,34 @@ pub async fn serve_with(
         }
     };
     collector.abort();
+    if let Some(saga_collector) = saga_collector {
+        saga_collector.abort();
+    }
     engine.stop();
     store.close().await?;
     tracing::info!("sagad stopped; the ledger is closed");
     result
 }
 
-/// Collects expired idempotency records and, when a saga retention is set, finished sagas.
-async fn collect_expired_forever(engine: Engine, saga_retention: Duration) {
+/// Removes finished sagas past their retention, catching up on each tick.
+async fn collect_finished_sagas_forever(engine: Engine, saga_retention: Duration) {
+    let mut ticker = tokio::time::interval(COLLECT_SAGAS_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match engine.collect_finished_sagas(saga_retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(removed = n, "finished sagas past their retention removed"),
+            Err(e) => tracing::warn!(error = %e, "removing finished sagas failed; will retry"),
+        }
+    }
+}
+
+/// Collects expired idempotency records.
+async fn collect_expired_forever(engine: Engine) {
     let mut ticker = tokio::time::interval(COLLECT_EVERY);
     loop {
         ticker.tick().await;
-        if !saga_retention.is_zero() {
-            match engine.collect_finished_sagas(saga_retention).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(removed = n, "finished sagas past their retention removed"),
-                Err(e) => tracing::warn!(error = %e, "removing finished sagas failed; will retry"),
-            }
-        }
         loop {
             match engine.collect_expired(COLLECT_BATCH).await {
                 Ok(n) if n == COLLECT_BATCH => continue,

@@ -96,3 +96,48 @@ async fn finished_sagas_past_the_retention_are_removed_and_running_ones_kept() {
     assert_eq!(leftover, 0, "the removed sagas' payloads went with them");
     store.close().await.unwrap();
 }
+
+/// One collection removes every finished saga past the retention, however many there are, so
+/// retention keeps pace with a sustained load instead of a fixed number per pass.
+#[tokio::test]
+async fn one_collection_catches_up_with_many_finished_sagas() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(Options::new(dir.path())).unwrap();
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let engine = Engine::new(
+        store.clone(),
+        clock.clone(),
+        Arc::new(FixedRandom(0.5)),
+        Settings::new(CoordinatorId::parse("c1").unwrap()),
+    );
+    const SAGAS: usize = 1_200;
+    for i in 0..SAGAS {
+        engine
+            .start_saga(start(&format!("many-{i}")), Vec::new(), |_| Vec::new())
+            .await
+            .unwrap();
+        let gsn = format!("c1-{:016}", i + 1);
+        engine
+            .complete_saga(&format!("done-{i}"), &gsn, Vec::new(), |_| Vec::new())
+            .await
+            .unwrap();
+    }
+    // Sagas started after the others, within the retention, stay.
+    clock.advance_ms(2 * DAY_MS);
+    engine
+        .start_saga(start("young"), Vec::new(), |_| Vec::new())
+        .await
+        .unwrap();
+    clock.advance_ms(2 * DAY_MS);
+    let removed = engine
+        .collect_finished_sagas(Duration::from_secs(3 * 24 * 3600))
+        .await
+        .unwrap();
+    assert_eq!(removed, SAGAS);
+    let left = store
+        .read(|tx| tx.sagas(None, false).count())
+        .await
+        .unwrap();
+    assert_eq!(left, 1, "only the young saga is left");
+    store.close().await.unwrap();
+}

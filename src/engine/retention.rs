@@ -9,31 +9,58 @@ use std::time::Duration;
 use crate::engine::{Engine, Error, convert};
 use crate::store;
 
-/// Sagas examined per pass; the next pass continues after the last one examined.
-const EXAMINED_PER_PASS: usize = 2_000;
+/// Sagas examined per pass (one read, then one write of at most this many removals), so a pass
+/// never holds the ledger writer for long.
+const EXAMINED_PER_PASS: usize = 500;
 
 /// Where the next pass starts; sagas are examined oldest first, then the scan wraps around.
 #[derive(Debug, Default)]
 pub(crate) struct Cursor(Mutex<Option<u64>>);
 
+/// What one pass did.
+struct Pass {
+    removed: usize,
+    /// The scan reached the end of the sagas, or a saga created too recently to be past the
+    /// retention (GSNs follow creation, so every later saga is younger still).
+    caught_up: bool,
+}
+
 impl Engine {
-    /// One pass: removes finished sagas last changed more than `retention` ago; returns how many.
+    /// Removes finished sagas last changed more than `retention` ago, pass after pass until
+    /// the scan has caught up, so retention keeps pace with any sustained rate of sagas;
+    /// returns how many it removed. Sagas created within the retention are never examined.
     pub async fn collect_finished_sagas(&self, retention: Duration) -> Result<usize, Error> {
         let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         let now = self.clock.now_ms();
+        let mut removed = 0;
+        loop {
+            let pass = self.retention_pass(retention_ms, now).await?;
+            removed += pass.removed;
+            if pass.caught_up {
+                return Ok(removed);
+            }
+        }
+    }
+
+    async fn retention_pass(&self, retention_ms: u64, now: u64) -> Result<Pass, Error> {
         let after = *self
             .shared
             .retention_cursor
             .0
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let (candidates, last) = self
+        let (candidates, last, caught_up) = self
             .store
             .read(move |tx| -> Result<_, store::Error> {
                 let mut candidates = Vec::new();
                 let mut last = None;
+                let mut examined = 0;
                 for record in tx.sagas(after, false).take(EXAMINED_PER_PASS) {
                     let record = record?;
+                    if record.created_ms.saturating_add(retention_ms) > now {
+                        return Ok((candidates, last, true));
+                    }
+                    examined += 1;
                     last = Some(record.sequence);
                     let finished = convert::saga_state_from_code(record.state)
                         .is_some_and(|s| s.is_terminal());
@@ -41,17 +68,22 @@ impl Engine {
                         candidates.push(record.sequence);
                     }
                 }
-                Ok((candidates, last))
+                Ok((candidates, last, examined < EXAMINED_PER_PASS))
             })
             .await??;
+        // Once caught up, the next pass starts from the oldest saga again: sagas kept because
+        // they were still running get another look.
         *self
             .shared
             .retention_cursor
             .0
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = last;
+            .unwrap_or_else(|p| p.into_inner()) = if caught_up { None } else { last };
         if candidates.is_empty() {
-            return Ok(0);
+            return Ok(Pass {
+                removed: 0,
+                caught_up,
+            });
         }
         let removed = self
             .store
@@ -73,6 +105,6 @@ impl Engine {
                 Ok(removed)
             })
             .await??;
-        Ok(removed)
+        Ok(Pass { removed, caught_up })
     }
 }
