@@ -11,6 +11,9 @@ fn a_short_benchmark_run_completes_and_prints_its_tables() {
         .args([
             "--sagad",
             env!("CARGO_BIN_EXE_sagad"),
+            // The same binary as its own baseline: only the side-by-side report is checked.
+            "--baseline",
+            env!("CARGO_BIN_EXE_sagad"),
             "--sagas",
             "50",
             "--concurrency",
@@ -45,10 +48,15 @@ fn a_short_benchmark_run_completes_and_prints_its_tables() {
         "| scenario | durability | C | sagad CPU ms/saga | bench CPU ms/saga | sagad peak RSS MiB | ledger bytes/saga | ledger flushes/saga |",
         "| C | echo RPC/s | echo p50 ms | echo p99 ms |",
         "| durability | C | commits/s | commits per flush |",
+        "| scenario | durability | C | sagas/s | p50 | p99 | sagad CPU/saga |",
     ] {
         assert!(stdout.contains(header), "no {header:?} in:\n{stdout}");
     }
-    for row in ["| success | durable | 4 |", "| reversal | durable | 4 |"] {
+    for row in [
+        "| success | durable | 4 |",
+        "| reversal | durable | 4 |",
+        "| success (baseline) | durable | 4 |",
+    ] {
         assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
     }
 }

@@ -94,6 +94,10 @@ struct Flags {
     /// The sagad binary [default: `sagad` next to this executable].
     #[arg(long, conflicts_with = "target")]
     sagad: Option<PathBuf>,
+    /// Also run every configuration against this sagad binary (an earlier build), interleaved
+    /// with the one under test in the same run, and report the ratios between the two.
+    #[arg(long, conflicts_with = "target")]
+    baseline: Option<PathBuf>,
     /// Extra flag for the sagad child, e.g. --sagad-arg=--log=warn; repeat for more.
     #[arg(
         long = "sagad-arg",
@@ -170,6 +174,35 @@ struct Bench {
     ticks: u64,
 }
 
+/// Which sagad a run measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Build {
+    /// The sagad under test (`--sagad`, the sibling binary, or `--target`).
+    Tested,
+    /// `--baseline`.
+    Baseline,
+}
+
+impl Bench {
+    fn binary(&self, build: Build) -> Option<&PathBuf> {
+        match build {
+            Build::Tested => self.sagad.as_ref(),
+            Build::Baseline => self.flags.baseline.as_ref(),
+        }
+    }
+
+    /// The builds of one run, the baseline first in every other run, so a drift of the
+    /// machine during the run does not always favour the same build.
+    fn builds(&self, run: usize) -> Vec<Build> {
+        match (&self.flags.baseline, run % 2) {
+            (None, _) => vec![Build::Tested],
+            (Some(_), 1) => vec![Build::Tested, Build::Baseline],
+            (Some(_), _) => vec![Build::Baseline, Build::Tested],
+        }
+    }
+}
+
 /// Runs the matrix, prints the report; `Ok(false)` if any saga failed.
 async fn run(flags: Flags) -> Result<bool, Error> {
     if flags.runs == 0 || flags.concurrency.contains(&0) {
@@ -198,6 +231,10 @@ async fn run(flags: Flags) -> Result<bool, Error> {
             (None, Some(url)) => format!("running at {url}"),
             (None, None) => String::new(),
         },
+        baseline: flags
+            .baseline
+            .as_ref()
+            .map(|path| path.display().to_string()),
         sagas: Vec::new(),
         echo: Vec::new(),
         disk: Vec::new(),
@@ -233,33 +270,32 @@ async fn run(flags: Flags) -> Result<bool, Error> {
             }
             for &mode in &modes {
                 for &scenario in &flags.scenarios {
-                    if report.unavailable.contains_key(scenario.name()) {
-                        continue;
-                    }
-                    let label = mode.map_or("target", Durability::name);
-                    eprintln!(
-                        "sagad-bench: run {run}: {} / {label} / C={concurrency}",
-                        scenario.name()
-                    );
-                    settle(&bench).await;
-                    match point(&bench, scenario, mode, concurrency, run).await? {
-                        Point::Measured(mut measured, echo) => {
-                            if let Some(echo) = echo {
-                                measured.echo_rpcs_per_s = Some(echo.rpcs_per_s);
-                                measured.efficiency = Some(
-                                    measured.sagas_per_s * f64::from(scenario.rpcs_per_saga())
-                                        / echo.rpcs_per_s,
-                                );
-                                report.echo.push(echo);
-                            }
-                            report.sagas.push(*measured);
+                    for build in bench.builds(run) {
+                        let which = report::label(scenario, build);
+                        if report.unavailable.contains_key(&which) {
+                            continue;
                         }
-                        Point::Unavailable(why) => {
-                            eprintln!(
-                                "sagad-bench: {} is not available in this build: {why}",
-                                scenario.name()
-                            );
-                            report.unavailable.insert(scenario.name().to_owned(), why);
+                        let label = mode.map_or("target", Durability::name);
+                        eprintln!("sagad-bench: run {run}: {which} / {label} / C={concurrency}");
+                        settle(&bench).await;
+                        match point(&bench, scenario, mode, concurrency, run, build).await? {
+                            Point::Measured(mut measured, echo) => {
+                                if let Some(echo) = echo {
+                                    measured.echo_rpcs_per_s = Some(echo.rpcs_per_s);
+                                    measured.efficiency = Some(
+                                        measured.sagas_per_s * f64::from(scenario.rpcs_per_saga())
+                                            / echo.rpcs_per_s,
+                                    );
+                                    report.echo.push(echo);
+                                }
+                                report.sagas.push(*measured);
+                            }
+                            Point::Unavailable(why) => {
+                                eprintln!(
+                                    "sagad-bench: {which} is not available in this build: {why}"
+                                );
+                                report.unavailable.insert(which, why);
+                            }
                         }
                     }
                 }
@@ -359,10 +395,11 @@ async fn point(
     mode: Option<Durability>,
     concurrency: usize,
     run: usize,
+    build: Build,
 ) -> Result<Point, Error> {
     let flags = &bench.flags;
     let dir = TempDir::new(&bench.root, "sagad")?;
-    let (mut child, url, pid) = match (&bench.sagad, mode, &flags.target) {
+    let (mut child, url, pid) = match (bench.binary(build), mode, &flags.target) {
         (Some(binary), Some(durability), _) => {
             let mut child = Sagad::spawn(binary, &dir.path, durability.name(), &flags.sagad_args)?;
             child.wait_serving().await?;
@@ -511,6 +548,7 @@ async fn point(
         Box::new(SagaRun {
             scenario,
             durability: label.to_owned(),
+            build,
             concurrency,
             run,
             sagas: latencies.len(),

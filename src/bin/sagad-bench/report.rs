@@ -6,17 +6,19 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::Build;
 use crate::floors::{DiskRun, EchoRun};
 use crate::machine::Machine;
 use crate::scenario::Scenario;
 use crate::stats::Spread;
 
-/// One run of one configuration (scenario, durability, concurrency).
+/// One run of one configuration (scenario, durability, concurrency, build).
 #[derive(Debug, Clone, Serialize)]
 pub struct SagaRun {
     pub scenario: Scenario,
     /// "durable", "relaxed", or "target" for a running sagad named by --target.
     pub durability: String,
+    pub build: Build,
     pub concurrency: usize,
     pub run: usize,
     pub sagas: usize,
@@ -54,6 +56,8 @@ pub struct Report {
     pub machine: Machine,
     pub command: String,
     pub sagad: String,
+    /// The `--baseline` binary, if one ran beside it.
+    pub baseline: Option<String>,
     pub sagas: Vec<SagaRun>,
     pub echo: Vec<EchoRun>,
     pub disk: Vec<DiskRun>,
@@ -104,16 +108,80 @@ fn optional(values: impl IntoIterator<Item = Option<f64>>, decimals: usize) -> S
 /// Enough decimals to show a latency in ms without noise.
 const MS: usize = 2;
 
+/// How a scenario's rows are named: the baseline's carry "(baseline)".
+pub fn label(scenario: Scenario, build: Build) -> String {
+    match build {
+        Build::Tested => scenario.name().to_owned(),
+        Build::Baseline => format!("{} (baseline)", scenario.name()),
+    }
+}
+
+type Key = (Scenario, String, usize, Build);
+
 impl Report {
-    fn groups(&self) -> BTreeMap<(Scenario, String, usize), Vec<&SagaRun>> {
+    fn groups(&self) -> BTreeMap<Key, Vec<&SagaRun>> {
         let mut groups: BTreeMap<_, Vec<&SagaRun>> = BTreeMap::new();
         for run in &self.sagas {
             groups
-                .entry((run.scenario, run.durability.clone(), run.concurrency))
+                .entry((
+                    run.scenario,
+                    run.durability.clone(),
+                    run.concurrency,
+                    run.build,
+                ))
                 .or_default()
                 .push(run);
         }
         groups
+    }
+
+    /// Each configuration measured on both builds: the tested build's median over the
+    /// baseline's, for throughput, latency and sagad's CPU per saga.
+    fn against_baseline(&self, out: &mut String, groups: &BTreeMap<Key, Vec<&SagaRun>>) {
+        let median = |runs: &[&SagaRun], f: &dyn Fn(&SagaRun) -> Option<f64>| {
+            Spread::of(runs.iter().filter_map(|r| f(r))).map(|s| s.median)
+        };
+        let mut rows = Vec::new();
+        for ((scenario, durability, c, build), tested) in groups {
+            if *build != Build::Tested {
+                continue;
+            }
+            let key = (*scenario, durability.clone(), *c, Build::Baseline);
+            let Some(baseline) = groups.get(&key) else {
+                continue;
+            };
+            let ratio = |f: &dyn Fn(&SagaRun) -> Option<f64>| match (
+                median(tested, f),
+                median(baseline, f),
+            ) {
+                (Some(t), Some(b)) if b > 0.0 => format!("{}×", number(t / b, 2)),
+                _ => "n/a".into(),
+            };
+            rows.push(format!(
+                "| {} | {durability} | {c} | {} | {} | {} | {} |",
+                scenario.name(),
+                ratio(&|r| Some(r.sagas_per_s)),
+                ratio(&|r| Some(r.p50_ms)),
+                ratio(&|r| Some(r.p99_ms)),
+                ratio(&|r| r.sagad_cpu_ms_per_saga),
+            ));
+        }
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "### Against the baseline: this build ÷ baseline, medians of the same run\n"
+        );
+        let _ = writeln!(
+            out,
+            "| scenario | durability | C | sagas/s | p50 | p99 | sagad CPU/saga |"
+        );
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
+        for row in rows {
+            let _ = writeln!(out, "{row}");
+        }
+        let _ = writeln!(out);
     }
 
     pub fn markdown(&self) -> String {
@@ -130,6 +198,9 @@ impl Report {
         );
         let _ = writeln!(out, "- ledgers on {}", m.filesystem);
         let _ = writeln!(out, "- {} build; sagad: {}", m.build, self.sagad);
+        if let Some(baseline) = &self.baseline {
+            let _ = writeln!(out, "- baseline: {baseline}, run beside it");
+        }
         let _ = writeln!(out, "- command: `{}`\n", self.command);
 
         let groups = self.groups();
@@ -151,11 +222,11 @@ impl Report {
             out,
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
-        for ((scenario, durability, c), runs) in &groups {
+        for ((scenario, durability, c, build), runs) in &groups {
             let _ = writeln!(
                 out,
                 "| {} | {durability} | {c} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                scenario.name(),
+                label(*scenario, *build),
                 cell(runs.iter().map(|r| r.sagas_per_s), 0),
                 cell(runs.iter().map(|r| r.p50_ms), MS),
                 cell(runs.iter().map(|r| r.p99_ms), MS),
@@ -176,11 +247,11 @@ impl Report {
             out,
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
-        for ((scenario, durability, c), runs) in &groups {
+        for ((scenario, durability, c, build), runs) in &groups {
             let _ = writeln!(
                 out,
                 "| {} | {durability} | {c} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                scenario.name(),
+                label(*scenario, *build),
                 optional(runs.iter().map(|r| r.sagad_cpu_ms_per_saga), 3),
                 optional(runs.iter().map(|r| r.bench_cpu_ms_per_saga), 3),
                 optional(runs.iter().map(|r| r.sagad_peak_rss_mib), 1),
@@ -206,6 +277,7 @@ impl Report {
             let _ = writeln!(out, "- {scenario}: not available in this build ({why})");
         }
         let _ = writeln!(out);
+        self.against_baseline(&mut out, &groups);
         self.floors(&mut out);
         out
     }
