@@ -14,6 +14,7 @@ use common::orders::{
 use common::participant::{Node, PushParticipant, Script, subscribe};
 use sagad::grpc::pb;
 use sagad::grpc::pb::coordinator_client::CoordinatorClient;
+use sagad::grpc::pb::operations_client::OperationsClient;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -431,4 +432,49 @@ async fn a_participant_failing_with_a_code_that_is_not_retryable_is_reversed_at_
     let gsn = start_order(&shop.server.channel, "o-11", "order 11").await;
     let saga = wait_terminal(&shop.server.channel, &gsn, LIMIT).await;
     assert_eq!(saga.state, pb::SagaState::Completed as i32);
+}
+
+/// The write that ends a saga removes its pending step timeouts, so they never come due: a
+/// finished saga costs no ledger write when its steps' timeouts pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_timeouts_of_a_finished_saga_never_come_due() {
+    let timeout = Duration::from_millis(300);
+    let shop = shop(timeout).await;
+    let gsn = start_order(&shop.server.channel, "o-timers", "order timers").await;
+    let saga = wait_terminal(&shop.server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32);
+    let completed = pb::Signal::Completed as i32;
+    let told = eventually(LIMIT, || {
+        [&shop.inventory, &shop.payment, &shop.shipping]
+            .iter()
+            .all(|p| p.node.signals_for(&gsn) == vec![completed])
+    })
+    .await;
+    assert!(told, "every node is told the saga completed");
+
+    let flushes = || async {
+        let mut operations = OperationsClient::new(shop.server.channel.clone());
+        let counters = operations
+            .get_counters(pb::GetCountersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .counters;
+        let value = |name: &str| {
+            counters
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| c.value)
+                .unwrap()
+        };
+        (value("ledger_flushes"), value("timers_fired"))
+    };
+    let before = flushes().await;
+    // Well past every step's timeout, and several rounds of the timer loop.
+    tokio::time::sleep(timeout * 4).await;
+    assert_eq!(
+        flushes().await,
+        before,
+        "a timer of the finished saga came due and was written"
+    );
 }

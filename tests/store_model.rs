@@ -209,9 +209,9 @@ fn outbox(attempts: u32) -> OutboxRecord {
     }
 }
 
-fn due(timer: u8) -> DueRecord {
+fn due(timer: u8, sequence: u64) -> DueRecord {
     DueRecord {
-        gsn_sequence: 7,
+        gsn_sequence: sequence,
         timer: vec![timer],
     }
 }
@@ -257,12 +257,18 @@ enum Step {
     DeleteOutbox {
         pick: Index,
     },
+    /// A timer of saga `sequence`.
     Schedule {
         at_ms: u64,
         timer: u8,
+        sequence: u64,
     },
     Cancel {
         pick: Index,
+    },
+    /// Every pending timer of one saga (it ended).
+    CancelSagaTimers {
+        sequence: u64,
     },
     PutPayload {
         sequence: u64,
@@ -347,7 +353,9 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0..9u32).prop_map(|attempts| Step::PushOutbox { attempts }),
         1 => (any::<Index>(), 0..9u32).prop_map(|(pick, attempts)| Step::PutOutbox { pick, attempts }),
         1 => any::<Index>().prop_map(|pick| Step::DeleteOutbox { pick }),
-        2 => (0..50u64, any::<u8>()).prop_map(|(at_ms, timer)| Step::Schedule { at_ms, timer }),
+        2 => (0..50u64, any::<u8>(), 1..4u64)
+            .prop_map(|(at_ms, timer, sequence)| Step::Schedule { at_ms, timer, sequence }),
+        1 => (1..4u64).prop_map(|sequence| Step::CancelSagaTimers { sequence }),
         1 => any::<Index>().prop_map(|pick| Step::Cancel { pick }),
         2 => (1..4u64, 0..3usize, any::<u8>(), prop_oneof![6 => 0..40usize, 1 => 150_000..160_000usize])
             .prop_map(|(sequence, branch, marker, len)| Step::PutPayload { sequence, branch, marker, len }),
@@ -397,7 +405,8 @@ enum Resolved {
     PutOutbox(u64, OutboxRecord),
     DeleteOutbox(u64),
     Schedule(u64, DueRecord),
-    Cancel(DueKey),
+    Cancel(u64, DueKey),
+    CancelSagaTimers(u64),
     PutPayload(u64, &'static str, PayloadRecord),
     ReadPayload(u64, &'static str),
     PutStrategy(StrategyRecord),
@@ -477,8 +486,17 @@ impl Model {
                 Resolved::PutOutbox(self.pick_outbox(pick), outbox(*attempts))
             }
             Step::DeleteOutbox { pick } => Resolved::DeleteOutbox(self.pick_outbox(pick)),
-            Step::Schedule { at_ms, timer } => Resolved::Schedule(*at_ms, due(*timer)),
-            Step::Cancel { pick } => Resolved::Cancel(self.pick_due(pick)),
+            Step::Schedule {
+                at_ms,
+                timer,
+                sequence,
+            } => Resolved::Schedule(*at_ms, due(*timer, *sequence)),
+            Step::Cancel { pick } => {
+                let key = self.pick_due(pick);
+                let sequence = self.due.get(&key).map_or(1, |record| record.gsn_sequence);
+                Resolved::Cancel(sequence, key)
+            }
+            Step::CancelSagaTimers { sequence } => Resolved::CancelSagaTimers(*sequence),
             Step::PutPayload {
                 sequence,
                 branch,
@@ -546,6 +564,8 @@ impl Model {
             Resolved::DeleteSaga(sequence) => {
                 self.sagas.remove(sequence);
                 self.payloads.retain(|(of, _), _| of != sequence);
+                self.due
+                    .retain(|_, record| record.gsn_sequence != *sequence);
                 Outcome::Done
             }
             Resolved::AllocateGsn => {
@@ -606,9 +626,15 @@ impl Model {
                     self.last_due_id
                 )),
             },
-            Resolved::Cancel(key) => {
+            Resolved::Cancel(_, key) => {
                 self.due.remove(key);
                 Outcome::Done
+            }
+            Resolved::CancelSagaTimers(sequence) => {
+                let before = self.due.len();
+                self.due
+                    .retain(|_, record| record.gsn_sequence != *sequence);
+                Outcome::Collected(before - self.due.len())
             }
             Resolved::PutPayload(sequence, branch, record) => {
                 self.payloads.insert((*sequence, branch), record.clone());
@@ -706,7 +732,10 @@ fn run_step(tx: &mut sagad::store::WriteTx<'_>, step: &Resolved) -> Outcome {
         Resolved::PutOutbox(id, record) => tx.put_outbox(*id, record).map(|()| Outcome::Done),
         Resolved::DeleteOutbox(id) => tx.delete_outbox(*id).map(|()| Outcome::Done),
         Resolved::Schedule(at_ms, record) => tx.schedule(*at_ms, record).map(Outcome::DueKey),
-        Resolved::Cancel(key) => tx.cancel(*key).map(|()| Outcome::Done),
+        Resolved::Cancel(sequence, key) => tx.cancel(*sequence, *key).map(|()| Outcome::Done),
+        Resolved::CancelSagaTimers(sequence) => {
+            tx.cancel_saga_timers(*sequence).map(Outcome::Collected)
+        }
         Resolved::PutPayload(sequence, branch, record) => tx
             .put_payload(*sequence, branch, record)
             .map(|()| Outcome::Done),
@@ -989,7 +1018,14 @@ fn counters_continue_after_a_restart_and_skip_nothing() {
         },
         Op::Restart { graceful: true },
         Op::Write {
-            steps: vec![Step::AllocateGsn, Step::Schedule { at_ms: 5, timer: 1 }],
+            steps: vec![
+                Step::AllocateGsn,
+                Step::Schedule {
+                    at_ms: 5,
+                    timer: 1,
+                    sequence: 7,
+                },
+            ],
             commit: true,
         },
     ];

@@ -236,6 +236,11 @@ pub(crate) fn store_transition(
             payload,
         });
     }
+    if saga.state.is_terminal() {
+        // A timer of an ended saga would only come due to be dropped, at the cost of a ledger
+        // write each; removing them here, in the write that ends it, costs no write at all.
+        tx.cancel_saga_timers(saga.gsn.sequence())?;
+    }
     Ok(Applied {
         saga: Some(saga),
         deliveries,
@@ -700,7 +705,7 @@ impl Engine {
         let applied = self
             .store
             .write(move |tx| -> Result<Applied, Error> {
-                tx.cancel(key)?;
+                tx.cancel(record.gsn_sequence, key)?;
                 let fired = (|| {
                     let timer = commands::decode_timer(&record.timer)?;
                     let Some(stored) = tx.saga(record.gsn_sequence)? else {

@@ -388,6 +388,13 @@ fn sync_folder(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The key of a timer in the per-saga index: `sequence BE ++ due key`.
+fn saga_timer_key(sequence: u64, key: DueKey) -> Vec<u8> {
+    let mut bytes = codec::u64_key(sequence).to_vec();
+    bytes.extend_from_slice(&codec::due_key(key));
+    bytes
+}
+
 /// Joins the ledger threads once their inboxes have closed.
 struct Threads {
     handles: Vec<JoinHandle<()>>,
@@ -415,8 +422,10 @@ impl WriteTx<'_> {
     pub fn saga(&self, sequence: u64) -> Result<Option<SagaRecord>, Error> {
         self.get(Table::Sagas, &codec::u64_key(sequence))
     }
-    /// Removes a saga and every payload stored under it, buffered ones included.
+    /// Removes a saga, every payload stored under it and its pending timers, buffered ones
+    /// included.
     pub fn delete_saga(&mut self, sequence: u64) -> Result<(), Error> {
+        self.cancel_saga_timers(sequence)?;
         let prefix = codec::u64_key(sequence);
         // Payload keys are `sequence BE ++ branch id`: the next sequence bounds them.
         let end = sequence.checked_add(1).map(codec::u64_key);
@@ -517,18 +526,48 @@ impl WriteTx<'_> {
             .delete(Table::Outbox, codec::u64_key(id).to_vec());
         Ok(())
     }
+    /// Adds a timer of saga `record.gsn_sequence`.
     pub fn schedule(&mut self, at_ms: u64, record: &DueRecord) -> Result<DueKey, Error> {
         let key = DueKey {
             at_ms,
             id: self.next_counter(DUE_COUNTER)?,
         };
         self.put(Table::Due, codec::due_key(key).to_vec(), record)?;
+        self.overlay.put(
+            Table::DueBySaga,
+            saga_timer_key(record.gsn_sequence, key),
+            Vec::new(),
+        );
         Ok(key)
     }
-    pub fn cancel(&mut self, key: DueKey) -> Result<(), Error> {
+    /// Removes one timer of saga `sequence` (it fired).
+    pub fn cancel(&mut self, sequence: u64, key: DueKey) -> Result<(), Error> {
         self.overlay
             .delete(Table::Due, codec::due_key(key).to_vec());
+        self.overlay
+            .delete(Table::DueBySaga, saga_timer_key(sequence, key));
         Ok(())
+    }
+    /// Removes every pending timer of saga `sequence` (it ended: they could only come due for
+    /// nothing); returns how many. Timers scheduled by a sagad older than this index are not
+    /// found here; they come due and are dropped as before.
+    pub fn cancel_saga_timers(&mut self, sequence: u64) -> Result<usize, Error> {
+        let prefix = codec::u64_key(sequence);
+        let end = sequence.checked_add(1).map(codec::u64_key);
+        let keys = self.overlay.live_keys_in(
+            self.tables,
+            Table::DueBySaga,
+            &prefix,
+            end.as_ref().map(|end| end.as_slice()),
+            usize::MAX,
+        )?;
+        for key in &keys {
+            let due = codec::decode_due_key(&key[prefix.len()..])?;
+            self.overlay
+                .delete(Table::Due, codec::due_key(due).to_vec());
+            self.overlay.delete(Table::DueBySaga, key.clone());
+        }
+        Ok(keys.len())
     }
 
     /// Reads through the overlay: the job's own puts and deletes win over the trees.

@@ -32,9 +32,12 @@ pub(crate) enum Table {
     RetryHistory = 10,
     /// Retry serial → `RetryLinkRecord`.
     RetryLinks = 11,
+    /// `saga sequence BE ++ due key` → empty: the timers of each saga, so the write that ends
+    /// a saga removes the ones still pending instead of letting each come due for nothing.
+    DueBySaga = 12,
 }
 
-const TABLE_COUNT: usize = 12;
+const TABLE_COUNT: usize = 13;
 
 impl Table {
     const ALL: [Table; TABLE_COUNT] = [
@@ -50,6 +53,7 @@ impl Table {
         Table::RetryConfig,
         Table::RetryHistory,
         Table::RetryLinks,
+        Table::DueBySaga,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -66,6 +70,7 @@ impl Table {
             Table::RetryConfig => "retry_config",
             Table::RetryHistory => "retry_history",
             Table::RetryLinks => "retry_links",
+            Table::DueBySaga => "due_by_saga",
         }
     }
 
@@ -107,6 +112,7 @@ impl Tables {
             open(Table::RetryConfig)?,
             open(Table::RetryHistory)?,
             open(Table::RetryLinks)?,
+            open(Table::DueBySaga)?,
         ];
         Ok(Tables { db, trees })
     }
