@@ -13,6 +13,11 @@ use crate::store;
 /// never holds the ledger writer for long.
 const EXAMINED_PER_PASS: usize = 500;
 
+/// Passes per collection at most: 20,000 sagas, so retention keeps pace with that many sagas
+/// per tick, while a ledger full of old sagas that must be kept (still running, needing
+/// attention) is read a bounded amount at a time; the next collection goes on from there.
+const PASSES_PER_COLLECTION: usize = 40;
+
 /// Where the next pass starts; sagas are examined oldest first, then the scan wraps around.
 #[derive(Debug, Default)]
 pub(crate) struct Cursor(Mutex<Option<u64>>);
@@ -27,19 +32,21 @@ struct Pass {
 
 impl Engine {
     /// Removes finished sagas last changed more than `retention` ago, pass after pass until
-    /// the scan has caught up, so retention keeps pace with any sustained rate of sagas;
-    /// returns how many it removed. Sagas created within the retention are never examined.
+    /// the scan has caught up (or `PASSES_PER_COLLECTION` passes), so retention keeps pace with
+    /// a sustained rate of sagas; returns how many it removed. Sagas created within the
+    /// retention are never examined.
     pub async fn collect_finished_sagas(&self, retention: Duration) -> Result<usize, Error> {
         let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         let now = self.clock.now_ms();
         let mut removed = 0;
-        loop {
+        for _ in 0..PASSES_PER_COLLECTION {
             let pass = self.retention_pass(retention_ms, now).await?;
             removed += pass.removed;
             if pass.caught_up {
-                return Ok(removed);
+                break;
             }
         }
+        Ok(removed)
     }
 
     async fn retention_pass(&self, retention_ms: u64, now: u64) -> Result<Pass, Error> {
