@@ -70,14 +70,21 @@ async fn the_success_path_fans_out_joins_and_completes_with_every_node_told() {
     assert_eq!(shop.inventory.node.executions_of(&gsn, "reserve"), 1);
     assert_eq!(shop.payment.node.executions_of(&gsn, "charge"), 1);
     assert_eq!(shop.shipping.node.executions_of(&gsn, "ship"), 1);
+    assert!(
+        every_node_told_completed(&shop, &gsn).await,
+        "every node is told the saga completed, once"
+    );
+}
+
+/// Waits until each node has been told, once, that the saga completed.
+async fn every_node_told_completed(shop: &Shop, gsn: &str) -> bool {
     let completed = pb::Signal::Completed as i32;
-    let told = eventually(LIMIT, || {
+    eventually(LIMIT, || {
         [&shop.inventory, &shop.payment, &shop.shipping]
             .iter()
-            .all(|p| p.node.signals_for(&gsn) == vec![completed])
+            .all(|p| p.node.signals_for(gsn) == vec![completed])
     })
-    .await;
-    assert!(told, "every node is told the saga completed, once");
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -443,14 +450,10 @@ async fn the_timeouts_of_a_finished_saga_never_come_due() {
     let gsn = start_order(&shop.server.channel, "o-timers", "order timers").await;
     let saga = wait_terminal(&shop.server.channel, &gsn, LIMIT).await;
     assert_eq!(saga.state, pb::SagaState::Completed as i32);
-    let completed = pb::Signal::Completed as i32;
-    let told = eventually(LIMIT, || {
-        [&shop.inventory, &shop.payment, &shop.shipping]
-            .iter()
-            .all(|p| p.node.signals_for(&gsn) == vec![completed])
-    })
-    .await;
-    assert!(told, "every node is told the saga completed");
+    assert!(
+        every_node_told_completed(&shop, &gsn).await,
+        "every node is told the saga completed"
+    );
 
     let flushes = || async {
         let mut operations = OperationsClient::new(shop.server.channel.clone());

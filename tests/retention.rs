@@ -27,9 +27,8 @@ fn start(request_id: &str) -> StartRequest {
     }
 }
 
-#[tokio::test]
-async fn finished_sagas_past_the_retention_are_removed_and_running_ones_kept() {
-    let dir = tempfile::tempdir().unwrap();
+/// A ledger in `dir` and an engine on it, with a clock the test moves.
+fn engine_on(dir: &tempfile::TempDir) -> (Store, Arc<ManualClock>, Engine) {
     let store = Store::open(Options::new(dir.path())).unwrap();
     let clock = Arc::new(ManualClock::new(1_800_000_000_000));
     let engine = Engine::new(
@@ -38,6 +37,13 @@ async fn finished_sagas_past_the_retention_are_removed_and_running_ones_kept() {
         Arc::new(FixedRandom(0.5)),
         Settings::new(CoordinatorId::parse("c1").unwrap()),
     );
+    (store, clock, engine)
+}
+
+#[tokio::test]
+async fn finished_sagas_past_the_retention_are_removed_and_running_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, clock, engine) = engine_on(&dir);
     let mut gsns = Vec::new();
     for i in 0..5 {
         let request_id = format!("s-{i}");
@@ -102,14 +108,7 @@ async fn finished_sagas_past_the_retention_are_removed_and_running_ones_kept() {
 #[tokio::test]
 async fn one_collection_catches_up_with_many_finished_sagas() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(Options::new(dir.path())).unwrap();
-    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
-    let engine = Engine::new(
-        store.clone(),
-        clock.clone(),
-        Arc::new(FixedRandom(0.5)),
-        Settings::new(CoordinatorId::parse("c1").unwrap()),
-    );
+    let (store, clock, engine) = engine_on(&dir);
     const SAGAS: usize = 1_200;
     for i in 0..SAGAS {
         engine
