@@ -832,40 +832,39 @@ impl Engine {
         let branch_id = command.branch_id.clone();
         Ok(self
             .store
-            .read(move |tx| -> Result<_, store::Error> {
-                if !branch_id.is_empty()
-                    && let Some(own) = tx.payload(sequence, &branch_id)?
-                {
-                    return Ok(Some(own));
-                }
-                tx.payload(sequence, "")
-            })
-            .await??
-            .unwrap_or_else(no_payload))
+            .read(move |tx| command_payload(&branch_id, |of| tx.payload(sequence, of)))
+            .await??)
     }
 }
 
-/// The payload sent with a command: an outcall's own payload if it registered one, else the
-/// saga's, else none.
+/// The payload a write sends with the command it creates (see `command_payload`).
 fn payload_in(tx: &WriteTx<'_>, command: &Command) -> Result<PayloadRecord, Error> {
     let gsn = Gsn::parse(&command.gsn).map_err(|e| store::Error::Corrupt {
         table: "outbox",
         detail: e.to_string(),
     })?;
     let sequence = gsn.sequence();
-    if !command.branch_id.is_empty()
-        && let Some(own) = tx.payload(sequence, &command.branch_id)?
+    Ok(command_payload(&command.branch_id, |of| {
+        tx.payload(sequence, of)
+    })?)
+}
+
+/// The payload sent with a command about `branch_id`: an outcall's own payload if it
+/// registered one, else the saga's (stored under branch id ""), else none. `payload` reads the
+/// saga's payload stored under a branch id.
+fn command_payload(
+    branch_id: &str,
+    payload: impl Fn(&str) -> Result<Option<PayloadRecord>, store::Error>,
+) -> Result<PayloadRecord, store::Error> {
+    if !branch_id.is_empty()
+        && let Some(own) = payload(branch_id)?
     {
         return Ok(own);
     }
-    Ok(tx.payload(sequence, "")?.unwrap_or_else(no_payload))
-}
-
-fn no_payload() -> PayloadRecord {
-    PayloadRecord {
+    Ok(payload("")?.unwrap_or(PayloadRecord {
         data: Vec::new(),
         content_type: String::new(),
-    }
+    }))
 }
 
 /// Command ids are `<gsn>:<kind letter><outbox id>`, stable across redeliveries because the

@@ -379,6 +379,45 @@ mod tests {
         vec(0..3u8, 0..3)
     }
 
+    /// `stored` in `table` of a fresh ledger and `buffered` in an overlay over it, with the
+    /// model of what the two show together.
+    fn laid_over(
+        table: Table,
+        stored: &BTreeMap<Vec<u8>, u8>,
+        buffered: &BTreeMap<Vec<u8>, Option<u8>>,
+    ) -> (
+        tempfile::TempDir,
+        Tables,
+        Overlay,
+        BTreeMap<Vec<u8>, Vec<u8>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tables = Tables::open(db).unwrap();
+        let mut overlay = Overlay::default();
+        let mut merged = BTreeMap::new();
+        for (key, value) in stored {
+            tables
+                .tree(table)
+                .insert(key.as_slice(), vec![*value])
+                .unwrap();
+            merged.insert(key.clone(), vec![*value]);
+        }
+        for (key, value) in buffered {
+            match value {
+                Some(value) => {
+                    overlay.put(table, key.clone(), vec![*value]);
+                    merged.insert(key.clone(), vec![*value]);
+                }
+                None => {
+                    overlay.delete(table, key.clone());
+                    merged.remove(key);
+                }
+            }
+        }
+        (dir, tables, overlay, merged)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -392,27 +431,7 @@ mod tests {
             end in option::of(key()),
         ) {
             prop_assume!(end.as_ref().is_none_or(|end| &start <= end));
-            let dir = tempfile::tempdir().unwrap();
-            let db = sled::Config::new().path(dir.path()).open().unwrap();
-            let tables = Tables::open(db).unwrap();
-            let mut overlay = Overlay::default();
-            let mut merged = BTreeMap::new();
-            for (key, value) in &stored {
-                tables.tree(Table::RetryConfig).insert(key.as_slice(), vec![*value]).unwrap();
-                merged.insert(key.clone(), vec![*value]);
-            }
-            for (key, value) in &buffered {
-                match value {
-                    Some(value) => {
-                        overlay.put(Table::RetryConfig, key.clone(), vec![*value]);
-                        merged.insert(key.clone(), vec![*value]);
-                    }
-                    None => {
-                        overlay.delete(Table::RetryConfig, key.clone());
-                        merged.remove(key);
-                    }
-                }
-            }
+            let (_dir, tables, overlay, merged) = laid_over(Table::RetryConfig, &stored, &buffered);
             let upper = end.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
             let expected = merged
                 .range::<[u8], _>((Bound::Included(start.as_slice()), upper))
@@ -435,32 +454,12 @@ mod tests {
             limit in 0..10usize,
         ) {
             prop_assume!(end.as_ref().is_none_or(|end| &start <= end));
-            let dir = tempfile::tempdir().unwrap();
-            let db = sled::Config::new().path(dir.path()).open().unwrap();
-            let tables = Tables::open(db).unwrap();
-            let mut overlay = Overlay::default();
-            let mut merged = BTreeMap::new();
-            for (key, value) in &stored {
-                tables.tree(Table::Payloads).insert(key.as_slice(), vec![*value]).unwrap();
-                merged.insert(key.clone(), ());
-            }
-            for (key, value) in &buffered {
-                match value {
-                    Some(value) => {
-                        overlay.put(Table::Payloads, key.clone(), vec![*value]);
-                        merged.insert(key.clone(), ());
-                    }
-                    None => {
-                        overlay.delete(Table::Payloads, key.clone());
-                        merged.remove(key);
-                    }
-                }
-            }
+            let (_dir, tables, overlay, merged) = laid_over(Table::Payloads, &stored, &buffered);
             let upper = end.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
             let expected: Vec<Vec<u8>> = merged
                 .range::<[u8], _>((Bound::Included(start.as_slice()), upper))
                 .take(limit)
-                .map(|(key, ())| key.clone())
+                .map(|(key, _)| key.clone())
                 .collect();
             let found = overlay
                 .live_keys_in(&tables, Table::Payloads, &start, end.as_deref(), limit)
