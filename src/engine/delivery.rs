@@ -253,27 +253,25 @@ async fn deliver(
     let delivery = &engine.shared.delivery;
     let mut routes = delivery.routes.subscribe();
     let mut stopping = delivery.stopping.subscribe();
-    // Only Execute and Reverse carry the payload; the others go without a ledger read.
+    // Only Execute and Reverse carry the payload; the others go without a ledger read, and a
+    // new command brings its own.
     let carries_payload = matches!(command.kind, Kind::Execute | Kind::Reverse);
-    let mut known = payload;
-    let payload = loop {
-        if let Some(payload) = known.take() {
-            break payload;
-        }
-        if !carries_payload {
-            break crate::store::PayloadRecord {
-                data: Vec::new(),
-                content_type: String::new(),
-            };
-        }
-        match engine.payload_of(&command).await {
-            Ok(payload) => break payload,
-            Err(Error::Store(store::Error::Closed)) => return,
-            Err(e) => {
-                tracing::warn!(outbox_id, error = %e, "reading a command's payload failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+    let payload = match payload {
+        Some(payload) => payload,
+        None if !carries_payload => crate::store::PayloadRecord {
+            data: Vec::new(),
+            content_type: String::new(),
+        },
+        None => loop {
+            match engine.payload_of(&command).await {
+                Ok(payload) => break payload,
+                Err(Error::Store(store::Error::Closed)) => return,
+                Err(e) => {
+                    tracing::warn!(outbox_id, error = %e, "reading a command's payload failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
-        }
+        },
     };
     let mut attempt = 0u32;
     loop {

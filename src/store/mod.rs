@@ -17,7 +17,7 @@
 //! - `write_unflushed(f)` is `write` for a write whose loss in a crash is harmless: it is
 //!   answered once applied, and neither waits for nor causes a flush.
 //! - `read(f)` runs `f` on the reader thread. It sees the groups already applied to sled, which
-//!   may include one not yet flushed (no caller was answered about it yet).
+//!   may include one not yet flushed (only `write_unflushed` callers were answered about it).
 
 mod codec;
 mod reader;
@@ -426,20 +426,11 @@ impl WriteTx<'_> {
     /// included.
     pub fn delete_saga(&mut self, sequence: u64) -> Result<(), Error> {
         self.cancel_saga_timers(sequence)?;
-        let prefix = codec::u64_key(sequence);
-        // Payload keys are `sequence BE ++ branch id`: the next sequence bounds them.
-        let end = sequence.checked_add(1).map(codec::u64_key);
-        let keys = self.overlay.live_keys_in(
-            self.tables,
-            Table::Payloads,
-            &prefix,
-            end.as_ref().map(|end| end.as_slice()),
-            usize::MAX,
-        )?;
-        for key in keys {
+        for key in self.keys_of_saga(Table::Payloads, sequence)? {
             self.overlay.delete(Table::Payloads, key);
         }
-        self.overlay.delete(Table::Sagas, prefix.to_vec());
+        self.overlay
+            .delete(Table::Sagas, codec::u64_key(sequence).to_vec());
         Ok(())
     }
     /// Keyed by `record.sequence`.
@@ -526,6 +517,18 @@ impl WriteTx<'_> {
             .delete(Table::Outbox, codec::u64_key(id).to_vec());
         Ok(())
     }
+    /// The live keys of `table` that start with saga `sequence` (as `sequence BE ++ ...`),
+    /// buffered ones included; the next sequence bounds them.
+    fn keys_of_saga(&self, table: Table, sequence: u64) -> Result<Vec<Vec<u8>>, Error> {
+        let end = sequence.checked_add(1).map(codec::u64_key);
+        self.overlay.live_keys_in(
+            self.tables,
+            table,
+            &codec::u64_key(sequence),
+            end.as_ref().map(|end| end.as_slice()),
+            usize::MAX,
+        )
+    }
     /// Adds a timer of saga `record.gsn_sequence`.
     pub fn schedule(&mut self, at_ms: u64, record: &DueRecord) -> Result<DueKey, Error> {
         let key = DueKey {
@@ -552,17 +555,10 @@ impl WriteTx<'_> {
     /// nothing); returns how many. Timers scheduled by a sagad older than this index are not
     /// found here; they come due and are dropped as before.
     pub fn cancel_saga_timers(&mut self, sequence: u64) -> Result<usize, Error> {
-        let prefix = codec::u64_key(sequence);
-        let end = sequence.checked_add(1).map(codec::u64_key);
-        let keys = self.overlay.live_keys_in(
-            self.tables,
-            Table::DueBySaga,
-            &prefix,
-            end.as_ref().map(|end| end.as_slice()),
-            usize::MAX,
-        )?;
+        let keys = self.keys_of_saga(Table::DueBySaga, sequence)?;
         for key in &keys {
-            let due = codec::decode_due_key(&key[prefix.len()..])?;
+            // Every key in the saga's range starts with its 8-byte sequence.
+            let due = codec::decode_due_key(key.get(8..).unwrap_or_default())?;
             self.overlay
                 .delete(Table::Due, codec::due_key(due).to_vec());
             self.overlay.delete(Table::DueBySaga, key.clone());
