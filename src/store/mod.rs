@@ -20,6 +20,7 @@
 //!   may include one not yet flushed (only `write_unflushed` callers were answered about it).
 
 mod codec;
+mod intents;
 mod reader;
 pub mod records;
 mod strategies;
@@ -176,6 +177,13 @@ impl Store {
         std::fs::create_dir_all(&path).map_err(|e| open_failed(e.to_string()))?;
         let db = open_db(&options)?;
         let tables = Tables::open(db).map_err(|e| open_failed(e.to_string()))?;
+        let completed = intents::recover(&tables).map_err(|e| open_failed(e.to_string()))?;
+        if completed > 0 {
+            tracing::info!(
+                groups = completed,
+                "completed the writes a stop had cut short"
+            );
+        }
         upgrade::run(&tables).map_err(|e| open_failed(e.to_string()))?;
         let data_file = File::open(path.join("db")).map_err(|e| open_failed(e.to_string()))?;
         if options.durability == Durability::Durable {
@@ -198,6 +206,7 @@ impl Store {
             flushes: flushes.clone(),
             writer: writer_inbox.downgrade(),
             dirty: false,
+            unflushed_intent: None,
         };
         let flusher = thread::Builder::new()
             .name("sagad-ledger-flusher".into())
@@ -205,6 +214,7 @@ impl Store {
         let writer = writer::Writer {
             tables: tables.clone(),
             max_group,
+            intents: intents::Intents::new(),
             to_flusher,
             flusher,
         };

@@ -32,7 +32,10 @@ where
 pub(crate) fn run(tables: Tables, mut inbox: mpsc::Receiver<Message>) {
     while let Some(message) = inbox.blocking_recv() {
         match message {
-            Message::Job(job) => job(&tables),
+            Message::Job(job) => {
+                let _no_group_half_written = tables.shared();
+                job(&tables)
+            }
             Message::Close(done) => {
                 inbox.close();
                 // Drop the handle first: when it is the last one, sled closes (and unlocks) the

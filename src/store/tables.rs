@@ -1,13 +1,14 @@
 //! The sled trees of the ledger, the overlay of writes buffered for one group of jobs (with the
-//! undo journal that takes back a failed job's share), and the one place that turns an overlay
-//! into an atomic sled transaction. Nothing here runs on a tokio worker.
+//! undo journal that takes back a failed job's share), and the lock that keeps readers from
+//! seeing half of a group. Nothing here runs on a tokio worker.
 
-use super::Error;
 use super::codec::{self, Record};
+use super::{Error, intents};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// The named trees. The discriminant indexes `Tables::trees` and `Overlay::writes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +41,7 @@ pub(crate) enum Table {
 const TABLE_COUNT: usize = 13;
 
 impl Table {
-    const ALL: [Table; TABLE_COUNT] = [
+    pub(crate) const ALL: [Table; TABLE_COUNT] = [
         Table::Meta,
         Table::Sagas,
         Table::Idempotency,
@@ -77,6 +78,15 @@ impl Table {
     fn index(self) -> usize {
         self as usize
     }
+
+    /// The table's number in an intent record (`intents.rs`); stable across versions.
+    pub(crate) fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub(crate) fn from_code(code: u8) -> Option<Table> {
+        Table::ALL.get(usize::from(code)).copied()
+    }
 }
 
 /// sled errors become the store's own: I/O stays I/O, the rest is a storage fault.
@@ -93,6 +103,11 @@ pub(crate) fn storage_error(error: sled::Error) -> Error {
 pub(crate) struct Tables {
     pub(crate) db: sled::Db,
     trees: [sled::Tree; TABLE_COUNT],
+    /// Intent records of groups being written (`intents.rs`).
+    intents: sled::Tree,
+    /// Held exclusively while a group's writes go into sled one by one, and shared by each
+    /// read job, so a read sees every write of a group or none.
+    groups: Arc<RwLock<()>>,
 }
 
 impl Tables {
@@ -114,7 +129,28 @@ impl Tables {
             open(Table::RetryLinks)?,
             open(Table::DueBySaga)?,
         ];
-        Ok(Tables { db, trees })
+        let intents = db.open_tree(intents::tree_name())?;
+        Ok(Tables {
+            db,
+            trees,
+            intents,
+            groups: Arc::default(),
+        })
+    }
+
+    pub(crate) fn intents(&self) -> &sled::Tree {
+        &self.intents
+    }
+
+    /// Keeps readers out while a group is written. A panic elsewhere while the lock was held
+    /// leaves nothing half-done that the lock protects, so a poisoned lock is still used.
+    pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.groups.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps groups from being written while one read job runs.
+    pub(crate) fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.groups.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn tree(&self, table: Table) -> &sled::Tree {
@@ -132,9 +168,10 @@ impl Tables {
         }
     }
 
-    /// Applies every buffered write (of one group of jobs, or of one upgrade batch) as one sled
-    /// transaction over the trees it touched, so a crash leaves all of them or none.
-    pub(crate) fn apply(&self, overlay: &Overlay) -> Result<(), Error> {
+    /// Applies every buffered write of one upgrade batch as one sled transaction over the trees
+    /// it touched, so a crash leaves all of them or none. The writer's groups go through
+    /// `Intents::apply` instead, which is cheaper per group; the upgrade runs once, at open.
+    pub(crate) fn apply_in_transaction(&self, overlay: &Overlay) -> Result<(), Error> {
         let touched: Vec<(&sled::Tree, &Writes)> = Table::ALL
             .iter()
             .map(|&table| (self.tree(table), &overlay.writes[table.index()]))
@@ -196,8 +233,8 @@ type Undo = (Table, Vec<u8>, Option<Option<Vec<u8>>>);
 
 /// Writes buffered in memory, not yet in sled. Reads consult it first, which gives read-your-
 /// writes without touching sled. The writer keeps one overlay per group of jobs, so each job
-/// also sees the jobs before it in its group, and the whole group reaches sled as one
-/// transaction; while a job runs, the journal records what it replaced, so a job that fails
+/// also sees the jobs before it in its group, and the whole group reaches sled at once, behind
+/// one intent record; while a job runs, the journal records what it replaced, so a job that fails
 /// leaves the overlay exactly as it found it.
 #[derive(Default)]
 pub(crate) struct Overlay {
@@ -261,6 +298,19 @@ impl Overlay {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.writes.iter().all(BTreeMap::is_empty)
+    }
+
+    pub(crate) fn write_count(&self) -> usize {
+        self.writes.iter().map(BTreeMap::len).sum()
+    }
+
+    /// Every buffered write, by table then key: the value to put, or `None` to delete.
+    pub(crate) fn writes(&self) -> impl Iterator<Item = (Table, &[u8], Option<&[u8]>)> {
+        Table::ALL.iter().flat_map(move |&table| {
+            self.writes[table.index()]
+                .iter()
+                .map(move |(key, value)| (table, key.as_slice(), value.as_deref()))
+        })
     }
 
     /// Forgets every buffered write (after they reached sled, or failed to).

@@ -30,7 +30,7 @@ pub(crate) fn run(tables: &Tables) -> Result<(), Error> {
         FORMAT.to_vec(),
         codec::u64_key(CURRENT_FORMAT).to_vec(),
     );
-    tables.apply(&done)?;
+    tables.apply_in_transaction(&done)?;
     tables.db.flush().map_err(storage_error)?;
     if moved > 0 {
         tracing::info!(
@@ -68,12 +68,12 @@ fn move_saga_payloads(tables: &Tables) -> Result<usize, Error> {
         moved += 1;
         in_batch += 1;
         if in_batch == BATCH {
-            tables.apply(&batch)?;
+            tables.apply_in_transaction(&batch)?;
             batch = Overlay::default();
             in_batch = 0;
         }
     }
-    tables.apply(&batch)?;
+    tables.apply_in_transaction(&batch)?;
     Ok(moved)
 }
 

@@ -1,9 +1,10 @@
 //! The writer and flusher threads: the writer runs write jobs one at a time into one in-memory
-//! overlay per group and applies the group as one sled transaction; the flusher makes applied
-//! groups durable with one flush and only then answers their jobs. The two overlap, so jobs run
+//! overlay per group and writes the group to sled behind one intent record; the flusher makes
+//! written groups durable with one flush and only then answers their jobs. The two overlap, so jobs run
 //! while the previous group is being flushed, and a group grows while the disk is busy.
 //! They are the only code that writes to sled, and neither runs on a tokio worker.
 
+use super::intents::Intents;
 use super::tables::{Overlay, Tables, storage_error};
 use super::{Durability, Error, WriteTx};
 use std::collections::HashSet;
@@ -41,8 +42,11 @@ pub(crate) struct Job {
 
 pub(crate) enum Message {
     Job(Job),
-    /// The flusher finished a flush: the group built meanwhile can go to it.
-    Flushed,
+    /// The flusher is done with what it was given: the group built meanwhile can go to it. When
+    /// it flushed, `through` is the newest intent that flush made durable, so it can go.
+    Flushed {
+        through: Option<u64>,
+    },
     /// Finish what is queued ahead, flush durably, release the database and answer.
     Close(oneshot::Sender<Result<(), Error>>),
 }
@@ -104,6 +108,8 @@ pub(crate) struct Applied {
     replies: Vec<Reply>,
     /// Whether sled may have been written to.
     wrote: bool,
+    /// The group's intent record, which may go once a flush has covered it.
+    intent: Option<u64>,
     /// Whether some job of the group waits for a flush (`Answer::WhenDurable`).
     wants_flush: bool,
     applied: Result<(), Error>,
@@ -114,13 +120,14 @@ pub(crate) struct Applied {
 pub(crate) struct Writer {
     pub(crate) tables: Tables,
     pub(crate) max_group: usize,
+    pub(crate) intents: Intents,
     pub(crate) to_flusher: std_mpsc::Sender<Applied>,
     /// Joined on close; it returns the result of the last, durable flush.
     pub(crate) flusher: JoinHandle<Result<(), Error>>,
 }
 
 impl Writer {
-    pub(crate) fn run(self, mut inbox: mpsc::Receiver<Message>) {
+    pub(crate) fn run(mut self, mut inbox: mpsc::Receiver<Message>) {
         let max_group = self.max_group.max(1);
         let mut group = Group::default();
         // While the flusher works on a group, the next one is built; it is handed over when
@@ -143,7 +150,12 @@ impl Writer {
                         Answer::WhenApplied => group.applied.push(reply),
                     }
                 }
-                Message::Flushed => flusher_busy = false,
+                Message::Flushed { through } => {
+                    if let Some(intent) = through {
+                        self.intents.flushed(intent);
+                    }
+                    flusher_busy = false;
+                }
                 Message::Close(done) => {
                     // Later messages are dropped with the inbox; their callers see `Closed`.
                     inbox.close();
@@ -164,16 +176,17 @@ impl Writer {
         }
     }
 
-    /// Applies the group's writes as one transaction, answers the jobs that wait for no
-    /// flush, and empties the group.
-    fn apply(&self, group: &mut Group, close: bool) -> Applied {
+    /// Writes the group to sled behind its intent, answers the jobs that wait for no flush,
+    /// and empties the group.
+    fn apply(&mut self, group: &mut Group, close: bool) -> Applied {
         // Jobs that only read or were rejected may still have read earlier groups' writes, so
         // they too are answered only after a flush.
         let wrote = !group.overlay.is_empty();
-        let applied = if wrote {
-            self.tables.apply(&group.overlay)
-        } else {
-            Ok(())
+        let (applied, intent) = match self.intents.apply(&self.tables, &group.overlay) {
+            Ok(intent) => (Ok(()), intent),
+            // What reached sled before the failure is completed from the intent at the next
+            // open; the jobs learn that their outcome is not known, as after a failed flush.
+            Err(error) => (Err(error), None),
         };
         group.overlay.clear();
         for reply in group.applied.drain(..) {
@@ -184,6 +197,7 @@ impl Writer {
             wants_flush: !replies.is_empty(),
             replies,
             wrote,
+            intent,
             applied,
             close,
         }
@@ -192,22 +206,23 @@ impl Writer {
     /// Hands the last group over, waits for the final durable flush, and releases this
     /// thread's handle on the database before returning, so a caller can reopen the folder
     /// as soon as `close` answers.
-    fn finish(self, group: &mut Group) -> Result<(), Error> {
+    fn finish(mut self, group: &mut Group) -> Result<(), Error> {
         let batch = self.apply(group, true);
         let Writer {
             tables,
             to_flusher,
             flusher,
+            mut intents,
             ..
         } = self;
         let sent = to_flusher.send(batch);
         drop(to_flusher);
-        drop(tables);
         let flushed = flusher
             .join()
             .unwrap_or_else(|_| Err(Error::Storage("the ledger flusher panicked".into())));
         sent.map_err(|_| Error::Storage("the ledger flusher stopped".into()))?;
-        flushed
+        flushed?;
+        intents.close(&tables)
     }
 }
 
@@ -237,6 +252,8 @@ pub(crate) struct Flusher {
     /// True while some applied write may not be flushed yet. Groups that wrote nothing and
     /// follow a successful flush have nothing to make durable, so they skip the flush.
     pub(crate) dirty: bool,
+    /// The newest intent of the groups received and not yet flushed.
+    pub(crate) unflushed_intent: Option<u64>,
 }
 
 impl Flusher {
@@ -253,13 +270,21 @@ impl Flusher {
             batches.extend(inbox.try_iter());
             let close = batches.iter().any(|batch| batch.close);
             self.dirty |= batches.iter().any(|batch| batch.wrote);
+            if let Some(newest) = batches.iter().filter_map(|batch| batch.intent).max() {
+                self.unflushed_intent = Some(newest);
+            }
             // Writes answered when applied stay unflushed until a job waits for a flush (or
             // sled's own periodic flush, or close, makes them durable).
             let wanted = batches.iter().any(|batch| batch.wants_flush);
+            let mut through = None;
             let flushed = if close {
                 self.flush(Durability::Durable)
             } else if self.dirty && wanted {
-                self.flush(self.durability)
+                let flushed = self.flush(self.durability);
+                if flushed.is_ok() {
+                    through = self.unflushed_intent.take();
+                }
+                flushed
             } else {
                 Ok(())
             };
@@ -278,7 +303,7 @@ impl Flusher {
             if let Some(writer) = self.writer.upgrade() {
                 // A full inbox only delays this until the writer takes a job; a closed one
                 // means the writer is finishing and needs no word.
-                let _ = writer.blocking_send(Message::Flushed);
+                let _ = writer.blocking_send(Message::Flushed { through });
             }
         }
     }
