@@ -35,6 +35,10 @@ pub(crate) struct Intents {
     live: VecDeque<u64>,
     /// The newest id a successful flush has covered.
     flushed_through: Option<u64>,
+    /// Set when a group failed part-way: its intent must outlive this run, so that the next
+    /// open completes it, and no later group may be written over its half (nor, once flushed,
+    /// remove its intent). sled itself refuses all writes after most such failures.
+    failed: Option<String>,
 }
 
 impl Intents {
@@ -67,7 +71,26 @@ impl Intents {
         if writes == 0 {
             return Ok(None);
         }
+        if let Some(failure) = &self.failed {
+            return Err(Error::Storage(format!(
+                "an earlier write group failed part-way ({failure}); no more writes until sagad \
+                 restarts and completes it"
+            )));
+        }
         let _readers_out = tables.exclusive();
+        let written = self.write_group(tables, overlay, writes);
+        if let Err(error) = &written {
+            self.failed = Some(error.to_string());
+        }
+        written
+    }
+
+    fn write_group(
+        &mut self,
+        tables: &Tables,
+        overlay: &Overlay,
+        writes: usize,
+    ) -> Result<Option<u64>, Error> {
         self.remove_flushed(tables)?;
         let intents = tables.intents();
         let id = if writes > 1 || !self.live.is_empty() {
@@ -90,6 +113,10 @@ impl Intents {
     /// After the last flush, at close: every intent is durable, so none needs to outlive this
     /// run (the next open would only replay writes that are already there).
     pub(crate) fn close(&mut self, tables: &Tables) -> Result<(), Error> {
+        if self.failed.is_some() {
+            // The failed group's intent is for the next open to complete.
+            return Ok(());
+        }
         if let Some(&newest) = self.live.back() {
             self.flushed(newest);
         }
@@ -214,7 +241,18 @@ mod tests {
     use proptest::prelude::*;
 
     fn open(dir: &std::path::Path) -> Tables {
-        let db = sled::Config::new().path(dir).open().unwrap();
+        // sled's I/O threads may hold the folder's lock for a moment after a close (see
+        // `LOCK_RETRIES` in mod.rs), so a reopen waits for it.
+        let mut attempts = 0;
+        let db = loop {
+            match sled::Config::new().path(dir).open() {
+                Err(sled::Error::Io(e)) if attempts < 100 && e.to_string().contains("lock") => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                opened => break opened.unwrap(),
+            }
+        };
         Tables::open(db).unwrap()
     }
 
@@ -430,5 +468,23 @@ mod tests {
             }
         }
         reader.join().unwrap();
+    }
+
+    #[test]
+    fn after_a_group_fails_part_way_no_later_group_is_written() {
+        let (_dir, tables, mut intents) = fresh();
+        intents.apply(&tables, &group(b"1")).unwrap();
+        intents.failed = Some("disk gone".into());
+        let refused = intents.apply(&tables, &group(b"2"));
+        assert!(
+            matches!(&refused, Err(Error::Storage(detail)) if detail.contains("disk gone")),
+            "{refused:?}"
+        );
+        assert_saga(&tables, b"1");
+        assert_eq!(
+            tables.intents().len(),
+            1,
+            "the intent stays for the next open"
+        );
     }
 }

@@ -7,8 +7,8 @@
 //! - `write(f)` runs `f` on the writer thread, alone: no other write runs concurrently, so a
 //!   closure may read, decide and write without races, and it sees every write acknowledged or
 //!   run before it. If `f` returns `Ok`, all its writes are applied atomically across trees; if
-//!   it returns `Err` (or panics), none are. The writes of a whole group of jobs reach sled as
-//!   one transaction, so a crash keeps a group entirely or not at all.
+//!   it returns `Err` (or panics), none are. The writes of a whole group of jobs reach sled
+//!   behind one intent record (`intents.rs`), so a crash keeps a group entirely or not at all.
 //! - The future returned by `write` resolves only after the group of writes that contains it has
 //!   been made durable (per `Durability`), whether `f` returned `Ok` or `Err`: even a rejection
 //!   may have read data that was applied but not yet flushed, and must not be answered before it.
@@ -16,8 +16,9 @@
 //!   the previous group is being flushed: the group they form goes to the next flush.
 //! - `write_unflushed(f)` is `write` for a write whose loss in a crash is harmless: it is
 //!   answered once applied, and neither waits for nor causes a flush.
-//! - `read(f)` runs `f` on the reader thread. It sees the groups already applied to sled, which
-//!   may include one not yet flushed (only `write_unflushed` callers were answered about it).
+//! - `read(f)` runs `f` on the reader thread. It sees the groups already applied to sled, each
+//!   whole, which may include one not yet flushed (only `write_unflushed` callers were answered
+//!   about it).
 
 mod codec;
 mod intents;

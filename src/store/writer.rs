@@ -1,8 +1,8 @@
 //! The writer and flusher threads: the writer runs write jobs one at a time into one in-memory
 //! overlay per group and writes the group to sled behind one intent record; the flusher makes
-//! written groups durable with one flush and only then answers their jobs. The two overlap, so jobs run
-//! while the previous group is being flushed, and a group grows while the disk is busy.
-//! They are the only code that writes to sled, and neither runs on a tokio worker.
+//! written groups durable with one flush and only then answers their jobs. The two overlap, so
+//! jobs run while the previous group is being flushed, and a group grows while the disk is
+//! busy. They are the only code that writes to sled, and neither runs on a tokio worker.
 
 use super::intents::Intents;
 use super::tables::{Overlay, Tables, storage_error};
@@ -185,7 +185,8 @@ impl Writer {
         let (applied, intent) = match self.intents.apply(&self.tables, &group.overlay) {
             Ok(intent) => (Ok(()), intent),
             // What reached sled before the failure is completed from the intent at the next
-            // open; the jobs learn that their outcome is not known, as after a failed flush.
+            // open (and no later group is written meanwhile); the jobs learn that their
+            // outcome is not known, as after a failed flush.
             Err(error) => (Err(error), None),
         };
         group.overlay.clear();
