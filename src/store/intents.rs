@@ -77,8 +77,15 @@ impl Intents {
                  restarts and completes it"
             )));
         }
+        // Encoded before anything is written, so a write that cannot be encoded is refused
+        // with nothing half done.
+        let record = if writes > 1 || !self.live.is_empty() {
+            Some(encode(overlay)?)
+        } else {
+            None
+        };
         let _readers_out = tables.exclusive();
-        let written = self.write_group(tables, overlay, writes);
+        let written = self.write_group(tables, overlay, writes, record);
         if let Err(error) = &written {
             self.failed = Some(error.to_string());
         }
@@ -90,19 +97,22 @@ impl Intents {
         tables: &Tables,
         overlay: &Overlay,
         writes: usize,
+        record: Option<Vec<u8>>,
     ) -> Result<Option<u64>, Error> {
         self.remove_flushed(tables)?;
-        let intents = tables.intents();
-        let id = if writes > 1 || !self.live.is_empty() {
-            let id = self.next_id;
-            self.next_id += 1;
-            intents
-                .insert(codec::u64_key(id), encode(overlay))
-                .map_err(storage_error)?;
-            self.live.push_back(id);
-            Some(id)
-        } else {
-            None
+        let id = match record {
+            // Needed unless this is a lone write and no intent is left after the removals.
+            Some(record) if writes > 1 || !self.live.is_empty() => {
+                let id = self.next_id;
+                tables
+                    .intents()
+                    .insert(codec::u64_key(id), record)
+                    .map_err(storage_error)?;
+                self.next_id += 1;
+                self.live.push_back(id);
+                Some(id)
+            }
+            _ => None,
         };
         for (table, key, value) in overlay.writes() {
             write(tables, table, key, value)?;
@@ -154,44 +164,51 @@ fn write(tables: &Tables, table: Table, key: &[u8], value: Option<&[u8]>) -> Res
 /// many intents it replayed.
 pub(crate) fn recover(tables: &Tables) -> Result<usize, Error> {
     let intents = tables.intents();
-    let mut replayed = Vec::new();
+    // All are read first, so a damaged one stops the open before anything is written.
+    let mut left = Vec::new();
     for entry in intents.iter() {
         let (key, value) = entry.map_err(storage_error)?;
-        for (table, key, value) in decode(&value)? {
-            write(tables, table, &key, value.as_deref())?;
+        left.push((key, decode(&value)?));
+    }
+    for (_, writes) in &left {
+        for (table, key, value) in writes {
+            write(tables, *table, key, value.as_deref())?;
         }
-        replayed.push(key);
     }
     // Removed only after every replayed write, so a crash in here replays them all again.
-    for key in &replayed {
+    for (key, _) in &left {
         intents.remove(key).map_err(storage_error)?;
     }
-    Ok(replayed.len())
+    Ok(left.len())
 }
 
 pub(crate) fn tree_name() -> &'static str {
     TREE
 }
 
-fn encode(overlay: &Overlay) -> Vec<u8> {
+fn encode(overlay: &Overlay) -> Result<Vec<u8>, Error> {
     let mut bytes = vec![FORMAT];
     for (table, key, value) in overlay.writes() {
         bytes.push(table.code());
         bytes.push(if value.is_some() { PUT } else { DELETE });
-        push_slice(&mut bytes, key);
+        push_slice(&mut bytes, key)?;
         if let Some(value) = value {
-            push_slice(&mut bytes, value);
+            push_slice(&mut bytes, value)?;
         }
     }
-    bytes
+    Ok(bytes)
 }
 
-fn push_slice(bytes: &mut Vec<u8>, slice: &[u8]) {
-    // A group's keys and values fit in memory as one overlay; none is near 4 GiB (payloads
-    // are capped far below), so the length always fits.
-    let length = u32::try_from(slice.len()).unwrap_or(u32::MAX);
+fn push_slice(bytes: &mut Vec<u8>, slice: &[u8]) -> Result<(), Error> {
+    let length = u32::try_from(slice.len()).map_err(|_| {
+        Error::Storage(format!(
+            "a key or value of {} bytes is over the ledger's 4 GiB limit",
+            slice.len()
+        ))
+    })?;
     bytes.extend_from_slice(&length.to_le_bytes());
     bytes.extend_from_slice(slice);
+    Ok(())
 }
 
 fn decode(bytes: &[u8]) -> Result<Vec<Write>, Error> {
@@ -317,7 +334,7 @@ mod tests {
                 .writes()
                 .map(|(table, key, value)| (table, key.to_vec(), value.map(<[u8]>::to_vec)))
                 .collect();
-            prop_assert_eq!(decode(&encode(&overlay)).unwrap(), expected);
+            prop_assert_eq!(decode(&encode(&overlay).unwrap()).unwrap(), expected);
         }
 
         #[test]
@@ -329,7 +346,7 @@ mod tests {
     #[test]
     fn a_cut_intent_is_reported_as_corrupt() {
         let overlay = overlay_of(&[(Table::Sagas, b"k", Some(b"value"))]);
-        let bytes = encode(&overlay);
+        let bytes = encode(&overlay).unwrap();
         for cut in 0..bytes.len() - 1 {
             if cut == 1 {
                 // The format byte alone is a valid empty intent.
@@ -360,7 +377,7 @@ mod tests {
             // the rest.
             tables
                 .intents()
-                .insert(codec::u64_key(7), encode(&overlay))
+                .insert(codec::u64_key(7), encode(&overlay).unwrap())
                 .unwrap();
             tables.tree(Table::Sagas).insert(b"s1", b"started").unwrap();
             tables.db.flush().unwrap();
@@ -486,5 +503,23 @@ mod tests {
             1,
             "the intent stays for the next open"
         );
+    }
+
+    #[test]
+    fn a_damaged_intent_stops_the_open_before_anything_is_replayed() {
+        let (_dir, tables, _) = fresh();
+        let good = encode(&group(b"1")).unwrap();
+        tables.intents().insert(codec::u64_key(0), good).unwrap();
+        tables
+            .intents()
+            .insert(codec::u64_key(1), vec![FORMAT, 200])
+            .unwrap();
+        let refused = recover(&tables);
+        assert!(
+            matches!(&refused, Err(Error::Corrupt { table: TREE, .. })),
+            "{refused:?}"
+        );
+        assert_eq!(stored(&tables, Table::Sagas, b"s"), None);
+        assert_eq!(tables.intents().len(), 2, "both stay for a look");
     }
 }
