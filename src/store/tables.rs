@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// The named trees. The discriminant indexes `Tables::trees` and `Overlay::writes`.
+/// The named trees. The discriminant indexes `Tables::trees` and `Overlay::writes`, and is
+/// stored in intent records (`Table::code`): never renumber a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Table {
     /// Counters: `gsn_seq`, `outbox_seq`, `due_seq` → u64 BE.
@@ -142,8 +143,9 @@ impl Tables {
         &self.intents
     }
 
-    /// Keeps readers out while a group is written. A panic elsewhere while the lock was held
-    /// leaves nothing half-done that the lock protects, so a poisoned lock is still used.
+    /// Keeps readers out while a group is written. A panic while it is held (inside sled, in a
+    /// group write) stops the writer; reads go on rather than fail, and may then see that
+    /// group in part until the next open completes it from its intent.
     pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
         self.groups.write().unwrap_or_else(PoisonError::into_inner)
     }

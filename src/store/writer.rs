@@ -184,8 +184,8 @@ impl Writer {
         let wrote = !group.overlay.is_empty();
         let (applied, intent) = match self.intents.apply(&self.tables, &group.overlay) {
             Ok(intent) => (Ok(()), intent),
-            // What reached sled before the failure is completed from the intent at the next
-            // open (and no later group is written meanwhile); the jobs learn that their
+            // The jobs get the error. A group that failed part-way is completed from its
+            // intent at the next open (and no later group is written meanwhile), so its jobs'
             // outcome is not known, as after a failed flush.
             Err(error) => (Err(error), None),
         };
