@@ -11,19 +11,48 @@ use super::tables::{Overlay, Table, Tables, storage_error};
 const FORMAT: &[u8] = b"format";
 
 /// Format 2: saga payloads live in `payloads`, not inside the saga (saga record version 2).
-const CURRENT_FORMAT: u64 = 2;
+/// Format 3: groups of writes go to sled behind intent records (`intents.rs`); a sagad that
+/// does not replay them could see a group a crash cut short in part, so it must not open the
+/// ledger (this build and later ones refuse formats newer than their own).
+const CURRENT_FORMAT: u64 = 3;
+/// The first format whose sagas keep their payloads apart.
+const PAYLOADS_APART: u64 = 2;
+
+/// The ledger's format mark, if it has one.
+fn stored_format(tables: &Tables) -> Result<Option<u64>, Error> {
+    tables
+        .get_raw(Table::Meta, FORMAT)?
+        .map(|bytes| codec::decode_u64(Table::Meta.name(), &bytes))
+        .transpose()
+}
+
+/// Refuses a ledger written by a newer sagad, before anything reads or replays it: its records
+/// or intents may mean what this build cannot know.
+pub(crate) fn refuse_newer(tables: &Tables) -> Result<(), Error> {
+    match stored_format(tables)? {
+        Some(format) if format > CURRENT_FORMAT => Err(Error::Storage(format!(
+            "the ledger is in format {format}, written by a newer sagad; this one reads formats \
+             up to {CURRENT_FORMAT}: run the newer sagad on it"
+        ))),
+        _ => Ok(()),
+    }
+}
 
 /// Sagas moved per transaction: bounded, so a large ledger is never one huge transaction.
 const BATCH: usize = 256;
 
 /// Upgrades the ledger to `CURRENT_FORMAT` unless it is known to be there already.
 pub(crate) fn run(tables: &Tables) -> Result<(), Error> {
-    if let Some(bytes) = tables.get_raw(Table::Meta, FORMAT)?
-        && codec::decode_u64(Table::Meta.name(), &bytes)? >= CURRENT_FORMAT
-    {
+    let format = stored_format(tables)?;
+    if format.is_some_and(|format| format >= CURRENT_FORMAT) {
         return Ok(());
     }
-    let moved = move_saga_payloads(tables)?;
+    // Format 2 to 3 moves nothing: the `intents` tree is opened (created) with the others.
+    let moved = if format.is_some_and(|format| format >= PAYLOADS_APART) {
+        0
+    } else {
+        move_saga_payloads(tables)?
+    };
     let mut done = Overlay::default();
     done.put(
         Table::Meta,
@@ -181,5 +210,62 @@ mod tests {
         assert_eq!(stored.unwrap().unwrap()[0], 2, "the saga was not rewritten");
         let format = db.open_tree("meta").unwrap().get(FORMAT).unwrap().unwrap();
         assert_eq!(format.as_ref(), CURRENT_FORMAT.to_be_bytes());
+    }
+
+    #[test]
+    fn a_ledger_from_a_newer_sagad_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger");
+        {
+            let db = sled::Config::new().path(&path).open().unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(FORMAT, &(CURRENT_FORMAT + 1).to_be_bytes())
+                .unwrap();
+            db.open_tree("intents")
+                .unwrap()
+                .insert(0u64.to_be_bytes(), &[9, 9, 9][..])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let refused = (0..100)
+            .find_map(|_| match Store::open(Options::new(&path)) {
+                Err(Error::Locked { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    None
+                }
+                other => Some(other),
+            })
+            .unwrap();
+        let Err(error) = refused else {
+            panic!("a ledger in a newer format was opened");
+        };
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("format {}", CURRENT_FORMAT + 1))
+                && message.contains("newer sagad"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_format_2_ledger_is_marked_current_without_moving_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tables = Tables::open(db).unwrap();
+        tables
+            .tree(Table::Meta)
+            .insert(FORMAT, &PAYLOADS_APART.to_be_bytes())
+            .unwrap();
+        // A version 1 saga would be moved by the format 1 upgrade; format 2 has none, so this
+        // one is left exactly as it is.
+        let v1 = codec::encode_saga_v1(&saga(1), b"inside");
+        tables
+            .tree(Table::Sagas)
+            .insert(1u64.to_be_bytes(), v1.clone())
+            .unwrap();
+        run(&tables).unwrap();
+        assert_eq!(stored_format(&tables).unwrap(), Some(CURRENT_FORMAT));
+        let stored = tables.tree(Table::Sagas).get(1u64.to_be_bytes()).unwrap();
+        assert_eq!(stored.unwrap().as_ref(), v1.as_slice());
     }
 }
