@@ -48,6 +48,15 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Stores saga `sequence` with a durable `write`.
+async fn put_saga(store: &Store, sequence: u64) {
+    store
+        .write(move |tx| tx.put_saga(&saga(sequence)))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 /// Allocates `per_write` sequences in each of `writes` jobs spread over `tasks` tasks; every
 /// third job is rejected after allocating. Returns the committed sequences in allocation
 /// order (recorded on the writer thread, which runs jobs one at a time).
@@ -132,13 +141,7 @@ fn concurrent_writes_share_flushes_and_are_all_readable() {
         let writes: Vec<_> = (1..=200u64)
             .map(|sequence| {
                 let store = store.clone();
-                tokio::spawn(async move {
-                    store
-                        .write(move |tx| tx.put_saga(&saga(sequence)))
-                        .await
-                        .unwrap()
-                        .unwrap();
-                })
+                tokio::spawn(async move { put_saga(&store, sequence).await })
             })
             .collect();
         for write in writes {
@@ -169,11 +172,7 @@ fn groups_that_write_nothing_skip_the_flush() {
     let rt = runtime();
     let store = Store::open(options(&dir)).unwrap();
     rt.block_on(async {
-        store
-            .write(|tx| tx.put_saga(&saga(1)))
-            .await
-            .unwrap()
-            .unwrap();
+        put_saga(&store, 1).await;
         let after_write = store.flush_count();
         assert_eq!(after_write, 1);
         let found = store.write(|tx| tx.saga(1)).await.unwrap().unwrap();
@@ -200,11 +199,7 @@ fn unflushed_writes_cost_no_flush_and_the_next_durable_write_covers_them() {
     let rt = runtime();
     let store = Store::open(options(&dir)).unwrap();
     rt.block_on(async {
-        store
-            .write(|tx| tx.put_saga(&saga(1)))
-            .await
-            .unwrap()
-            .unwrap();
+        put_saga(&store, 1).await;
         let before = store.flush_count();
         for sequence in 2..=5 {
             store
@@ -222,11 +217,7 @@ fn unflushed_writes_cost_no_flush_and_the_next_durable_write_covers_them() {
         let seen = store.write(|tx| tx.saga(5)).await.unwrap().unwrap();
         assert_eq!(seen, Some(saga(5)), "a later write did not see it");
         assert_eq!(store.flush_count(), before + 1);
-        store
-            .write(|tx| tx.put_saga(&saga(6)))
-            .await
-            .unwrap()
-            .unwrap();
+        put_saga(&store, 6).await;
         assert_eq!(store.flush_count(), before + 2);
     });
     // Reopen without close: only what the last flush covered is promised, and it covers all.

@@ -258,10 +258,7 @@ async fn deliver(
     let carries_payload = matches!(command.kind, Kind::Execute | Kind::Reverse);
     let payload = match payload {
         Some(payload) => payload,
-        None if !carries_payload => crate::store::PayloadRecord {
-            data: Vec::new(),
-            content_type: String::new(),
-        },
+        None if !carries_payload => store::PayloadRecord::default(),
         None => loop {
             match engine.payload_of(&command).await {
                 Ok(payload) => break payload,

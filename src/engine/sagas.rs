@@ -861,10 +861,7 @@ fn command_payload(
     {
         return Ok(own);
     }
-    Ok(payload("")?.unwrap_or(PayloadRecord {
-        data: Vec::new(),
-        content_type: String::new(),
-    }))
+    Ok(payload("")?.unwrap_or_default())
 }
 
 /// Command ids are `<gsn>:<kind letter><outbox id>`, stable across redeliveries because the

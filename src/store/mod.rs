@@ -148,7 +148,7 @@ struct Inner {
 pub struct WriteTx<'a> {
     tables: &'a Tables,
     /// The group's buffered writes, journaled while this closure runs: its own are kept only if
-    /// it returns `Ok`, and the group reaches sled as one transaction.
+    /// it returns `Ok`, and the group reaches sled whole, behind one intent record.
     overlay: &'a mut Overlay,
 }
 
@@ -157,8 +157,7 @@ pub struct ReadTx<'a> {
     tables: &'a Tables,
 }
 
-/// Meta keys of the counters; each is committed in the same transaction as the write that
-/// used it, so a number is never handed out twice, even across a crash.
+/// Meta keys of the counters; each is committed atomically with the write that used it, so a number is never handed out twice, even across a crash.
 const GSN_COUNTER: &[u8] = b"gsn_seq";
 const OUTBOX_COUNTER: &[u8] = b"outbox_seq";
 const DUE_COUNTER: &[u8] = b"due_seq";

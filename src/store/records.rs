@@ -80,8 +80,9 @@ pub struct TimelineRecord {
 }
 
 /// A payload (table `payloads`, key: GSN sequence big-endian ++ branch id; the saga's own
-/// payload has an empty branch id). Written once, so transitions never rewrite it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// payload has an empty branch id). Written once, so transitions never rewrite it. The default
+/// is no payload: empty data, no content type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PayloadRecord {
     pub data: Vec<u8>,
     pub content_type: String,
