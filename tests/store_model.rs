@@ -405,7 +405,7 @@ enum Resolved {
     PutOutbox(u64, OutboxRecord),
     DeleteOutbox(u64),
     Schedule(u64, DueRecord),
-    Cancel(u64, DueKey),
+    Cancel(DueKey),
     CancelSagaTimers(u64),
     PutPayload(u64, &'static str, PayloadRecord),
     ReadPayload(u64, &'static str),
@@ -491,11 +491,7 @@ impl Model {
                 timer,
                 sequence,
             } => Resolved::Schedule(*at_ms, due(*timer, *sequence)),
-            Step::Cancel { pick } => {
-                let key = self.pick_due(pick);
-                let sequence = self.due.get(&key).map_or(1, |record| record.gsn_sequence);
-                Resolved::Cancel(sequence, key)
-            }
+            Step::Cancel { pick } => Resolved::Cancel(self.pick_due(pick)),
             Step::CancelSagaTimers { sequence } => Resolved::CancelSagaTimers(*sequence),
             Step::PutPayload {
                 sequence,
@@ -626,7 +622,7 @@ impl Model {
                     self.last_due_id
                 )),
             },
-            Resolved::Cancel(_, key) => {
+            Resolved::Cancel(key) => {
                 self.due.remove(key);
                 Outcome::Done
             }
@@ -732,7 +728,7 @@ fn run_step(tx: &mut sagad::store::WriteTx<'_>, step: &Resolved) -> Outcome {
         Resolved::PutOutbox(id, record) => tx.put_outbox(*id, record).map(|()| Outcome::Done),
         Resolved::DeleteOutbox(id) => tx.delete_outbox(*id).map(|()| Outcome::Done),
         Resolved::Schedule(at_ms, record) => tx.schedule(*at_ms, record).map(Outcome::DueKey),
-        Resolved::Cancel(sequence, key) => tx.cancel(*sequence, *key).map(|()| Outcome::Done),
+        Resolved::Cancel(key) => tx.cancel(*key).map(|()| Outcome::Done),
         Resolved::CancelSagaTimers(sequence) => {
             tx.cancel_saga_timers(*sequence).map(Outcome::Collected)
         }

@@ -705,7 +705,7 @@ impl Engine {
         let applied = self
             .store
             .write(move |tx| -> Result<Applied, Error> {
-                tx.cancel(record.gsn_sequence, key)?;
+                tx.cancel(key)?;
                 let fired = (|| {
                     let timer = commands::decode_timer(&record.timer)?;
                     let Some(stored) = tx.saga(record.gsn_sequence)? else {

@@ -554,12 +554,19 @@ impl WriteTx<'_> {
         );
         Ok(key)
     }
-    /// Removes one timer of saga `sequence` (it fired).
-    pub fn cancel(&mut self, sequence: u64, key: DueKey) -> Result<(), Error> {
-        self.overlay
-            .delete(Table::Due, codec::due_key(key).to_vec());
-        self.overlay
-            .delete(Table::DueBySaga, saga_timer_key(sequence, key));
+    /// Removes one timer (it fired), and its entry in its saga's index. The saga is read from
+    /// the timer's own record, so the index can never keep an entry for a removed timer; a
+    /// record that does not decode has no index entry to find and is removed alone.
+    pub fn cancel(&mut self, key: DueKey) -> Result<(), Error> {
+        let raw = codec::due_key(key).to_vec();
+        match self.get::<DueRecord>(Table::Due, &raw) {
+            Ok(Some(record)) => self
+                .overlay
+                .delete(Table::DueBySaga, saga_timer_key(record.gsn_sequence, key)),
+            Ok(None) | Err(Error::Corrupt { .. } | Error::UnknownVersion { .. }) => {}
+            Err(other) => return Err(other),
+        }
+        self.overlay.delete(Table::Due, raw);
         Ok(())
     }
     /// Removes every pending timer of saga `sequence` (it ended: they could only come due for
