@@ -38,7 +38,6 @@ pub use records::{
 
 use codec::Record;
 use records::RetryLinkRecord;
-use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -199,11 +198,7 @@ impl Store {
         let flusher = writer::Flusher {
             tables: tables.clone(),
             durability: options.durability,
-            sync: writer::FileSync {
-                data_file,
-                blobs_dir: path.join("blobs"),
-                synced_blobs: HashSet::new(),
-            },
+            sync: writer::FileSync::new(data_file, path.join("blobs")),
             flushes: flushes.clone(),
             writer: writer_inbox.downgrade(),
             dirty: false,

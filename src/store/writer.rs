@@ -7,6 +7,7 @@
 use super::intents::Intents;
 use super::tables::{Overlay, Tables, storage_error};
 use super::{Durability, Error, WriteTx};
+use crate::clock::{Clock, SystemClock};
 use std::collections::HashSet;
 use std::fs::File;
 use std::io;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 
 /// Answers one job once its group's flush is known: `Ok` if it made the data durable.
@@ -332,7 +334,7 @@ impl Flusher {
 
 /// What sled's flush leaves undone for power-loss safety: sled writes the data file with
 /// `sync_file_range`, which persists neither the file's metadata nor the disk's cache, and it
-/// never fsyncs the blob files it writes for values over ~128 KiB.
+/// never fsyncs the blob files it writes for pages over ~128 KiB.
 pub(crate) struct FileSync {
     /// A descriptor of `<path>/db`: fdatasync acts on the file, whichever descriptor asks.
     pub(crate) data_file: File,
@@ -340,11 +342,64 @@ pub(crate) struct FileSync {
     /// Blob files (named by LSN) already synced. A set rather than a high-water mark, because
     /// sled's background page rewrites may create a blob with a lower LSN after a higher one.
     pub(crate) synced_blobs: HashSet<u64>,
+    /// The last complete listing of the blob folder; `None` until there is one.
+    pub(crate) listed: Option<Listing>,
+}
+
+/// When the blob folder was last listed, and its modification time just before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Listing {
+    pub(crate) folder_mtime: SystemTime,
+    pub(crate) at: SystemTime,
+}
+
+/// How long the blob folder must have been left alone before an unchanged modification time
+/// is trusted to mean no blob was added. File systems stamp folders from a coarse clock (some
+/// keep only whole seconds, FAT two), so a blob created soon after another change can leave
+/// the time as it was; one created after a listing that ran this long after the last change
+/// cannot.
+const BLOB_FOLDER_SETTLED: Duration = Duration::from_secs(10);
+
+/// Whether the blob folder must be listed again to find blobs not yet synced. Almost no ledger
+/// has blobs (only pages over ~128 KiB become one), so a settled folder turns the listing
+/// (open, read, close on every durable flush, on the path of every acknowledged write) into
+/// one stat.
+pub(crate) fn must_list_blobs(last: Option<&Listing>, folder_mtime: SystemTime) -> bool {
+    let Some(last) = last else {
+        return true;
+    };
+    let settled = last
+        .at
+        .duration_since(last.folder_mtime)
+        .is_ok_and(|quiet| quiet >= BLOB_FOLDER_SETTLED);
+    last.folder_mtime != folder_mtime || !settled
 }
 
 impl FileSync {
-    fn sync(&mut self) -> io::Result<()> {
+    pub(crate) fn new(data_file: File, blobs_dir: PathBuf) -> FileSync {
+        FileSync {
+            data_file,
+            blobs_dir,
+            synced_blobs: HashSet::new(),
+            listed: None,
+        }
+    }
+
+    pub(crate) fn sync(&mut self) -> io::Result<()> {
         self.data_file.sync_data()?;
+        // Both taken before the listing, so a blob created while it runs changes the folder
+        // after `folder_mtime` and is found by the next one.
+        let folder_mtime = std::fs::metadata(&self.blobs_dir)
+            .and_then(|meta| meta.modified())
+            .ok();
+        // The real wall clock, never an injected one: it is compared with the file system's
+        // stamps. Milliseconds round it down, which only makes the folder look less settled.
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(SystemClock.now_ms());
+        if let Some(mtime) = folder_mtime
+            && !must_list_blobs(self.listed.as_ref(), mtime)
+        {
+            return Ok(());
+        }
         let mut present = HashSet::new();
         let mut synced_any = false;
         for entry in std::fs::read_dir(&self.blobs_dir)? {
@@ -374,6 +429,69 @@ impl FileSync {
             File::open(&self.blobs_dir)?.sync_all()?;
         }
         self.synced_blobs.retain(|lsn| present.contains(lsn));
+        self.listed = folder_mtime.map(|folder_mtime| Listing { folder_mtime, at });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(n: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(n)
+    }
+
+    #[test]
+    fn blob_folder_is_listed_until_a_listing_has_seen_it_settled() {
+        let settled = Listing {
+            folder_mtime: secs(1_000),
+            at: secs(1_010),
+        };
+        assert!(must_list_blobs(None, secs(1_000)), "never listed");
+        assert!(
+            !must_list_blobs(Some(&settled), secs(1_000)),
+            "settled and unchanged"
+        );
+        assert!(
+            must_list_blobs(Some(&settled), secs(1_020)),
+            "changed since"
+        );
+        let recent = Listing {
+            folder_mtime: secs(1_000),
+            at: secs(1_009),
+        };
+        assert!(
+            must_list_blobs(Some(&recent), secs(1_000)),
+            "a blob created in the same clock tick as the last change would not move the time"
+        );
+        let ahead = Listing {
+            folder_mtime: secs(1_000),
+            at: secs(900),
+        };
+        assert!(
+            must_list_blobs(Some(&ahead), secs(1_000)),
+            "a folder time after the listing (a clock step) proves nothing"
+        );
+    }
+
+    #[test]
+    fn blob_created_after_a_sync_is_synced_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir(&blobs).unwrap();
+        let data = File::create(dir.path().join("db")).unwrap();
+        let mut sync = FileSync::new(data, blobs.clone());
+        sync.sync().unwrap();
+        assert!(sync.synced_blobs.is_empty());
+        std::fs::write(blobs.join("42"), b"blob").unwrap();
+        sync.sync().unwrap();
+        assert!(sync.synced_blobs.contains(&42));
+        std::fs::remove_file(blobs.join("42")).unwrap();
+        sync.sync().unwrap();
+        assert!(
+            sync.synced_blobs.is_empty(),
+            "a collected blob is forgotten"
+        );
     }
 }
