@@ -41,6 +41,13 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether text logs carry terminal colours: only when stderr is a terminal, and not when
+/// `NO_COLOR` is set to anything (no-color.org). Escape codes in a log file or the journal
+/// only get in the way of grep.
+pub fn log_colours(stderr_is_terminal: bool, env: &dyn Environment) -> bool {
+    stderr_is_terminal && env.get("NO_COLOR").is_none_or(|value| value.is_empty())
+}
+
 /// Everything sagad needs to start, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -373,6 +380,20 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(log_colours(true, &env(&[])));
+        assert!(
+            !log_colours(false, &env(&[])),
+            "a file or the journal gets plain text"
+        );
+        assert!(!log_colours(true, &env(&[("NO_COLOR", "1")])));
+        assert!(
+            log_colours(true, &env(&[("NO_COLOR", "")])),
+            "empty means unset"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The sagad binary: configuration (exit 64 when it is bad), logs to stderr, bind, then
 //! `app::serve` until SIGINT or SIGTERM. Everything else lives in the library.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use sagad::app;
@@ -61,8 +62,10 @@ fn main() -> ExitCode {
 
 fn init_logging(config: &Config) {
     let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let colours = config::log_colours(std::io::stderr().is_terminal(), &ProcessEnvironment);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colours)
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => builder.init(),

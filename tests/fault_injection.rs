@@ -1194,6 +1194,13 @@ async fn run(seed: u64) {
                 .join("\n")
         );
     }
+    // Operators read this file with grep and less: plain text, no terminal colours.
+    let log = std::fs::read_to_string(dir.path().join("sagad.log")).unwrap();
+    assert!(log.contains("saga started"), "sagad logged nothing:\n{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "sagad's log file holds terminal escape codes"
+    );
 }
 
 // ---- Failures found by this test, pinned so they replay without the randomness ----
