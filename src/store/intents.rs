@@ -200,15 +200,19 @@ fn encode(overlay: &Overlay) -> Result<Vec<u8>, Error> {
 }
 
 fn push_slice(bytes: &mut Vec<u8>, slice: &[u8]) -> Result<(), Error> {
-    let length = u32::try_from(slice.len()).map_err(|_| {
-        Error::Storage(format!(
-            "a key or value of {} bytes is over the ledger's 4 GiB limit",
-            slice.len()
-        ))
-    })?;
-    bytes.extend_from_slice(&length.to_le_bytes());
+    bytes.extend_from_slice(&encoded_length(slice.len())?.to_le_bytes());
     bytes.extend_from_slice(slice);
     Ok(())
+}
+
+/// A key's or value's length as the intent stores it; longer ones are refused, so the group is
+/// refused before anything of it is written.
+fn encoded_length(length: usize) -> Result<u32, Error> {
+    u32::try_from(length).map_err(|_| {
+        Error::Storage(format!(
+            "a key or value of {length} bytes is over the ledger's 4 GiB limit"
+        ))
+    })
 }
 
 fn decode(bytes: &[u8]) -> Result<Vec<Write>, Error> {
@@ -341,6 +345,16 @@ mod tests {
         fn a_damaged_intent_is_reported_not_panicked_on(bytes in vec(any::<u8>(), 0..64)) {
             let _ = decode(&bytes);
         }
+    }
+
+    #[test]
+    fn a_key_or_value_over_4_gib_is_refused_not_truncated() {
+        assert_eq!(encoded_length(0).unwrap(), 0);
+        assert_eq!(encoded_length(u32::MAX as usize).unwrap(), u32::MAX);
+        let over = u32::MAX as usize + 1;
+        assert!(
+            matches!(encoded_length(over), Err(Error::Storage(message)) if message.contains("4 GiB"))
+        );
     }
 
     #[test]
