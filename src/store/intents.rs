@@ -79,30 +79,38 @@ impl Intents {
         }
         // Encoded before anything is written, so a write that cannot be encoded is refused
         // with nothing half done.
-        let record = if writes > 1 || !self.live.is_empty() {
+        let record = if self.needs_intent(writes) {
             Some(encode(overlay)?)
         } else {
             None
         };
         let _readers_out = tables.exclusive();
-        let written = self.write_group(tables, overlay, writes, record);
+        let written = self.write_group(tables, overlay, record);
         if let Err(error) = &written {
             self.failed = Some(error.to_string());
         }
         written
     }
 
+    /// A group needs an intent unless it is a lone write and no intent will be left once the
+    /// ones a flush covered are removed (removal goes oldest first, up to `flushed_through`).
+    fn needs_intent(&self, writes: usize) -> bool {
+        writes > 1
+            || self
+                .live
+                .iter()
+                .any(|&id| self.flushed_through.is_none_or(|done| id > done))
+    }
+
     fn write_group(
         &mut self,
         tables: &Tables,
         overlay: &Overlay,
-        writes: usize,
         record: Option<Vec<u8>>,
     ) -> Result<Option<u64>, Error> {
         self.remove_flushed(tables)?;
         let id = match record {
-            // Needed unless this is a lone write and no intent is left after the removals.
-            Some(record) if writes > 1 || !self.live.is_empty() => {
+            Some(record) => {
                 let id = self.next_id;
                 tables
                     .intents()
@@ -112,7 +120,7 @@ impl Intents {
                 self.live.push_back(id);
                 Some(id)
             }
-            _ => None,
+            None => None,
         };
         for (table, key, value) in overlay.writes() {
             write(tables, table, key, value)?;
