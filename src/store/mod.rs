@@ -156,7 +156,8 @@ pub struct ReadTx<'a> {
     tables: &'a Tables,
 }
 
-/// Meta keys of the counters; each is committed atomically with the write that used it, so a number is never handed out twice, even across a crash.
+/// Meta keys of the counters; each is committed atomically with the write that used it, so a
+/// number is never handed out twice, even across a crash.
 const GSN_COUNTER: &[u8] = b"gsn_seq";
 const OUTBOX_COUNTER: &[u8] = b"outbox_seq";
 const DUE_COUNTER: &[u8] = b"due_seq";

@@ -337,20 +337,20 @@ impl Flusher {
 /// never fsyncs the blob files it writes for pages over ~128 KiB.
 pub(crate) struct FileSync {
     /// A descriptor of `<path>/db`: fdatasync acts on the file, whichever descriptor asks.
-    pub(crate) data_file: File,
-    pub(crate) blobs_dir: PathBuf,
+    data_file: File,
+    blobs_dir: PathBuf,
     /// Blob files (named by LSN) already synced. A set rather than a high-water mark, because
     /// sled's background page rewrites may create a blob with a lower LSN after a higher one.
-    pub(crate) synced_blobs: HashSet<u64>,
+    synced_blobs: HashSet<u64>,
     /// The last complete listing of the blob folder; `None` until there is one.
-    pub(crate) listed: Option<Listing>,
+    listed: Option<Listing>,
 }
 
 /// When the blob folder was last listed, and its modification time just before.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Listing {
-    pub(crate) folder_mtime: SystemTime,
-    pub(crate) at: SystemTime,
+#[derive(Debug, Clone, Copy)]
+struct Listing {
+    folder_mtime: SystemTime,
+    at: SystemTime,
 }
 
 /// How long the blob folder must have been left alone before an unchanged modification time
@@ -364,7 +364,7 @@ const BLOB_FOLDER_SETTLED: Duration = Duration::from_secs(10);
 /// has blobs (only pages over ~128 KiB become one), so a settled folder turns the listing
 /// (open, read, close on every durable flush, on the path of every acknowledged write) into
 /// one stat.
-pub(crate) fn must_list_blobs(last: Option<&Listing>, folder_mtime: SystemTime) -> bool {
+fn must_list_blobs(last: Option<&Listing>, folder_mtime: SystemTime) -> bool {
     let Some(last) = last else {
         return true;
     };
@@ -385,21 +385,21 @@ impl FileSync {
         }
     }
 
-    pub(crate) fn sync(&mut self) -> io::Result<()> {
+    fn sync(&mut self) -> io::Result<()> {
         self.data_file.sync_data()?;
-        // Both taken before the listing, so a blob created while it runs changes the folder
-        // after `folder_mtime` and is found by the next one.
+        // The folder's time and `at` are both taken before the listing, so a blob created
+        // while it runs changes the folder after `folder_mtime` and is found by the next one.
         let folder_mtime = std::fs::metadata(&self.blobs_dir)
             .and_then(|meta| meta.modified())
             .ok();
-        // The real wall clock, never an injected one: it is compared with the file system's
-        // stamps. Milliseconds round it down, which only makes the folder look less settled.
-        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(SystemClock.now_ms());
         if let Some(mtime) = folder_mtime
             && !must_list_blobs(self.listed.as_ref(), mtime)
         {
             return Ok(());
         }
+        // The real wall clock, never an injected one: it is compared with the file system's
+        // stamps. Milliseconds round it down, which only makes the folder look less settled.
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(SystemClock.now_ms());
         let mut present = HashSet::new();
         let mut synced_any = false;
         for entry in std::fs::read_dir(&self.blobs_dir)? {
