@@ -441,6 +441,99 @@ async fn a_participant_failing_with_a_code_that_is_not_retryable_is_reversed_at_
     assert_eq!(saga.state, pb::SagaState::Completed as i32);
 }
 
+/// A node that answers a failure inline and also reports it with ReportState (with and without
+/// the command id, under new request ids), and a late repeat of an earlier send's failure:
+/// each failure counts once, so the retry policy's whole budget is sent before the step is
+/// given up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repeated_failure_reports_do_not_spend_the_retry_budget_early() {
+    let shop = shop(Duration::from_secs(10)).await;
+    let max_retries = 3u32;
+    pb::retries_client::RetriesClient::new(shop.server.channel.clone())
+        .put_retry_config(pb::PutRetryConfigRequest {
+            request_id: "retry-dup".into(),
+            config: Some(pb::RetryConfig {
+                defaults: Some(pb::RetryPolicy {
+                    retryable_codes: vec!["UNAVAILABLE".into()],
+                    max_retries: Some(max_retries),
+                    // Long enough that the repeats below land while the retry waits.
+                    min_interval: millis(500),
+                    backoff_factor: Some(1.0),
+                    max_interval: millis(500),
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    shop.payment
+        .node
+        .script("charge", vec![Script::Fail("UNAVAILABLE"); 10]);
+    let gsn = start_order(&shop.server.channel, "o-dup", "order dup").await;
+    let mut coordinator = CoordinatorClient::new(shop.server.channel.clone());
+    let executes = || -> Vec<String> {
+        shop.payment
+            .node
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, kind)| *kind == "execute")
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    let failed = |request_id: String, command_id: String| pb::ReportStateRequest {
+        request_id,
+        gsn: gsn.clone(),
+        branch_id: "charge".into(),
+        reporter_node_id: "payment".into(),
+        outcome: pb::Outcome::Failed as i32,
+        error_code: "UNAVAILABLE".into(),
+        command_id,
+        ..Default::default()
+    };
+    for send in 1..=max_retries {
+        let seen = eventually(LIMIT, || executes().len() >= send as usize).await;
+        assert!(seen, "send {send} of charge arrived");
+        let ids = executes();
+        let latest = ids[send as usize - 1].clone();
+        coordinator
+            .report_state(failed(format!("dup-{send}-a"), latest.clone()))
+            .await
+            .unwrap();
+        coordinator
+            .report_state(failed(format!("dup-{send}-b"), String::new()))
+            .await
+            .unwrap();
+        if send > 1 {
+            // The first send's failure, once more, while a later send is out or waits.
+            coordinator
+                .report_state(failed(format!("dup-{send}-c"), ids[0].clone()))
+                .await
+                .unwrap();
+        }
+    }
+    let saga = wait_terminal(&shop.server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32);
+    assert_eq!(
+        executes().len(),
+        1 + max_retries as usize,
+        "the original send and every retry the policy allows, no fewer"
+    );
+    let saga = get(&shop.server.channel, &gsn).await;
+    let charge = branch(&saga, "charge");
+    assert_eq!(charge.attempts, 1 + max_retries);
+    assert_eq!(charge.next_attempt_at, None);
+    assert!(
+        charge
+            .timeline
+            .iter()
+            .any(|t| t.what.contains("late or repeated report FAILED")),
+        "the repeats are on the timeline: {:?}",
+        charge.timeline
+    );
+}
+
 /// The write that ends a saga removes its pending step timeouts, so they never come due: a
 /// finished saga costs no ledger write when its steps' timeouts pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

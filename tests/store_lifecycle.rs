@@ -24,6 +24,7 @@ fn branch(order: u32) -> BranchRecord {
         error_code: String::new(),
         message: String::new(),
         attempts: 1,
+        retry_at_ms: 0,
         created_ms: 10,
         updated_ms: 10,
         last_poll_outcome: 0,

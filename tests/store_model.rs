@@ -66,6 +66,7 @@ fn saga(sequence: u64, state: u8, branches: usize) -> SagaRecord {
         error_code: String::new(),
         message: String::new(),
         attempts: u32::from(state),
+        retry_at_ms: u64::from(state) * 7,
         created_ms: 1,
         updated_ms: 2,
         last_poll_outcome: 0,

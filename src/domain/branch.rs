@@ -59,14 +59,27 @@ pub struct Status {
     pub parameters: BTreeMap<String, String>,
 }
 
-/// A report about a branch's forward action: from the node's answer to Execute or QueryStatus,
-/// or from ReportState.
+/// A report about a branch's action: from the node's answer to a command, or from ReportState.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     pub outcome: Outcome,
     pub status: Option<Status>,
     pub error_code: String,
     pub message: String,
+    /// Which send of the branch's current action this answers (1 for the first), when the
+    /// answer says so (it names the command it answers); `None` means the latest send.
+    pub attempt: Option<u32>,
+}
+
+impl Report {
+    /// Whether this answers the branch's latest send while that send still awaits its answer.
+    /// It does not when it names an older send (or one of an earlier round of reversal), or
+    /// when the latest send's failure was already counted and its retry waits: a late or
+    /// repeated answer, which must not count against the retry budget again. Callers still
+    /// take such an answer when it says the action took effect.
+    pub fn answers_pending_send(&self, branch: &Branch) -> bool {
+        self.attempt.unwrap_or(branch.attempts) == branch.attempts && branch.retry_at_ms.is_none()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +102,9 @@ pub struct Branch {
     pub message: String,
     /// Sends of the current action (forward, then reversal).
     pub attempts: u32,
+    /// When a failure of the latest send was counted and the retry policy resends it: the time
+    /// of that resend. While it waits, no answer can be about a send still to come.
+    pub retry_at_ms: Option<Millis>,
     pub created_ms: Millis,
     pub updated_ms: Millis,
     pub last_poll_outcome: Option<Outcome>,

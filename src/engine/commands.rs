@@ -29,6 +29,24 @@ pub struct Command {
     /// For signals: the signal code (see `convert::signal_code`).
     pub signal: u8,
     pub business_type: String,
+    /// For Execute and Reverse: which send of the branch's action this is (1 for the first),
+    /// so its answer is read as that send's. 0 when unknown: commands stored by an sagad
+    /// before this field, and the kinds that are not sends of an action.
+    pub attempt: u32,
+}
+
+/// The shape commands had before `attempt`; entries of that shape may wait in an outbox
+/// through an upgrade. Field order is the format; never edit it.
+#[derive(Deserialize)]
+struct CommandV1 {
+    kind: Kind,
+    gsn: String,
+    branch_id: String,
+    node_id: String,
+    action: String,
+    reason: String,
+    signal: u8,
+    business_type: String,
 }
 
 pub fn encode_command(command: &Command) -> Result<Vec<u8>, store::Error> {
@@ -38,10 +56,28 @@ pub fn encode_command(command: &Command) -> Result<Vec<u8>, store::Error> {
     })
 }
 
+/// Decodes either shape. An older entry ends where the current shape's `attempt` would begin,
+/// so it never decodes as the current shape; the current shape is tried first because an
+/// older decoder would read it and ignore the trailing field.
 pub fn decode_command(bytes: &[u8]) -> Result<Command, store::Error> {
-    postcard::from_bytes(bytes).map_err(|e| store::Error::Corrupt {
+    let current = match postcard::from_bytes::<Command>(bytes) {
+        Ok(command) => return Ok(command),
+        Err(e) => e,
+    };
+    let old: CommandV1 = postcard::from_bytes(bytes).map_err(|_| store::Error::Corrupt {
         table: "outbox",
-        detail: format!("decoding a command: {e}"),
+        detail: format!("decoding a command: {current}"),
+    })?;
+    Ok(Command {
+        kind: old.kind,
+        gsn: old.gsn,
+        branch_id: old.branch_id,
+        node_id: old.node_id,
+        action: old.action,
+        reason: old.reason,
+        signal: old.signal,
+        business_type: old.business_type,
+        attempt: 0,
     })
 }
 
@@ -100,10 +136,20 @@ mod tests {
 
     proptest! {
         #[test]
-        fn commands_round_trip(gsn in ".{0,30}", branch in ".{0,20}", action in ".{0,20}", signal in 0u8..5, kind in 0u8..4) {
+        fn commands_round_trip(gsn in ".{0,30}", branch in ".{0,20}", action in ".{0,20}", signal in 0u8..5, kind in 0u8..4, attempt in proptest::prelude::any::<u32>()) {
             let kind = [Kind::Execute, Kind::Reverse, Kind::QueryStatus, Kind::Signal][kind as usize];
-            let command = Command { kind, gsn, branch_id: branch.clone(), node_id: branch, action, reason: "r".into(), signal, business_type: "order".into() };
+            let command = Command { kind, gsn, branch_id: branch.clone(), node_id: branch, action, reason: "r".into(), signal, business_type: "order".into(), attempt };
             prop_assert_eq!(decode_command(&encode_command(&command).unwrap()).unwrap(), command);
+        }
+
+        #[test]
+        fn commands_stored_before_attempts_read_with_an_unknown_attempt(gsn in ".{0,30}", branch in ".{0,20}", action in ".{0,20}", signal in 0u8..5, kind in 0u8..4) {
+            #[derive(Serialize)]
+            struct Written<'a> { kind: Kind, gsn: &'a str, branch_id: &'a str, node_id: &'a str, action: &'a str, reason: &'a str, signal: u8, business_type: &'a str }
+            let kind = [Kind::Execute, Kind::Reverse, Kind::QueryStatus, Kind::Signal][kind as usize];
+            let bytes = postcard::to_stdvec(&Written { kind, gsn: &gsn, branch_id: &branch, node_id: &branch, action: &action, reason: "r", signal, business_type: "order" }).unwrap();
+            let expected = Command { kind, gsn, branch_id: branch.clone(), node_id: branch, action, reason: "r".into(), signal, business_type: "order".into(), attempt: 0 };
+            prop_assert_eq!(decode_command(&bytes).unwrap(), expected);
         }
 
         #[test]

@@ -277,7 +277,7 @@ async fn deliver(
         }
         attempt = attempt.saturating_add(1);
         let outgoing = Outgoing {
-            command_id: command_id(&command.gsn, command.kind, outbox_id),
+            command_id: command_id(&command.gsn, command.kind, outbox_id, command.attempt),
             kind: command.kind,
             gsn: command.gsn.clone(),
             branch_id: command.branch_id.clone(),

@@ -366,6 +366,7 @@ mod tests {
             error_code: String::new(),
             message: String::new(),
             attempts: 1,
+            retry_at_ms: None,
             created_ms: 10,
             updated_ms: 20,
             last_poll_outcome: None,

@@ -146,7 +146,7 @@ pub(crate) fn store_transition(
         .filter(|e| matches!(e, Effect::Reverse { .. }))
         .count() as u64;
     for effect in effects {
-        let (kind, branch_id, node_id, action, reason, signal) = match effect {
+        let (kind, branch_id, node_id, action, reason, signal, attempt) = match effect {
             Effect::WakeAt { at_ms, timer } => {
                 tx.schedule(
                     at_ms,
@@ -157,7 +157,7 @@ pub(crate) fn store_transition(
                 )?;
                 continue;
             }
-            Effect::Execute { branch_id } => {
+            Effect::Execute { branch_id, attempt } => {
                 let Some(b) = saga.branch(&branch_id) else {
                     continue;
                 };
@@ -168,9 +168,14 @@ pub(crate) fn store_transition(
                     b.forward_action.clone(),
                     String::new(),
                     0,
+                    attempt,
                 )
             }
-            Effect::Reverse { branch_id, reason } => {
+            Effect::Reverse {
+                branch_id,
+                reason,
+                attempt,
+            } => {
                 let Some(b) = saga.branch(&branch_id) else {
                     continue;
                 };
@@ -181,6 +186,7 @@ pub(crate) fn store_transition(
                     b.reversal_action.clone(),
                     reason,
                     0,
+                    attempt,
                 )
             }
             Effect::QueryStatus { branch_id } => {
@@ -193,6 +199,7 @@ pub(crate) fn store_transition(
                     b.node_id.clone(),
                     b.forward_action.clone(),
                     String::new(),
+                    0,
                     0,
                 )
             }
@@ -207,6 +214,7 @@ pub(crate) fn store_transition(
                 String::new(),
                 reason,
                 convert::signal_code(Some(signal)),
+                0,
             ),
         };
         let command = Command {
@@ -218,6 +226,7 @@ pub(crate) fn store_transition(
             reason,
             signal,
             business_type: saga.business_type.as_str().to_owned(),
+            attempt,
         };
         let id = tx.push_outbox(&OutboxRecord {
             gsn_sequence: saga.gsn.sequence(),
@@ -617,17 +626,19 @@ impl Engine {
                         input.reporter_node_id, input.branch_id, branch.node_id
                     )));
                 }
-                if let Some((outbox_id, _)) = answering {
-                    tx.delete_outbox(outbox_id)?;
+                if let Some(answering) = answering {
+                    tx.delete_outbox(answering.outbox_id)?;
                 }
-                let kind = answering.map(|(_, kind)| kind).unwrap_or(Kind::Execute);
-                let applied = engine.apply_answer(tx, saga, &input.branch_id, kind, input.report, now)?;
+                let kind = answering.map(|a| a.kind).unwrap_or(Kind::Execute);
+                let mut report = input.report;
+                report.attempt = answering.and_then(|a| a.attempt);
+                let applied = engine.apply_answer(tx, saga, &input.branch_id, kind, report, now)?;
                 let saga = applied.saga.clone().ok_or_else(|| not_found(&gsn))?;
                 Ok((encode(&saga, &input.branch_id), applied))
             })
             .await?;
-        if let Some((outbox_id, _)) = answering {
-            self.command_done(outbox_id);
+        if let Some(answering) = answering {
+            self.command_done(answering.outbox_id);
         }
         if let Some(applied) = applied {
             self.after_commit(applied);
@@ -757,7 +768,7 @@ impl Engine {
         command: Command,
         report: Option<Report>,
     ) -> Result<(), Error> {
-        let Some(report) = report else {
+        let Some(mut report) = report else {
             // An acknowledged signal changes nothing but the outbox. Losing this delete in a
             // crash only sends the signal again, which nodes de-duplicate by command id, so it
             // need not wait for (or cost) a flush of its own.
@@ -778,6 +789,7 @@ impl Engine {
                     })?;
                     let saga = load_saga(tx, &gsn)?;
                     let now = engine.clock.now_ms();
+                    report.attempt = (command.attempt > 0).then_some(command.attempt);
                     engine.apply_answer(tx, saga, &command.branch_id, command.kind, report, now)
                 })();
                 keep_going(
@@ -813,7 +825,7 @@ impl Engine {
         let gsn = self
             .parse_gsn(gsn_text)
             .map_err(|_| Error::invalid("command_id", "does not start with a GSN"))?;
-        let (outbox_id, _) = parse_command_id(command_id, &gsn)?;
+        let outbox_id = parse_command_id(command_id, &gsn)?.outbox_id;
         let (answered, _) = self
             .idempotent_write_with("Ack", &request_id, fingerprint, move |tx, _| {
                 tx.delete_outbox(outbox_id)?;
@@ -864,20 +876,36 @@ fn command_payload(
     Ok(payload("")?.unwrap_or_default())
 }
 
-/// Command ids are `<gsn>:<kind letter><outbox id>`, stable across redeliveries because the
-/// outbox id is, so a node can de-duplicate by them: the kind tells how to read a report that
-/// answers the command, without a ledger lookup.
-pub(crate) fn command_id(gsn: &str, kind: Kind, outbox_id: u64) -> String {
+/// Command ids are `<gsn>:<kind letter><outbox id>`, and for a send of an action
+/// `.<attempt>` after it, stable across redeliveries because the outbox entry is, so a node
+/// can de-duplicate by them. The kind tells how to read a report that answers the command, and
+/// the attempt which send it answers, without a ledger lookup (the entry is gone once answered,
+/// and a repeated answer must still be known as one).
+pub(crate) fn command_id(gsn: &str, kind: Kind, outbox_id: u64, attempt: u32) -> String {
     let letter = match kind {
         Kind::Execute => 'e',
         Kind::Reverse => 'r',
         Kind::QueryStatus => 'q',
         Kind::Signal => 's',
     };
-    format!("{gsn}:{letter}{outbox_id}")
+    if attempt == 0 {
+        format!("{gsn}:{letter}{outbox_id}")
+    } else {
+        format!("{gsn}:{letter}{outbox_id}.{attempt}")
+    }
 }
 
-fn parse_command_id(text: &str, gsn: &Gsn) -> Result<(u64, Kind), Error> {
+/// What a command id names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CommandRef {
+    pub outbox_id: u64,
+    pub kind: Kind,
+    /// The send of the action it carried; `None` in ids without one (older ids, and commands
+    /// that are not sends of an action).
+    pub attempt: Option<u32>,
+}
+
+fn parse_command_id(text: &str, gsn: &Gsn) -> Result<CommandRef, Error> {
     let bad = || {
         Error::invalid(
             "command_id",
@@ -896,8 +924,19 @@ fn parse_command_id(text: &str, gsn: &Gsn) -> Result<(u64, Kind), Error> {
         Some('s') => Kind::Signal,
         _ => return Err(bad()),
     };
-    let id = chars.as_str().parse::<u64>().map_err(|_| bad())?;
-    Ok((id, kind))
+    let (id, attempt) = match chars.as_str().split_once('.') {
+        Some((id, attempt)) => (id, Some(attempt.parse::<u32>().map_err(|_| bad())?)),
+        None => (chars.as_str(), None),
+    };
+    if attempt == Some(0) {
+        return Err(bad());
+    }
+    let outbox_id = id.parse::<u64>().map_err(|_| bad())?;
+    Ok(CommandRef {
+        outbox_id,
+        kind,
+        attempt,
+    })
 }
 
 #[cfg(test)]
@@ -914,11 +953,27 @@ mod tests {
             Kind::QueryStatus,
             Kind::Signal,
         ] {
-            let id = command_id(&gsn.to_string(), kind, 42);
-            assert_eq!(parse_command_id(&id, &gsn).unwrap(), (42, kind));
+            for attempt in [0, 1, 7, u32::MAX] {
+                let id = command_id(&gsn.to_string(), kind, 42, attempt);
+                assert_eq!(
+                    parse_command_id(&id, &gsn).unwrap(),
+                    CommandRef {
+                        outbox_id: 42,
+                        kind,
+                        attempt: (attempt > 0).then_some(attempt),
+                    }
+                );
+            }
         }
         let other = Gsn::new(CoordinatorId::parse("c1").unwrap(), 8);
-        assert!(parse_command_id(&command_id(&gsn.to_string(), Kind::Execute, 1), &other).is_err());
-        assert!(parse_command_id("c1-0000000000000007:x1", &gsn).is_err());
+        assert!(
+            parse_command_id(&command_id(&gsn.to_string(), Kind::Execute, 1, 1), &other).is_err()
+        );
+        for bad in ["x1", "e", "e1.", "e1.0", "e1.x", "e.2", "e1.2.3", "e-1"] {
+            assert!(
+                parse_command_id(&format!("{gsn}:{bad}"), &gsn).is_err(),
+                "{bad} is refused"
+            );
+        }
     }
 }

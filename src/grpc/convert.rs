@@ -258,6 +258,7 @@ pub fn branch(branch: &Branch) -> pb::Branch {
             .unwrap_or(pb::Outcome::Unspecified) as i32,
         last_poll_at: (branch.last_poll_ms != 0).then(|| timestamp(branch.last_poll_ms)),
         polls: branch.polls,
+        next_attempt_at: branch.retry_at_ms.map(timestamp),
         timeline: branch
             .timeline
             .iter()

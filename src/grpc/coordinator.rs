@@ -154,6 +154,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 status: request.status.map(convert::status_from_pb),
                 error_code: request.error_code,
                 message: request.message,
+                // Read from command_id by the engine, if the report names its command.
+                attempt: None,
             },
             command_id: request.command_id,
         };

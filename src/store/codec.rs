@@ -2,8 +2,9 @@
 //! knows how bytes on disk map to records; it never panics on what it reads.
 
 use super::records::{
-    DueRecord, IdempotencyRecord, NodeRecord, OutboxRecord, PayloadRecord, RetryConfigRecord,
-    RetryHistoryRecord, RetryLinkRecord, SagaRecord, StrategyRecord,
+    BranchRecord, DueRecord, IdempotencyRecord, NodeRecord, OutboxRecord, PayloadRecord,
+    RetryConfigRecord, RetryHistoryRecord, RetryLinkRecord, SagaRecord, StepStatusRecord,
+    StrategyRecord, TimelineRecord,
 };
 use super::{DueKey, Error, IdempotencyKey};
 use serde::de::DeserializeOwned;
@@ -32,21 +33,136 @@ pub(crate) trait Record: Serialize + DeserializeOwned {
     }
 }
 
-/// Version 2 moved the payload out to `payloads` and added branches and run state.
+/// Version 2 moved the payload out to `payloads` and added branches and run state; version 3
+/// added each branch's `retry_at_ms`.
 impl Record for SagaRecord {
     const TABLE: &'static str = "sagas";
-    const VERSION: u8 = 2;
+    const VERSION: u8 = 3;
 
     /// A version 1 saga reads as a saga with no branches and no run state yet. Its payload is
     /// not part of the new shape: `Store::open` moves it to `payloads` (see `upgrade`), so this
-    /// path only serves a record that the upgrade could not move.
+    /// path only serves a record that the upgrade could not move. A version 2 saga reads with
+    /// no resend waiting on any branch (see `SagaRecordV2`).
     fn decode_older(version: u8, body: &[u8]) -> Result<Self, Error> {
         match version {
             1 => decode_saga_v1(body).map(|(saga, _payload)| saga),
+            2 => decode_body::<SagaRecordV2>(Self::TABLE, body).map(SagaRecordV2::upgrade),
             _ => Err(Error::UnknownVersion {
                 table: Self::TABLE,
                 version,
             }),
+        }
+    }
+}
+
+/// The shape of `SagaRecord` that version 2 wrote: branches without `retry_at_ms`. Field order
+/// is the format; never edit it. A branch of that version whose retry waited had already
+/// counted the resend in `attempts`; the engine's retry timer knows that shape by its missing
+/// `retry_at_ms` and does not count the resend twice.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct SagaRecordV2 {
+    coordinator_id: String,
+    sequence: u64,
+    business_type: String,
+    mode: u8,
+    content_type: String,
+    labels: BTreeMap<String, String>,
+    deadline_ms: u64,
+    state: u8,
+    created_ms: u64,
+    updated_ms: u64,
+    request_id: String,
+    strategy_version: u64,
+    branches: Vec<BranchRecordV2>,
+    reported: Vec<StepStatusRecord>,
+    fired_rules: Vec<u32>,
+    signal: u8,
+    reason: String,
+    reversal_serials: Vec<String>,
+    reversal_type: u8,
+    reversal_target: String,
+}
+
+/// A branch as saga record version 2 stored it. Field order is the format; never edit it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct BranchRecordV2 {
+    branch_id: String,
+    node_id: String,
+    caller_node_id: String,
+    forward_action: String,
+    reversal_action: String,
+    order: u32,
+    state: u8,
+    last_status: String,
+    last_status_parameters: BTreeMap<String, String>,
+    error_code: String,
+    message: String,
+    attempts: u32,
+    created_ms: u64,
+    updated_ms: u64,
+    last_poll_outcome: u8,
+    last_poll_ms: u64,
+    polls: u32,
+    timeout_ms: u64,
+    timeline: Vec<TimelineRecord>,
+}
+
+impl SagaRecordV2 {
+    fn upgrade(self) -> SagaRecord {
+        SagaRecord {
+            coordinator_id: self.coordinator_id,
+            sequence: self.sequence,
+            business_type: self.business_type,
+            mode: self.mode,
+            content_type: self.content_type,
+            labels: self.labels,
+            deadline_ms: self.deadline_ms,
+            state: self.state,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+            request_id: self.request_id,
+            strategy_version: self.strategy_version,
+            branches: self
+                .branches
+                .into_iter()
+                .map(BranchRecordV2::upgrade)
+                .collect(),
+            reported: self.reported,
+            fired_rules: self.fired_rules,
+            signal: self.signal,
+            reason: self.reason,
+            reversal_serials: self.reversal_serials,
+            reversal_type: self.reversal_type,
+            reversal_target: self.reversal_target,
+        }
+    }
+}
+
+impl BranchRecordV2 {
+    fn upgrade(self) -> BranchRecord {
+        BranchRecord {
+            branch_id: self.branch_id,
+            node_id: self.node_id,
+            caller_node_id: self.caller_node_id,
+            forward_action: self.forward_action,
+            reversal_action: self.reversal_action,
+            order: self.order,
+            state: self.state,
+            last_status: self.last_status,
+            last_status_parameters: self.last_status_parameters,
+            error_code: self.error_code,
+            message: self.message,
+            attempts: self.attempts,
+            retry_at_ms: 0,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+            last_poll_outcome: self.last_poll_outcome,
+            last_poll_ms: self.last_poll_ms,
+            polls: self.polls,
+            timeout_ms: self.timeout_ms,
+            timeline: self.timeline,
         }
     }
 }
@@ -432,14 +548,14 @@ mod tests {
                 any::<u64>(),
                 any::<u32>(),
             ),
-            (any::<u64>(), vec(timeline(), 0..4)),
+            (any::<u64>(), vec(timeline(), 0..4), any::<u64>()),
         )
             .prop_map(
                 |(
                     (branch_id, node_id, caller_node_id, forward_action, reversal_action, order),
                     (state, last_status, last_status_parameters, error_code, message, attempts),
                     (created_ms, updated_ms, last_poll_outcome, last_poll_ms, polls),
-                    (timeout_ms, timeline),
+                    (timeout_ms, timeline, retry_at_ms),
                 )| BranchRecord {
                     branch_id,
                     node_id,
@@ -453,6 +569,7 @@ mod tests {
                     error_code,
                     message,
                     attempts,
+                    retry_at_ms,
                     created_ms,
                     updated_ms,
                     last_poll_outcome,
@@ -506,6 +623,56 @@ mod tests {
                     reversal_target: String::new(),
                 },
             )
+    }
+
+    /// `record` in the shape version 2 wrote, which drops each branch's `retry_at_ms`.
+    fn as_version_2(record: SagaRecord) -> SagaRecordV2 {
+        SagaRecordV2 {
+            coordinator_id: record.coordinator_id,
+            sequence: record.sequence,
+            business_type: record.business_type,
+            mode: record.mode,
+            content_type: record.content_type,
+            labels: record.labels,
+            deadline_ms: record.deadline_ms,
+            state: record.state,
+            created_ms: record.created_ms,
+            updated_ms: record.updated_ms,
+            request_id: record.request_id,
+            strategy_version: record.strategy_version,
+            branches: record
+                .branches
+                .into_iter()
+                .map(|b| BranchRecordV2 {
+                    branch_id: b.branch_id,
+                    node_id: b.node_id,
+                    caller_node_id: b.caller_node_id,
+                    forward_action: b.forward_action,
+                    reversal_action: b.reversal_action,
+                    order: b.order,
+                    state: b.state,
+                    last_status: b.last_status,
+                    last_status_parameters: b.last_status_parameters,
+                    error_code: b.error_code,
+                    message: b.message,
+                    attempts: b.attempts,
+                    created_ms: b.created_ms,
+                    updated_ms: b.updated_ms,
+                    last_poll_outcome: b.last_poll_outcome,
+                    last_poll_ms: b.last_poll_ms,
+                    polls: b.polls,
+                    timeout_ms: b.timeout_ms,
+                    timeline: b.timeline,
+                })
+                .collect(),
+            reported: record.reported,
+            fired_rules: record.fired_rules,
+            signal: record.signal,
+            reason: record.reason,
+            reversal_serials: record.reversal_serials,
+            reversal_type: record.reversal_type,
+            reversal_target: record.reversal_target,
+        }
     }
 
     fn payload_record() -> impl Strategy<Value = PayloadRecord> {
@@ -842,6 +1009,19 @@ mod tests {
             let (saga, payload) = decode_saga_v1(&bytes[1..]).unwrap();
             prop_assert_eq!(saga, expected);
             prop_assert_eq!(payload, PayloadRecord { data, content_type: record.content_type });
+        }
+
+        /// A saga written before branches had `retry_at_ms` (version 2) reads as the current
+        /// shape with no resend waiting.
+        #[test]
+        fn version_2_sagas_read_with_no_resend_waiting(record in saga()) {
+            let mut expected = record.clone();
+            for branch in &mut expected.branches {
+                branch.retry_at_ms = 0;
+            }
+            let mut bytes = vec![2];
+            bytes.extend(postcard::to_stdvec(&as_version_2(record)).unwrap());
+            prop_assert_eq!(decode::<SagaRecord>(&bytes).unwrap(), expected);
         }
 
         #[test]

@@ -60,6 +60,9 @@ pub struct BranchRecord {
     pub message: String,
     /// Sends of the current action (forward or reversal).
     pub attempts: u32,
+    /// When the latest send failed and the retry policy resends it: the time it is resent
+    /// (milliseconds since the Unix epoch); 0 when no resend waits. (Saga record version 3.)
+    pub retry_at_ms: u64,
     pub created_ms: u64,
     pub updated_ms: u64,
     /// Last QueryStatus poll: its outcome (0 = none) and when.

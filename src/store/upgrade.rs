@@ -14,7 +14,9 @@ const FORMAT: &[u8] = b"format";
 /// Format 3: groups of writes go to sled behind intent records (`intents.rs`); a sagad that
 /// does not replay them could see a group a crash cut short in part, so it must not open the
 /// ledger (this build and later ones refuse formats newer than their own).
-const CURRENT_FORMAT: u64 = 3;
+/// Format 4: saga records may be version 3 (branches with `retry_at_ms`), which a format 3
+/// build cannot read; it refuses the ledger instead of failing on every saga.
+const CURRENT_FORMAT: u64 = 4;
 /// The first format whose sagas keep their payloads apart.
 const PAYLOADS_APART: u64 = 2;
 
@@ -47,7 +49,8 @@ pub(crate) fn run(tables: &Tables) -> Result<(), Error> {
     if format.is_some_and(|format| format >= CURRENT_FORMAT) {
         return Ok(());
     }
-    // Format 2 to 3 moves nothing: the `intents` tree is opened (created) with the others.
+    // Formats 2 to 4 move nothing: the `intents` tree is opened (created) with the others,
+    // and saga records are read in any older version and rewritten as they change.
     let moved = if format.is_some_and(|format| format >= PAYLOADS_APART) {
         0
     } else {
@@ -207,7 +210,11 @@ mod tests {
             })
             .unwrap();
         let stored = db.open_tree("sagas").unwrap().get(1u64.to_be_bytes());
-        assert_eq!(stored.unwrap().unwrap()[0], 2, "the saga was not rewritten");
+        assert_eq!(
+            stored.unwrap().unwrap()[0],
+            <SagaRecord as codec::Record>::VERSION,
+            "the saga was not rewritten in the current version"
+        );
         let format = db.open_tree("meta").unwrap().get(FORMAT).unwrap().unwrap();
         assert_eq!(format.as_ref(), CURRENT_FORMAT.to_be_bytes());
     }

@@ -103,6 +103,8 @@ fn report(outcome: i32, status: Option<pb::Status>, error_code: String, message:
         status: status.map(status_from_pb),
         error_code,
         message,
+        // The delivery knows which send it answered; it fills this in.
+        attempt: None,
     }
 }
 

@@ -124,7 +124,15 @@ pub fn print_progress(saga: &pb::Saga) {
                 &branch.reversal_action
             }
         );
-        println!("    attempts:   {}", branch.attempts);
+        if branch.next_attempt_at.is_some() {
+            println!(
+                "    attempts:   {} (next at {})",
+                branch.attempts,
+                time_text(&branch.next_attempt_at)
+            );
+        } else {
+            println!("    attempts:   {}", branch.attempts);
+        }
         println!("    polls:      {}", branch.polls);
         let last_poll = if branch.last_poll_outcome == pb::Outcome::Unspecified as i32 {
             "-".to_owned()

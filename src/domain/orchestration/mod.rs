@@ -18,10 +18,14 @@ use crate::domain::strategy::{Meaning, StepStatus, Strategy};
 /// What the shell must do after a transition is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// Send the branch's forward action to its node.
-    Execute { branch_id: String },
-    /// Send the branch's reversal action to its node.
-    Reverse { branch_id: String, reason: String },
+    /// Send the branch's forward action to its node, as send number `attempt` of it.
+    Execute { branch_id: String, attempt: u32 },
+    /// Send the branch's reversal action to its node, as send number `attempt` of it.
+    Reverse {
+        branch_id: String,
+        reason: String,
+        attempt: u32,
+    },
     /// Ask the branch's node what happened to its forward action.
     QueryStatus { branch_id: String },
     /// Tell one node how the saga ended.
@@ -196,6 +200,7 @@ fn trigger(saga: &mut Saga, ctx: Context<'_>, step_ids: &[String]) -> Vec<Effect
             error_code: String::new(),
             message: String::new(),
             attempts: 1,
+            retry_at_ms: None,
             created_ms: ctx.now,
             updated_ms: ctx.now,
             last_poll_outcome: None,
@@ -213,6 +218,7 @@ fn trigger(saga: &mut Saga, ctx: Context<'_>, step_ids: &[String]) -> Vec<Effect
         );
         effects.push(Effect::Execute {
             branch_id: step.id.clone(),
+            attempt: 1,
         });
         effects.push(Effect::WakeAt {
             at_ms: ctx.now.saturating_add(step.timeout_ms),
@@ -295,6 +301,18 @@ fn apply_forward_report(
         | BranchState::Succeeded
         | BranchState::Failed => {}
     }
+    if !report.answers_pending_send(branch) && report.outcome != Outcome::Succeeded {
+        let about = report.attempt.unwrap_or(branch.attempts);
+        branch.note(
+            ctx.now,
+            format!(
+                "late or repeated report {} about send {about} ignored: {}",
+                outcome_name(report.outcome),
+                superseded_because(branch)
+            ),
+        );
+        return Vec::new();
+    }
     let mut effects = Vec::new();
     branch.message = report.message.clone();
     match report.outcome {
@@ -326,14 +344,15 @@ fn apply_forward_report(
             let made = branch.attempts.saturating_sub(1);
             match retry::redelivery(&resolved, &report.error_code, made, ctx.now, ctx.jitter) {
                 Redelivery::RetryAt(at_ms) if running && branch.state == BranchState::Triggered => {
-                    // Counted now, so the failed attempt's timeout is stale and cannot turn the
-                    // branch UNKNOWN while the retry waits.
-                    branch.attempts += 1;
+                    // While the retry waits, the failed send's timeout is stale and cannot turn
+                    // the branch UNKNOWN, and a repeat of this failure is not counted again.
+                    branch.retry_at_ms = Some(at_ms);
                     branch.note(
                         ctx.now,
                         format!(
                             "failed ({}): retrying as attempt {}",
-                            report.error_code, branch.attempts
+                            report.error_code,
+                            branch.attempts.saturating_add(1)
                         ),
                     );
                     effects.push(Effect::WakeAt {
@@ -354,6 +373,9 @@ fn apply_forward_report(
         Outcome::NotFound => branch.state = BranchState::NotOccurred,
         Outcome::Reversed => branch.state = BranchState::Reversed,
     }
+    // The branch is decided: a retry that was waiting (a success of an earlier send came after
+    // its failure) has nothing left to do.
+    branch.retry_at_ms = None;
     branch.last_status = Some(status.clone());
     branch.note(
         ctx.now,
@@ -376,7 +398,7 @@ fn apply_forward_report(
     });
     match meaning {
         Meaning::Normal => effects.extend(fire_rules(saga, ctx)),
-        Meaning::End => effects.extend(complete(saga)),
+        Meaning::End => effects.extend(complete(saga, ctx.now)),
         Meaning::Abnormal => {
             let reason = match report.outcome {
                 Outcome::Failed => format!("step {branch_id} failed ({})", report.error_code),
@@ -422,10 +444,22 @@ pub(crate) fn signal_every_node(saga: &Saga, signal: Signal) -> Vec<Effect> {
 }
 
 /// S2 item 4: an end status finishes the flow.
-fn complete(saga: &mut Saga) -> Vec<Effect> {
+fn complete(saga: &mut Saga, now: Millis) -> Vec<Effect> {
     saga.state = SagaState::Completed;
+    drop_waiting_retries(saga, now);
     saga.signal = Some(Signal::Completed);
     signal_every_node(saga, Signal::Completed)
+}
+
+/// Forward retries go out only while the saga runs: once it ends or reverses, a step still
+/// waiting for one (outside the reversal's scope, or the saga ended by another step) keeps its
+/// state but no longer shows a retry to come.
+fn drop_waiting_retries(saga: &mut Saga, now: Millis) {
+    for branch in saga.branches.iter_mut() {
+        if branch.state == BranchState::Triggered && branch.retry_at_ms.take().is_some() {
+            branch.note(now, "retry not sent: the saga no longer runs");
+        }
+    }
 }
 
 /// S2 item 6: reverse the triggered steps in `scope` that may have taken effect.
@@ -437,6 +471,7 @@ fn begin_reversal(
 ) -> Vec<Effect> {
     saga.state = SagaState::Reversing;
     saga.reason = reason.clone();
+    drop_waiting_retries(saga, ctx.now);
     let mut effects = Vec::new();
     for branch in saga.branches.iter_mut() {
         if !scope.contains(&branch.branch_id) || !branch.state.may_need_reversal() {
@@ -507,6 +542,26 @@ pub(crate) fn apply_reversal_answer(
     if let Some(branch) = saga.branch_mut(branch_id)
         && branch.state == BranchState::Reversing
     {
+        // A late or repeated answer still counts when it says there is nothing left to undo.
+        let settles = matches!(
+            report.outcome,
+            Outcome::Succeeded | Outcome::Reversed | Outcome::NotFound
+        );
+        if !settles && !report.answers_pending_send(branch) {
+            let about = report.attempt.unwrap_or(branch.attempts);
+            branch.note(
+                env.now,
+                format!(
+                    "late or repeated reversal answer {} about send {about} ignored: {}",
+                    outcome_name(report.outcome),
+                    superseded_because(branch)
+                ),
+            );
+            return effects;
+        }
+        if settles {
+            branch.retry_at_ms = None;
+        }
         match report.outcome {
             Outcome::Succeeded | Outcome::Reversed => {
                 branch.state = BranchState::Reversed;
@@ -529,6 +584,8 @@ pub(crate) fn apply_reversal_answer(
                     branch.note(env.now, "the reversal's outcome stayed unknown past the poll budget: needs an operator");
                 } else {
                     let delay = env.policy.retry_delay_ms(branch.polls, env.jitter);
+                    let at_ms = env.now.saturating_add(delay);
+                    branch.retry_at_ms = Some(at_ms);
                     branch.note(
                         env.now,
                         format!(
@@ -537,7 +594,7 @@ pub(crate) fn apply_reversal_answer(
                         ),
                     );
                     effects.push(Effect::WakeAt {
-                        at_ms: env.now.saturating_add(delay),
+                        at_ms,
                         timer: Timer::RetryReversal {
                             branch_id: branch_id.to_owned(),
                         },
@@ -552,6 +609,7 @@ pub(crate) fn apply_reversal_answer(
                 let made = branch.attempts.saturating_sub(1);
                 match retry::redelivery(&resolved, &report.error_code, made, env.now, env.jitter) {
                     Redelivery::RetryAt(at_ms) => {
+                        branch.retry_at_ms = Some(at_ms);
                         branch.note(
                             env.now,
                             format!("reversal failed ({}): retrying", report.error_code),
@@ -582,11 +640,24 @@ pub(crate) fn apply_reversal_answer(
     effects
 }
 
+/// Why a late or repeated answer about `branch`'s action changes nothing, for its timeline.
+fn superseded_because(branch: &Branch) -> String {
+    if branch.retry_at_ms.is_some() {
+        format!(
+            "send {} was answered already and its retry is scheduled",
+            branch.attempts
+        )
+    } else {
+        format!("send {} is the latest", branch.attempts)
+    }
+}
+
 /// Starts a branch's reversal: the one place that sets it REVERSING with a fresh send count and
 /// its own poll budget (polls of the forward action do not count against the reversal).
 pub(crate) fn start_reversing(branch: &mut Branch, now: Millis, reason: &str, why: &str) -> Effect {
     branch.state = BranchState::Reversing;
     branch.attempts = 1;
+    branch.retry_at_ms = None;
     branch.polls = 0;
     branch.note(
         now,
@@ -595,6 +666,7 @@ pub(crate) fn start_reversing(branch: &mut Branch, now: Millis, reason: &str, wh
     Effect::Reverse {
         branch_id: branch.branch_id.clone(),
         reason: reason.to_owned(),
+        attempt: 1,
     }
 }
 
@@ -604,10 +676,12 @@ pub(crate) fn resend_reversal(saga: &mut Saga, branch_id: &str, now: Millis) -> 
     match saga.branch_mut(branch_id) {
         Some(branch) if branch.state == BranchState::Reversing => {
             branch.attempts += 1;
+            branch.retry_at_ms = None;
             branch.note(now, format!("reversal attempt {}", branch.attempts));
             vec![Effect::Reverse {
                 branch_id: branch_id.to_owned(),
                 reason,
+                attempt: branch.attempts,
             }]
         }
         _ => Vec::new(),
@@ -659,6 +733,7 @@ pub fn on_timer(mut saga: Saga, timer: &Timer, ctx: Context<'_>) -> Transition {
                 && let Some(branch) = saga.branch_mut(branch_id)
                 && branch.state == BranchState::Triggered
                 && branch.attempts == *attempt
+                && branch.retry_at_ms.is_none()
             {
                 branch.state = BranchState::Unknown;
                 branch.note(
@@ -720,9 +795,15 @@ pub fn on_timer(mut saga: Saga, timer: &Timer, ctx: Context<'_>) -> Transition {
                 && let Some(branch) = saga.branch_mut(branch_id)
                 && branch.state == BranchState::Triggered
             {
+                // A branch stored by an sagad before `retry_at_ms` existed counted the resend
+                // when it scheduled it.
+                if branch.retry_at_ms.take().is_some() {
+                    branch.attempts = branch.attempts.saturating_add(1);
+                }
                 branch.note(ctx.now, format!("execute attempt {}", branch.attempts));
                 effects.push(Effect::Execute {
                     branch_id: branch_id.clone(),
+                    attempt: branch.attempts,
                 });
                 effects.push(Effect::WakeAt {
                     at_ms: ctx.now.saturating_add(branch.timeout_ms),

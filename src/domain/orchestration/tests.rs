@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use proptest::prelude::{any, prop, prop_assert, proptest};
+use proptest::prelude::{any, prop, prop_assert, prop_assert_eq, proptest};
 
 use super::*;
 use crate::domain::ids::{BusinessType, CoordinatorId, Gsn, RequestId};
@@ -104,6 +104,7 @@ fn failed(code: &str) -> Report {
         status: None,
         error_code: code.into(),
         message: String::new(),
+        attempt: None,
     }
 }
 
@@ -116,6 +117,7 @@ fn succeeded(status: &str) -> Report {
         }),
         error_code: String::new(),
         message: String::new(),
+        attempt: None,
     }
 }
 
@@ -123,7 +125,7 @@ fn executes(effects: &[Effect]) -> Vec<&str> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Execute { branch_id } => Some(branch_id.as_str()),
+            Effect::Execute { branch_id, .. } => Some(branch_id.as_str()),
             _ => None,
         })
         .collect()
@@ -323,6 +325,7 @@ fn a_report_without_a_status_is_named_after_its_outcome() {
         status: None,
         error_code: String::new(),
         message: String::new(),
+        attempt: None,
     };
     let t = report(started(&s), &s, "reserve", plain);
     let t = report(t.saga, &s, "charge", succeeded("PAID"));
@@ -589,6 +592,7 @@ fn a_reversal_gets_its_own_poll_budget_after_its_step_was_polled() {
         status: None,
         error_code: String::new(),
         message: String::new(),
+        attempt: None,
     };
     let t = on_reversal_answered(saga, "reserve", processing, ctx(&s, NOW + 200));
     assert_eq!(
@@ -675,6 +679,7 @@ fn a_reversal_of_what_never_happened_settles_as_not_occurred() {
         status: None,
         error_code: String::new(),
         message: String::new(),
+        attempt: None,
     };
     let t = on_reversal_answered(t.saga, "reserve", not_found, ctx(&s, NOW));
     assert_eq!(
@@ -694,6 +699,248 @@ fn a_late_forward_report_after_reversal_began_changes_nothing() {
         t.saga.branch("reserve").unwrap().state,
         BranchState::Reversing
     );
+}
+
+fn about(mut r: Report, attempt: u32) -> Report {
+    r.attempt = Some(attempt);
+    r
+}
+
+fn execute_attempts(effects: &[Effect], branch: &str) -> Vec<u32> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Execute {
+                branch_id, attempt, ..
+            } if branch_id == branch => Some(*attempt),
+            _ => None,
+        })
+        .collect()
+}
+
+fn retry_execute(saga: Saga, strategy: &Strategy, branch: &str, now: Millis) -> Transition {
+    let timer = Timer::RetryExecute {
+        branch_id: branch.into(),
+    };
+    on_timer(saga, &timer, ctx(strategy, now))
+}
+
+#[test]
+fn a_repeated_failure_report_does_not_count_again_against_the_retry_budget() {
+    let s = order();
+    let t = report(started(&s), &s, "charge", failed("UNAVAILABLE"));
+    let waiting = t.saga.branch("charge").unwrap().clone();
+    assert!(waiting.retry_at_ms.is_some(), "a retry waits");
+    assert_eq!(waiting.attempts, 1, "one send made so far");
+    // The same failure again: the inline answer and a ReportState, or two ReportStates.
+    for repeat in [failed("UNAVAILABLE"), about(failed("UNAVAILABLE"), 1)] {
+        let again = report(t.saga.clone(), &s, "charge", repeat);
+        assert!(again.effects.is_empty(), "no second retry is scheduled");
+        let branch = again.saga.branch("charge").unwrap();
+        assert_eq!(branch.attempts, 1);
+        assert_eq!(branch.retry_at_ms, waiting.retry_at_ms);
+        assert!(
+            branch
+                .timeline
+                .last()
+                .unwrap()
+                .what
+                .contains("late or repeated report FAILED about send 1 ignored"),
+            "{:?}",
+            branch.timeline.last()
+        );
+    }
+    let t = retry_execute(t.saga, &s, "charge", NOW + 60_000);
+    assert_eq!(execute_attempts(&t.effects, "charge"), [2]);
+    let branch = t.saga.branch("charge").unwrap();
+    assert_eq!((branch.attempts, branch.retry_at_ms), (2, None));
+}
+
+#[test]
+fn a_late_failure_of_an_earlier_send_is_superseded_by_the_resend() {
+    let s = order();
+    let t = report(started(&s), &s, "charge", failed("UNAVAILABLE"));
+    let t = retry_execute(t.saga, &s, "charge", NOW + 60_000);
+    let late = report(
+        t.saga.clone(),
+        &s,
+        "charge",
+        about(failed("UNAVAILABLE"), 1),
+    );
+    assert!(
+        late.effects.is_empty(),
+        "send 2 is out; send 1's failure was counted"
+    );
+    assert_eq!(
+        late.saga.branch("charge").unwrap().state,
+        BranchState::Triggered
+    );
+    // Neither a late UNKNOWN nor PROCESSING about send 1 makes the branch wait on a poll.
+    for outcome in [Outcome::Unknown, Outcome::Processing, Outcome::NotFound] {
+        let mut r = about(failed(""), 1);
+        r.outcome = outcome;
+        let late = report(t.saga.clone(), &s, "charge", r);
+        assert!(late.effects.is_empty(), "{outcome:?}");
+        assert_eq!(
+            late.saga.branch("charge").unwrap().state,
+            BranchState::Triggered
+        );
+    }
+    // The answer about send 2 counts.
+    let t = report(t.saga, &s, "charge", about(failed("UNAVAILABLE"), 2));
+    assert!(t.saga.branch("charge").unwrap().retry_at_ms.is_some());
+}
+
+#[test]
+fn a_late_success_of_an_earlier_send_still_counts() {
+    let s = order();
+    let t = report(started(&s), &s, "charge", failed("UNAVAILABLE"));
+    let t = report(t.saga, &s, "charge", about(succeeded("PAID"), 1));
+    let branch = t.saga.branch("charge").unwrap();
+    assert_eq!(
+        branch.state,
+        BranchState::Succeeded,
+        "the action took effect"
+    );
+    assert_eq!(branch.retry_at_ms, None, "nothing waits any more");
+    let t = retry_execute(t.saga, &s, "charge", NOW + 60_000);
+    assert!(t.effects.is_empty(), "the retry has nothing to do");
+}
+
+#[test]
+fn a_waiting_retry_is_dropped_when_the_saga_stops_running() {
+    let s = order();
+    let t = report(started(&s), &s, "charge", failed("UNAVAILABLE"));
+    let t = on_timer(t.saga, &Timer::Deadline, ctx(&s, NOW + 20));
+    // The deadline reverses every step, the waiting one too.
+    assert_eq!(
+        t.saga.branch("charge").unwrap().state,
+        BranchState::Reversing
+    );
+    assert_eq!(t.saga.branch("charge").unwrap().retry_at_ms, None);
+    // A step outside the reversal's scope keeps its state, but not its waiting retry.
+    let mut s = order();
+    s.exception_scopes
+        .insert("reserve".into(), vec!["reserve".into()]);
+    let t = report(started(&s), &s, "charge", failed("UNAVAILABLE"));
+    let abnormal = Report {
+        status: Some(Status {
+            name: "RESERVED".into(),
+            parameters: BTreeMap::from([("result_code".into(), "E12".into())]),
+        }),
+        ..succeeded("RESERVED")
+    };
+    let t = report(t.saga, &s, "reserve", abnormal);
+    assert_ne!(t.saga.state, SagaState::Running);
+    let charge = t.saga.branch("charge").unwrap();
+    assert_eq!(charge.state, BranchState::Triggered);
+    assert_eq!(charge.retry_at_ms, None, "no retry is shown as coming");
+    assert_eq!(
+        charge.timeline.last().unwrap().what,
+        "retry not sent: the saga no longer runs"
+    );
+    let t = retry_execute(t.saga, &s, "charge", NOW + 60_000);
+    assert!(executes(&t.effects).is_empty(), "the retry is not sent");
+    assert_eq!(t.saga.branch("charge").unwrap().retry_at_ms, None);
+}
+
+#[test]
+fn a_retry_stored_before_retry_times_were_kept_is_sent_once_with_its_counted_attempt() {
+    // sagad before saga record version 3 counted the resend when it scheduled it.
+    let s = order();
+    let mut saga = started(&s);
+    let charge = saga.branch_mut("charge").unwrap();
+    charge.attempts = 2;
+    charge.retry_at_ms = None;
+    let t = retry_execute(saga, &s, "charge", NOW + 60_000);
+    assert_eq!(execute_attempts(&t.effects, "charge"), [2]);
+    assert_eq!(t.saga.branch("charge").unwrap().attempts, 2);
+}
+
+#[test]
+fn a_repeated_reversal_failure_schedules_one_retry() {
+    let s = order();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    let t = report(t.saga, &s, "charge", succeeded("DECLINED"));
+    let t = on_reversal_answered(t.saga, "reserve", failed("UNAVAILABLE"), ctx(&s, NOW));
+    let retries = |effects: &[Effect]| {
+        effects
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Effect::WakeAt {
+                        timer: Timer::RetryReversal { .. },
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    assert_eq!(retries(&t.effects), 1);
+    for repeat in [failed("UNAVAILABLE"), about(failed("UNAVAILABLE"), 1)] {
+        let again = on_reversal_answered(t.saga.clone(), "reserve", repeat, ctx(&s, NOW + 1));
+        assert_eq!(
+            retries(&again.effects),
+            0,
+            "the failure was counted already"
+        );
+        assert_eq!(again.saga.branch("reserve").unwrap().attempts, 1);
+    }
+    // A repeat of the first failure after the resend went out is late, too.
+    let timer = Timer::RetryReversal {
+        branch_id: "reserve".into(),
+    };
+    let t = on_timer(t.saga, &timer, ctx(&s, NOW + 60_000));
+    assert!(t.effects.contains(&Effect::Reverse {
+        branch_id: "reserve".into(),
+        reason: t.saga.reason.clone(),
+        attempt: 2,
+    }));
+    let late = on_reversal_answered(
+        t.saga.clone(),
+        "reserve",
+        about(failed("UNAVAILABLE"), 1),
+        ctx(&s, NOW + 60_001),
+    );
+    assert!(late.effects.is_empty());
+    // Whatever send says the undo is done settles the branch.
+    let done = on_reversal_answered(
+        t.saga,
+        "reserve",
+        about(succeeded("RELEASED"), 1),
+        ctx(&s, NOW + 60_002),
+    );
+    assert_eq!(
+        done.saga.branch("reserve").unwrap().state,
+        BranchState::Reversed
+    );
+    assert_eq!(done.saga.state, SagaState::Reversed);
+}
+
+#[test]
+fn a_reversal_answer_from_an_earlier_round_does_not_count_in_a_reprocessed_one() {
+    let s = order();
+    let t = report(started(&s), &s, "charge", succeeded("DECLINED"));
+    let t = on_reversal_answered(t.saga, "reserve", failed("LOCKED"), ctx(&s, NOW));
+    assert_eq!(t.saga.state, SagaState::NeedsAttention);
+    let t = on_reprocess(t.saga, NOW + 1).unwrap();
+    // Send 3 of the first round cannot be about the second round's first send.
+    let stale = on_reversal_answered(
+        t.saga.clone(),
+        "reserve",
+        about(failed("LOCKED"), 3),
+        ctx(&s, NOW + 2),
+    );
+    assert_eq!(stale.saga.state, SagaState::Reversing);
+    assert!(stale.effects.is_empty());
+    let now = on_reversal_answered(
+        t.saga,
+        "reserve",
+        about(failed("LOCKED"), 1),
+        ctx(&s, NOW + 2),
+    );
+    assert_eq!(now.saga.state, SagaState::NeedsAttention);
 }
 
 #[test]
@@ -805,5 +1052,63 @@ proptest! {
         prop_assert!(matches!(saga.state, SagaState::Completed | SagaState::Reversed), "ended {:?}", saga.state);
         let triggered: BTreeSet<String> = saga.branches.iter().map(|b| b.branch_id.clone()).collect();
         prop_assert!(reversed_ever.is_subset(&triggered));
+    }
+}
+
+// A property: however failure reports of one step are repeated or delayed, each counted
+// failure leads to exactly one resend, sends are numbered 1, 2, 3... with none repeated, and
+// the step is given up only after the whole retry budget was sent.
+proptest! {
+    #[test]
+    fn repeated_and_late_failures_never_spend_the_retry_budget_twice(
+        ops in proptest::collection::vec((0u8..3, 1u32..8), 1..80),
+    ) {
+        let s = order();
+        let mut saga = started(&s);
+        let mut sends = vec![1u32];
+        let mut pending_retries = 0usize;
+        let mut now = NOW;
+        for (op, k) in ops {
+            now += 1;
+            let branch = saga.branch("charge").unwrap().clone();
+            if branch.state != BranchState::Triggered {
+                break;
+            }
+            let effects = match op {
+                // A failure with no send named: the latest, or a repeat.
+                0 => {
+                    let t = on_reported(saga, "charge", failed("UNAVAILABLE"), ctx(&s, now)).unwrap();
+                    saga = t.saga;
+                    t.effects
+                }
+                // A failure naming some send made so far (possibly an old one).
+                1 => {
+                    let named = 1 + (k - 1) % branch.attempts;
+                    let t = on_reported(saga, "charge", about(failed("UNAVAILABLE"), named), ctx(&s, now)).unwrap();
+                    saga = t.saga;
+                    t.effects
+                }
+                // A scheduled retry comes due.
+                _ if pending_retries > 0 => {
+                    pending_retries -= 1;
+                    let t = retry_execute(saga, &s, "charge", now);
+                    saga = t.saga;
+                    t.effects
+                }
+                _ => continue,
+            };
+            pending_retries += effects
+                .iter()
+                .filter(|e| matches!(e, Effect::WakeAt { timer: Timer::RetryExecute { .. }, .. }))
+                .count();
+            prop_assert!(pending_retries <= 1, "one retry waits at most");
+            sends.extend(execute_attempts(&effects, "charge"));
+            let expected: Vec<u32> = (1..=u32::try_from(sends.len()).unwrap()).collect();
+            prop_assert_eq!(&sends, &expected);
+            prop_assert_eq!(saga.branch("charge").unwrap().attempts, *sends.last().unwrap());
+        }
+        if saga.branch("charge").unwrap().state == BranchState::Failed {
+            prop_assert_eq!(sends.len(), 1 + retry::Policy::builtin().max_retries as usize);
+        }
     }
 }

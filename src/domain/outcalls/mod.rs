@@ -99,6 +99,7 @@ pub fn on_outcall_registered(
         error_code: String::new(),
         message: String::new(),
         attempts: 1,
+        retry_at_ms: None,
         created_ms: now,
         updated_ms: now,
         last_poll_outcome: None,

@@ -63,6 +63,7 @@ fn report(outcome: Outcome) -> Report {
         status: None,
         error_code: String::new(),
         message: String::new(),
+        attempt: None,
     }
 }
 
