@@ -209,3 +209,63 @@ async fn a_retry_the_policy_decided_is_not_pre_empted_by_the_step_timeout() {
         "shipping is told the saga completed"
     );
 }
+
+/// A step's timeout is kept in memory while its Execute is unanswered (the outbox entry stands
+/// for it), so a restart must arm it again from the outbox: a step whose node is down when
+/// sagad stops, and stays down, still times out after the restart and is polled, instead of
+/// waiting for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_sent_before_a_restart_to_a_node_that_never_answers_still_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::with_data(dir.path().join("ledger"));
+    let server = TestServer::start_with(config.clone(), Arc::new(SystemClock)).await;
+    // Nothing listens on either endpoint: every delivery fails.
+    let down = format!("http://127.0.0.1:{}", common::free_port());
+    put_strategy(
+        &server.channel,
+        order_strategy(Duration::from_millis(1_500)),
+    )
+    .await;
+    register_node(&server.channel, "inventory", &down).await;
+    register_node(&server.channel, "payment", &down).await;
+    let gsn = start_order(&server.channel, "o-restart-timeout", "order").await;
+    let before = get(&server.channel, &gsn).await;
+    assert_eq!(
+        branch(&before, "reserve").state,
+        pb::BranchState::Triggered as i32
+    );
+    server.stop().await.unwrap();
+
+    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+    let both_unknown = |saga: &pb::Saga| {
+        ["reserve", "charge"]
+            .iter()
+            .all(|step| branch(saga, step).state == pb::BranchState::Unknown as i32)
+    };
+    let mut saga = get(&server.channel, &gsn).await;
+    for _ in 0..LIMIT.as_millis() / 50 {
+        if both_unknown(&saga) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        saga = get(&server.channel, &gsn).await;
+    }
+    let timed_out = both_unknown(&saga);
+    assert!(
+        timed_out,
+        "both steps timed out after the restart: {:#?}",
+        saga.branches
+            .iter()
+            .map(|b| (&b.branch_id, b.state, &b.timeline))
+            .collect::<Vec<_>>()
+    );
+    for step in ["reserve", "charge"] {
+        assert!(
+            branch(&saga, step)
+                .timeline
+                .iter()
+                .any(|t| t.what == "no report within the step's timeout: asking the node"),
+            "{step} timed out by its timeout"
+        );
+    }
+}

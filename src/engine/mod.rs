@@ -157,6 +157,7 @@ pub(crate) struct Shared {
     watchers: watch::Watchers,
     retention_cursor: retention::Cursor,
     metrics: metrics::Metrics,
+    soft_timers: timers::SoftTimers,
 }
 
 fn millis(duration: Duration) -> Millis {
@@ -198,6 +199,7 @@ impl Engine {
             watchers: watch::Watchers::default(),
             retention_cursor: retention::Cursor::default(),
             metrics: metrics::Metrics::default(),
+            soft_timers: timers::SoftTimers::default(),
         });
         Engine {
             store,
@@ -226,13 +228,25 @@ impl Engine {
             .read(|tx| tx.outbox().collect::<Result<Vec<_>, _>>())
             .await??;
         let resumed = outbox.len();
+        let mut resumable = Vec::with_capacity(resumed);
+        let mut unanswered = Vec::new();
         for (id, record) in outbox {
             match commands::decode_command(&record.command) {
-                Ok(command) => self.shared.delivery.spawn(self.clone(), id, command, None),
+                Ok(command) => {
+                    if command.kind == commands::Kind::Execute {
+                        unanswered.push((record.gsn_sequence, record.created_ms, command.clone()));
+                    }
+                    resumable.push((id, command));
+                }
                 Err(e) => {
                     tracing::error!(outbox_id = id, error = %e, "an outbox entry does not decode; it is kept for an operator")
                 }
             }
+        }
+        // Before the commands go out, so an answer always finds its step's timeout to drop.
+        timers::rearm_step_timeouts(self, unanswered).await?;
+        for (id, command) in resumable {
+            self.shared.delivery.spawn(self.clone(), id, command, None);
         }
         if resumed > 0 {
             tracing::info!(

@@ -37,6 +37,9 @@ pub(crate) struct Applied {
     pub ended: Option<SagaState>,
     pub polls: u64,
     pub reversals: u64,
+    /// Step timeouts that ride with the Execute commands they time (see `timers::SoftTimers`):
+    /// armed in memory once the write is durable, never stored on their own.
+    pub soft_timers: Vec<(Millis, Timer)>,
 }
 
 /// An outbox entry a write created, with the payload it carries (read in the same write, so
@@ -145,9 +148,25 @@ pub(crate) fn store_transition(
         .iter()
         .filter(|e| matches!(e, Effect::Reverse { .. }))
         .count() as u64;
+    // A step's timeout needs storing only once its command is answered (the domain arms a new
+    // one then): until that, the command's outbox entry stands for it across a restart.
+    let sent: Vec<(String, u32)> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Execute { branch_id, attempt } => Some((branch_id.clone(), *attempt)),
+            _ => None,
+        })
+        .collect();
+    let mut soft_timers = Vec::new();
     for effect in effects {
         let (kind, branch_id, node_id, action, reason, signal, attempt) = match effect {
             Effect::WakeAt { at_ms, timer } => {
+                if let Timer::StepTimeout { branch_id, attempt } = &timer
+                    && sent.iter().any(|(b, a)| b == branch_id && a == attempt)
+                {
+                    soft_timers.push((at_ms, timer));
+                    continue;
+                }
                 tx.schedule(
                     at_ms,
                     &DueRecord {
@@ -256,6 +275,7 @@ pub(crate) fn store_transition(
         ended,
         polls,
         reversals,
+        soft_timers,
     })
 }
 
@@ -361,6 +381,19 @@ impl Engine {
             Some(SagaState::Reversed) => Metrics::bump(&metrics.sagas_reversed),
             Some(SagaState::NeedsAttention) => Metrics::bump(&metrics.sagas_needing_attention),
             Some(SagaState::Running | SagaState::Reversing) | None => {}
+        }
+        // Armed before the commands go out, so a quick answer that ends the saga always finds
+        // them to drop.
+        if let Some(saga) = &applied.saga {
+            let soft = &self.shared.soft_timers;
+            let sequence = saga.gsn.sequence();
+            // Step timeouts change nothing once the saga stops running.
+            if saga.state != SagaState::Running {
+                soft.forget_saga(sequence);
+            }
+            for (at_ms, timer) in applied.soft_timers {
+                soft.arm(sequence, at_ms, timer);
+            }
         }
         for new in applied.deliveries {
             self.shared
@@ -706,27 +739,72 @@ impl Engine {
         store_transition(tx, transition, now)
     }
 
-    /// A timer came due: it is removed and its transition stored in the same write.
+    /// A stored timer came due: it is removed and its transition stored in the same write.
     pub(crate) async fn fire_timer(
         &self,
         key: store::DueKey,
         record: DueRecord,
     ) -> Result<(), Error> {
+        let timer = commands::decode_timer(&record.timer);
+        self.apply_timer(Some(key), record.gsn_sequence, key.at_ms, timer)
+            .await
+    }
+
+    /// A step timeout kept in memory came due. Most belong to steps that answered long ago, so
+    /// a read decides first, and only a timeout that still changes something costs a write.
+    pub(crate) async fn fire_soft_timer(
+        &self,
+        gsn_sequence: u64,
+        at_ms: Millis,
+        timer: Timer,
+    ) -> Result<(), Error> {
+        let Timer::StepTimeout { branch_id, attempt } = timer.clone() else {
+            return self.apply_timer(None, gsn_sequence, at_ms, Ok(timer)).await;
+        };
+        let live = self
+            .store
+            .read(move |tx| -> Result<bool, Error> {
+                let Some(stored) = tx.saga(gsn_sequence)? else {
+                    return Ok(false);
+                };
+                let saga = convert::saga_from_record(stored, Vec::new())?;
+                Ok(orchestration::step_timeout_is_live(
+                    &saga, &branch_id, attempt,
+                ))
+            })
+            .await??;
+        if !live {
+            return Ok(());
+        }
+        self.apply_timer(None, gsn_sequence, at_ms, Ok(timer)).await
+    }
+
+    /// Applies a timer that came due in one write, which also removes it from the due index
+    /// when it is stored there (`key`). A timer that cannot be applied is dropped.
+    async fn apply_timer(
+        &self,
+        key: Option<store::DueKey>,
+        gsn_sequence: u64,
+        at_ms: Millis,
+        timer: Result<Timer, store::Error>,
+    ) -> Result<(), Error> {
         let engine = self.clone();
         let applied = self
             .store
             .write(move |tx| -> Result<Applied, Error> {
-                tx.cancel(key)?;
+                if let Some(key) = key {
+                    tx.cancel(key)?;
+                }
                 let fired = (|| {
-                    let timer = commands::decode_timer(&record.timer)?;
-                    let Some(stored) = tx.saga(record.gsn_sequence)? else {
+                    let timer = timer?;
+                    let Some(stored) = tx.saga(gsn_sequence)? else {
                         return Ok(Applied::default());
                     };
                     let saga = convert::saga_from_record(stored, Vec::new())?;
                     if saga.state.is_terminal() {
                         return Ok(Applied::default());
                     }
-                    let now = key.at_ms.max(engine.clock.now_ms());
+                    let now = at_ms.max(engine.clock.now_ms());
                     let retry = engine.shared.retry_config(tx)?;
                     let Some(strategy) = engine.strategy_of(tx, &saga)? else {
                         Metrics::bump(&engine.shared.metrics.timers_fired);
@@ -752,7 +830,7 @@ impl Engine {
                 keep_going(
                     fired,
                     "a timer could not be applied; it is dropped",
-                    record.gsn_sequence,
+                    gsn_sequence,
                 )
             })
             .await??;

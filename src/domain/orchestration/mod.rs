@@ -34,7 +34,10 @@ pub enum Effect {
         signal: Signal,
         reason: String,
     },
-    /// Deliver `timer` to `on_timer` at `at_ms`.
+    /// Deliver `timer` to `on_timer` at `at_ms`. A step's timeout armed together with the
+    /// Execute it times is needed only while that command is unanswered, so the shell may keep
+    /// it with the command instead of storing it on its own; every later timeout (after a
+    /// PROCESSING answer) is armed anew.
     WakeAt { at_ms: Millis, timer: Timer },
 }
 
@@ -318,6 +321,19 @@ fn apply_forward_report(
     match report.outcome {
         Outcome::Processing => {
             branch.note(ctx.now, "processing");
+            // Armed again from this answer: the first timeout may have lived only as long as
+            // the command it rode with (see `Effect::WakeAt`), which is answered now. Without a
+            // restart the earlier one still fires first, and this one then finds the step no
+            // longer waiting.
+            if branch.state == BranchState::Triggered {
+                effects.push(Effect::WakeAt {
+                    at_ms: ctx.now.saturating_add(branch.timeout_ms),
+                    timer: Timer::StepTimeout {
+                        branch_id: branch_id.to_owned(),
+                        attempt: branch.attempts,
+                    },
+                });
+            }
             return effects;
         }
         Outcome::Unknown => {
@@ -712,6 +728,18 @@ pub fn on_reprocess(mut saga: Saga, now: Millis) -> Option<Transition> {
     Some(Transition { saga, effects })
 }
 
+/// Whether a step's timeout for send `attempt` would still change anything: the saga runs,
+/// and that send is the step's latest, unanswered, with no retry waiting. The shell asks this
+/// before spending a ledger write on a timeout it kept only in memory.
+pub fn step_timeout_is_live(saga: &Saga, branch_id: &str, attempt: u32) -> bool {
+    saga.state == SagaState::Running
+        && saga.branch(branch_id).is_some_and(|branch| {
+            branch.state == BranchState::Triggered
+                && branch.attempts == attempt
+                && branch.retry_at_ms.is_none()
+        })
+}
+
 /// A timer came due.
 pub fn on_timer(mut saga: Saga, timer: &Timer, ctx: Context<'_>) -> Transition {
     let mut effects = Vec::new();
@@ -729,11 +757,8 @@ pub fn on_timer(mut saga: Saga, timer: &Timer, ctx: Context<'_>) -> Transition {
             }
         }
         Timer::StepTimeout { branch_id, attempt } => {
-            if saga.state == SagaState::Running
+            if step_timeout_is_live(&saga, branch_id, *attempt)
                 && let Some(branch) = saga.branch_mut(branch_id)
-                && branch.state == BranchState::Triggered
-                && branch.attempts == *attempt
-                && branch.retry_at_ms.is_none()
             {
                 branch.state = BranchState::Unknown;
                 branch.note(

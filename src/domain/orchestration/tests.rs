@@ -845,6 +845,44 @@ fn a_waiting_retry_is_dropped_when_the_saga_stops_running() {
 }
 
 #[test]
+fn a_step_answering_processing_gets_a_timeout_of_its_own() {
+    let s = order();
+    let processing = Report {
+        outcome: Outcome::Processing,
+        ..failed("")
+    };
+    let t = report(started(&s), &s, "charge", processing.clone());
+    assert_eq!(
+        t.effects,
+        [Effect::WakeAt {
+            at_ms: NOW + 10 + 5_000,
+            timer: Timer::StepTimeout {
+                branch_id: "charge".into(),
+                attempt: 1
+            }
+        }]
+    );
+    assert!(step_timeout_is_live(&t.saga, "charge", 1));
+    assert!(
+        !step_timeout_is_live(&t.saga, "charge", 2),
+        "not a send made"
+    );
+    assert!(!step_timeout_is_live(&t.saga, "ship", 1), "not triggered");
+    // Once the step is polled, PROCESSING arms nothing more: the poll has its own timer.
+    let polled = on_timer(
+        t.saga,
+        &Timer::StepTimeout {
+            branch_id: "charge".into(),
+            attempt: 1,
+        },
+        ctx(&s, NOW + 5_010),
+    );
+    assert!(!step_timeout_is_live(&polled.saga, "charge", 1));
+    let again = on_polled(polled.saga, "charge", processing, ctx(&s, NOW + 5_020)).unwrap();
+    assert!(again.effects.is_empty());
+}
+
+#[test]
 fn a_retry_stored_before_retry_times_were_kept_is_sent_once_with_its_counted_attempt() {
     // sagad before saga record version 3 counted the resend when it scheduled it.
     let s = order();
