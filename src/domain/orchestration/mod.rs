@@ -325,7 +325,7 @@ fn apply_forward_report(
             // the command it rode with (see `Effect::WakeAt`), which is answered now. Without a
             // restart the earlier one still fires first, and this one then finds the step no
             // longer waiting.
-            if branch.state == BranchState::Triggered {
+            if running && branch.state == BranchState::Triggered {
                 effects.push(Effect::WakeAt {
                     at_ms: ctx.now.saturating_add(branch.timeout_ms),
                     timer: Timer::StepTimeout {

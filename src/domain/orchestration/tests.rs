@@ -878,8 +878,29 @@ fn a_step_answering_processing_gets_a_timeout_of_its_own() {
         ctx(&s, NOW + 5_010),
     );
     assert!(!step_timeout_is_live(&polled.saga, "charge", 1));
-    let again = on_polled(polled.saga, "charge", processing, ctx(&s, NOW + 5_020)).unwrap();
+    let again = on_polled(
+        polled.saga,
+        "charge",
+        processing.clone(),
+        ctx(&s, NOW + 5_020),
+    )
+    .unwrap();
     assert!(again.effects.is_empty());
+    // Nor once the saga stops running (charge outside reserve's narrowed exception scope).
+    let mut s = order();
+    s.exception_scopes
+        .insert("reserve".into(), vec!["reserve".into()]);
+    let abnormal = Report {
+        status: Some(Status {
+            name: "RESERVED".into(),
+            parameters: BTreeMap::from([("result_code".into(), "E12".into())]),
+        }),
+        ..succeeded("RESERVED")
+    };
+    let t = report(started(&s), &s, "reserve", abnormal);
+    assert_ne!(t.saga.state, SagaState::Running);
+    let t = report(t.saga, &s, "charge", processing);
+    assert!(t.effects.is_empty());
 }
 
 #[test]
