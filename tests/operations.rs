@@ -1,7 +1,7 @@
 //! The operators' view of recovery (S4) against a real sagad and real participants: what
 //! `Operations.ListStuck` and `sagactl stuck` say recovery waits on (a silent node's unknown
-//! outcome with its polls, a down node's failing command, a reversal being retried, a saga
-//! needing attention), `sagactl show`'s branch timelines, and the counters moving.
+//! outcome with its polls, a down node's failing command, a step or a reversal waiting for its
+//! retry, a saga needing attention), `sagactl show`'s branch timelines, and the counters moving.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise; that is what unwrap is for here.
 
@@ -201,6 +201,21 @@ fn sagactl(addr: SocketAddr, args: &[&str]) -> String {
 
 fn kind(item: &pb::StuckItem) -> pb::StuckKind {
     pb::StuckKind::try_from(item.kind).unwrap()
+}
+
+/// Waits until ListStuck lists an item of `want` for saga `gsn`, and returns it.
+async fn listed(channel: &Channel, gsn: &str, want: pb::StuckKind, what: &str) -> pb::StuckItem {
+    wait_for(what, || {
+        let channel = channel.clone();
+        let gsn = gsn.to_owned();
+        async move {
+            stuck_items(&channel)
+                .await
+                .into_iter()
+                .find(|i| i.gsn == gsn && kind(i) == want)
+        }
+    })
+    .await
 }
 
 // ---- Tests ----
@@ -445,6 +460,58 @@ async fn counters_count_polls_their_answers_and_the_escalation_after_the_poll_bu
     assert!(table.contains("polls_sent") && table.contains("poll_answers"));
 }
 
+/// A step that failed with a retryable code waits for its resend (S5, the default policy's 1 s
+/// floor): ListStuck shows it with the error and when it goes out, and the saga then completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_waiting_for_its_retry_is_listed_with_when_it_is_sent_again() {
+    let server = TestServer::start().await;
+    let channel = server.channel.clone();
+    let inventory = PushParticipant::start(Node::new("inventory")).await;
+    let payment = PushParticipant::start(Node::new("payment")).await;
+    let shipping = PushParticipant::start(Node::new("shipping")).await;
+    inventory
+        .node
+        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
+    payment.node.script(
+        "charge",
+        vec![Script::Fail("UNAVAILABLE"), Script::Succeed("PAID", vec![])],
+    );
+    shipping
+        .node
+        .script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
+    put_strategy(&channel, order_strategy(Duration::from_secs(30))).await;
+    register_node(&channel, "inventory", &inventory.endpoint()).await;
+    register_node(&channel, "payment", &payment.endpoint()).await;
+    register_node(&channel, "shipping", &shipping.endpoint()).await;
+    let gsn = start_order(&channel, "o-retrying", "order").await;
+
+    let retrying = listed(
+        &channel,
+        &gsn,
+        pb::StuckKind::StepRetrying,
+        "charge to be listed as waiting for its retry",
+    )
+    .await;
+    assert_eq!(retrying.branch_id, "charge");
+    assert_eq!(retrying.node_id, "payment");
+    assert_eq!(retrying.branch_state, pb::BranchState::Triggered as i32);
+    assert_eq!(retrying.attempts, 1);
+    assert_eq!(retrying.last_error, "UNAVAILABLE");
+    let next = retrying.next_attempt_at.expect("when the retry goes out");
+    let since = retrying.since.expect("when charge last changed");
+    assert!(
+        next.seconds >= since.seconds,
+        "the retry is after the failure"
+    );
+
+    let saga = wait_terminal(&channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32);
+    assert!(
+        !stuck_items(&channel).await.iter().any(|i| i.gsn == gsn),
+        "nothing is waited on once the saga completed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_reversal_is_listed_while_retried_then_as_needing_attention() {
     let dir = tempfile::tempdir().unwrap();
@@ -472,32 +539,24 @@ async fn a_failing_reversal_is_listed_while_retried_then_as_needing_attention() 
     register_node(&channel, "payment", &payment.endpoint()).await;
     let gsn = start_order(&channel, "o-unreversible", "order").await;
 
-    let retrying = wait_for("reserve's reversal to be listed as retrying", || {
-        let channel = channel.clone();
-        let gsn = gsn.clone();
-        async move {
-            stuck_items(&channel)
-                .await
-                .into_iter()
-                .find(|i| i.gsn == gsn && kind(i) == pb::StuckKind::ReversalRetrying)
-        }
-    })
+    let retrying = listed(
+        &channel,
+        &gsn,
+        pb::StuckKind::ReversalRetrying,
+        "reserve's reversal to be listed as retrying",
+    )
     .await;
     assert_eq!(retrying.branch_id, "reserve");
     assert_eq!(retrying.branch_state, pb::BranchState::Reversing as i32);
     assert_eq!(retrying.last_error, "UNAVAILABLE");
     assert!(retrying.attempts >= 1);
 
-    let attention = wait_for("the saga to be listed as needing attention", || {
-        let channel = channel.clone();
-        let gsn = gsn.clone();
-        async move {
-            stuck_items(&channel)
-                .await
-                .into_iter()
-                .find(|i| i.gsn == gsn && kind(i) == pb::StuckKind::NeedsAttention)
-        }
-    })
+    let attention = listed(
+        &channel,
+        &gsn,
+        pb::StuckKind::NeedsAttention,
+        "the saga to be listed as needing attention",
+    )
     .await;
     assert_eq!(attention.saga_state, pb::SagaState::NeedsAttention as i32);
     assert!(

@@ -32,6 +32,7 @@ pub enum StuckKind {
     ReversalRetrying,
     NeedsAttention,
     DeliveryFailing,
+    StepRetrying,
 }
 
 /// One thing recovery is waiting on. Which fields are set depends on `kind` (see the
@@ -54,6 +55,8 @@ pub struct Stuck {
     pub since_ms: Millis,
     pub outbox_id: u64,
     pub command_kind: &'static str,
+    /// When a retrying branch's action is sent again; `None` while a send is on its way.
+    pub next_attempt_ms: Option<Millis>,
 }
 
 impl Stuck {
@@ -74,6 +77,7 @@ impl Stuck {
             since_ms: saga.updated_ms,
             outbox_id: 0,
             command_kind: "",
+            next_attempt_ms: None,
         }
     }
 }
@@ -143,10 +147,15 @@ pub(crate) fn stuck_in(saga: &Saga, policy: &Policy) -> Vec<Stuck> {
                 items.push(item);
             }
             // A first reversal still on its way is progress, not a wait: only one that failed,
-            // or was sent again, is listed. (`polls` cannot tell: it may still count the
-            // forward action's polls.)
-            BranchState::Reversing if branch.attempts > 1 || !branch.error_code.is_empty() => {
+            // or is to be sent again, or was, is listed. (`polls` cannot tell: it may still
+            // count the forward action's polls.)
+            BranchState::Reversing
+                if branch.attempts > 1
+                    || !branch.error_code.is_empty()
+                    || branch.retry_at_ms.is_some() =>
+            {
                 item.kind = StuckKind::ReversalRetrying;
+                item.next_attempt_ms = branch.retry_at_ms;
                 item.last_error = error_text(&branch.error_code, &branch.message);
                 let last = if item.last_error.is_empty() {
                     "the node is still processing it".to_owned()
@@ -157,6 +166,18 @@ pub(crate) fn stuck_in(saga: &Saga, policy: &Policy) -> Vec<Stuck> {
                     "reversal {} on node {} not done after {} sends ({last}); sent again with \
                      backoff by the retry policy",
                     branch.reversal_action, branch.node_id, branch.attempts,
+                );
+                items.push(item);
+            }
+            // A step waiting to be sent again after a retryable failure (S5).
+            BranchState::Triggered if branch.retry_at_ms.is_some() => {
+                item.kind = StuckKind::StepRetrying;
+                item.next_attempt_ms = branch.retry_at_ms;
+                item.last_error = error_text(&branch.error_code, &branch.message);
+                item.reason = format!(
+                    "forward action {} on node {} failed ({}) after {} sends; sent again by the \
+                     retry policy",
+                    branch.forward_action, branch.node_id, item.last_error, branch.attempts,
                 );
                 items.push(item);
             }
@@ -236,6 +257,7 @@ fn failing_delivery(flight: InFlight) -> Option<Stuck> {
         since_ms: 0,
         outbox_id: flight.outbox_id,
         command_kind: flight.kind,
+        next_attempt_ms: None,
     })
 }
 
@@ -450,6 +472,48 @@ mod tests {
         assert_eq!(items.len(), 1);
         assert!(
             items[0].reason.contains("no longer polled"),
+            "{}",
+            items[0].reason
+        );
+    }
+
+    #[test]
+    fn a_step_waiting_for_its_retry_is_listed_with_when_it_goes_out() {
+        let sent = branch("reserve", BranchState::Triggered);
+        let mut waiting = branch("charge", BranchState::Triggered);
+        waiting.error_code = "UNAVAILABLE".into();
+        waiting.retry_at_ms = Some(5_000);
+        let items = stuck_in(
+            &saga(SagaState::Running, vec![sent, waiting]),
+            &Policy::default(),
+        );
+        assert_eq!(items.len(), 1, "a step still on its way is progress");
+        assert_eq!(items[0].kind, StuckKind::StepRetrying);
+        assert_eq!(items[0].branch_id, "charge");
+        assert_eq!(items[0].next_attempt_ms, Some(5_000));
+        assert_eq!(items[0].last_error, "UNAVAILABLE");
+        assert!(
+            items[0]
+                .reason
+                .contains("failed (UNAVAILABLE) after 1 sends"),
+            "{}",
+            items[0].reason
+        );
+    }
+
+    #[test]
+    fn a_reversal_to_be_asked_again_is_listed_before_its_second_send() {
+        let mut processing = branch("reserve", BranchState::Reversing);
+        processing.retry_at_ms = Some(7_000);
+        let items = stuck_in(
+            &saga(SagaState::Reversing, vec![processing]),
+            &Policy::default(),
+        );
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].kind, StuckKind::ReversalRetrying);
+        assert_eq!(items[0].next_attempt_ms, Some(7_000));
+        assert!(
+            items[0].reason.contains("still processing"),
             "{}",
             items[0].reason
         );

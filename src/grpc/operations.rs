@@ -23,6 +23,7 @@ fn kind(kind: StuckKind) -> pb::StuckKind {
         StuckKind::ReversalRetrying => pb::StuckKind::ReversalRetrying,
         StuckKind::NeedsAttention => pb::StuckKind::NeedsAttention,
         StuckKind::DeliveryFailing => pb::StuckKind::DeliveryFailing,
+        StuckKind::StepRetrying => pb::StuckKind::StepRetrying,
     }
 }
 
@@ -51,6 +52,7 @@ fn item(stuck: Stuck) -> pb::StuckItem {
         since: (stuck.since_ms != 0).then(|| convert::timestamp(stuck.since_ms)),
         outbox_id: stuck.outbox_id,
         command_kind: stuck.command_kind.to_owned(),
+        next_attempt_at: stuck.next_attempt_ms.map(convert::timestamp),
     }
 }
 

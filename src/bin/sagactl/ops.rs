@@ -189,6 +189,15 @@ fn print_stuck_row(item: &pb::StuckItem, as_of: &Option<prost_types::Timestamp>)
         "-" => "-".to_owned(),
         age => format!("{age} ago"),
     };
+    let reason = match &item.next_attempt_at {
+        // `age` counts from its first instant to its second: here, from now to the resend.
+        Some(_) => format!(
+            "{} (next send in {})",
+            item.reason,
+            age(as_of, &item.next_attempt_at)
+        ),
+        None => item.reason.clone(),
+    };
     println!(
         "{:<18} {:<20} {:<16} {:<12} {:>8} {:>5}  {:<22} {:<10} {}",
         stuck_kind_name(item.kind),
@@ -203,7 +212,7 @@ fn print_stuck_row(item: &pb::StuckItem, as_of: &Option<prost_types::Timestamp>)
         polls,
         last_poll,
         changed,
-        item.reason
+        reason
     );
 }
 
