@@ -57,8 +57,9 @@ pub fn encode_command(command: &Command) -> Result<Vec<u8>, store::Error> {
 }
 
 /// Decodes either shape. An older entry ends where the current shape's `attempt` would begin,
-/// so it never decodes as the current shape; the current shape is tried first because an
-/// older decoder would read it and ignore the trailing field.
+/// so it never decodes as the current shape. The current shape is tried first: the older
+/// shape's decoder would accept a current entry too (postcard ignores trailing bytes) and lose
+/// its attempt.
 pub fn decode_command(bytes: &[u8]) -> Result<Command, store::Error> {
     let current = match postcard::from_bytes::<Command>(bytes) {
         Ok(command) => return Ok(command),
