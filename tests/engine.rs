@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::TestServer;
 use common::orders::{
-    branch, eventually, get, order_strategy, put_strategy, register_node, start_order,
+    Shop, branch, eventually, get, order_strategy, put_strategy, register_node, shop, start_order,
     wait_terminal,
 };
 use common::participant::{Node, PushParticipant, Script, subscribe};
@@ -17,39 +17,6 @@ use sagad::grpc::pb::coordinator_client::CoordinatorClient;
 use sagad::grpc::pb::operations_client::OperationsClient;
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-struct Shop {
-    server: TestServer,
-    inventory: PushParticipant,
-    payment: PushParticipant,
-    shipping: PushParticipant,
-}
-
-async fn shop(step_timeout: Duration) -> Shop {
-    let server = TestServer::start().await;
-    let inventory = PushParticipant::start(Node::new("inventory")).await;
-    let payment = PushParticipant::start(Node::new("payment")).await;
-    let shipping = PushParticipant::start(Node::new("shipping")).await;
-    inventory
-        .node
-        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
-    payment
-        .node
-        .script("charge", vec![Script::Succeed("PAID", vec![])]);
-    shipping
-        .node
-        .script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
-    put_strategy(&server.channel, order_strategy(step_timeout)).await;
-    register_node(&server.channel, "inventory", &inventory.endpoint()).await;
-    register_node(&server.channel, "payment", &payment.endpoint()).await;
-    register_node(&server.channel, "shipping", &shipping.endpoint()).await;
-    Shop {
-        server,
-        inventory,
-        payment,
-        shipping,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_success_path_fans_out_joins_and_completes_with_every_node_told() {

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use common::TestServer;
 use common::orders::{
-    branch, get, order_strategy, put_strategy, register_node, start_order, wait_terminal,
+    branch, get, order_strategy, put_strategy, register_node, shop as order_shop, start_order,
+    wait_terminal,
 };
 use common::participant::{Node, PushParticipant, Script};
 use sagad::clock::SystemClock;
@@ -464,25 +465,12 @@ async fn counters_count_polls_their_answers_and_the_escalation_after_the_poll_bu
 /// floor): ListStuck shows it with the error and when it goes out, and the saga then completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_step_waiting_for_its_retry_is_listed_with_when_it_is_sent_again() {
-    let server = TestServer::start().await;
-    let channel = server.channel.clone();
-    let inventory = PushParticipant::start(Node::new("inventory")).await;
-    let payment = PushParticipant::start(Node::new("payment")).await;
-    let shipping = PushParticipant::start(Node::new("shipping")).await;
-    inventory
-        .node
-        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
-    payment.node.script(
+    let shop = order_shop(Duration::from_secs(30)).await;
+    let channel = shop.server.channel.clone();
+    shop.payment.node.script(
         "charge",
         vec![Script::Fail("UNAVAILABLE"), Script::Succeed("PAID", vec![])],
     );
-    shipping
-        .node
-        .script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
-    put_strategy(&channel, order_strategy(Duration::from_secs(30))).await;
-    register_node(&channel, "inventory", &inventory.endpoint()).await;
-    register_node(&channel, "payment", &payment.endpoint()).await;
-    register_node(&channel, "shipping", &shipping.endpoint()).await;
     let gsn = start_order(&channel, "o-retrying", "order").await;
 
     let retrying = listed(

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::TestServer;
 use common::orders::{
-    branch, eventually, get, order_strategy, put_strategy, register_node, start_order,
+    branch, eventually, get, order_strategy, put_strategy, register_node, shop, start_order,
     wait_terminal,
 };
 use common::participant::{Node, PushParticipant, Script};
@@ -167,24 +167,12 @@ async fn an_escalated_step_is_reversed_even_outside_its_own_exception_scope() {
 /// TRIGGERED and is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_retry_the_policy_decided_is_not_pre_empted_by_the_step_timeout() {
-    let server = TestServer::start().await;
-    let inventory = PushParticipant::start(Node::new("inventory")).await;
-    let payment = PushParticipant::start(Node::new("payment")).await;
-    let shipping = PushParticipant::start(Node::new("shipping")).await;
-    inventory
-        .node
-        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
-    payment.node.script(
+    let shop = shop(Duration::from_millis(500)).await;
+    let server = &shop.server;
+    shop.payment.node.script(
         "charge",
         vec![Script::Fail("UNAVAILABLE"), Script::Succeed("PAID", vec![])],
     );
-    shipping
-        .node
-        .script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
-    put_strategy(&server.channel, order_strategy(Duration::from_millis(500))).await;
-    register_node(&server.channel, "inventory", &inventory.endpoint()).await;
-    register_node(&server.channel, "payment", &payment.endpoint()).await;
-    register_node(&server.channel, "shipping", &shipping.endpoint()).await;
 
     let gsn = start_order(&server.channel, "o-retried", "order").await;
     let ended = wait_terminal(&server.channel, &gsn, LIMIT).await;
@@ -202,10 +190,12 @@ async fn a_retry_the_policy_decided_is_not_pre_empted_by_the_step_timeout() {
             .collect::<Vec<_>>()
     );
     assert_eq!(charge.attempts, 2);
-    assert_eq!(payment.node.executions_of(&gsn, "charge"), 1);
+    assert_eq!(shop.payment.node.executions_of(&gsn, "charge"), 1);
     let completed = pb::Signal::Completed as i32;
     assert!(
-        eventually(LIMIT, || shipping.node.signals_for(&gsn) == vec![completed]).await,
+        eventually(LIMIT, || shop.shipping.node.signals_for(&gsn)
+            == vec![completed])
+        .await,
         "shipping is told the saga completed"
     );
 }

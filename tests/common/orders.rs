@@ -8,6 +8,9 @@ use sagad::grpc::pb::strategies_client::StrategiesClient;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
+use super::TestServer;
+use super::participant::{Node, PushParticipant, Script};
+
 fn step(id: &str, node: &str, forward: &str, reversal: &str, timeout: Duration) -> pb::Step {
     pb::Step {
         id: id.into(),
@@ -149,4 +152,40 @@ pub fn branch<'a>(saga: &'a pb::Saga, id: &str) -> &'a pb::Branch {
         .iter()
         .find(|b| b.branch_id == id)
         .unwrap_or_else(|| panic!("no branch {id} in {saga:#?}"))
+}
+
+/// A sagad with the order strategy and its three nodes as push participants that answer
+/// every action at once: inventory RESERVED, payment PAID, shipping SHIPPED. Tests script a
+/// node again for the path they need.
+pub struct Shop {
+    pub server: TestServer,
+    pub inventory: PushParticipant,
+    pub payment: PushParticipant,
+    pub shipping: PushParticipant,
+}
+
+pub async fn shop(step_timeout: Duration) -> Shop {
+    let server = TestServer::start().await;
+    let inventory = PushParticipant::start(Node::new("inventory")).await;
+    let payment = PushParticipant::start(Node::new("payment")).await;
+    let shipping = PushParticipant::start(Node::new("shipping")).await;
+    inventory
+        .node
+        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
+    payment
+        .node
+        .script("charge", vec![Script::Succeed("PAID", vec![])]);
+    shipping
+        .node
+        .script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
+    put_strategy(&server.channel, order_strategy(step_timeout)).await;
+    register_node(&server.channel, "inventory", &inventory.endpoint()).await;
+    register_node(&server.channel, "payment", &payment.endpoint()).await;
+    register_node(&server.channel, "shipping", &shipping.endpoint()).await;
+    Shop {
+        server,
+        inventory,
+        payment,
+        shipping,
+    }
 }
