@@ -35,6 +35,13 @@ pub struct Command {
     pub attempt: u32,
 }
 
+impl Command {
+    /// Which send of its branch's action this command is, if it says.
+    pub fn send(&self) -> Option<u32> {
+        (self.attempt > 0).then_some(self.attempt)
+    }
+}
+
 /// The shape commands had before `attempt`; entries of that shape may wait in an outbox
 /// through an upgrade. Field order is the format; never edit it.
 #[derive(Deserialize)]

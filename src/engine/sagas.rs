@@ -867,7 +867,7 @@ impl Engine {
                     })?;
                     let saga = load_saga(tx, &gsn)?;
                     let now = engine.clock.now_ms();
-                    report.attempt = (command.attempt > 0).then_some(command.attempt);
+                    report.attempt = command.send();
                     engine.apply_answer(tx, saga, &command.branch_id, command.kind, report, now)
                 })();
                 keep_going(

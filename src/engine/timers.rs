@@ -179,11 +179,7 @@ pub(crate) async fn rearm_step_timeouts(
                     continue;
                 };
                 // Commands stored before they carried their send number are the latest send.
-                let attempt = if command.attempt > 0 {
-                    command.attempt
-                } else {
-                    branch.attempts
-                };
+                let attempt = command.send().unwrap_or(branch.attempts);
                 if orchestration::step_timeout_is_live(&saga, &command.branch_id, attempt) {
                     let timer = Timer::StepTimeout {
                         branch_id: command.branch_id.clone(),
