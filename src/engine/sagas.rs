@@ -310,14 +310,14 @@ pub(crate) fn outcall_refusal(refusal: outcalls::Refusal, gsn: &Gsn) -> Error {
 /// passed on (the write rolls back and is tried again); anything else — a corrupt record, a
 /// refused answer — is logged and the work dropped (the write still removes the timer or
 /// command that caused it).
-fn keep_going(result: Result<Applied, Error>, what: &str, id: u64) -> Result<Applied, Error> {
+fn keep_going<T: Default>(result: Result<T, Error>, what: &str, id: u64) -> Result<T, Error> {
     match result {
         Err(Error::Store(
             e @ (store::Error::Io(_) | store::Error::Storage(_) | store::Error::Closed),
         )) => Err(Error::Store(e)),
         Err(e) => {
             tracing::error!(id, error = %e, "{what}");
-            Ok(Applied::default())
+            Ok(T::default())
         }
         ok => ok,
     }
@@ -772,7 +772,14 @@ impl Engine {
                     &saga, &branch_id, attempt,
                 ))
             })
-            .await??;
+            .await?;
+        // Like a stored timer, one that cannot be read (a corrupt saga) is dropped, not tried
+        // again every round; only a storage fault keeps it for the next.
+        let live = keep_going(
+            live,
+            "a step timeout could not be applied; it is dropped",
+            gsn_sequence,
+        )?;
         if !live {
             return Ok(());
         }
@@ -1021,6 +1028,19 @@ fn parse_command_id(text: &str, gsn: &Gsn) -> Result<CommandRef, Error> {
 mod tests {
     use super::*;
     use crate::domain::ids::CoordinatorId;
+
+    #[test]
+    fn background_work_drops_what_cannot_succeed_and_keeps_what_a_storage_fault_stopped() {
+        let corrupt = Error::Store(store::Error::Corrupt {
+            table: "sagas",
+            detail: "cut short".into(),
+        });
+        // A step timeout kept in memory whose saga does not decode: dropped, not live.
+        assert!(!keep_going::<bool>(Err(corrupt), "dropped", 1).unwrap());
+        let fault = Error::Store(store::Error::Storage("disk full".into()));
+        assert!(keep_going::<bool>(Err(fault), "kept", 1).is_err());
+        assert!(keep_going::<bool>(Ok(true), "live", 1).unwrap());
+    }
 
     #[test]
     fn command_ids_carry_their_kind_and_round_trip() {
