@@ -149,9 +149,11 @@ impl Engine {
         &self,
         gsn_text: &str,
     ) -> Result<impl Stream<Item = Arc<Saga>> + Send + 'static, Error> {
-        let first = self.get_saga(gsn_text).await?;
-        // Subscribe before reading again, so no change between the two is missed.
-        let mut changes = self.shared.watchers.subscribe(first.gsn.sequence());
+        // Subscribe before the read, so no change stored between the two is missed; the GSN
+        // names the sequence, so one read is enough. A GSN that names no saga leaves an
+        // unwatched entry, which the next sweep removes.
+        let sequence = self.parse_gsn(gsn_text)?.sequence();
+        let mut changes = self.shared.watchers.subscribe(sequence);
         let current = Arc::new(self.get_saga(gsn_text).await?);
         let state = (Some(current), changes.clone(), false);
         changes.borrow_and_update();

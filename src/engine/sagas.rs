@@ -497,7 +497,7 @@ impl Engine {
         Ok(answered)
     }
 
-    fn parse_gsn(&self, text: &str) -> Result<Gsn, Error> {
+    pub(crate) fn parse_gsn(&self, text: &str) -> Result<Gsn, Error> {
         Gsn::parse(text).map_err(|e| Error::invalid("gsn", e.to_string()))
     }
 
