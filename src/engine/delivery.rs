@@ -260,7 +260,7 @@ async fn deliver(
         Some(payload) => payload,
         None if !carries_payload => store::PayloadRecord::default(),
         None => loop {
-            match engine.payload_of(&command).await {
+            match Box::pin(engine.payload_of(&command)).await {
                 Ok(payload) => break payload,
                 Err(Error::Store(store::Error::Closed)) => return,
                 Err(e) => {
@@ -292,36 +292,40 @@ async fn deliver(
         routes.borrow_and_update();
         delivery.record_attempt(outbox_id, &command, attempt, String::new());
         let wait = match delivery.route(&command.node_id) {
-            Route::Push(endpoint) => match delivery.participants.send(&endpoint, &outgoing).await {
-                Ok(answer) => {
-                    let report = match answer {
-                        Answer::Report(report) => Some(report),
-                        Answer::Acknowledged => None,
-                    };
-                    match engine
-                        .command_answered(outbox_id, command.clone(), report)
-                        .await
-                    {
-                        Ok(()) => {
-                            engine.command_done(outbox_id);
-                            return;
-                        }
-                        Err(Error::Store(store::Error::Closed)) => return,
-                        Err(e) => {
-                            tracing::warn!(outbox_id, gsn = %command.gsn, error = %e, "storing a node's answer failed; sending again");
-                            delivery.backoff(attempt, engine.random.unit())
+            // The call and the write are boxed so that this task stays small: tokio copies a
+            // task's whole future when it spawns and when it finishes it, and with these two
+            // inline it was 4 KB, copied for every command (docs/benchmarks.md).
+            Route::Push(endpoint) => {
+                match Box::pin(delivery.participants.send(&endpoint, outgoing)).await {
+                    Ok(answer) => {
+                        let report = match answer {
+                            Answer::Report(report) => Some(report),
+                            Answer::Acknowledged => None,
+                        };
+                        match Box::pin(engine.command_answered(outbox_id, command.clone(), report))
+                            .await
+                        {
+                            Ok(()) => {
+                                engine.command_done(outbox_id);
+                                return;
+                            }
+                            Err(Error::Store(store::Error::Closed)) => return,
+                            Err(e) => {
+                                tracing::warn!(outbox_id, gsn = %command.gsn, error = %e, "storing a node's answer failed; sending again");
+                                delivery.backoff(attempt, engine.random.unit())
+                            }
                         }
                     }
+                    Err(e) => {
+                        tracing::debug!(outbox_id, node = %command.node_id, attempt, error = %e, "delivery failed; will retry");
+                        Metrics::bump(&engine.shared.metrics.delivery_failures);
+                        delivery.record_attempt(outbox_id, &command, attempt, e.to_string());
+                        delivery.backoff(attempt, engine.random.unit())
+                    }
                 }
-                Err(e) => {
-                    tracing::debug!(outbox_id, node = %command.node_id, attempt, error = %e, "delivery failed; will retry");
-                    Metrics::bump(&engine.shared.metrics.delivery_failures);
-                    delivery.record_attempt(outbox_id, &command, attempt, e.to_string());
-                    delivery.backoff(attempt, engine.random.unit())
-                }
-            },
+            }
             Route::Pull(sender) => {
-                if sender.send(outgoing).await.is_err() {
+                if Box::pin(sender.send(outgoing)).await.is_err() {
                     // The stream ended between the lookup and the send; look again shortly.
                     Duration::from_millis(50)
                 } else {

@@ -312,7 +312,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let engine = self.engine.clone();
         let stream = subscription
             .into_stream()
-            .map(move |outgoing| Ok(outgoing.to_pb(Some(convert::timestamp(engine.now_ms())))));
+            .map(move |outgoing| Ok(outgoing.into_pb(Some(convert::timestamp(engine.now_ms())))));
         Ok(Response::new(Box::pin(stream)))
     }
 

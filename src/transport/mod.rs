@@ -48,45 +48,52 @@ pub struct Outgoing {
 
 impl Outgoing {
     /// The same command as the Subscribe stream carries it.
-    pub fn to_pb(&self, sent_at: Option<prost_types::Timestamp>) -> pb::Command {
+    pub fn into_pb(self, sent_at: Option<prost_types::Timestamp>) -> pb::Command {
+        let attempt = self.attempt;
+        let command_id = self.command_id.clone();
+        pb::Command {
+            command_id,
+            kind: Some(self.into_kind()),
+            attempt,
+            sent_at,
+        }
+    }
+
+    /// The request itself, moved out of the command rather than copied: a push delivery
+    /// builds one per send, and the payload is the largest part of it.
+    fn into_kind(self) -> pb::command::Kind {
         use crate::engine::commands::Kind;
-        let kind = match self.kind {
+        match self.kind {
             Kind::Execute => pb::command::Kind::Execute(pb::ExecuteRequest {
-                command_id: self.command_id.clone(),
-                gsn: self.gsn.clone(),
-                branch_id: self.branch_id.clone(),
-                action: self.action.clone(),
-                payload: self.payload.clone(),
-                content_type: self.content_type.clone(),
-                business_type: self.business_type.clone(),
+                command_id: self.command_id,
+                gsn: self.gsn,
+                branch_id: self.branch_id,
+                action: self.action,
+                payload: self.payload,
+                content_type: self.content_type,
+                business_type: self.business_type,
             }),
             Kind::Reverse => pb::command::Kind::Reverse(pb::ReverseRequest {
-                command_id: self.command_id.clone(),
-                gsn: self.gsn.clone(),
-                branch_id: self.branch_id.clone(),
-                action: self.action.clone(),
-                payload: self.payload.clone(),
-                content_type: self.content_type.clone(),
-                reason: self.reason.clone(),
+                command_id: self.command_id,
+                gsn: self.gsn,
+                branch_id: self.branch_id,
+                action: self.action,
+                payload: self.payload,
+                content_type: self.content_type,
+                reason: self.reason,
             }),
             Kind::QueryStatus => pb::command::Kind::QueryStatus(pb::QueryStatusRequest {
-                command_id: self.command_id.clone(),
-                gsn: self.gsn.clone(),
-                branch_id: self.branch_id.clone(),
-                action: self.action.clone(),
+                command_id: self.command_id,
+                gsn: self.gsn,
+                branch_id: self.branch_id,
+                action: self.action,
             }),
             Kind::Signal => pb::command::Kind::Signal(pb::SignalRequest {
-                command_id: self.command_id.clone(),
-                gsn: self.gsn.clone(),
+                command_id: self.command_id,
+                gsn: self.gsn,
                 signal: signal_to_pb(self.signal) as i32,
-                reason: self.reason.clone(),
+                reason: self.reason,
             }),
-        };
-        pb::Command {
-            command_id: self.command_id.clone(),
-            kind: Some(kind),
-            attempt: self.attempt,
-            sent_at,
         }
     }
 }
@@ -143,27 +150,25 @@ impl Participants {
             .remove(endpoint);
     }
 
-    pub async fn send(&self, endpoint: &str, outgoing: &Outgoing) -> Result<Answer, Error> {
+    pub async fn send(&self, endpoint: &str, outgoing: Outgoing) -> Result<Answer, Error> {
         let mut client = ParticipantClient::new(self.channel(endpoint)?);
-        let command = outgoing.to_pb(None);
-        Ok(match command.kind {
-            Some(pb::command::Kind::Execute(request)) => {
+        Ok(match outgoing.into_kind() {
+            pb::command::Kind::Execute(request) => {
                 let r = client.execute(request).await?.into_inner();
                 Answer::Report(report(r.outcome, r.status, r.error_code, r.message))
             }
-            Some(pb::command::Kind::Reverse(request)) => {
+            pb::command::Kind::Reverse(request) => {
                 let r = client.reverse(request).await?.into_inner();
                 Answer::Report(report(r.outcome, None, r.error_code, r.message))
             }
-            Some(pb::command::Kind::QueryStatus(request)) => {
+            pb::command::Kind::QueryStatus(request) => {
                 let r = client.query_status(request).await?.into_inner();
                 Answer::Report(report(r.outcome, r.status, r.error_code, r.message))
             }
-            Some(pb::command::Kind::Signal(request)) => {
+            pb::command::Kind::Signal(request) => {
                 client.signal(request).await?;
                 Answer::Acknowledged
             }
-            None => Answer::Acknowledged,
         })
     }
 }
