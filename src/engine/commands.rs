@@ -57,7 +57,7 @@ struct CommandV1 {
 }
 
 pub fn encode_command(command: &Command) -> Result<Vec<u8>, store::Error> {
-    postcard::to_stdvec(command).map_err(|e| store::Error::Corrupt {
+    store::encode_unversioned(command).map_err(|e| store::Error::Corrupt {
         table: "outbox",
         detail: format!("encoding a command: {e}"),
     })
@@ -115,7 +115,7 @@ pub fn encode_timer(timer: &Timer) -> Result<Vec<u8>, store::Error> {
         },
         Timer::Deadline => StoredTimer::Deadline,
     };
-    postcard::to_stdvec(&stored).map_err(|e| store::Error::Corrupt {
+    store::encode_unversioned(&stored).map_err(|e| store::Error::Corrupt {
         table: "due",
         detail: format!("encoding a timer: {e}"),
     })

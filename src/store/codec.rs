@@ -299,10 +299,24 @@ impl Record for DueRecord {
     const VERSION: u8 = 1;
 }
 
+/// Room reserved before encoding: a saga record with a few branches, a command or an outbox
+/// entry fits. postcard appends to its buffer a field at a time, so a buffer that starts small
+/// is regrown six or seven times per record; those regrowths were about 4% of sagad's
+/// instructions per saga (docs/benchmarks.md). A larger value still grows as it needs to.
+pub(crate) const ENCODE_CAPACITY: usize = 512;
+
 /// Encodes `record` as its table's current version.
 pub(crate) fn encode<R: Record>(record: &R) -> Result<Vec<u8>, Error> {
-    postcard::to_extend(record, vec![R::VERSION])
+    let mut buffer = Vec::with_capacity(ENCODE_CAPACITY);
+    buffer.push(R::VERSION);
+    postcard::to_extend(record, buffer)
         .map_err(|e| Error::Storage(format!("cannot encode a record of table {}: {e}", R::TABLE)))
+}
+
+/// postcard's encoding of `value` without a version byte (a command or timer held inside a
+/// record), into a buffer with room reserved like `encode`'s.
+pub(crate) fn encode_unversioned<T: Serialize>(value: &T) -> postcard::Result<Vec<u8>> {
+    postcard::to_extend(value, Vec::with_capacity(ENCODE_CAPACITY))
 }
 
 /// Decodes a stored value, whatever version of this sagad (or an older one) wrote it.

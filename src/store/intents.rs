@@ -195,7 +195,14 @@ pub(crate) fn tree_name() -> &'static str {
 }
 
 fn encode(overlay: &Overlay) -> Result<Vec<u8>, Error> {
-    let mut bytes = vec![FORMAT];
+    // Sized exactly up front: a group's intent is its largest encoded value, and growing it
+    // write by write regrew it several times per group.
+    let size = 1 + overlay
+        .writes()
+        .map(|(_, key, value)| 2 + 4 + key.len() + value.map_or(0, |v| 4 + v.len()))
+        .sum::<usize>();
+    let mut bytes = Vec::with_capacity(size);
+    bytes.push(FORMAT);
     for (table, key, value) in overlay.writes() {
         bytes.push(table.code());
         bytes.push(if value.is_some() { PUT } else { DELETE });

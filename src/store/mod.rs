@@ -37,6 +37,7 @@ pub use records::{
 };
 
 use codec::Record;
+pub(crate) use codec::encode_unversioned;
 use records::RetryLinkRecord;
 use std::fs::File;
 use std::io;
