@@ -15,6 +15,7 @@ use common::participant::{Node, PushParticipant, Script, subscribe};
 use sagad::grpc::pb;
 use sagad::grpc::pb::coordinator_client::CoordinatorClient;
 use sagad::grpc::pb::operations_client::OperationsClient;
+use sagad::grpc::pb::strategies_client::StrategiesClient;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -41,6 +42,43 @@ async fn the_success_path_fans_out_joins_and_completes_with_every_node_told() {
         every_node_told_completed(&shop, &gsn).await,
         "every node is told the saga completed, once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_saga_runs_with_the_strategy_version_latest_when_it_started() {
+    let shop = shop(Duration::from_secs(10)).await;
+    // Each script answers one saga; this test runs two.
+    for (node, action, status) in [
+        (&shop.inventory, "reserve", "RESERVED"),
+        (&shop.payment, "charge", "PAID"),
+        (&shop.shipping, "ship", "SHIPPED"),
+    ] {
+        node.node.script(
+            action,
+            vec![
+                Script::Succeed(status, vec![]),
+                Script::Succeed(status, vec![]),
+            ],
+        );
+    }
+    let before = start_order(&shop.server.channel, "o-v1", "order 1").await;
+    let mut second_version = order_strategy(Duration::from_secs(10));
+    second_version.description = "the same steps, stored again".into();
+    StrategiesClient::new(shop.server.channel.clone())
+        .put_strategy(pb::PutStrategyRequest {
+            request_id: "put-order-again".into(),
+            strategy: Some(second_version),
+        })
+        .await
+        .expect("put the second version");
+    let after = start_order(&shop.server.channel, "o-v2", "order 2").await;
+
+    let before = wait_terminal(&shop.server.channel, &before, LIMIT).await;
+    let after = wait_terminal(&shop.server.channel, &after, LIMIT).await;
+    assert_eq!(before.strategy_version, 1, "started before the new version");
+    assert_eq!(after.strategy_version, 2, "started after it");
+    assert_eq!(before.state, pb::SagaState::Completed as i32);
+    assert_eq!(after.state, pb::SagaState::Completed as i32);
 }
 
 /// Waits until each node has been told, once, that the saga completed.

@@ -149,6 +149,11 @@ pub(crate) const MAX_PAGE_SIZE: u32 = 500;
 pub(crate) struct Shared {
     /// Strategy versions by (business type, version); a stored version never changes.
     strategies: RwLock<HashMap<(String, u64), Arc<Strategy>>>,
+    /// The latest version of each business type that StartSaga has looked up. Only ledger
+    /// writes fill it (StartSaga) or drop an entry (PutStrategy, in the write that stores a new
+    /// version), and they run one at a time, so it never answers with an older version than the
+    /// ledger holds. Only stored business types get an entry.
+    latest_strategies: RwLock<HashMap<String, u64>>,
     /// The retry configuration in force, read once instead of on every transition. Only ledger
     /// writes fill or clear it (they run one at a time), and the write that stores a new version
     /// clears it, so a later write never decides by an old version.
@@ -189,6 +194,7 @@ impl Engine {
     ) -> Engine {
         let shared = Arc::new(Shared {
             strategies: RwLock::new(HashMap::new()),
+            latest_strategies: RwLock::new(HashMap::new()),
             retry_config: RwLock::new(None),
             delivery: delivery::Delivery::new(
                 settings.participant_timeout,

@@ -126,6 +126,46 @@ impl Shared {
             .insert(key, loaded.clone());
         Ok(loaded)
     }
+
+    /// The latest strategy of `business_type`, from the caches or the ledger; `None` if none is
+    /// stored. Call it only inside a ledger write, so the caches follow the ledger's order.
+    /// StartSaga used to read and decode the latest version from the ledger for every saga.
+    pub(crate) fn latest_strategy(
+        &self,
+        tx: &WriteTx<'_>,
+        business_type: &str,
+    ) -> Result<Option<Arc<Strategy>>, Error> {
+        let cached = self
+            .latest_strategies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(business_type)
+            .copied();
+        if let Some(version) = cached {
+            return self.strategy(tx, business_type, version).map(Some);
+        }
+        let Some(latest) = strategies::load_strategy(tx, business_type, 0)? else {
+            return Ok(None);
+        };
+        let latest = Arc::new(latest);
+        self.strategies
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((business_type.to_owned(), latest.version), latest.clone());
+        self.latest_strategies
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(business_type.to_owned(), latest.version);
+        Ok(Some(latest))
+    }
+
+    /// Called by the write that stores a new version of `business_type`'s strategy.
+    pub(crate) fn forget_latest_strategy(&self, business_type: &str) {
+        self.latest_strategies
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(business_type);
+    }
 }
 
 /// Stores a transition: the saga, and its effects as outbox entries and due timers.
@@ -255,7 +295,7 @@ pub(crate) fn store_transition(
             attempts: 0,
         })?;
         let payload = match kind {
-            Kind::Execute | Kind::Reverse => Some(payload_in(tx, &command)?),
+            Kind::Execute | Kind::Reverse => Some(payload_in(tx, &saga, &command.branch_id)?),
             Kind::QueryStatus | Kind::Signal => None,
         };
         deliveries.push(NewCommand {
@@ -428,7 +468,8 @@ impl Engine {
             .idempotent_write_with("StartSaga", &request_id, fingerprint, move |tx, now| {
                 let strategy = match start.mode {
                     SagaMode::Orchestrated => {
-                        let latest = strategies::load_strategy(tx, start.business_type.as_str(), 0)?
+                        let latest = shared
+                            .latest_strategy(tx, start.business_type.as_str())?
                             .ok_or_else(|| {
                                 Error::NotFound(format!(
                                     "no fulfillment strategy is stored for business type {:?}; store one \
@@ -437,12 +478,6 @@ impl Engine {
                                     start.business_type.as_str()
                                 ))
                             })?;
-                        let latest = Arc::new(latest);
-                        shared
-                            .strategies
-                            .write()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert((latest.business_type.clone(), latest.version), latest.clone());
                         Some(latest)
                     }
                     SagaMode::RegisteredOutcalls => None,
@@ -934,16 +969,16 @@ impl Engine {
     }
 }
 
-/// The payload a write sends with the command it creates (see `command_payload`).
-fn payload_in(tx: &WriteTx<'_>, command: &Command) -> Result<PayloadRecord, Error> {
-    let gsn = Gsn::parse(&command.gsn).map_err(|e| store::Error::Corrupt {
-        table: "outbox",
-        detail: e.to_string(),
-    })?;
-    let sequence = gsn.sequence();
-    Ok(command_payload(&command.branch_id, |of| {
-        tx.payload(sequence, of)
-    })?)
+/// The payload a write sends with the command it creates about `branch_id` (see
+/// `command_payload`). Only outcalls register payloads of their own, so a command of an
+/// orchestrated saga skips that lookup (it was a ledger read per command that always missed).
+fn payload_in(tx: &WriteTx<'_>, saga: &Saga, branch_id: &str) -> Result<PayloadRecord, Error> {
+    let sequence = saga.gsn.sequence();
+    let own = match saga.mode {
+        SagaMode::RegisteredOutcalls => branch_id,
+        SagaMode::Orchestrated => "",
+    };
+    Ok(command_payload(own, |of| tx.payload(sequence, of))?)
 }
 
 /// The payload sent with a command about `branch_id`: an outcall's own payload if it

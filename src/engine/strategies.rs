@@ -55,6 +55,7 @@ impl Engine {
         let (Some(request_id), Some(mut strategy)) = (request_id, validated) else {
             return Err(Error::Invalid(violations));
         };
+        let shared = self.shared.clone();
         self.idempotent_write("PutStrategy", &request_id, fingerprint, move |tx, now| {
             let latest = load_strategy(tx, &strategy.business_type, 0)?;
             strategy.version = match latest {
@@ -69,6 +70,7 @@ impl Engine {
             };
             strategy.created_ms = now;
             tx.put_strategy(&strategy_to_record(&strategy))?;
+            shared.forget_latest_strategy(&strategy.business_type);
             Ok(encode(&strategy))
         })
         .await
