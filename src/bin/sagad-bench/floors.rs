@@ -31,17 +31,25 @@ pub struct EchoRun {
     pub other_cores: Option<f64>,
 }
 
+/// Half of a run's gRPC floor: its call latencies, how long they took, and the cores other
+/// processes used meanwhile.
+pub struct EchoHalf {
+    latencies_us: Vec<u64>,
+    elapsed_s: f64,
+    other_cores: Option<f64>,
+}
+
 /// `calls` Health/Check calls at `concurrency` over `channels` (to the sagad under test), so
 /// the floor pays what a saga's RPCs pay: the same connections, the same server process and
 /// its tonic stack, but no saga work. `measured` are the processes whose CPU is not "other".
+/// A run measures one half before its sagas and one after (`EchoRun::bracketing`).
 pub async fn echo(
     channels: &[Channel],
     concurrency: usize,
     calls: usize,
-    run: usize,
     ticks: u64,
     measured: &[String],
-) -> Result<EchoRun, Error> {
+) -> Result<EchoHalf, Error> {
     let window = machine::Window::open(measured, ticks);
     let next = Arc::new(AtomicUsize::new(0));
     let started = now();
@@ -66,21 +74,52 @@ pub async fn echo(
             Ok::<_, Error>(latencies)
         }));
     }
-    let mut latencies = Vec::with_capacity(calls);
+    let mut latencies_us = Vec::with_capacity(calls);
     for worker in workers {
-        latencies.extend(worker.await??);
+        latencies_us.extend(worker.await??);
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    Ok(EchoRun {
-        concurrency,
-        run,
-        calls,
-        rpcs_per_s: calls as f64 / elapsed,
-        p50_ms: percentile_ms(&latencies, 0.50),
-        p99_ms: percentile_ms(&latencies, 0.99),
+    Ok(EchoHalf {
+        latencies_us,
+        elapsed_s: started.elapsed().as_secs_f64(),
         other_cores: window.other_cores(measured),
     })
+}
+
+impl EchoRun {
+    /// The floor of a run from its two halves, measured just before and just after its
+    /// sagas: this machine's speed drifts between phases minutes apart, and a floor taken on
+    /// one side only of a 20-second run was often taken in another phase than the sagas. The
+    /// rate is the mean of the halves' rates, so each side weighs the same whatever its length.
+    pub fn bracketing(
+        concurrency: usize,
+        run: usize,
+        before: EchoHalf,
+        after: EchoHalf,
+    ) -> EchoRun {
+        // A half with no calls (`--echo-calls 1`) has no rate, rather than a rate of zero.
+        let rates: Vec<f64> = [&before, &after]
+            .into_iter()
+            .filter(|half| !half.latencies_us.is_empty())
+            .map(|half| half.latencies_us.len() as f64 / half.elapsed_s.max(1e-9))
+            .collect();
+        let rpcs_per_s = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+        let other_cores = match (before.other_cores, after.other_cores) {
+            (Some(a), Some(b)) => Some((a + b) / 2.0),
+            (one, other) => one.or(other),
+        };
+        let mut latencies = before.latencies_us;
+        latencies.extend(after.latencies_us);
+        latencies.sort_unstable();
+        EchoRun {
+            concurrency,
+            run,
+            calls: latencies.len(),
+            rpcs_per_s,
+            p50_ms: percentile_ms(&latencies, 0.50),
+            p99_ms: percentile_ms(&latencies, 0.99),
+            other_cores,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -124,7 +124,7 @@ struct Flags {
     /// A saga not terminal after this long counts as a failure.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     saga_timeout: Duration,
-    /// Calls per run of the gRPC floor.
+    /// Calls per run of the gRPC floor: half just before the run's sagas, half just after.
     #[arg(long, default_value_t = 20_000)]
     echo_calls: usize,
     /// Commits per run of the disk floor.
@@ -492,7 +492,8 @@ async fn point(
         .into_iter()
         .chain(["self".to_owned()])
         .collect();
-    let echo = if flags.no_floors {
+    // Half of the floor's calls before the sagas and half after (`EchoRun::bracketing`).
+    let echo_before = if flags.no_floors {
         None
     } else {
         settle(bench).await;
@@ -500,8 +501,7 @@ async fn point(
             floors::echo(
                 &channels,
                 concurrency,
-                flags.echo_calls,
-                run,
+                flags.echo_calls / 2,
                 bench.ticks,
                 &measured_pids,
             )
@@ -529,6 +529,20 @@ async fn point(
     let flushes_after = ledger_flushes(&mut operations).await;
     // Without sagad's pid its CPU would count as "other": report nothing rather than that.
     let other_cores = pid.and_then(|_| window.other_cores(&measured_pids));
+    let echo = match echo_before {
+        None => None,
+        Some(before) => {
+            let after = floors::echo(
+                &channels,
+                concurrency,
+                flags.echo_calls - flags.echo_calls / 2,
+                bench.ticks,
+                &measured_pids,
+            )
+            .await?;
+            Some(floors::EchoRun::bracketing(concurrency, run, before, after))
+        }
+    };
 
     if let Some(child) = child.take() {
         child.stop().await?;
