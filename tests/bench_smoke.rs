@@ -45,10 +45,10 @@ fn a_short_benchmark_run_completes_and_prints_its_tables() {
     );
     for header in [
         "| scenario | durability | C | sagas/s | p50 ms | p99 ms | p99.9 ms | RPCs/saga | echo RPC/s | efficiency | failures |",
-        "| scenario | durability | C | sagad CPU ms/saga | bench CPU ms/saga | sagad peak RSS MiB | ledger bytes/saga | ledger flushes/saga |",
+        "| scenario | durability | C | sagad CPU ms/saga | of it user space | bench CPU ms/saga | sagad peak RSS MiB | ledger bytes/saga | ledger flushes/saga |",
         "| C | echo RPC/s | echo p50 ms | echo p99 ms |",
         "| durability | C | commits/s | commits per flush |",
-        "| scenario | durability | C | sagas/s | p50 | p99 | sagad CPU/saga |",
+        "| scenario | durability | C | sagas/s | p50 | p99 | sagad CPU/saga | of it user space |",
     ] {
         assert!(stdout.contains(header), "no {header:?} in:\n{stdout}");
     }

@@ -99,6 +99,8 @@ pub fn clock_ticks() -> u64 {
 pub struct ProcessSample {
     /// utime + stime, all threads.
     pub cpu_seconds: f64,
+    /// utime alone: the part an instruction count (callgrind) sees; the rest is the kernel's.
+    pub user_seconds: f64,
     /// VmHWM: the peak resident set since the process started.
     pub peak_rss_bytes: u64,
 }
@@ -116,6 +118,7 @@ pub fn sample(pid: &str, ticks: u64) -> Option<ProcessSample> {
     let peak_kib = kib_field(&status, "VmHWM:")?;
     Some(ProcessSample {
         cpu_seconds: (utime + stime) as f64 / ticks as f64,
+        user_seconds: utime as f64 / ticks as f64,
         peak_rss_bytes: peak_kib * 1024,
     })
 }

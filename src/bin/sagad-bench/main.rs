@@ -555,6 +555,9 @@ async fn point(
     let cpu_ms = |b: Option<machine::ProcessSample>, a: Option<machine::ProcessSample>| {
         Some((a?.cpu_seconds - b?.cpu_seconds) * 1000.0 / n)
     };
+    let user_ms = |b: Option<machine::ProcessSample>, a: Option<machine::ProcessSample>| {
+        Some((a?.user_seconds - b?.user_seconds) * 1000.0 / n)
+    };
     load.latencies_us.sort_unstable();
     let latencies = &load.latencies_us;
     let seconds = load.elapsed.as_secs_f64();
@@ -577,6 +580,7 @@ async fn point(
             participant_rpcs_per_saga: (after.participant_calls - before.participant_calls) as f64
                 / n,
             sagad_cpu_ms_per_saga: cpu_ms(before.sagad, after.sagad),
+            sagad_user_cpu_ms_per_saga: user_ms(before.sagad, after.sagad),
             bench_cpu_ms_per_saga: cpu_ms(before.bench, after.bench),
             sagad_peak_rss_mib: after
                 .sagad
