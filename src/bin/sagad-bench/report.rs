@@ -49,7 +49,7 @@ pub struct SagaRun {
     pub other_cores: Option<f64>,
     pub echo_rpcs_per_s: Option<f64>,
     /// sagas/s × RPCs per saga ÷ echo RPCs/s at the same concurrency, on the same sagad and
-    /// connections, measured just before.
+    /// connections, measured half just before the sagas and half just after.
     pub efficiency: Option<f64>,
     pub first_failure: Option<String>,
 }
