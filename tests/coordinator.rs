@@ -297,6 +297,19 @@ async fn unknown_and_malformed_gsns_are_told_apart() {
         "{}",
         err.message()
     );
+    // WatchSaga subscribes before its read, and still tells the three apart the same way.
+    for (gsn, code) in [
+        ("c1-0000000000000999", Code::NotFound),
+        ("c2-0000000000000001", Code::NotFound),
+        ("not-a-gsn", Code::InvalidArgument),
+    ] {
+        let err = client
+            .watch_saga(pb::WatchSagaRequest { gsn: gsn.into() })
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err.code(), code, "WatchSaga {gsn}");
+    }
 }
 
 #[tokio::test]

@@ -76,11 +76,17 @@ impl Bank {
     }
 
     async fn start(&self, request_id: &str) -> String {
+        self.start_with(request_id, Vec::new()).await
+    }
+
+    /// Starts a saga carrying `payload`.
+    async fn start_with(&self, request_id: &str, payload: Vec<u8>) -> String {
         self.client()
             .start_saga(pb::StartSagaRequest {
                 request_id: request_id.into(),
                 business_type: "transfer".into(),
                 mode: pb::SagaMode::RegisteredOutcalls as i32,
+                payload,
                 ..Default::default()
             })
             .await
@@ -90,6 +96,11 @@ impl Bank {
     }
 
     async fn register(&self, gsn: &str, order: u32, callee: &str) -> String {
+        self.register_with(gsn, order, callee, Vec::new()).await
+    }
+
+    /// Registers an outcall with a payload of its own (none if empty).
+    async fn register_with(&self, gsn: &str, order: u32, callee: &str, payload: Vec<u8>) -> String {
         self.client()
             .register_outcall(pb::RegisterOutcallRequest {
                 request_id: format!("{gsn}-reg-{order}"),
@@ -99,6 +110,7 @@ impl Bank {
                 forward_action: format!("debit-{callee}"),
                 reversal_action: format!("credit-{callee}"),
                 order,
+                payload,
                 ..Default::default()
             })
             .await
@@ -414,6 +426,37 @@ async fn internal_reversal_undoes_earlier_outcalls_in_reverse_order_when_the_thi
         .await,
         "every node, caller included, is told REVERSAL_SUCCESS: {:?}",
         bank.signals_everywhere(&gsn)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reversal_carries_the_outcalls_own_payload_else_the_sagas() {
+    let bank = bank().await;
+    let gsn = bank
+        .start_with("t-payloads", b"the saga's payload".to_vec())
+        .await;
+    let own = bank
+        .register_with(&gsn, 1, "a", b"outcall a's own payload".to_vec())
+        .await;
+    bank.node("a").execute_directly(&gsn, &own, "debit-a").await;
+    bank.report(&gsn, &own, pb::Outcome::Succeeded).await;
+    let shared = bank
+        .outcall(&gsn, 2, "b", true, pb::Outcome::Succeeded)
+        .await;
+    let answer = bank
+        .reverse("r-payloads", &gsn, "", pb::ReversalType::Internal, 10_000)
+        .await
+        .into_inner();
+    assert_eq!(answer.signal, SUCCESS);
+    assert_eq!(
+        bank.node("a").reversal_payload(&gsn, &own).as_deref(),
+        Some(&b"outcall a's own payload"[..]),
+        "an outcall registered with a payload is reversed with it"
+    );
+    assert_eq!(
+        bank.node("b").reversal_payload(&gsn, &shared).as_deref(),
+        Some(&b"the saga's payload"[..]),
+        "one registered without is reversed with the saga's"
     );
 }
 

@@ -60,6 +60,8 @@ pub struct Node {
     pub reversal_order: Mutex<Vec<(String, String, u64)>>,
     /// While set, QueryStatus answers PROCESSING whatever the truth (an outcome not yet known).
     pub queries_answer_processing: std::sync::atomic::AtomicBool,
+    /// The payload each Reverse carried, by (gsn, branch), the latest one.
+    pub reversal_payloads: Mutex<BTreeMap<(String, String), Vec<u8>>>,
 }
 
 static REVERSAL_STAMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -114,6 +116,12 @@ impl Node {
             .get(&(gsn.to_owned(), branch.to_owned()))
             .copied()
             .unwrap_or(0)
+    }
+
+    pub fn reversal_payload(&self, gsn: &str, branch: &str) -> Option<Vec<u8>> {
+        lock(&self.reversal_payloads)
+            .get(&(gsn.to_owned(), branch.to_owned()))
+            .cloned()
     }
 
     pub fn reversals_of(&self, gsn: &str, branch: &str) -> u32 {
@@ -244,6 +252,10 @@ impl Node {
 
     fn reverse(&self, request: &pb::ReverseRequest) -> pb::ReverseResponse {
         self.note(&request.command_id, "reverse");
+        lock(&self.reversal_payloads).insert(
+            (request.gsn.clone(), request.branch_id.clone()),
+            request.payload.clone(),
+        );
         if let Some(done) = lock(&self.answered).get(&request.command_id) {
             return pb::ReverseResponse {
                 outcome: done.outcome,
