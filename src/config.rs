@@ -178,12 +178,8 @@ fn node(setting: &'static str, text: &str) -> Result<(String, String), Error> {
     let id = id.trim();
     let url = url.trim();
     NodeId::parse(id).map_err(|e| invalid(setting, text, format!("the node id {e}")))?;
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(invalid(
-            setting,
-            text,
-            "the URL must start with http:// or https://",
-        ));
+    if let Some(problem) = crate::transport::endpoint_problem(url) {
+        return Err(invalid(setting, text, format!("the URL {problem}")));
     }
     Ok((id.to_owned(), url.to_owned()))
 }
@@ -435,6 +431,9 @@ mod tests {
         assert!(err.to_string().contains("30s"), "{err}");
         let err = Config::load(["sagad", "--node", "inventory"], &env(&[])).unwrap_err();
         assert!(err.to_string().contains("NODE=URL"), "{err}");
+        let err =
+            Config::load(["sagad", "--node", "inventory=https://h:1"], &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("https is not supported"), "{err}");
     }
 
     #[test]

@@ -420,3 +420,44 @@ async fn health_is_serving_while_up_and_shutdown_is_clean() {
     }
     server.stop().await.unwrap();
 }
+
+/// sagad calls nodes over plain HTTP/2, so an endpoint it could never dial (https, another
+/// scheme, no host) is refused when it is registered, saying what to give instead.
+#[tokio::test]
+async fn an_endpoint_sagad_cannot_dial_is_refused_at_registration() {
+    let server = TestServer::start().await;
+    let mut client = server.coordinator();
+    let register = |request_id: &str, endpoint: &str| pb::RegisterNodeRequest {
+        request_id: request_id.into(),
+        node_id: "inventory".into(),
+        endpoint: endpoint.into(),
+    };
+    client
+        .register_node(register("r-ok", "http://127.0.0.1:7001"))
+        .await
+        .unwrap();
+    for (i, (endpoint, says)) in [
+        ("https://127.0.0.1:7001", "https is not supported"),
+        ("127.0.0.1:7001", "must start with http://"),
+        ("http://", "http://127.0.0.1:7001"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let err = client
+            .register_node(register(&format!("r-bad-{i}"), endpoint))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{endpoint}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains("endpoint") && err.message().contains(says),
+            "{endpoint}: {}",
+            err.message()
+        );
+    }
+}

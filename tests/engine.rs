@@ -231,6 +231,57 @@ async fn commands_to_a_participant_that_is_down_are_redelivered_when_it_returns(
     assert_eq!(payment.node.executions_of(&gsn, "charge"), 1);
 }
 
+async fn counter(channel: &tonic::transport::Channel, name: &str) -> u64 {
+    let counters = OperationsClient::new(channel.clone())
+        .get_counters(pb::GetCountersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .counters;
+    counters
+        .iter()
+        .find(|c| c.name == name)
+        .map(|c| c.value)
+        .unwrap()
+}
+
+/// sagad keeps one connection per node endpoint. A node that restarted between two commands
+/// closed it; the next command finds it closed before anything was sent and dials again at
+/// once, instead of failing that send and waiting out a backoff (`delivery_failures` counts
+/// failed sends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_restarted_between_commands_is_dialled_again_without_a_failed_send() {
+    let shop = shop(Duration::from_secs(30)).await;
+    let channel = &shop.server.channel;
+    let first = start_order(channel, "o-redial-1", "order redial 1").await;
+    let saga = wait_terminal(channel, &first, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32);
+    assert!(every_node_told_completed(&shop, &first).await);
+
+    let (payment, addr) = shop.payment.stop().await;
+    let payment = PushParticipant::start_on(payment, addr).await;
+    // Each script answers once; the second order needs its own.
+    shop.inventory
+        .node
+        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
+    payment
+        .node
+        .script("charge", vec![Script::Succeed("PAID", vec![])]);
+    shop.shipping
+        .node
+        .script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
+    let failures = counter(channel, "delivery_failures").await;
+    let second = start_order(channel, "o-redial-2", "order redial 2").await;
+    let saga = wait_terminal(channel, &second, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32);
+    assert_eq!(payment.node.executions_of(&second, "charge"), 1);
+    assert_eq!(
+        counter(channel, "delivery_failures").await,
+        failures,
+        "a send to the restarted node failed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_step_silent_past_its_timeout_is_asked_with_query_status() {
     let shop = shop(Duration::from_millis(300)).await;

@@ -20,13 +20,15 @@ fn check_node_id(node_id: &str) -> Result<(), Error> {
 }
 
 fn check_endpoint(endpoint: &str) -> Result<(), Error> {
-    if endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://") {
-        Ok(())
-    } else {
-        Err(Error::invalid(
+    if endpoint.is_empty() {
+        return Ok(());
+    }
+    match crate::transport::endpoint_problem(endpoint) {
+        None => Ok(()),
+        Some(problem) => Err(Error::invalid(
             "endpoint",
-            "must be a URL starting with http:// or https:// (e.g. http://127.0.0.1:7001), or empty for a node that subscribes",
-        ))
+            format!("{problem}; or empty for a node that subscribes"),
+        )),
     }
 }
 

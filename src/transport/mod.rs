@@ -1,12 +1,18 @@
-//! Delivery to participant nodes that can be dialled: one tonic client channel per endpoint,
-//! reused across calls, with TCP_NODELAY and a per-call deadline. Nodes without an endpoint are
-//! reached through their Subscribe stream instead (`engine::delivery`).
+//! Delivery to participant nodes that can be dialled: one HTTP/2 connection per endpoint
+//! (`connection`), reused across calls, with TCP_NODELAY and a per-call deadline, under tonic's
+//! generated client. Nodes without an endpoint are reached through their Subscribe stream
+//! instead (`engine::delivery`).
+
+mod connection;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use http::Uri;
 
 use crate::domain::branch::Report;
 use crate::grpc::convert::{outcome_from_pb, signal_to_pb, status_from_pb};
@@ -28,6 +34,8 @@ pub enum Error {
     BadEndpoint { endpoint: String, detail: String },
     #[error("the node answered with an error: {0}")]
     Status(#[from] tonic::Status),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// One command, as the transport sends it.
@@ -100,8 +108,30 @@ impl Outgoing {
 
 /// Clients of the participants' Participant services.
 pub struct Participants {
-    channels: Mutex<HashMap<String, Channel>>,
+    peers: Mutex<HashMap<String, Arc<connection::Peer>>>,
     call_timeout: Duration,
+}
+
+/// The tower service tonic's generated client calls through: one endpoint's connection.
+#[derive(Clone)]
+struct Call(Arc<connection::Peer>);
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for Call {
+    type Response = http::Response<connection::ResponseBody>;
+    type Error = connection::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness is the connection's, awaited inside the call, where a broken
+        // connection can be dialled again.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let peer = self.0.clone();
+        Box::pin(async move { peer.call(request).await })
+    }
 }
 
 fn report(outcome: i32, status: Option<pb::Status>, error_code: String, message: String) -> Report {
@@ -115,60 +145,145 @@ fn report(outcome: i32, status: Option<pb::Status>, error_code: String, message:
     }
 }
 
+/// Why an endpoint cannot be dialled, in words for whoever typed it; `None` if it can.
+/// RegisterNode and `--node` check with this, so a stored endpoint always parses.
+pub fn endpoint_problem(endpoint: &str) -> Option<String> {
+    origin(endpoint).err()
+}
+
+/// `http://host[:port]`, the part of an endpoint a request's URI starts with.
+fn origin(endpoint: &str) -> Result<Uri, String> {
+    let example = "e.g. http://127.0.0.1:7001";
+    let uri: Uri = endpoint
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| format!("is not a URL ({e}); {example}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "https is not supported: sagad speaks plain HTTP/2 to nodes; give the http:// \
+                 URL (terminate TLS in a proxy beside the node if the network needs it), {example}"
+            ));
+        }
+        _ => return Err(format!("must start with http://, {example}")),
+    }
+    let Some(authority) = uri.authority().cloned() else {
+        return Err(format!("names no host, {example}"));
+    };
+    if authority.host().is_empty() {
+        return Err(format!("names no host, {example}"));
+    }
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query("/")
+        .build()
+        .map_err(|e| format!("is not a URL ({e}); {example}"))
+}
+
 impl Participants {
     pub fn new(call_timeout: Duration) -> Participants {
         Participants {
-            channels: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
             call_timeout,
         }
     }
 
-    fn channel(&self, endpoint: &str) -> Result<Channel, Error> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(channel) = channels.get(endpoint) {
-            return Ok(channel.clone());
-        }
-        // Lazy: a node that is down now is dialled again on the next call, not here.
-        let channel = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| Error::BadEndpoint {
-                endpoint: endpoint.to_owned(),
-                detail: e.to_string(),
-            })?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(self.call_timeout)
-            .connect_lazy();
-        channels.insert(endpoint.to_owned(), channel.clone());
-        Ok(channel)
+    fn client(&self, endpoint: &str) -> Result<ParticipantClient<Call>, Error> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peer = match peers.get(endpoint) {
+            Some(peer) => peer.clone(),
+            None => {
+                let origin = origin(endpoint).map_err(|detail| Error::BadEndpoint {
+                    endpoint: endpoint.to_owned(),
+                    detail,
+                })?;
+                // Lazy: a node that is down now is dialled on the first call, and again on
+                // the next one after that failed.
+                let peer = Arc::new(connection::Peer::new(
+                    endpoint,
+                    origin,
+                    Duration::from_secs(2),
+                ));
+                peers.insert(endpoint.to_owned(), peer.clone());
+                peer
+            }
+        };
+        drop(peers);
+        let origin = peer.origin().clone();
+        Ok(ParticipantClient::with_origin(Call(peer), origin))
     }
 
-    /// Forgets the channel of an endpoint that changed or misbehaves.
+    /// Forgets the connection of an endpoint that changed or misbehaves.
     pub fn forget(&self, endpoint: &str) {
-        self.channels
+        self.peers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(endpoint);
     }
 
     pub async fn send(&self, endpoint: &str, outgoing: Outgoing) -> Result<Answer, Error> {
-        let mut client = ParticipantClient::new(self.channel(endpoint)?);
-        Ok(match outgoing.into_kind() {
-            pb::command::Kind::Execute(request) => {
-                let r = client.execute(request).await?.into_inner();
-                Answer::Report(report(r.outcome, r.status, r.error_code, r.message))
-            }
-            pb::command::Kind::Reverse(request) => {
-                let r = client.reverse(request).await?.into_inner();
-                Answer::Report(report(r.outcome, None, r.error_code, r.message))
-            }
-            pb::command::Kind::QueryStatus(request) => {
-                let r = client.query_status(request).await?.into_inner();
-                Answer::Report(report(r.outcome, r.status, r.error_code, r.message))
-            }
-            pb::command::Kind::Signal(request) => {
-                client.signal(request).await?;
-                Answer::Acknowledged
-            }
-        })
+        let mut client = self.client(endpoint)?;
+        let call = async move {
+            Ok(match outgoing.into_kind() {
+                pb::command::Kind::Execute(request) => {
+                    let r = client.execute(request).await?.into_inner();
+                    Answer::Report(report(r.outcome, r.status, r.error_code, r.message))
+                }
+                pb::command::Kind::Reverse(request) => {
+                    let r = client.reverse(request).await?.into_inner();
+                    Answer::Report(report(r.outcome, None, r.error_code, r.message))
+                }
+                pb::command::Kind::QueryStatus(request) => {
+                    let r = client.query_status(request).await?.into_inner();
+                    Answer::Report(report(r.outcome, r.status, r.error_code, r.message))
+                }
+                pb::command::Kind::Signal(request) => {
+                    client.signal(request).await?;
+                    Answer::Acknowledged
+                }
+            })
+        };
+        tokio::time::timeout(self.call_timeout, call)
+            .await
+            .map_err(|_| Error::Timeout(self.call_timeout))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_http_endpoint_is_dialled_at_its_host_and_port() {
+        for endpoint in [
+            "http://127.0.0.1:7001",
+            "http://[::1]:7001",
+            "http://inventory.internal",
+            "http://inventory.internal:7001/",
+        ] {
+            assert_eq!(endpoint_problem(endpoint), None, "{endpoint}");
+        }
+        let uri = origin("http://[::1]:7001/some/path").unwrap();
+        assert_eq!(uri.to_string(), "http://[::1]:7001/");
+        let peer = connection::Peer::new("http://[::1]:7001", uri, Duration::from_secs(1));
+        assert_eq!(peer.address(), ("::1", 7001));
+        let uri = origin("http://inventory.internal").unwrap();
+        let peer = connection::Peer::new("http://inventory.internal", uri, Duration::from_secs(1));
+        assert_eq!(peer.address(), ("inventory.internal", 80), "http's port");
+    }
+
+    #[test]
+    fn an_endpoint_that_cannot_be_dialled_is_refused_with_what_to_give_instead() {
+        let problem = |e: &str| endpoint_problem(e).unwrap_or_else(|| panic!("{e} was accepted"));
+        assert!(problem("https://127.0.0.1:7001").contains("https is not supported"));
+        for endpoint in ["127.0.0.1:7001", "ftp://host:21", "inventory"] {
+            assert!(
+                problem(endpoint).contains("must start with http://"),
+                "{endpoint}"
+            );
+        }
+        assert!(problem("http://").contains("http://127.0.0.1:7001"));
+        assert!(problem("http://exa mple:1").contains("is not a URL"));
     }
 }

@@ -1,0 +1,263 @@
+//! One HTTP/2 connection per participant endpoint, driven by the calling task itself: the
+//! layer under tonic's generated client that replaces `tonic::transport::Channel` for sagad's
+//! own calls to nodes.
+//!
+//! Why not `Channel`: every call through it passed a buffer task, hyper's dispatch task, and
+//! then two tasks hyper spawns per request (one awaiting the response, one piping the request
+//! body into the stream), so a command crossed four task hand-offs before a byte moved
+//! (callgrind: ≈ a quarter of sagad's instructions per saga were that client stack; see
+//! docs/benchmarks.md). Here the delivery task opens the stream, queues the whole encoded
+//! request on it, and reads the answer itself; only the connection's socket I/O runs in a task
+//! of its own. gRPC itself (framing, codec, status, trailers) stays tonic's.
+
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::Uri;
+use http_body::{Body, Frame};
+
+/// Larger than HTTP/2's 64 KiB default so a node's answer, or a payload sent to it, rarely
+/// waits for a window update; the numbers are hyper's client defaults, which `Channel` used.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+
+/// Why a call did not reach the node or came back broken at the HTTP/2 level.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting to {endpoint} failed: {detail}")]
+    Connect { endpoint: String, detail: String },
+    #[error("the connection to {endpoint} failed: {source}")]
+    Http2 {
+        endpoint: String,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("the request body could not be encoded: {0}")]
+    Body(tonic::Status),
+}
+
+/// The endpoint's connection, dialled on first use and again after it breaks.
+pub struct Peer {
+    endpoint: String,
+    /// `http://host:port/`, what tonic starts each request's URI with.
+    origin: Uri,
+    authority: (String, u16),
+    connect_timeout: Duration,
+    sender: Mutex<Option<h2::client::SendRequest<Bytes>>>,
+    /// Held while dialling so that concurrent calls to a node that is not connected wait for
+    /// one connection instead of each opening their own.
+    dialling: tokio::sync::Mutex<()>,
+}
+
+impl Peer {
+    /// `origin` is the endpoint's `http://host[:port]/`, already checked.
+    pub fn new(endpoint: &str, origin: Uri, connect_timeout: Duration) -> Peer {
+        let host = origin.host().unwrap_or_default();
+        // A bracketed IPv6 literal is dialled without its brackets.
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let authority = (host.to_owned(), origin.port_u16().unwrap_or(80));
+        Peer {
+            endpoint: endpoint.to_owned(),
+            origin,
+            authority,
+            connect_timeout,
+            sender: Mutex::new(None),
+            dialling: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn origin(&self) -> &Uri {
+        &self.origin
+    }
+
+    /// The host and port dialled.
+    #[cfg(test)]
+    pub fn address(&self) -> (&str, u16) {
+        (&self.authority.0, self.authority.1)
+    }
+
+    fn cached(&self) -> Option<h2::client::SendRequest<Bytes>> {
+        self.sender
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn drop_cached(&self) {
+        *self.sender.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// A sender on a live connection, ready to open a stream.
+    async fn ready_sender(&self) -> Result<h2::client::SendRequest<Bytes>, Error> {
+        if let Some(sender) = self.cached() {
+            match sender.ready().await {
+                Ok(sender) => return Ok(sender),
+                // The connection broke since the last call (the node restarted, say): the
+                // request has not left, so dial again once rather than fail the call.
+                Err(e) => {
+                    tracing::debug!(endpoint = %self.endpoint, error = %e, "connection closed; dialling again");
+                    self.drop_cached();
+                }
+            }
+        }
+        let sender = {
+            let _dialling = self.dialling.lock().await;
+            match self.cached() {
+                Some(sender) => sender,
+                None => {
+                    let sender = self.dial().await?;
+                    *self.sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+                    sender
+                }
+            }
+        };
+        sender.ready().await.map_err(|source| {
+            self.drop_cached();
+            Error::Http2 {
+                endpoint: self.endpoint.clone(),
+                source,
+            }
+        })
+    }
+
+    async fn dial(&self) -> Result<h2::client::SendRequest<Bytes>, Error> {
+        let connect_error = |detail: String| Error::Connect {
+            endpoint: self.endpoint.clone(),
+            detail,
+        };
+        let (host, port) = (&self.authority.0, self.authority.1);
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        .map_err(|_| connect_error(format!("no connection within {:?}", self.connect_timeout)))?
+        .map_err(|e| connect_error(e.to_string()))?;
+        // Commands are small and answered one by one: Nagle's delay would hold each back.
+        stream
+            .set_nodelay(true)
+            .map_err(|e| connect_error(e.to_string()))?;
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .enable_push(false)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(|e| connect_error(format!("HTTP/2 handshake: {e}")))?;
+        let endpoint = self.endpoint.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%endpoint, error = %e, "connection to a node ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends one gRPC request as tonic built it and returns the response, its body read from
+    /// the stream as the caller polls it.
+    pub async fn call(
+        &self,
+        request: http::Request<tonic::body::Body>,
+    ) -> Result<http::Response<ResponseBody>, Error> {
+        let (parts, mut body) = request.into_parts();
+        let data = collect(&mut body).await.map_err(Error::Body)?;
+        let mut sender = self.ready_sender().await?;
+        let broken = |source: h2::Error| Error::Http2 {
+            endpoint: self.endpoint.clone(),
+            source,
+        };
+        let head = http::Request::from_parts(parts, ());
+        let (response, mut stream) = sender.send_request(head, data.is_empty()).map_err(broken)?;
+        if !data.is_empty() {
+            // Queued whole: h2 sends it as the peer's window allows, and a unary request
+            // fits the window this connection opens with.
+            stream.send_data(data, true).map_err(broken)?;
+        }
+        let response = response.await.map_err(broken)?;
+        Ok(response.map(|recv| ResponseBody {
+            recv,
+            data_done: false,
+            done: false,
+        }))
+    }
+}
+
+/// A unary request's encoded body: tonic yields it at once, in one frame for a unary call.
+async fn collect(body: &mut tonic::body::Body) -> Result<Bytes, tonic::Status> {
+    let mut first: Option<Bytes> = None;
+    let mut rest: Option<BytesMut> = None;
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+        let Ok(data) = frame?.into_data() else {
+            // A request's trailers: gRPC requests have none.
+            continue;
+        };
+        match (&mut first, &mut rest) {
+            (None, _) => first = Some(data),
+            (Some(head), None) => {
+                let mut joined = BytesMut::from(head.as_ref());
+                joined.extend_from_slice(&data);
+                rest = Some(joined);
+            }
+            (Some(_), Some(joined)) => joined.extend_from_slice(&data),
+        }
+    }
+    Ok(match rest {
+        Some(joined) => joined.freeze(),
+        None => first.unwrap_or_default(),
+    })
+}
+
+/// A response body read straight from its HTTP/2 stream: its data, then its trailers (where
+/// gRPC puts the call's status).
+pub struct ResponseBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+    done: bool,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Read means consumed: give the window back, or the node stalls once
+                    // the connection's window is spent.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => this.data_done = true,
+            }
+        }
+        let trailers = ready!(this.recv.poll_trailers(cx));
+        this.done = true;
+        match trailers {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.recv.is_end_stream()
+    }
+}
