@@ -30,8 +30,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::StartSagaRequest>,
     ) -> Result<Response<pb::StartSagaResponse>, Status> {
-        let request = request.into_inner();
-        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let mut request = request.into_inner();
+        let digest = fingerprint(&mut request, |r| &mut r.request_id);
         let start = convert::start_request(request).map_err(|v| status::invalid(&v))?;
         let answered = self
             .engine
@@ -105,8 +105,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::RegisterOutcallRequest>,
     ) -> Result<Response<pb::RegisterOutcallResponse>, Status> {
-        let request = request.into_inner();
-        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let mut request = request.into_inner();
+        let digest = fingerprint(&mut request, |r| &mut r.request_id);
         let input = OutcallInput {
             request_id: request.request_id,
             gsn: request.gsn,
@@ -136,8 +136,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::ReportStateRequest>,
     ) -> Result<Response<pb::ReportStateResponse>, Status> {
-        let request = request.into_inner();
-        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let mut request = request.into_inner();
+        let digest = fingerprint(&mut request, |r| &mut r.request_id);
         if pb::Outcome::try_from(request.outcome).map_or(true, |o| o == pb::Outcome::Unspecified) {
             return Err(status::invalid(&[crate::domain::Violation::new(
                 "outcome",
@@ -177,8 +177,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::RequestReversalRequest>,
     ) -> Result<Response<pb::RequestReversalResponse>, Status> {
-        let request = request.into_inner();
-        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let mut request = request.into_inner();
+        let digest = fingerprint(&mut request, |r| &mut r.request_id);
         let reversal_type = match pb::ReversalType::try_from(request.reversal_type) {
             Ok(pb::ReversalType::External) => Some(ReversalType::External),
             Ok(pb::ReversalType::Internal) => Some(ReversalType::Internal),
@@ -217,8 +217,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::CompleteSagaRequest>,
     ) -> Result<Response<pb::CompleteSagaResponse>, Status> {
-        let request = request.into_inner();
-        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let mut request = request.into_inner();
+        let digest = fingerprint(&mut request, |r| &mut r.request_id);
         let answered = self
             .engine
             .complete_saga(&request.request_id, &request.gsn, digest, |saga| {
@@ -236,8 +236,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::ReprocessSagaRequest>,
     ) -> Result<Response<pb::ReprocessSagaResponse>, Status> {
-        let request = request.into_inner();
-        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let mut request = request.into_inner();
+        let digest = fingerprint(&mut request, |r| &mut r.request_id);
         let answered = self
             .engine
             .reprocess_saga(&request.request_id, &request.gsn, digest, |saga| {
@@ -274,8 +274,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
-        let request = request.into_inner();
-        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let mut request = request.into_inner();
+        let digest = fingerprint(&mut request, |r| &mut r.request_id);
         let answered = self
             .engine
             .register_node(
@@ -320,8 +320,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        let request = request.into_inner();
-        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let mut request = request.into_inner();
+        let digest = fingerprint(&mut request, |r| &mut r.request_id);
         self.engine
             .ack(
                 &request.request_id,

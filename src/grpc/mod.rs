@@ -35,11 +35,15 @@ use sha2::{Digest, Sha256};
 use crate::engine::Answered;
 
 /// Digest of a request without its request id: two requests with the same id and digest are
-/// the same request. `btree_map` in build.rs makes map fields encode in a stable order.
-fn fingerprint<M: Message + Clone>(request: &M, clear_request_id: impl FnOnce(&mut M)) -> Vec<u8> {
-    let mut body = request.clone();
-    clear_request_id(&mut body);
-    Sha256::digest(body.encode_to_vec()).to_vec()
+/// the same request. `btree_map` in build.rs makes map fields encode in a stable order. The id
+/// is taken out for the encoding and put back, rather than the request copied, payload and
+/// all; an empty string field encodes to nothing, so the digest is the one a copy with the
+/// id cleared gave (stored digests stay valid).
+fn fingerprint<M: Message>(request: &mut M, request_id: impl Fn(&mut M) -> &mut String) -> Vec<u8> {
+    let id = std::mem::take(request_id(request));
+    let digest = Sha256::digest(request.encode_to_vec()).to_vec();
+    *request_id(request) = id;
+    digest
 }
 
 /// Turns a stored answer into the response, marking replays with `sagad-replayed: true`.
@@ -56,4 +60,33 @@ fn answer<M: Message + Default>(answered: Answered) -> Result<tonic::Response<M>
         );
     }
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stored idempotency records hold digests computed from a copy of the request with its
+    /// id cleared; the digest must stay that, and the request must come back whole.
+    #[test]
+    fn a_fingerprint_is_the_digest_without_the_request_id_and_leaves_the_request_whole() {
+        let mut request = pb::StartSagaRequest {
+            request_id: "order-7".into(),
+            business_type: "order".into(),
+            payload: b"{\"sku\":42}".to_vec(),
+            labels: [("region".to_owned(), "eu".to_owned())].into(),
+            ..Default::default()
+        };
+        let original = request.clone();
+        let mut cleared = request.clone();
+        cleared.request_id.clear();
+        let digest = fingerprint(&mut request, |r| &mut r.request_id);
+        assert_eq!(digest, Sha256::digest(cleared.encode_to_vec()).to_vec());
+        assert_eq!(request, original);
+        let mut other_id = pb::StartSagaRequest {
+            request_id: "order-8".into(),
+            ..original
+        };
+        assert_eq!(fingerprint(&mut other_id, |r| &mut r.request_id), digest);
+    }
 }

@@ -30,8 +30,8 @@ impl pb::retries_server::Retries for RetriesService {
         &self,
         request: Request<pb::CheckRetryRequest>,
     ) -> Result<Response<pb::CheckRetryResponse>, Status> {
-        let request = request.into_inner();
-        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let mut request = request.into_inner();
+        let digest = fingerprint(&mut request, |r| &mut r.request_id);
         let check = Check {
             original_serial: request.original_serial,
             transaction_code: request.transaction_code,
@@ -62,8 +62,8 @@ impl pb::retries_server::Retries for RetriesService {
         &self,
         request: Request<pb::PutRetryConfigRequest>,
     ) -> Result<Response<pb::PutRetryConfigResponse>, Status> {
-        let request = request.into_inner();
-        let digest = fingerprint(&request, |r| r.request_id.clear());
+        let mut request = request.into_inner();
+        let digest = fingerprint(&mut request, |r| &mut r.request_id);
         let Some(config) = request.config else {
             return Err(status::invalid(&[Violation::new(
                 "config",

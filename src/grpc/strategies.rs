@@ -34,13 +34,12 @@ impl pb::strategies_server::Strategies for StrategiesService {
         // `version` and `created_at` are ignored on input, so they are no part of what makes
         // two requests the same: a strategy read back with GetStrategy and put again under
         // its first request_id is a repeat, not a different body.
-        let digest = fingerprint(&request, |r| {
-            r.request_id.clear();
-            if let Some(strategy) = r.strategy.as_mut() {
-                strategy.version = 0;
-                strategy.created_at = None;
-            }
-        });
+        let mut body = request.clone();
+        if let Some(strategy) = body.strategy.as_mut() {
+            strategy.version = 0;
+            strategy.created_at = None;
+        }
+        let digest = fingerprint(&mut body, |r| &mut r.request_id);
         let Some(strategy) = request.strategy else {
             let mut violations = vec![Violation::new(
                 "strategy",
