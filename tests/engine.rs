@@ -231,6 +231,47 @@ async fn commands_to_a_participant_that_is_down_are_redelivered_when_it_returns(
     assert_eq!(payment.node.executions_of(&gsn, "charge"), 1);
 }
 
+/// A node that serves only a few calls at once on a connection makes the rest wait for a
+/// free stream on sagad's one connection to it; they are queued there, not failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_beyond_a_nodes_stream_limit_wait_for_a_free_stream() {
+    let server = TestServer::start().await;
+    let inventory = PushParticipant::start_with_stream_limit(Node::new("inventory"), 2).await;
+    let payment = PushParticipant::start_with_stream_limit(Node::new("payment"), 2).await;
+    let shipping = PushParticipant::start_with_stream_limit(Node::new("shipping"), 2).await;
+    put_strategy(&server.channel, order_strategy(Duration::from_secs(30))).await;
+    for (id, node) in [
+        ("inventory", &inventory),
+        ("payment", &payment),
+        ("shipping", &shipping),
+    ] {
+        register_node(&server.channel, id, &node.endpoint()).await;
+    }
+    const ORDERS: usize = 24;
+    // Each answer takes a while, so the orders' commands overlap well past two per node.
+    let answers =
+        |status: &'static str| vec![Script::SucceedLate(status, Duration::from_millis(50)); ORDERS];
+    inventory.node.script("reserve", answers("RESERVED"));
+    payment.node.script("charge", answers("PAID"));
+    shipping.node.script("ship", answers("SHIPPED"));
+    let failures = counter(&server.channel, "delivery_failures").await;
+    let orders = (0..ORDERS).map(|i| {
+        let channel = server.channel.clone();
+        tokio::spawn(async move {
+            let gsn = start_order(&channel, &format!("o-busy-{i}"), &format!("busy {i}")).await;
+            wait_terminal(&channel, &gsn, LIMIT).await
+        })
+    });
+    for saga in futures::future::join_all(orders).await {
+        assert_eq!(saga.unwrap().state, pb::SagaState::Completed as i32);
+    }
+    assert_eq!(
+        counter(&server.channel, "delivery_failures").await,
+        failures,
+        "a command past the stream limit failed instead of waiting"
+    );
+}
+
 async fn counter(channel: &tonic::transport::Channel, name: &str) -> u64 {
     let counters = OperationsClient::new(channel.clone())
         .get_counters(pb::GetCountersRequest {})

@@ -414,7 +414,21 @@ impl PushParticipant {
         PushParticipant::serve(node, listener).await
     }
 
+    /// Serving at most `streams` calls at once on a connection, as a busy node might.
+    pub async fn start_with_stream_limit(node: Arc<Node>, streams: u32) -> PushParticipant {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        PushParticipant::serve_limited(node, listener, Some(streams)).await
+    }
+
     async fn serve(node: Arc<Node>, listener: TcpListener) -> PushParticipant {
+        PushParticipant::serve_limited(node, listener, None).await
+    }
+
+    async fn serve_limited(
+        node: Arc<Node>,
+        listener: TcpListener,
+        streams: Option<u32>,
+    ) -> PushParticipant {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let incoming =
@@ -422,6 +436,7 @@ impl PushParticipant {
         let service = ParticipantServer::new(Service(node.clone()));
         let task = tokio::spawn(async move {
             let _ = Server::builder()
+                .max_concurrent_streams(streams)
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
