@@ -46,10 +46,21 @@ pub struct Peer {
     origin: Uri,
     authority: (String, u16),
     connect_timeout: Duration,
-    sender: Mutex<Option<h2::client::SendRequest<Bytes>>>,
+    state: Mutex<State>,
     /// Held while dialling so that concurrent calls to a node that is not connected wait for
     /// one connection instead of each opening their own.
     dialling: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The live connection's sender, with the number of the dial that opened it.
+    current: Option<(u64, h2::client::SendRequest<Bytes>)>,
+    /// Dials started so far.
+    dials: u64,
+    /// Dials that failed so far, and why the last one did.
+    failures: u64,
+    last_failure: String,
 }
 
 impl Peer {
@@ -67,7 +78,7 @@ impl Peer {
             origin,
             authority,
             connect_timeout,
-            sender: Mutex::new(None),
+            state: Mutex::new(State::default()),
             dialling: tokio::sync::Mutex::new(()),
         }
     }
@@ -82,43 +93,77 @@ impl Peer {
         (&self.authority.0, self.authority.1)
     }
 
-    fn cached(&self) -> Option<h2::client::SendRequest<Bytes>> {
-        self.sender
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn drop_cached(&self) {
-        *self.sender.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    /// Forgets connection `dial` once a call found it broken, unless a newer one replaced it.
+    fn drop_connection(&self, dial: u64) {
+        let mut state = self.state();
+        if state.current.as_ref().is_some_and(|(n, _)| *n == dial) {
+            state.current = None;
+        }
     }
 
     /// A sender on a live connection, ready to open a stream.
     async fn ready_sender(&self) -> Result<h2::client::SendRequest<Bytes>, Error> {
-        if let Some(sender) = self.cached() {
+        let (current, failures_seen) = {
+            let state = self.state();
+            (state.current.clone(), state.failures)
+        };
+        if let Some((dial, sender)) = current {
             match sender.ready().await {
                 Ok(sender) => return Ok(sender),
                 // The connection broke since the last call (the node restarted, say): the
                 // request has not left, so dial again once rather than fail the call.
                 Err(e) => {
                     tracing::debug!(endpoint = %self.endpoint, error = %e, "connection closed; dialling again");
-                    self.drop_cached();
+                    self.drop_connection(dial);
                 }
             }
         }
-        let sender = {
+        let (dial, sender) = {
             let _dialling = self.dialling.lock().await;
-            match self.cached() {
-                Some(sender) => sender,
-                None => {
-                    let sender = self.dial().await?;
-                    *self.sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
-                    sender
+            let number = {
+                let mut state = self.state();
+                if let Some((n, sender)) = state.current.clone() {
+                    (n, Some(sender))
+                } else {
+                    // A dial failed while this call waited for the lock: the node is not
+                    // there now. Fail with that dial's reason rather than queue one more
+                    // connect behind it (each may take the whole connect timeout); the
+                    // delivery backs off and tries again.
+                    if state.failures != failures_seen {
+                        return Err(Error::Connect {
+                            endpoint: self.endpoint.clone(),
+                            detail: state.last_failure.clone(),
+                        });
+                    }
+                    state.dials += 1;
+                    (state.dials, None)
                 }
+            };
+            match number {
+                (n, Some(sender)) => (n, sender),
+                (n, None) => match self.dial().await {
+                    Ok(sender) => {
+                        self.state().current = Some((n, sender.clone()));
+                        (n, sender)
+                    }
+                    Err(e) => {
+                        let mut state = self.state();
+                        state.failures += 1;
+                        state.last_failure = match &e {
+                            Error::Connect { detail, .. } => detail.clone(),
+                            other => other.to_string(),
+                        };
+                        return Err(e);
+                    }
+                },
             }
         };
         sender.ready().await.map_err(|source| {
-            self.drop_cached();
+            self.drop_connection(dial);
             Error::Http2 {
                 endpoint: self.endpoint.clone(),
                 source,
@@ -259,5 +304,72 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         self.done || self.recv.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::Arc;
+
+    /// Deliveries queued behind a dial that fails (the node is down) fail with that dial's
+    /// reason instead of each dialling in turn, which for an address that does not answer
+    /// would cost every one of them the whole connect timeout.
+    #[tokio::test]
+    async fn calls_waiting_on_a_failed_dial_fail_with_its_reason_instead_of_dialling_again() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let origin: Uri = format!("{endpoint}/").parse().unwrap();
+        let peer = Arc::new(Peer::new(&endpoint, origin, Duration::from_secs(2)));
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let peer = peer.clone();
+                tokio::spawn(async move { peer.ready_sender().await.err() })
+            })
+            .collect();
+        for call in calls {
+            let error = call.await.unwrap().expect("nothing listens there");
+            assert!(
+                matches!(&error, Error::Connect { endpoint: e, .. } if *e == endpoint),
+                "{error}"
+            );
+        }
+        let state = peer.state();
+        assert!(state.dials < 8, "{} dials for 8 calls", state.dials);
+        assert_eq!(state.failures, state.dials);
+        assert!(!state.last_failure.is_empty());
+    }
+
+    /// A node that comes back is dialled by the next call after a failed one.
+    #[tokio::test]
+    async fn a_node_that_comes_back_is_dialled_by_the_next_call() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let endpoint = format!("http://{addr}");
+        let peer = Peer::new(
+            &endpoint,
+            format!("{endpoint}/").parse().unwrap(),
+            Duration::from_secs(2),
+        );
+        assert!(peer.ready_sender().await.is_err());
+
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::handshake(socket).await.unwrap();
+            // Serve until the client goes away; no request is made here.
+            while let Some(Ok(request)) = connection.accept().await {
+                drop(request);
+            }
+        });
+        assert!(peer.ready_sender().await.is_ok());
+        assert!(peer.state().current.is_some());
+        drop(peer);
+        server.await.unwrap();
     }
 }
