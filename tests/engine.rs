@@ -646,21 +646,11 @@ async fn the_timeouts_of_a_finished_saga_never_come_due() {
     );
 
     let flushes = || async {
-        let mut operations = OperationsClient::new(shop.server.channel.clone());
-        let counters = operations
-            .get_counters(pb::GetCountersRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .counters;
-        let value = |name: &str| {
-            counters
-                .iter()
-                .find(|c| c.name == name)
-                .map(|c| c.value)
-                .unwrap()
-        };
-        (value("ledger_flushes"), value("timers_fired"))
+        let channel = &shop.server.channel;
+        (
+            counter(channel, "ledger_flushes").await,
+            counter(channel, "timers_fired").await,
+        )
     };
     let before = flushes().await;
     // Well past every step's timeout, and several rounds of the timer loop.
