@@ -233,8 +233,8 @@ async fn commands_to_a_participant_that_is_down_are_redelivered_when_it_returns(
 
 /// A node that serves only a few calls at once on a connection makes the rest wait for a
 /// free stream on sagad's one connection to it. Every order completes with each step done
-/// once. (Streams opened before the node's limit reached sagad, at the connection's start,
-/// can be refused by the node; those sends count as failed and the delivery sends again.)
+/// once, and no send fails: streams opened before the node's limit reached sagad, at the
+/// connection's start, are refused unprocessed by the node and sent again at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commands_beyond_a_nodes_stream_limit_wait_for_a_free_stream() {
     let server = TestServer::start().await;
@@ -269,6 +269,73 @@ async fn commands_beyond_a_nodes_stream_limit_wait_for_a_free_stream() {
         assert_eq!(inventory.node.executions_of(&saga.gsn, "reserve"), 1);
         assert_eq!(payment.node.executions_of(&saga.gsn, "charge"), 1);
         assert_eq!(shipping.node.executions_of(&saga.gsn, "ship"), 1);
+    }
+    assert_eq!(counter(&server.channel, "delivery_failures").await, 0);
+}
+
+/// Every call sagad makes to a node carries sagad's participant timeout as its gRPC deadline
+/// (the grpc-timeout header), so the node's gRPC stack can give up on work whose answer sagad
+/// no longer waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_to_nodes_carry_the_participant_timeout_as_their_grpc_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = sagad::config::Config::with_data(dir.path().join("ledger"));
+    config.participant_timeout = Duration::from_secs(7);
+    let server =
+        TestServer::start_with(config, std::sync::Arc::new(sagad::clock::SystemClock)).await;
+    let mut nodes = Vec::new();
+    for id in ["inventory", "payment", "shipping"] {
+        let node = PushParticipant::start(Node::new(id)).await;
+        register_node(&server.channel, id, &node.endpoint()).await;
+        nodes.push(node);
+    }
+    put_strategy(&server.channel, order_strategy(Duration::from_secs(30))).await;
+    // Declined: reserve is reversed, and both nodes are told by a signal.
+    nodes[1]
+        .node
+        .script("charge", vec![Script::Succeed("DECLINED", vec![])]);
+    let gsn = start_order(&server.channel, "o-deadline", "order deadline").await;
+    let saga = wait_terminal(&server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32);
+    let calls = || {
+        nodes
+            .iter()
+            .flat_map(|n| n.node.deadlines.lock().unwrap().clone())
+            .collect::<Vec<_>>()
+    };
+    let told = || calls().iter().filter(|(rpc, _)| *rpc == "signal").count() == 2;
+    assert!(eventually(LIMIT, told).await, "{:?}", calls());
+    let calls = calls();
+    for rpc in ["execute", "reverse", "signal"] {
+        assert!(
+            calls.iter().any(|(r, _)| *r == rpc),
+            "no {rpc} in {calls:?}"
+        );
+    }
+    for (rpc, header) in &calls {
+        let header = header
+            .as_deref()
+            .unwrap_or_else(|| panic!("{rpc} had no deadline"));
+        assert_eq!(
+            grpc_timeout(header),
+            Duration::from_secs(7),
+            "{rpc}: {header}"
+        );
+    }
+}
+
+/// A grpc-timeout header's value: digits and a unit (gRPC over HTTP/2's Timeout).
+fn grpc_timeout(header: &str) -> Duration {
+    let (digits, unit) = header.split_at(header.len() - 1);
+    let value: u64 = digits.parse().unwrap();
+    match unit {
+        "H" => Duration::from_secs(value * 3600),
+        "M" => Duration::from_secs(value * 60),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => panic!("unit {unit:?} in grpc-timeout {header:?}"),
     }
 }
 

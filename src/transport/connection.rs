@@ -24,6 +24,11 @@ use http_body::{Body, Frame};
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 
+/// How often one call is sent again at once when the node refuses its stream unprocessed.
+/// One is what a stream opened before the node's stream limit was known needs; a node that
+/// keeps refusing is failing, and the delivery's back-off takes over.
+const RESENDS_WHEN_REFUSED: u32 = 2;
+
 /// Why a call did not reach the node or came back broken at the HTTP/2 level.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -212,12 +217,36 @@ impl Peer {
     ) -> Result<http::Response<ResponseBody>, Error> {
         let (parts, mut body) = request.into_parts();
         let data = collect(&mut body).await.map_err(Error::Body)?;
+        let mut refusals = 0;
+        loop {
+            match self.exchange(head(&parts), data.clone()).await {
+                // REFUSED_STREAM means the node did not process the request (RFC 9113, 8.7),
+                // typically a stream opened before the node's SETTINGS told its stream limit:
+                // send it again now instead of failing the send and waiting out a back-off.
+                Err(Error::Http2 { source, .. })
+                    if refusals < RESENDS_WHEN_REFUSED
+                        && source.is_remote()
+                        && source.reason() == Some(h2::Reason::REFUSED_STREAM) =>
+                {
+                    refusals += 1;
+                    tracing::debug!(endpoint = %self.endpoint, "stream refused; sending again");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One send of the request on the live connection, and the response's head.
+    async fn exchange(
+        &self,
+        head: http::Request<()>,
+        data: Bytes,
+    ) -> Result<http::Response<ResponseBody>, Error> {
         let mut sender = self.ready_sender().await?;
         let broken = |source: h2::Error| Error::Http2 {
             endpoint: self.endpoint.clone(),
             source,
         };
-        let head = http::Request::from_parts(parts, ());
         let (response, mut stream) = sender.send_request(head, data.is_empty()).map_err(broken)?;
         if !data.is_empty() {
             // Queued whole: h2 sends it as the peer's window allows, and a unary request
@@ -231,6 +260,16 @@ impl Peer {
             done: false,
         }))
     }
+}
+
+/// A request's head as tonic built it, for one send (a refused stream is sent again).
+fn head(parts: &http::request::Parts) -> http::Request<()> {
+    let mut head = http::Request::new(());
+    *head.method_mut() = parts.method.clone();
+    *head.uri_mut() = parts.uri.clone();
+    *head.version_mut() = parts.version;
+    *head.headers_mut() = parts.headers.clone();
+    head
 }
 
 /// A unary request's encoded body: tonic yields it at once, in one frame for a unary call.
@@ -260,6 +299,7 @@ async fn collect(body: &mut tonic::body::Body) -> Result<Bytes, tonic::Status> {
 
 /// A response body read straight from its HTTP/2 stream: its data, then its trailers (where
 /// gRPC puts the call's status).
+#[derive(Debug)]
 pub struct ResponseBody {
     recv: h2::RecvStream,
     data_done: bool,
@@ -371,5 +411,80 @@ mod tests {
         assert!(peer.state().current.is_some());
         drop(peer);
         server.await.unwrap();
+    }
+
+    /// An h2 server answering each stream in turn with one of `answers`: `None` refuses the
+    /// stream unprocessed, `Some(())` answers it; returns how many streams it saw.
+    async fn serve_answers(listener: tokio::net::TcpListener, answers: Vec<Option<()>>) -> usize {
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(socket).await.unwrap();
+        let mut answers = answers.into_iter();
+        let mut streams = 0;
+        while let Some(Ok((_request, mut respond))) = connection.accept().await {
+            streams += 1;
+            match answers.next().flatten() {
+                None => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                Some(()) => {
+                    let response = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .unwrap();
+                    let mut send = respond.send_response(response, false).unwrap();
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    send.send_trailers(trailers).unwrap();
+                }
+            }
+        }
+        streams
+    }
+
+    async fn peer_and_server(answers: Vec<Option<()>>) -> (Peer, tokio::task::JoinHandle<usize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(serve_answers(listener, answers));
+        let origin = format!("{endpoint}/").parse().unwrap();
+        (Peer::new(&endpoint, origin, Duration::from_secs(2)), server)
+    }
+
+    fn request(peer: &Peer) -> http::Request<tonic::body::Body> {
+        http::Request::builder()
+            .method("POST")
+            .uri(format!("{}sagad.v1.Participant/Signal", peer.origin()))
+            .header("content-type", "application/grpc")
+            .body(tonic::body::Body::new(String::from("\0\0\0\0\0")))
+            .unwrap()
+    }
+
+    /// A stream the node refuses unprocessed (RFC 9113 8.7: REFUSED_STREAM, as a node does
+    /// past a stream limit sagad did not know yet) is sent again at once: the call succeeds
+    /// instead of counting as a failed send and waiting out a back-off.
+    #[tokio::test]
+    async fn a_refused_stream_is_sent_again_at_once() {
+        let (peer, server) = peer_and_server(vec![None, Some(())]).await;
+        let response = peer.call(request(&peer)).await.unwrap();
+        assert_eq!(response.status(), http::StatusCode::OK);
+        drop(response);
+        drop(peer);
+        assert_eq!(
+            server.await.unwrap(),
+            2,
+            "the refused send and the one answered"
+        );
+    }
+
+    /// A node that keeps refusing gets a bounded number of resends, then the call fails
+    /// with the refusal, and the delivery's back-off takes over.
+    #[tokio::test]
+    async fn a_node_that_keeps_refusing_fails_the_call_after_a_bounded_number_of_resends() {
+        let (peer, server) = peer_and_server(vec![None; 10]).await;
+        let error = peer.call(request(&peer)).await.unwrap_err();
+        assert!(
+            matches!(&error, Error::Http2 { source, .. } if source.reason() == Some(h2::Reason::REFUSED_STREAM)),
+            "{error}"
+        );
+        drop(peer);
+        let streams = server.await.unwrap();
+        assert_eq!(streams as u32, 1 + RESENDS_WHEN_REFUSED);
     }
 }
