@@ -134,6 +134,14 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for Call {
     }
 }
 
+/// The request with the call's deadline in its grpc-timeout header, so the node's gRPC stack
+/// can give up on work whose answer sagad will no longer wait for.
+fn with_deadline<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
 fn report(outcome: i32, status: Option<pb::Status>, error_code: String, message: String) -> Report {
     Report {
         outcome: outcome_from_pb(outcome),
@@ -224,27 +232,37 @@ impl Participants {
 
     pub async fn send(&self, endpoint: &str, outgoing: Outgoing) -> Result<Answer, Error> {
         let mut client = self.client(endpoint)?;
+        let timeout = self.call_timeout;
         let call = async move {
             Ok(match outgoing.into_kind() {
                 pb::command::Kind::Execute(request) => {
-                    let r = client.execute(request).await?.into_inner();
+                    let r = client
+                        .execute(with_deadline(request, timeout))
+                        .await?
+                        .into_inner();
                     Answer::Report(report(r.outcome, r.status, r.error_code, r.message))
                 }
                 pb::command::Kind::Reverse(request) => {
-                    let r = client.reverse(request).await?.into_inner();
+                    let r = client
+                        .reverse(with_deadline(request, timeout))
+                        .await?
+                        .into_inner();
                     Answer::Report(report(r.outcome, None, r.error_code, r.message))
                 }
                 pb::command::Kind::QueryStatus(request) => {
-                    let r = client.query_status(request).await?.into_inner();
+                    let r = client
+                        .query_status(with_deadline(request, timeout))
+                        .await?
+                        .into_inner();
                     Answer::Report(report(r.outcome, r.status, r.error_code, r.message))
                 }
                 pb::command::Kind::Signal(request) => {
-                    client.signal(request).await?;
+                    client.signal(with_deadline(request, timeout)).await?;
                     Answer::Acknowledged
                 }
             })
         };
-        tokio::time::timeout(self.call_timeout, call)
+        tokio::time::timeout(timeout, call)
             .await
             .map_err(|_| Error::Timeout(self.call_timeout))?
     }

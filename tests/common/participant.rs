@@ -62,6 +62,8 @@ pub struct Node {
     pub queries_answer_processing: std::sync::atomic::AtomicBool,
     /// The payload each Reverse carried, by (gsn, branch), the latest one.
     pub reversal_payloads: Mutex<BTreeMap<(String, String), Vec<u8>>>,
+    /// The grpc-timeout header of every call received as a push participant: (rpc, header).
+    pub deadlines: Mutex<Vec<(&'static str, Option<String>)>>,
 }
 
 static REVERSAL_STAMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -354,30 +356,44 @@ impl Node {
 
 struct Service(Arc<Node>);
 
+impl Service {
+    fn note_deadline<T>(&self, rpc: &'static str, request: &Request<T>) {
+        let header = request
+            .metadata()
+            .get("grpc-timeout")
+            .map(|v| v.to_str().unwrap_or("not ASCII").to_owned());
+        lock(&self.0.deadlines).push((rpc, header));
+    }
+}
+
 #[tonic::async_trait]
 impl Participant for Service {
     async fn execute(
         &self,
         request: Request<pb::ExecuteRequest>,
     ) -> Result<Response<pb::ExecuteResponse>, Status> {
+        self.note_deadline("execute", &request);
         Ok(Response::new(self.0.execute(request.get_ref()).await))
     }
     async fn reverse(
         &self,
         request: Request<pb::ReverseRequest>,
     ) -> Result<Response<pb::ReverseResponse>, Status> {
+        self.note_deadline("reverse", &request);
         Ok(Response::new(self.0.reverse(request.get_ref())))
     }
     async fn query_status(
         &self,
         request: Request<pb::QueryStatusRequest>,
     ) -> Result<Response<pb::QueryStatusResponse>, Status> {
+        self.note_deadline("query_status", &request);
         Ok(Response::new(self.0.query(request.get_ref())))
     }
     async fn signal(
         &self,
         request: Request<pb::SignalRequest>,
     ) -> Result<Response<pb::SignalResponse>, Status> {
+        self.note_deadline("signal", &request);
         self.0.signal(request.get_ref());
         Ok(Response::new(pb::SignalResponse {}))
     }
