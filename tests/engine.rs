@@ -211,6 +211,115 @@ async fn a_node_on_a_subscribe_stream_gets_the_same_commands() {
     stream.abort();
 }
 
+/// The next command on a Subscribe stream, within the test's limit.
+async fn next_command(stream: &mut tonic::Streaming<pb::Command>) -> pb::Command {
+    tokio::time::timeout(LIMIT, stream.message())
+        .await
+        .expect("a command within the limit")
+        .expect("a command, not an error")
+        .expect("the stream is open")
+}
+
+/// Ack is for commands that need no outcome (signals), from the node that received them. An
+/// Ack of an Execute, or of another node's signal, is refused and takes nothing out of the
+/// outbox: the Execute is still delivered, the signal still counts as unacknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ack_of_a_command_that_needs_an_outcome_or_of_another_nodes_command_is_refused() {
+    let server = TestServer::start().await;
+    let inventory = PushParticipant::start(Node::new("inventory")).await;
+    let payment = PushParticipant::start(Node::new("payment")).await;
+    inventory
+        .node
+        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
+    payment
+        .node
+        .script("charge", vec![Script::Succeed("PAID", vec![])]);
+    put_strategy(&server.channel, order_strategy(Duration::from_secs(30))).await;
+    register_node(&server.channel, "inventory", &inventory.endpoint()).await;
+    register_node(&server.channel, "payment", &payment.endpoint()).await;
+    let mut coordinator = server.coordinator();
+    let subscribe = |mut coordinator: CoordinatorClient<tonic::transport::Channel>| async move {
+        coordinator
+            .subscribe(pb::SubscribeRequest {
+                node_id: "shipping".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let ack = |node: &str, command_id: &str, n: u32| pb::AckRequest {
+        request_id: format!("ack-{n}"),
+        node_id: node.into(),
+        command_id: command_id.into(),
+    };
+    let mut stream = subscribe(coordinator.clone()).await;
+    let gsn = start_order(&server.channel, "o-acks", "order acks").await;
+    let execute = next_command(&mut stream).await;
+    assert!(matches!(execute.kind, Some(pb::command::Kind::Execute(_))));
+
+    let refused = coordinator
+        .ack(ack("shipping", &execute.command_id, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("ReportState"),
+        "{}",
+        refused.message()
+    );
+    // Still pending: a new stream is sent it again.
+    drop(stream);
+    let mut stream = subscribe(coordinator.clone()).await;
+    assert_eq!(
+        next_command(&mut stream).await.command_id,
+        execute.command_id
+    );
+    coordinator
+        .report_state(pb::ReportStateRequest {
+            request_id: "shipped".into(),
+            gsn: gsn.clone(),
+            branch_id: "ship".into(),
+            reporter_node_id: "shipping".into(),
+            outcome: pb::Outcome::Succeeded as i32,
+            status: Some(pb::Status {
+                name: "SHIPPED".into(),
+                parameters: Default::default(),
+            }),
+            command_id: execute.command_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let saga = wait_terminal(&server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32);
+
+    let signal = loop {
+        let command = next_command(&mut stream).await;
+        if matches!(command.kind, Some(pb::command::Kind::Signal(_))) {
+            break command;
+        }
+    };
+    let refused = coordinator
+        .ack(ack("inventory", &signal.command_id, 2))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("\"shipping\""),
+        "{}",
+        refused.message()
+    );
+    coordinator
+        .ack(ack("shipping", &signal.command_id, 3))
+        .await
+        .unwrap();
+    // Acknowledged again under a new request id: nothing left to take out, and no error.
+    coordinator
+        .ack(ack("shipping", &signal.command_id, 4))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commands_to_a_participant_that_is_down_are_redelivered_when_it_returns() {
     let shop = shop(Duration::from_secs(30)).await;

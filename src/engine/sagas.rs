@@ -945,10 +945,44 @@ impl Engine {
         let gsn = self
             .parse_gsn(gsn_text)
             .map_err(|_| Error::invalid("command_id", "does not start with a GSN"))?;
-        let outbox_id = parse_command_id(command_id, &gsn)?.outbox_id;
+        let command = parse_command_id(command_id, &gsn)?;
+        let rpc = match command.kind {
+            Kind::Signal => None,
+            Kind::Execute => Some("Execute"),
+            Kind::Reverse => Some("Reverse"),
+            Kind::QueryStatus => Some("QueryStatus"),
+        };
+        // Acknowledging is for commands that need no answer. Taking an Execute, Reverse or
+        // QueryStatus out of the outbox would stop its delivery and its step timeout with no
+        // outcome recorded: the saga would wait for ever.
+        if let Some(rpc) = rpc {
+            return Err(Error::FailedPrecondition(format!(
+                "command {command_id} is {rpc}, which needs an outcome: report it with \
+                 ReportState (command_id {command_id}); Ack is only for Signal commands"
+            )));
+        }
+        let outbox_id = command.outbox_id;
+        let (node, command_id) = (node_id.to_owned(), command_id.to_owned());
         let (answered, _) = self
             .idempotent_write_with("Ack", &request_id, fingerprint, move |tx, _| {
-                tx.delete_outbox(outbox_id)?;
+                match tx.outbox_entry(outbox_id)? {
+                    // Already acknowledged (or its saga removed): done either way.
+                    None => {}
+                    Some(entry) if entry.gsn_sequence != gsn.sequence() => {
+                        return Err(Error::invalid(
+                            "command_id",
+                            format!("{command_id:?} is not a command sagad issued"),
+                        ));
+                    }
+                    Some(entry) if entry.node_id != node => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "command {command_id} was sent to node {:?}, not {node:?}: only the \
+                             node that received it acknowledges it",
+                            entry.node_id
+                        )));
+                    }
+                    Some(_) => tx.delete_outbox(outbox_id)?,
+                }
                 Ok((Vec::new(), ()))
             })
             .await?;

@@ -520,6 +520,9 @@ impl WriteTx<'_> {
     pub fn put_outbox(&mut self, id: u64, record: &OutboxRecord) -> Result<(), Error> {
         self.put(Table::Outbox, codec::u64_key(id).to_vec(), record)
     }
+    pub fn outbox_entry(&self, id: u64) -> Result<Option<OutboxRecord>, Error> {
+        self.get(Table::Outbox, &codec::u64_key(id))
+    }
     pub fn delete_outbox(&mut self, id: u64) -> Result<(), Error> {
         self.overlay
             .delete(Table::Outbox, codec::u64_key(id).to_vec());
