@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::TestServer;
 use common::orders::{
-    Shop, branch, eventually, get, order_strategy, put_strategy, register_node, shop, start_order,
-    wait_terminal,
+    Shop, branch, eventually, get, order_strategy, put_strategy, register_node, shop,
+    shop_without_shipping_endpoint, start_order, wait_terminal,
 };
 use common::participant::{Node, PushParticipant, Script, subscribe};
 use sagad::grpc::pb;
@@ -183,20 +183,10 @@ async fn a_stored_status_completes_the_join_when_the_other_arrives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_on_a_subscribe_stream_gets_the_same_commands() {
-    let server = TestServer::start().await;
-    let inventory = PushParticipant::start(Node::new("inventory")).await;
-    let payment = PushParticipant::start(Node::new("payment")).await;
-    inventory
-        .node
-        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
-    payment
-        .node
-        .script("charge", vec![Script::Succeed("PAID", vec![])]);
+    let (server, _inventory, _payment) =
+        shop_without_shipping_endpoint(Duration::from_secs(10)).await;
     let shipping = Node::new("shipping");
     shipping.script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
-    put_strategy(&server.channel, order_strategy(Duration::from_secs(10))).await;
-    register_node(&server.channel, "inventory", &inventory.endpoint()).await;
-    register_node(&server.channel, "payment", &payment.endpoint()).await;
     let stream = subscribe(shipping.clone(), server.channel.clone());
 
     let gsn = start_order(&server.channel, "o-4", "order 4").await;
@@ -225,18 +215,8 @@ async fn next_command(stream: &mut tonic::Streaming<pb::Command>) -> pb::Command
 /// outbox: the Execute is still delivered, the signal still counts as unacknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_ack_of_a_command_that_needs_an_outcome_or_of_another_nodes_command_is_refused() {
-    let server = TestServer::start().await;
-    let inventory = PushParticipant::start(Node::new("inventory")).await;
-    let payment = PushParticipant::start(Node::new("payment")).await;
-    inventory
-        .node
-        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
-    payment
-        .node
-        .script("charge", vec![Script::Succeed("PAID", vec![])]);
-    put_strategy(&server.channel, order_strategy(Duration::from_secs(30))).await;
-    register_node(&server.channel, "inventory", &inventory.endpoint()).await;
-    register_node(&server.channel, "payment", &payment.endpoint()).await;
+    let (server, _inventory, _payment) =
+        shop_without_shipping_endpoint(Duration::from_secs(30)).await;
     let mut coordinator = server.coordinator();
     let subscribe = |mut coordinator: CoordinatorClient<tonic::transport::Channel>| async move {
         coordinator

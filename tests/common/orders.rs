@@ -165,22 +165,11 @@ pub struct Shop {
 }
 
 pub async fn shop(step_timeout: Duration) -> Shop {
-    let server = TestServer::start().await;
-    let inventory = PushParticipant::start(Node::new("inventory")).await;
-    let payment = PushParticipant::start(Node::new("payment")).await;
+    let (server, inventory, payment) = shop_without_shipping_endpoint(step_timeout).await;
     let shipping = PushParticipant::start(Node::new("shipping")).await;
-    inventory
-        .node
-        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
-    payment
-        .node
-        .script("charge", vec![Script::Succeed("PAID", vec![])]);
     shipping
         .node
         .script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
-    put_strategy(&server.channel, order_strategy(step_timeout)).await;
-    register_node(&server.channel, "inventory", &inventory.endpoint()).await;
-    register_node(&server.channel, "payment", &payment.endpoint()).await;
     register_node(&server.channel, "shipping", &shipping.endpoint()).await;
     Shop {
         server,
@@ -188,4 +177,24 @@ pub async fn shop(step_timeout: Duration) -> Shop {
         payment,
         shipping,
     }
+}
+
+/// The shop with inventory (RESERVED) and payment (PAID) as push participants, and no
+/// endpoint for shipping: the test serves it on a Subscribe stream.
+pub async fn shop_without_shipping_endpoint(
+    step_timeout: Duration,
+) -> (TestServer, PushParticipant, PushParticipant) {
+    let server = TestServer::start().await;
+    let inventory = PushParticipant::start(Node::new("inventory")).await;
+    let payment = PushParticipant::start(Node::new("payment")).await;
+    inventory
+        .node
+        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
+    payment
+        .node
+        .script("charge", vec![Script::Succeed("PAID", vec![])]);
+    put_strategy(&server.channel, order_strategy(step_timeout)).await;
+    register_node(&server.channel, "inventory", &inventory.endpoint()).await;
+    register_node(&server.channel, "payment", &payment.endpoint()).await;
+    (server, inventory, payment)
 }
