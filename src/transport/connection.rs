@@ -413,6 +413,22 @@ mod tests {
         server.await.unwrap();
     }
 
+    /// A call that found connection N broken forgets it only if it is still the current one:
+    /// a slower call that saw an older connection break must not drop the newer one.
+    #[tokio::test]
+    async fn a_broken_connection_is_forgotten_only_by_the_number_of_its_own_dial() {
+        let (peer, server) = peer_and_server(Vec::new()).await;
+        assert!(peer.ready_sender().await.is_ok());
+        let current = || peer.state().current.as_ref().map(|(dial, _)| *dial);
+        assert_eq!(current(), Some(1));
+        peer.drop_connection(0);
+        assert_eq!(current(), Some(1), "an older dial's failure leaves it");
+        peer.drop_connection(1);
+        assert_eq!(current(), None);
+        drop(peer);
+        assert_eq!(server.await.unwrap(), 0);
+    }
+
     /// An h2 server answering each stream in turn with one of `answers`: `None` refuses the
     /// stream unprocessed, `Some(())` answers it; returns how many streams it saw.
     async fn serve_answers(listener: tokio::net::TcpListener, answers: Vec<Option<()>>) -> usize {
