@@ -300,6 +300,113 @@ async fn an_ack_of_a_command_that_needs_an_outcome_or_of_another_nodes_command_i
         .unwrap();
 }
 
+/// A ReportState answers a command about its own branch. One naming another branch's command
+/// (a node's mix-up) is refused and changes nothing: that command is still delivered, and the
+/// saga completes once each branch is answered for itself. A signal's id is refused too: a
+/// signal is acknowledged with Ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_report_naming_another_branchs_command_is_refused_and_that_command_stays_pending() {
+    let server = TestServer::start().await;
+    let payment = PushParticipant::start(Node::new("payment")).await;
+    let shipping = PushParticipant::start(Node::new("shipping")).await;
+    // PROCESSING, and the outcome only by ReportState below.
+    payment
+        .node
+        .script("charge", vec![Script::SucceedSilently("PAID")]);
+    shipping
+        .node
+        .script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
+    put_strategy(&server.channel, order_strategy(Duration::from_secs(30))).await;
+    register_node(&server.channel, "payment", &payment.endpoint()).await;
+    register_node(&server.channel, "shipping", &shipping.endpoint()).await;
+    let mut coordinator = server.coordinator();
+    let subscribe = |mut coordinator: CoordinatorClient<tonic::transport::Channel>| async move {
+        coordinator
+            .subscribe(pb::SubscribeRequest {
+                node_id: "inventory".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let report = |request_id: &str, branch: &str, node: &str, status: &str, command_id: &str| {
+        pb::ReportStateRequest {
+            request_id: request_id.into(),
+            gsn: String::new(),
+            branch_id: branch.into(),
+            reporter_node_id: node.into(),
+            outcome: pb::Outcome::Succeeded as i32,
+            status: Some(pb::Status {
+                name: status.into(),
+                parameters: Default::default(),
+            }),
+            command_id: command_id.into(),
+            ..Default::default()
+        }
+    };
+    let mut stream = subscribe(coordinator.clone()).await;
+    let gsn = start_order(&server.channel, "o-mixed", "order mixed").await;
+    let reserve = next_command(&mut stream).await;
+
+    let mixed_up = pb::ReportStateRequest {
+        gsn: gsn.clone(),
+        ..report("mixed", "charge", "payment", "PAID", &reserve.command_id)
+    };
+    let refused = coordinator.report_state(mixed_up).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("branch \"charge\""),
+        "{}",
+        refused.message()
+    );
+    drop(stream);
+    let mut stream = subscribe(coordinator.clone()).await;
+    assert_eq!(
+        next_command(&mut stream).await.command_id,
+        reserve.command_id
+    );
+
+    let charge = payment.node.received.lock().unwrap()[0].0.clone();
+    for (request_id, branch, node, status, command_id) in [
+        (
+            "reserved",
+            "reserve",
+            "inventory",
+            "RESERVED",
+            &reserve.command_id,
+        ),
+        ("paid", "charge", "payment", "PAID", &charge),
+    ] {
+        let answer = pb::ReportStateRequest {
+            gsn: gsn.clone(),
+            ..report(request_id, branch, node, status, command_id)
+        };
+        coordinator.report_state(answer).await.unwrap();
+    }
+    let saga = wait_terminal(&server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32);
+
+    let signal = loop {
+        let command = next_command(&mut stream).await;
+        if matches!(command.kind, Some(pb::command::Kind::Signal(_))) {
+            break command;
+        }
+    };
+    let as_report = pb::ReportStateRequest {
+        gsn: gsn.clone(),
+        ..report(
+            "signal",
+            "reserve",
+            "inventory",
+            "RESERVED",
+            &signal.command_id,
+        )
+    };
+    let refused = coordinator.report_state(as_report).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("Ack"), "{}", refused.message());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commands_to_a_participant_that_is_down_are_redelivered_when_it_returns() {
     let shop = shop(Duration::from_secs(30)).await;

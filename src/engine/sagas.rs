@@ -676,6 +676,13 @@ impl Engine {
         } else {
             Some(parse_command_id(&input.command_id, &gsn)?)
         };
+        if answering.is_some_and(|a| a.kind == Kind::Signal) {
+            return Err(Error::FailedPrecondition(format!(
+                "command {} is a Signal, which needs no report: acknowledge it with Ack; \
+                 ReportState answers Execute, Reverse and QueryStatus",
+                input.command_id
+            )));
+        }
         let engine = self.clone();
         let (answered, applied) = self
             .idempotent_write_with("ReportState", &request_id, fingerprint, move |tx, now| {
@@ -695,7 +702,24 @@ impl Engine {
                     )));
                 }
                 if let Some(answering) = answering {
-                    tx.delete_outbox(answering.outbox_id)?;
+                    // The command answered must be this branch's: an id of another branch's
+                    // command would take that command out of the outbox (its delivery would
+                    // stop with nothing recorded) and attribute the wrong send here. One that
+                    // is gone was answered already; the report is then judged as late.
+                    if let Some(entry) = tx.outbox_entry(answering.outbox_id)? {
+                        let about = commands::decode_command(&entry.command)
+                            .map(|command| command.branch_id)
+                            .unwrap_or_else(|_| input.branch_id.clone());
+                        if entry.gsn_sequence != gsn.sequence() || about != input.branch_id {
+                            return Err(Error::FailedPrecondition(format!(
+                                "command_id {:?} is not a command about branch {:?} of saga {gsn}: \
+                                 give the command_id of the Execute, Reverse or QueryStatus this \
+                                 report answers",
+                                input.command_id, input.branch_id
+                            )));
+                        }
+                        tx.delete_outbox(answering.outbox_id)?;
+                    }
                 }
                 let kind = answering.map(|a| a.kind).unwrap_or(Kind::Execute);
                 let mut report = input.report;
