@@ -210,6 +210,63 @@ async fn next_command(stream: &mut tonic::Streaming<pb::Command>) -> pb::Command
         .expect("the stream is open")
 }
 
+/// A Subscribe stream held for `node`, as a node that cannot be dialled holds one.
+async fn hold_stream(server: &TestServer, node: &str) -> tonic::Streaming<pb::Command> {
+    server
+        .coordinator()
+        .subscribe(pb::SubscribeRequest {
+            node_id: node.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The next Signal command on a stream, skipping any other command sent again meanwhile.
+async fn next_signal(stream: &mut tonic::Streaming<pb::Command>) -> pb::Command {
+    loop {
+        let command = next_command(stream).await;
+        if matches!(command.kind, Some(pb::command::Kind::Signal(_))) {
+            return command;
+        }
+    }
+}
+
+/// The call failed with FAILED_PRECONDITION, its message naming `what`.
+fn assert_precondition<T: std::fmt::Debug>(result: Result<T, tonic::Status>, what: &str) {
+    let refused = result.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains(what), "{}", refused.message());
+}
+
+/// A SUCCEEDED report with `status` about `branch` of saga `gsn`, by `node`, answering
+/// `command_id`.
+fn succeeded(
+    gsn: &str,
+    branch: &str,
+    node: &str,
+    status: &str,
+    command_id: &str,
+) -> pb::ReportStateRequest {
+    pb::ReportStateRequest {
+        request_id: format!("report-{branch}-{command_id}-{node}"),
+        gsn: gsn.into(),
+        branch_id: branch.into(),
+        reporter_node_id: node.into(),
+        outcome: pb::Outcome::Succeeded as i32,
+        status: Some(pb::Status {
+            name: status.into(),
+            parameters: Default::default(),
+        }),
+        command_id: command_id.into(),
+        ..Default::default()
+    }
+}
+
 /// Ack is for commands that need no outcome (signals), from the node that received them. An
 /// Ack of an Execute, or of another node's signal, is refused and takes nothing out of the
 /// outbox: the Execute is still delivered, the signal still counts as unacknowledged.
@@ -218,77 +275,37 @@ async fn an_ack_of_a_command_that_needs_an_outcome_or_of_another_nodes_command_i
     let (server, _inventory, _payment) =
         shop_without_shipping_endpoint(Duration::from_secs(30)).await;
     let mut coordinator = server.coordinator();
-    let subscribe = |mut coordinator: CoordinatorClient<tonic::transport::Channel>| async move {
-        coordinator
-            .subscribe(pb::SubscribeRequest {
-                node_id: "shipping".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    };
     let ack = |node: &str, command_id: &str, n: u32| pb::AckRequest {
         request_id: format!("ack-{n}"),
         node_id: node.into(),
         command_id: command_id.into(),
     };
-    let mut stream = subscribe(coordinator.clone()).await;
+    let mut stream = hold_stream(&server, "shipping").await;
     let gsn = start_order(&server.channel, "o-acks", "order acks").await;
     let execute = next_command(&mut stream).await;
     assert!(matches!(execute.kind, Some(pb::command::Kind::Execute(_))));
 
     let refused = coordinator
         .ack(ack("shipping", &execute.command_id, 1))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        refused.message().contains("ReportState"),
-        "{}",
-        refused.message()
-    );
+        .await;
+    assert_precondition(refused, "ReportState");
     // Still pending: a new stream is sent it again.
     drop(stream);
-    let mut stream = subscribe(coordinator.clone()).await;
+    let mut stream = hold_stream(&server, "shipping").await;
     assert_eq!(
         next_command(&mut stream).await.command_id,
         execute.command_id
     );
-    coordinator
-        .report_state(pb::ReportStateRequest {
-            request_id: "shipped".into(),
-            gsn: gsn.clone(),
-            branch_id: "ship".into(),
-            reporter_node_id: "shipping".into(),
-            outcome: pb::Outcome::Succeeded as i32,
-            status: Some(pb::Status {
-                name: "SHIPPED".into(),
-                parameters: Default::default(),
-            }),
-            command_id: execute.command_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let shipped = succeeded(&gsn, "ship", "shipping", "SHIPPED", &execute.command_id);
+    coordinator.report_state(shipped).await.unwrap();
     let saga = wait_terminal(&server.channel, &gsn, LIMIT).await;
     assert_eq!(saga.state, pb::SagaState::Completed as i32);
 
-    let signal = loop {
-        let command = next_command(&mut stream).await;
-        if matches!(command.kind, Some(pb::command::Kind::Signal(_))) {
-            break command;
-        }
-    };
+    let signal = next_signal(&mut stream).await;
     let refused = coordinator
         .ack(ack("inventory", &signal.command_id, 2))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        refused.message().contains("\"shipping\""),
-        "{}",
-        refused.message()
-    );
+        .await;
+    assert_precondition(refused, "\"shipping\"");
     coordinator
         .ack(ack("shipping", &signal.command_id, 3))
         .await
@@ -320,91 +337,37 @@ async fn a_report_naming_another_branchs_command_is_refused_and_that_command_sta
     register_node(&server.channel, "payment", &payment.endpoint()).await;
     register_node(&server.channel, "shipping", &shipping.endpoint()).await;
     let mut coordinator = server.coordinator();
-    let subscribe = |mut coordinator: CoordinatorClient<tonic::transport::Channel>| async move {
-        coordinator
-            .subscribe(pb::SubscribeRequest {
-                node_id: "inventory".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    };
-    let report = |request_id: &str, branch: &str, node: &str, status: &str, command_id: &str| {
-        pb::ReportStateRequest {
-            request_id: request_id.into(),
-            gsn: String::new(),
-            branch_id: branch.into(),
-            reporter_node_id: node.into(),
-            outcome: pb::Outcome::Succeeded as i32,
-            status: Some(pb::Status {
-                name: status.into(),
-                parameters: Default::default(),
-            }),
-            command_id: command_id.into(),
-            ..Default::default()
-        }
-    };
-    let mut stream = subscribe(coordinator.clone()).await;
+    let mut stream = hold_stream(&server, "inventory").await;
     let gsn = start_order(&server.channel, "o-mixed", "order mixed").await;
     let reserve = next_command(&mut stream).await;
 
-    let mixed_up = pb::ReportStateRequest {
-        gsn: gsn.clone(),
-        ..report("mixed", "charge", "payment", "PAID", &reserve.command_id)
-    };
-    let refused = coordinator.report_state(mixed_up).await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        refused.message().contains("branch \"charge\""),
-        "{}",
-        refused.message()
-    );
+    let mixed_up = succeeded(&gsn, "charge", "payment", "PAID", &reserve.command_id);
+    let refused = coordinator.report_state(mixed_up).await;
+    assert_precondition(refused, "branch \"charge\"");
     drop(stream);
-    let mut stream = subscribe(coordinator.clone()).await;
+    let mut stream = hold_stream(&server, "inventory").await;
     assert_eq!(
         next_command(&mut stream).await.command_id,
         reserve.command_id
     );
 
     let charge = payment.node.received.lock().unwrap()[0].0.clone();
-    for (request_id, branch, node, status, command_id) in [
-        (
-            "reserved",
-            "reserve",
-            "inventory",
-            "RESERVED",
-            &reserve.command_id,
-        ),
-        ("paid", "charge", "payment", "PAID", &charge),
-    ] {
-        let answer = pb::ReportStateRequest {
-            gsn: gsn.clone(),
-            ..report(request_id, branch, node, status, command_id)
-        };
-        coordinator.report_state(answer).await.unwrap();
-    }
+    let reserved = succeeded(
+        &gsn,
+        "reserve",
+        "inventory",
+        "RESERVED",
+        &reserve.command_id,
+    );
+    coordinator.report_state(reserved).await.unwrap();
+    let paid = succeeded(&gsn, "charge", "payment", "PAID", &charge);
+    coordinator.report_state(paid).await.unwrap();
     let saga = wait_terminal(&server.channel, &gsn, LIMIT).await;
     assert_eq!(saga.state, pb::SagaState::Completed as i32);
 
-    let signal = loop {
-        let command = next_command(&mut stream).await;
-        if matches!(command.kind, Some(pb::command::Kind::Signal(_))) {
-            break command;
-        }
-    };
-    let as_report = pb::ReportStateRequest {
-        gsn: gsn.clone(),
-        ..report(
-            "signal",
-            "reserve",
-            "inventory",
-            "RESERVED",
-            &signal.command_id,
-        )
-    };
-    let refused = coordinator.report_state(as_report).await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-    assert!(refused.message().contains("Ack"), "{}", refused.message());
+    let signal = next_signal(&mut stream).await;
+    let as_report = succeeded(&gsn, "reserve", "inventory", "RESERVED", &signal.command_id);
+    assert_precondition(coordinator.report_state(as_report).await, "Ack");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
