@@ -110,6 +110,9 @@ impl Outgoing {
 pub struct Participants {
     peers: Mutex<HashMap<String, Arc<connection::Peer>>>,
     call_timeout: Duration,
+    /// `call_timeout` as a grpc-timeout header, formatted once: tonic's `set_timeout` formats
+    /// it anew for every call (≈ 1% of sagad's instructions per saga, callgrind).
+    deadline: Option<tonic::metadata::AsciiMetadataValue>,
 }
 
 /// The tower service tonic's generated client calls through: one endpoint's connection.
@@ -134,11 +137,18 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for Call {
     }
 }
 
+const GRPC_TIMEOUT: &str = "grpc-timeout";
+
 /// The request with the call's deadline in its grpc-timeout header, so the node's gRPC stack
 /// can give up on work whose answer sagad will no longer wait for.
-fn with_deadline<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+fn with_deadline<T>(
+    message: T,
+    deadline: &Option<tonic::metadata::AsciiMetadataValue>,
+) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.set_timeout(timeout);
+    if let Some(deadline) = deadline {
+        request.metadata_mut().insert(GRPC_TIMEOUT, deadline.clone());
+    }
     request
 }
 
@@ -191,9 +201,12 @@ fn origin(endpoint: &str) -> Result<Uri, String> {
 
 impl Participants {
     pub fn new(call_timeout: Duration) -> Participants {
+        let mut formatted = tonic::Request::new(());
+        formatted.set_timeout(call_timeout);
         Participants {
             peers: Mutex::new(HashMap::new()),
             call_timeout,
+            deadline: formatted.metadata().get(GRPC_TIMEOUT).cloned(),
         }
     }
 
@@ -233,31 +246,32 @@ impl Participants {
     pub async fn send(&self, endpoint: &str, outgoing: Outgoing) -> Result<Answer, Error> {
         let mut client = self.client(endpoint)?;
         let timeout = self.call_timeout;
+        let deadline = &self.deadline;
         let call = async move {
             Ok(match outgoing.into_kind() {
                 pb::command::Kind::Execute(request) => {
                     let r = client
-                        .execute(with_deadline(request, timeout))
+                        .execute(with_deadline(request, deadline))
                         .await?
                         .into_inner();
                     Answer::Report(report(r.outcome, r.status, r.error_code, r.message))
                 }
                 pb::command::Kind::Reverse(request) => {
                     let r = client
-                        .reverse(with_deadline(request, timeout))
+                        .reverse(with_deadline(request, deadline))
                         .await?
                         .into_inner();
                     Answer::Report(report(r.outcome, None, r.error_code, r.message))
                 }
                 pb::command::Kind::QueryStatus(request) => {
                     let r = client
-                        .query_status(with_deadline(request, timeout))
+                        .query_status(with_deadline(request, deadline))
                         .await?
                         .into_inner();
                     Answer::Report(report(r.outcome, r.status, r.error_code, r.message))
                 }
                 pb::command::Kind::Signal(request) => {
-                    client.signal(with_deadline(request, timeout)).await?;
+                    client.signal(with_deadline(request, deadline)).await?;
                     Answer::Acknowledged
                 }
             })
