@@ -48,7 +48,7 @@ async fn finished_sagas_past_the_retention_are_removed_and_running_ones_kept() {
     for i in 0..5 {
         let request_id = format!("s-{i}");
         engine
-            .start_saga(start(&request_id), Vec::new(), |_| Vec::new())
+            .start_saga(start(&request_id), Vec::new(), |_| (Vec::new(), ()))
             .await
             .unwrap();
         gsns.push(format!("c1-{:016}", i + 1));
@@ -112,7 +112,9 @@ async fn one_collection_catches_up_with_many_finished_sagas() {
     const SAGAS: usize = 1_200;
     for i in 0..SAGAS {
         engine
-            .start_saga(start(&format!("many-{i}")), Vec::new(), |_| Vec::new())
+            .start_saga(start(&format!("many-{i}")), Vec::new(), |_| {
+                (Vec::new(), ())
+            })
             .await
             .unwrap();
         let gsn = format!("c1-{:016}", i + 1);
@@ -124,7 +126,7 @@ async fn one_collection_catches_up_with_many_finished_sagas() {
     // Sagas started after the others, within the retention, stay.
     clock.advance_ms(2 * DAY_MS);
     engine
-        .start_saga(start("young"), Vec::new(), |_| Vec::new())
+        .start_saga(start("young"), Vec::new(), |_| (Vec::new(), ()))
         .await
         .unwrap();
     clock.advance_ms(2 * DAY_MS);

@@ -447,14 +447,18 @@ impl Engine {
 
     /// Starts a saga (idempotent on its request id). `encode` turns the new saga into the
     /// response bytes stored for replay, so every repeat gets exactly the first answer.
-    pub async fn start_saga<F>(
+    /// Starts a saga. `answer` builds the response from the new saga: its encoding is stored
+    /// for replays, and the response itself comes back beside the stored answer (`None` for a
+    /// replay), so a first answer is not decoded again from its own bytes.
+    pub async fn start_saga<F, R>(
         &self,
         request: StartRequest,
         fingerprint: Vec<u8>,
-        encode: F,
-    ) -> Result<Answered, Error>
+        answer: F,
+    ) -> Result<(Answered, Option<R>), Error>
     where
-        F: FnOnce(&Saga) -> Vec<u8> + Send + 'static,
+        F: FnOnce(&Saga) -> (Vec<u8>, R) + Send + 'static,
+        R: Send + 'static,
     {
         let now = self.clock.now_ms();
         let start =
@@ -464,7 +468,7 @@ impl Engine {
         let shared = self.shared.clone();
         let jitter = self.random.unit();
         let policy = self.settings.policy;
-        let (answered, applied) = self
+        let (answered, started) = self
             .idempotent_write_with("StartSaga", &request_id, fingerprint, move |tx, now| {
                 let strategy = match start.mode {
                     SagaMode::Orchestrated => {
@@ -523,13 +527,15 @@ impl Engine {
                 };
                 let mut shown = applied.saga.clone().ok_or_else(|| Error::FailedPrecondition("no saga".into()))?;
                 shown.payload = payload;
-                Ok((encode(&shown), applied))
+                let (encoded, response) = answer(&shown);
+                Ok((encoded, (applied, response)))
             })
             .await?;
-        if let Some(applied) = applied {
+        let response = started.map(|(applied, response)| {
             self.after_commit(applied);
-        }
-        Ok(answered)
+            response
+        });
+        Ok((answered, response))
     }
 
     pub(crate) fn parse_gsn(&self, text: &str) -> Result<Gsn, Error> {

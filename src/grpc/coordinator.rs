@@ -33,18 +33,21 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let mut request = request.into_inner();
         let digest = fingerprint(&mut request, |r| &mut r.request_id);
         let start = convert::start_request(request).map_err(|v| status::invalid(&v))?;
-        let answered = self
+        let (answered, first) = self
             .engine
             .start_saga(start, digest, |saga| {
-                pb::StartSagaResponse {
+                let response = pb::StartSagaResponse {
                     gsn: saga.gsn.to_string(),
                     saga: Some(convert::saga(saga, true)),
-                }
-                .encode_to_vec()
+                };
+                (response.encode_to_vec(), response)
             })
             .await
             .map_err(status::from_engine)?;
-        let response = answer::<pb::StartSagaResponse>(answered)?;
+        let response = match first {
+            Some(response) => tonic::Response::new(response),
+            None => answer::<pb::StartSagaResponse>(answered)?,
+        };
         tracing::info!(gsn = %response.get_ref().gsn, replayed = response.metadata().contains_key(crate::grpc::REPLAYED_HEADER), "saga started");
         Ok(response)
     }
