@@ -147,7 +147,9 @@ fn with_deadline<T>(
 ) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(deadline) = deadline {
-        request.metadata_mut().insert(GRPC_TIMEOUT, deadline.clone());
+        request
+            .metadata_mut()
+            .insert(GRPC_TIMEOUT, deadline.clone());
     }
     request
 }
