@@ -267,6 +267,28 @@ fn succeeded(
     }
 }
 
+/// A send is counted when something is sent: a node that could not be reached for a while (no
+/// endpoint, no stream) gets its first command as attempt 1 when it shows up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_shows_up_late_gets_its_first_command_as_attempt_one() {
+    let (server, _inventory, _payment) =
+        shop_without_shipping_endpoint(Duration::from_secs(30)).await;
+    let gsn = start_order(&server.channel, "o-late", "order late").await;
+    // ship is triggered once reserve and charge are done; its command finds no way to the node.
+    for _ in 0..500 {
+        let saga = get(&server.channel, &gsn).await;
+        if saga.branches.iter().any(|b| b.branch_id == "ship") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut stream = hold_stream(&server, "shipping").await;
+    let command = next_command(&mut stream).await;
+    assert!(matches!(command.kind, Some(pb::command::Kind::Execute(_))));
+    assert_eq!(command.attempt, 1);
+}
+
 /// Ack is for commands that need no outcome (signals), from the node that received them. An
 /// Ack of an Execute, or of another node's signal, is refused and takes nothing out of the
 /// outbox: the Execute is still delivered, the signal still counts as unacknowledged.

@@ -275,27 +275,32 @@ async fn deliver(
         if *stopping.borrow() || !delivery.is_pending(outbox_id) {
             return;
         }
-        attempt = attempt.saturating_add(1);
-        let outgoing = Outgoing {
-            command_id: command_id(&command.gsn, command.kind, outbox_id, command.attempt),
-            kind: command.kind,
-            gsn: command.gsn.clone(),
-            branch_id: command.branch_id.clone(),
-            action: command.action.clone(),
-            reason: command.reason.clone(),
-            signal: command.signal,
-            business_type: command.business_type.clone(),
-            payload: payload.data.clone(),
-            content_type: payload.content_type.clone(),
-            attempt,
+        // Counted when sent: a round in which the node cannot be reached sends nothing, so the
+        // node's first real send is attempt 1 however long it was away.
+        let send = |attempt: u32| {
+            delivery.record_attempt(outbox_id, &command, attempt, String::new());
+            Outgoing {
+                command_id: command_id(&command.gsn, command.kind, outbox_id, command.attempt),
+                kind: command.kind,
+                gsn: command.gsn.clone(),
+                branch_id: command.branch_id.clone(),
+                action: command.action.clone(),
+                reason: command.reason.clone(),
+                signal: command.signal,
+                business_type: command.business_type.clone(),
+                payload: payload.data.clone(),
+                content_type: payload.content_type.clone(),
+                attempt,
+            }
         };
         routes.borrow_and_update();
-        delivery.record_attempt(outbox_id, &command, attempt, String::new());
         let wait = match delivery.route(&command.node_id) {
             // The call and the write are boxed so that this task stays small: tokio copies a
             // task's whole future when it spawns and when it finishes it, and with these two
             // inline it was 4 KB, copied for every command (docs/benchmarks.md).
             Route::Push(endpoint) => {
+                attempt = attempt.saturating_add(1);
+                let outgoing = send(attempt);
                 match Box::pin(delivery.participants.send(&endpoint, outgoing)).await {
                     Ok(answer) => {
                         let report = match answer {
@@ -325,8 +330,12 @@ async fn deliver(
                 }
             }
             Route::Pull(sender) => {
+                attempt = attempt.saturating_add(1);
+                let outgoing = send(attempt);
                 if Box::pin(sender.send(outgoing)).await.is_err() {
-                    // The stream ended between the lookup and the send; look again shortly.
+                    // The stream ended between the lookup and the send: nothing was sent. Look
+                    // again shortly.
+                    attempt = attempt.saturating_sub(1);
                     Duration::from_millis(50)
                 } else {
                     delivery.resend_after
