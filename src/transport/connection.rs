@@ -68,6 +68,14 @@ struct State {
     last_failure: String,
 }
 
+/// What a call that waited for the dial lock found.
+enum Claim {
+    /// A live connection (another call dialled it), with its dial number.
+    Live(u64, h2::client::SendRequest<Bytes>),
+    /// None: this call dials, as this dial number.
+    Dial(u64),
+}
+
 impl Peer {
     /// `origin` is the endpoint's `http://host[:port]/`, already checked.
     pub fn new(endpoint: &str, origin: Uri, connect_timeout: Duration) -> Peer {
@@ -129,42 +137,9 @@ impl Peer {
         }
         let (dial, sender) = {
             let _dialling = self.dialling.lock().await;
-            let number = {
-                let mut state = self.state();
-                if let Some((n, sender)) = state.current.clone() {
-                    (n, Some(sender))
-                } else {
-                    // A dial failed while this call waited for the lock: the node is not
-                    // there now. Fail with that dial's reason rather than queue one more
-                    // connect behind it (each may take the whole connect timeout); the
-                    // delivery backs off and tries again.
-                    if state.failures != failures_seen {
-                        return Err(Error::Connect {
-                            endpoint: self.endpoint.clone(),
-                            detail: state.last_failure.clone(),
-                        });
-                    }
-                    state.dials += 1;
-                    (state.dials, None)
-                }
-            };
-            match number {
-                (n, Some(sender)) => (n, sender),
-                (n, None) => match self.dial().await {
-                    Ok(sender) => {
-                        self.state().current = Some((n, sender.clone()));
-                        (n, sender)
-                    }
-                    Err(e) => {
-                        let mut state = self.state();
-                        state.failures += 1;
-                        state.last_failure = match &e {
-                            Error::Connect { detail, .. } => detail.clone(),
-                            other => other.to_string(),
-                        };
-                        return Err(e);
-                    }
-                },
+            match self.claim(failures_seen)? {
+                Claim::Live(dial, sender) => (dial, sender),
+                Claim::Dial(dial) => (dial, self.dial_as(dial).await?),
             }
         };
         sender.ready().await.map_err(|source| {
@@ -174,6 +149,45 @@ impl Peer {
                 source,
             }
         })
+    }
+
+    /// Under the dial lock: the connection another call opened meanwhile, or the number of the
+    /// dial this call makes. A dial that failed while this call waited for the lock means the
+    /// node is not there now: fail with that dial's reason rather than queue one more connect
+    /// behind it (each may take the whole connect timeout); the delivery backs off and tries
+    /// again.
+    fn claim(&self, failures_seen: u64) -> Result<Claim, Error> {
+        let mut state = self.state();
+        if let Some((dial, sender)) = state.current.clone() {
+            return Ok(Claim::Live(dial, sender));
+        }
+        if state.failures != failures_seen {
+            return Err(Error::Connect {
+                endpoint: self.endpoint.clone(),
+                detail: state.last_failure.clone(),
+            });
+        }
+        state.dials += 1;
+        Ok(Claim::Dial(state.dials))
+    }
+
+    /// Dials as dial number `dial`, and records the connection or why it failed.
+    async fn dial_as(&self, dial: u64) -> Result<h2::client::SendRequest<Bytes>, Error> {
+        match self.dial().await {
+            Ok(sender) => {
+                self.state().current = Some((dial, sender.clone()));
+                Ok(sender)
+            }
+            Err(e) => {
+                let mut state = self.state();
+                state.failures += 1;
+                state.last_failure = match &e {
+                    Error::Connect { detail, .. } => detail.clone(),
+                    other => other.to_string(),
+                };
+                Err(e)
+            }
+        }
     }
 
     async fn dial(&self) -> Result<h2::client::SendRequest<Bytes>, Error> {
