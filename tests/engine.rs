@@ -232,6 +232,23 @@ async fn next_signal(stream: &mut tonic::Streaming<pb::Command>) -> pb::Command 
     }
 }
 
+/// `command` is still pending: `node` opens a new stream in place of `stream` and is sent it
+/// again first; returns the new stream.
+async fn sent_again_on_a_new_stream(
+    server: &TestServer,
+    node: &str,
+    stream: tonic::Streaming<pb::Command>,
+    command: &pb::Command,
+) -> tonic::Streaming<pb::Command> {
+    drop(stream);
+    let mut stream = hold_stream(server, node).await;
+    assert_eq!(
+        next_command(&mut stream).await.command_id,
+        command.command_id
+    );
+    stream
+}
+
 /// The call failed with FAILED_PRECONDITION, its message naming `what`.
 fn assert_precondition<T: std::fmt::Debug>(result: Result<T, tonic::Status>, what: &str) {
     let refused = result.unwrap_err();
@@ -311,13 +328,7 @@ async fn an_ack_of_a_command_that_needs_an_outcome_or_of_another_nodes_command_i
         .ack(ack("shipping", &execute.command_id, 1))
         .await;
     assert_precondition(refused, "ReportState");
-    // Still pending: a new stream is sent it again.
-    drop(stream);
-    let mut stream = hold_stream(&server, "shipping").await;
-    assert_eq!(
-        next_command(&mut stream).await.command_id,
-        execute.command_id
-    );
+    let mut stream = sent_again_on_a_new_stream(&server, "shipping", stream, &execute).await;
     let shipped = succeeded(&gsn, "ship", "shipping", "SHIPPED", &execute.command_id);
     coordinator.report_state(shipped).await.unwrap();
     let saga = wait_terminal(&server.channel, &gsn, LIMIT).await;
@@ -366,12 +377,7 @@ async fn a_report_naming_another_branchs_command_is_refused_and_that_command_sta
     let mixed_up = succeeded(&gsn, "charge", "payment", "PAID", &reserve.command_id);
     let refused = coordinator.report_state(mixed_up).await;
     assert_precondition(refused, "branch \"charge\"");
-    drop(stream);
-    let mut stream = hold_stream(&server, "inventory").await;
-    assert_eq!(
-        next_command(&mut stream).await.command_id,
-        reserve.command_id
-    );
+    let mut stream = sent_again_on_a_new_stream(&server, "inventory", stream, &reserve).await;
 
     let charge = payment.node.received.lock().unwrap()[0].0.clone();
     let reserved = succeeded(
