@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use common::{TestServer, start_request};
-use sagad::clock::SystemClock;
+use sagad::clock::{ManualClock, SystemClock};
 use sagad::config::Config;
 use sagad::grpc::{REPLAYED_HEADER, pb};
 use tonic::Code;
@@ -102,6 +102,43 @@ async fn a_request_id_reused_with_another_body_is_failed_precondition() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("r-1"), "{}", err.message());
+    assert_eq!(saga_count(&server).await, 1);
+}
+
+/// S3: a client whose answer was lost repeats the very same request, possibly after the
+/// deadline it carried has passed; it must get the saga it started, not INVALID_ARGUMENT (which
+/// would tempt it to start a second saga under a new request id).
+#[tokio::test]
+async fn a_repeated_start_gets_its_stored_answer_even_after_its_deadline_has_passed() {
+    const START_MS: u64 = 1_800_000_000_000;
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let server = TestServer::start_with_clock(clock.clone()).await;
+    let mut client = server.coordinator();
+    let request = pb::StartSagaRequest {
+        deadline: Some(prost_types::Timestamp {
+            seconds: i64::try_from(START_MS / 1000).unwrap() + 5,
+            nanos: 0,
+        }),
+        ..start_request("pay-1", "order")
+    };
+    let first = client.start_saga(request.clone()).await.unwrap();
+
+    clock.advance_ms(10_000);
+    let again = client.start_saga(request.clone()).await.unwrap();
+    assert_eq!(again.metadata().get(REPLAYED_HEADER).unwrap(), "true");
+    assert_eq!(first.into_inner(), again.into_inner());
+    assert_eq!(saga_count(&server).await, 1);
+
+    // A new request with that deadline is still refused.
+    let err = client
+        .start_saga(pb::StartSagaRequest {
+            request_id: "pay-2".into(),
+            ..request
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), ["deadline"]);
     assert_eq!(saga_count(&server).await, 1);
 }
 

@@ -445,11 +445,10 @@ impl Engine {
         }
     }
 
-    /// Starts a saga (idempotent on its request id). `encode` turns the new saga into the
-    /// response bytes stored for replay, so every repeat gets exactly the first answer.
-    /// Starts a saga. `answer` builds the response from the new saga: its encoding is stored
-    /// for replays, and the response itself comes back beside the stored answer (`None` for a
-    /// replay), so a first answer is not decoded again from its own bytes.
+    /// Starts a saga (idempotent on its request id). `answer` builds the response from the new
+    /// saga: its encoding is stored for replays, so every repeat gets exactly the first answer,
+    /// and the response itself comes back beside it (`None` for a replay), so a first answer is
+    /// not decoded again from its own bytes.
     pub async fn start_saga<F, R>(
         &self,
         request: StartRequest,
@@ -460,16 +459,22 @@ impl Engine {
         F: FnOnce(&Saga) -> (Vec<u8>, R) + Send + 'static,
         R: Send + 'static,
     {
-        let now = self.clock.now_ms();
-        let start =
-            saga::validate_start(request, self.settings.limits, now).map_err(Error::Invalid)?;
+        let limits = self.settings.limits;
+        let Ok(request_id) = RequestId::parse(&request.request_id) else {
+            // Nothing to look up without a request id: report every problem at once.
+            let now = self.clock.now_ms();
+            let violations = saga::validate_start(request, limits, now).err();
+            return Err(Error::Invalid(violations.unwrap_or_default()));
+        };
         let coordinator = self.settings.coordinator_id.clone();
-        let request_id = start.request_id.clone();
         let shared = self.shared.clone();
         let jitter = self.random.unit();
         let policy = self.settings.policy;
         let (answered, started) = self
             .idempotent_write_with("StartSaga", &request_id, fingerprint, move |tx, now| {
+                // Checked only for a request id not seen before: a repeat gets the stored
+                // answer even once its deadline has passed (S3: the first answer, always).
+                let start = saga::validate_start(request, limits, now).map_err(Error::Invalid)?;
                 let strategy = match start.mode {
                     SagaMode::Orchestrated => {
                         let latest = shared
