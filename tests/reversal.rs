@@ -382,6 +382,47 @@ async fn the_same_reversal_asked_twice_or_under_two_serials_reverses_once() {
     assert_eq!(saga.state, pb::SagaState::Reversed as i32);
 }
 
+/// The caller books an outcall and dies before CompleteSaga or RequestReversal: the saga's
+/// own deadline reverses what was booked instead of leaving it RUNNING forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outcall_saga_still_running_at_its_deadline_is_reversed() {
+    let bank = bank().await;
+    let gsn = bank
+        .client()
+        .start_saga(pb::StartSagaRequest {
+            request_id: "t-deadline".into(),
+            business_type: "transfer".into(),
+            mode: pb::SagaMode::RegisteredOutcalls as i32,
+            timeout: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 500_000_000,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .gsn;
+    let one = bank
+        .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+
+    let mut saga = get(&bank.server.channel, &gsn).await;
+    for _ in 0..(LIMIT.as_millis() / 50) {
+        if saga.state == pb::SagaState::Reversed as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        saga = get(&bank.server.channel, &gsn).await;
+    }
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32, "{saga:?}");
+    assert!(saga.reason.contains("deadline"), "{}", saga.reason);
+    assert!(
+        bank.node("a").reversed_at(&gsn, &one).is_some(),
+        "what the outcall booked is undone"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn internal_reversal_undoes_earlier_outcalls_in_reverse_order_when_the_third_fails() {
     let bank = bank().await;

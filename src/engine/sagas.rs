@@ -523,11 +523,7 @@ impl Engine {
                         store_transition(tx, orchestration::on_started(saga, ctx), now)?
                     }
                     None => {
-                        tx.put_saga(&convert::saga_to_record(&saga))?;
-                        Applied {
-                            saga: Some(saga),
-                            ..Applied::default()
-                        }
+                        store_transition(tx, outcalls::on_outcall_saga_started(saga), now)?
                     }
                 };
                 let mut shown = applied.saga.clone().ok_or_else(|| Error::FailedPrecondition("no saga".into()))?;

@@ -374,6 +374,21 @@ pub fn on_completed(mut saga: Saga, now: Millis) -> Result<Transition, Refusal> 
     Ok(Transition { saga, effects })
 }
 
+/// Start of an outcall saga: nothing to trigger (its caller registers the outcalls), but its
+/// deadline is armed, so a caller that dies before CompleteSaga or RequestReversal does not
+/// leave what it booked in place forever.
+pub fn on_outcall_saga_started(saga: Saga) -> Transition {
+    let effects = saga
+        .deadline_ms
+        .map(|at_ms| Effect::WakeAt {
+            at_ms,
+            timer: Timer::Deadline,
+        })
+        .into_iter()
+        .collect();
+    Transition { saga, effects }
+}
+
 /// A timer of an outcall saga came due.
 pub fn on_outcall_timer(mut saga: Saga, timer: &Timer, env: Env<'_>) -> Transition {
     let effects = match timer {

@@ -395,3 +395,15 @@ fn an_operator_reprocess_gives_failed_reversals_a_fresh_budget() {
     let t = on_outcall_reversal_answered(t.saga, "1.a", report(Outcome::Succeeded), env(NOW));
     assert_eq!(t.saga.state, SagaState::Reversed);
 }
+
+#[test]
+fn an_outcall_saga_with_a_deadline_arms_it_at_start_and_one_without_arms_nothing() {
+    let mut with = saga();
+    with.deadline_ms = Some(NOW + 500);
+    let started = on_outcall_saga_started(with);
+    assert!(matches!(
+        started.effects.as_slice(),
+        [Effect::WakeAt { at_ms, timer: Timer::Deadline }] if *at_ms == NOW + 500
+    ));
+    assert!(on_outcall_saga_started(saga()).effects.is_empty());
+}
