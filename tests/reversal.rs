@@ -216,6 +216,55 @@ async fn external_reversal_of_a_failed_original_signals_reversal_success_without
     );
 }
 
+/// The caller saw its call fail and reported FAILED, the external reversal ended without
+/// undoing it (S1: the original failed), and then the callee reports that it did book it: the
+/// booking is reversed rather than kept inside a REVERSED saga.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outcall_that_took_effect_after_its_saga_was_reversed_is_reversed_too() {
+    let bank = bank().await;
+    let gsn = bank.start("t-late").await;
+    let branch = bank.outcall(&gsn, 1, "a", true, pb::Outcome::Failed).await;
+    let answer = bank
+        .reverse("r-late", &gsn, &branch, pb::ReversalType::External, 5_000)
+        .await
+        .into_inner();
+    assert_eq!(answer.saga.unwrap().state, pb::SagaState::Reversed as i32);
+    assert!(bank.node("a").reversed_at(&gsn, &branch).is_none());
+
+    bank.client()
+        .report_state(pb::ReportStateRequest {
+            request_id: format!("{gsn}-callee-report"),
+            gsn: gsn.clone(),
+            branch_id: branch.clone(),
+            reporter_node_id: "a".into(),
+            outcome: pb::Outcome::Succeeded as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        eventually(LIMIT, || bank
+            .node("a")
+            .reversed_at(&gsn, &branch)
+            .is_some())
+        .await,
+        "the late booking is undone"
+    );
+    let mut saga = get(&bank.server.channel, &gsn).await;
+    for _ in 0..(LIMIT.as_millis() / 50) {
+        if saga.state == pb::SagaState::Reversed as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        saga = get(&bank.server.channel, &gsn).await;
+    }
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32);
+    assert_eq!(
+        common::orders::branch(&saga, &branch).state,
+        pb::BranchState::Reversed as i32
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn external_reversal_of_a_succeeded_original_reverses_it_and_signals_reversal_success() {
     let bank = bank().await;

@@ -133,7 +133,7 @@ pub fn on_outcall_reported(
     env: Env<'_>,
 ) -> Result<Transition, Refusal> {
     require_outcalls(&saga)?;
-    let reversing = saga.state == SagaState::Reversing;
+    let saga_state = saga.state;
     let Some(branch) = saga.branch_mut(branch_id) else {
         return Err(Refusal::UnknownBranch {
             branch_id: branch_id.to_owned(),
@@ -153,6 +153,19 @@ pub fn on_outcall_reported(
                 env.now,
                 format!(
                     "late report {} ignored: the branch is being or was reversed",
+                    outcome_name(report.outcome)
+                ),
+            );
+        }
+        // Every node was told the saga completed, with every branch SUCCEEDED: a contrary
+        // report cannot change that, only go on the branch's timeline for an operator.
+        _ if saga_state == SagaState::Completed
+            && !matches!(report.outcome, Outcome::Succeeded | Outcome::Processing) =>
+        {
+            branch.note(
+                env.now,
+                format!(
+                    "late report {} ignored: the saga completed and every node was told so",
                     outcome_name(report.outcome)
                 ),
             );
@@ -187,7 +200,24 @@ pub fn on_outcall_reported(
             );
         }
     }
-    if reversing {
+    // An external reversal ends without reversing an outcall reported FAILED (S1: the
+    // original failed). If that outcall turns out to have taken effect after all, what it
+    // booked must not stay: the reversal opens again for it (and every node is told the end
+    // again once it is undone, or to wait if it cannot be).
+    let took_effect_after_all = saga_state == SagaState::Reversed
+        && saga
+            .branch(branch_id)
+            .is_some_and(|b| b.state == BranchState::Succeeded);
+    if took_effect_after_all {
+        saga.state = SagaState::Reversing;
+        if let Some(branch) = saga.branch_mut(branch_id) {
+            branch.note(
+                env.now,
+                "took effect after the saga was reversed: reversing it",
+            );
+        }
+    }
+    if saga_state == SagaState::Reversing || took_effect_after_all {
         effects.extend(advance(&mut saga, env));
     }
     saga.updated_ms = env.now;

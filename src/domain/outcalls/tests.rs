@@ -407,3 +407,51 @@ fn an_outcall_saga_with_a_deadline_arms_it_at_start_and_one_without_arms_nothing
     ));
     assert!(on_outcall_saga_started(saga()).effects.is_empty());
 }
+
+#[test]
+fn an_outcall_reported_succeeded_after_an_external_reversal_skipped_it_is_reversed_then() {
+    // 1.a was reported FAILED, so the external reversal ended without undoing it...
+    let s = three([Outcome::Failed, Outcome::Failed, Outcome::Failed]);
+    let ended = on_reversal_requested(s, external("1.a", "x-1"), env(NOW)).unwrap();
+    assert_eq!(ended.saga.state, SagaState::Reversed);
+    // ...then its callee says it took effect after all: it must be undone, not kept.
+    let t = on_outcall_reported(
+        ended.saga,
+        "1.a",
+        report(Outcome::Succeeded),
+        false,
+        env(NOW + 1),
+    )
+    .unwrap();
+    assert_eq!(t.saga.state, SagaState::Reversing);
+    assert_eq!(reverses(&t.effects), ["1.a"]);
+    let t = on_outcall_reversal_answered(t.saga, "1.a", report(Outcome::Succeeded), env(NOW + 2));
+    assert_eq!(t.saga.state, SagaState::Reversed);
+    assert_eq!(t.saga.signal, Some(Signal::ReversalSuccess));
+    assert_eq!(
+        t.saga.branch("1.a").map(|b| b.state),
+        Some(BranchState::Reversed)
+    );
+}
+
+#[test]
+fn a_contrary_report_after_completion_changes_no_branch() {
+    let s = three([Outcome::Succeeded, Outcome::Succeeded, Outcome::Succeeded]);
+    let done = on_completed(s, NOW).unwrap().saga;
+    for outcome in [
+        Outcome::Failed,
+        Outcome::NotFound,
+        Outcome::Reversed,
+        Outcome::Unknown,
+    ] {
+        let t =
+            on_outcall_reported(done.clone(), "2.b", report(outcome), false, env(NOW + 1)).unwrap();
+        assert_eq!(t.saga.state, SagaState::Completed);
+        assert_eq!(
+            t.saga.branch("2.b").map(|b| b.state),
+            Some(BranchState::Succeeded),
+            "{outcome:?}"
+        );
+        assert!(t.effects.is_empty());
+    }
+}
