@@ -388,3 +388,111 @@ async fn invalid_guards_are_refused_naming_every_bad_field() {
         "the message names the field and the limit: {message}"
     );
 }
+
+/// A forward record that expired while its saga still ran would make the saga's reversal
+/// look like a null compensation: the booking would stay. Barrier records are kept while
+/// their saga has not ended, and collected as usual once it has (or when it is unknown).
+#[tokio::test]
+async fn barrier_records_outlive_their_retention_while_their_saga_has_not_ended() {
+    use sagad::domain::barrier::{Action, Verdict};
+    use sagad::domain::idempotency::Answer;
+    use sagad::domain::saga::{Deadline, SagaMode, StartRequest};
+
+    const START_MS: u64 = 1_800_000_000_000;
+    const HOUR_MS: u64 = 3_600_000;
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let dir = tempfile::tempdir().unwrap();
+    let store = sagad::store::Store::open(sagad::store::Options::new(dir.path())).unwrap();
+    let engine = sagad::engine::Engine::new(
+        store.clone(),
+        clock.clone(),
+        Arc::new(sagad::random::FixedRandom(0.5)),
+        sagad::engine::Settings {
+            idempotency_retention: std::time::Duration::from_secs(3600),
+            ..sagad::engine::Settings::new(sagad::domain::ids::CoordinatorId::parse("c1").unwrap())
+        },
+    );
+    engine
+        .start_saga(
+            StartRequest {
+                request_id: "s-1".into(),
+                business_type: "transfer".into(),
+                mode: Some(SagaMode::RegisteredOutcalls),
+                payload: Vec::new(),
+                content_type: String::new(),
+                labels: Default::default(),
+                deadline: Deadline::None,
+            },
+            Vec::new(),
+            |_| (Vec::new(), ()),
+        )
+        .await
+        .unwrap();
+    let live = "c1-0000000000000001";
+    let unknown = "c1-0000000000000099";
+    let done = |result: &str| Answer {
+        result: result.into(),
+        response: Vec::new(),
+        content_type: String::new(),
+    };
+    let mut forwards = Vec::new();
+    for gsn in [live, unknown] {
+        let guarded = engine
+            .guard("bank", gsn, "1.bank", Action::Forward)
+            .await
+            .unwrap();
+        assert_eq!(guarded.verdict, Verdict::Proceed);
+        engine
+            .finish(&guarded.scope, &guarded.request_id, done("SUCCEEDED"))
+            .await
+            .unwrap();
+        forwards.push((guarded.scope, guarded.request_id));
+    }
+    let kept = |engine: &sagad::engine::Engine, (scope, request_id): &(String, String)| {
+        let (engine, scope, request_id) = (engine.clone(), scope.clone(), request_id.clone());
+        async move { engine.get_record(&scope, &request_id).await.is_ok() }
+    };
+
+    clock.advance_ms(2 * HOUR_MS);
+    engine.collect_expired(100).await.unwrap();
+    assert!(
+        kept(&engine, &forwards[0]).await,
+        "the running saga's record stays"
+    );
+    assert!(
+        !kept(&engine, &forwards[1]).await,
+        "the record of a saga sagad does not know goes"
+    );
+    let reversal = engine
+        .guard("bank", live, "1.bank", Action::Reversal)
+        .await
+        .unwrap();
+    assert_eq!(
+        reversal.verdict,
+        Verdict::Proceed,
+        "the booking is still known, so its reversal runs"
+    );
+    engine
+        .finish(&reversal.scope, &reversal.request_id, done("SUCCEEDED"))
+        .await
+        .unwrap();
+
+    engine
+        .complete_saga("done-1", live, Vec::new(), |_| Vec::new())
+        .await
+        .unwrap();
+    clock.advance_ms(2 * HOUR_MS);
+    engine.collect_expired(100).await.unwrap();
+    assert!(
+        !kept(&engine, &forwards[0]).await,
+        "once the saga has ended, its records go as usual"
+    );
+    assert!(
+        !kept(
+            &engine,
+            &(reversal.scope.clone(), reversal.request_id.clone())
+        )
+        .await
+    );
+    store.close().await.unwrap();
+}

@@ -260,6 +260,15 @@ impl BranchKeys {
         }
     }
 
+    /// The GSN a barrier record's scope names, if `scope` is a barrier scope
+    /// (`guard/<node_id>/<gsn>`); node ids contain no `/`, so the GSN is what follows the
+    /// second one.
+    pub fn gsn_of_scope(scope: &str) -> Option<&str> {
+        let rest = scope.strip_prefix(Self::SCOPE_PREFIX)?;
+        let (_node_id, gsn) = rest.split_once('/')?;
+        Some(gsn)
+    }
+
     /// The request id of `action`'s record.
     pub fn request_id(&self, action: Action) -> &str {
         match action {

@@ -5,7 +5,8 @@
 //!
 //! The records are ordinary participant records (`IdempotencyNamespace::Participant`): the
 //! participant finishes a guarded action with the plain `finish`, and they expire with the
-//! usual retention.
+//! usual retention, except that collection keeps them while their saga has not ended
+//! (`Engine::collect_expired`).
 
 use crate::domain::barrier::{self, Action, BranchKeys, Verdict};
 use crate::domain::idempotency;

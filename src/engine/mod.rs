@@ -24,8 +24,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::clock::SharedClock;
+use crate::domain::barrier::BranchKeys;
 use crate::domain::idempotency::{self, Answer, Lookup, Terms};
-use crate::domain::ids::{CoordinatorId, RequestId};
+use crate::domain::ids::{CoordinatorId, Gsn, RequestId};
 use crate::domain::orchestration::Policy;
 use crate::domain::saga::{Limits, Saga, SagaState};
 use crate::domain::strategy::Strategy;
@@ -505,12 +506,39 @@ impl Engine {
         })
     }
 
-    /// Deletes expired idempotency records, at most `limit`; returns how many.
+    /// Deletes expired idempotency records, at most `limit`; returns how many. A barrier
+    /// record of a saga that has not ended is kept for another retention period instead: while
+    /// the saga may still reverse, a forward record gone would make its reversal look like a
+    /// null compensation (and a running forward's record gone would let it run twice).
     pub async fn collect_expired(&self, limit: usize) -> Result<usize, Error> {
         let now = self.clock.now_ms();
+        let held_until = now.saturating_add(millis(self.settings.idempotency_retention));
+        let coordinator = self.settings.coordinator_id.clone();
+        let saga_not_ended = move |tx: &WriteTx<'_>, key: &IdempotencyKey| {
+            let gsn = match key.namespace {
+                IdempotencyNamespace::Participant => BranchKeys::gsn_of_scope(&key.scope)
+                    .and_then(|gsn| Gsn::parse(gsn).ok())
+                    .filter(|gsn| gsn.coordinator() == &coordinator),
+                IdempotencyNamespace::Coordinator => None,
+            };
+            let Some(gsn) = gsn else {
+                return Ok(false);
+            };
+            // A saga record this build cannot read is kept too: better a record kept a while
+            // longer than a reversal misjudged.
+            Ok(match tx.saga(gsn.sequence()) {
+                Ok(record) => record.is_some_and(|r| {
+                    convert::saga_state_from_code(r.state).is_none_or(|s| !s.is_terminal())
+                }),
+                Err(store::Error::Corrupt { .. } | store::Error::UnknownVersion { .. }) => true,
+                Err(other) => return Err(other),
+            })
+        };
         Ok(self
             .store
-            .write(move |tx| tx.collect_expired_idempotency(now, limit))
+            .write(move |tx| {
+                tx.collect_expired_idempotency(now, limit, held_until, &saga_not_ended)
+            })
             .await??)
     }
 }

@@ -6,7 +6,7 @@ use super::records::{
     RetryConfigRecord, RetryHistoryRecord, RetryLinkRecord, SagaRecord, StepStatusRecord,
     StrategyRecord, TimelineRecord,
 };
-use super::{DueKey, Error, IdempotencyKey};
+use super::{DueKey, Error, IdempotencyKey, IdempotencyNamespace};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -382,6 +382,27 @@ pub(crate) fn idempotency_key(key: &IdempotencyKey) -> Result<Vec<u8>, Error> {
     Ok(bytes)
 }
 
+/// The key `idempotency_key` encoded, read back; `None` for bytes it cannot have written.
+pub(crate) fn split_idempotency_key(bytes: &[u8]) -> Option<IdempotencyKey> {
+    let (&namespace, rest) = bytes.split_first()?;
+    let namespace = match namespace {
+        0 => IdempotencyNamespace::Coordinator,
+        1 => IdempotencyNamespace::Participant,
+        _ => return None,
+    };
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+    if rest.len() < len {
+        return None;
+    }
+    let (scope, key) = rest.split_at(len);
+    Some(IdempotencyKey {
+        namespace,
+        scope: String::from_utf8(scope.to_vec()).ok()?,
+        key: String::from_utf8(key.to_vec()).ok()?,
+    })
+}
+
 /// `expires_ms BE ++ idempotency key bytes`: the expiry index sorts by instant, so collection
 /// scans from the start and stops at the first entry still alive.
 pub(crate) fn expiry_key(expires_ms: u64, idempotency_key: &[u8]) -> Vec<u8> {
@@ -513,7 +534,6 @@ pub(crate) fn decode_due_key(bytes: &[u8]) -> Result<DueKey, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::IdempotencyNamespace;
     use crate::store::records::{
         BranchRecord, ChannelRetryRecord, ExceptionScopeRecord, RetryAttemptRecord,
         RetryPolicyRecord, RuleRecord, StatusMappingRecord, StepRecord, StepStatusRecord,
@@ -1102,6 +1122,13 @@ mod tests {
             let a = IdempotencyKey { namespace: IdempotencyNamespace::Participant, scope: scope_a, key: key_a };
             let b = IdempotencyKey { namespace: IdempotencyNamespace::Participant, scope: scope_b, key: key_b };
             prop_assert_eq!(idempotency_key(&a).unwrap() == idempotency_key(&b).unwrap(), a == b);
+        }
+
+        #[test]
+        fn idempotency_keys_read_back_as_written(coordinator in any::<bool>(), scope in ".{0,6}", key in ".{0,6}") {
+            let namespace = if coordinator { IdempotencyNamespace::Coordinator } else { IdempotencyNamespace::Participant };
+            let written = IdempotencyKey { namespace, scope, key };
+            prop_assert_eq!(split_idempotency_key(&idempotency_key(&written).unwrap()), Some(written));
         }
     }
 

@@ -483,10 +483,13 @@ impl WriteTx<'_> {
         Ok(())
     }
     /// Deletes at most `limit` records whose `expires_ms` is in (0, now_ms]; returns how many.
+    /// A record `held` says is still needed is kept instead, its expiry moved to `held_until`.
     pub fn collect_expired_idempotency(
         &mut self,
         now_ms: u64,
         limit: usize,
+        held_until: u64,
+        held: &dyn Fn(&Self, &IdempotencyKey) -> Result<bool, Error>,
     ) -> Result<usize, Error> {
         let bound = codec::expiry_bound(now_ms);
         let index_keys = self.overlay.live_keys_in(
@@ -503,11 +506,26 @@ impl WriteTx<'_> {
             // Only a record that still carries this expiry is collected; an index entry that
             // outlived its record (or points at one this sagad cannot read) is just dropped, so
             // collection never deletes data it has not seen expire.
-            if self.readable_idempotency_expiry(&raw)? == Some(expires_ms) {
-                self.overlay.delete(Table::Idempotency, raw);
-                collected += 1;
-            }
+            let record = match self.get::<IdempotencyRecord>(Table::Idempotency, &raw) {
+                Ok(record) => record.filter(|r| r.expires_ms == expires_ms),
+                Err(Error::Corrupt { .. } | Error::UnknownVersion { .. }) => None,
+                Err(other) => return Err(other),
+            };
             self.overlay.delete(Table::IdempotencyExpiry, index_key);
+            let Some(mut record) = record else {
+                continue;
+            };
+            let key = codec::split_idempotency_key(&raw);
+            if held_until > expires_ms
+                && let Some(key) = key
+                && held(self, &key)?
+            {
+                record.expires_ms = held_until;
+                self.put_idempotency(&key, &record)?;
+                continue;
+            }
+            self.overlay.delete(Table::Idempotency, raw);
+            collected += 1;
         }
         Ok(collected)
     }
