@@ -51,8 +51,9 @@ use tokio::sync::{mpsc, oneshot};
 /// What "acknowledged" promises; chosen per deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// sled's flush, then fdatasync of the data file (and any new blob files): an acknowledged
-    /// write survives a crash of sagad and a power loss of the machine.
+    /// sled's flush, then fdatasync of the data file (and of any blob file new or grown since
+    /// its last sync): an acknowledged write survives a crash of sagad and a power loss of the
+    /// machine.
     Durable,
     /// sled's flush only: the data reaches the kernel, so it survives a crash of sagad but may be
     /// lost, even though acknowledged, if the machine loses power.

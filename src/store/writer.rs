@@ -8,7 +8,7 @@ use super::intents::Intents;
 use super::tables::{Overlay, Tables, storage_error};
 use super::{Durability, Error, WriteTx};
 use crate::clock::{Clock, SystemClock};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
@@ -339,11 +339,17 @@ pub(crate) struct FileSync {
     /// A descriptor of `<path>/db`: fdatasync acts on the file, whichever descriptor asks.
     data_file: File,
     blobs_dir: PathBuf,
-    /// Blob files (named by LSN) already synced. A set rather than a high-water mark, because
-    /// sled's background page rewrites may create a blob with a lower LSN after a higher one.
-    synced_blobs: HashSet<u64>,
+    /// Blob files (named by LSN) already synced, with the length each had when it was. Per
+    /// file rather than a high-water mark, because sled's background page rewrites may create
+    /// a blob with a lower LSN after a higher one; with the length, because sled writes a blob
+    /// in several calls after creating it, so a listing can find one part-way and its tail
+    /// needs a sync of its own.
+    synced_blobs: HashMap<u64, u64>,
     /// The last complete listing of the blob folder; `None` until there is one.
     listed: Option<Listing>,
+    /// How often each blob was synced, so tests can tell a sync that was skipped.
+    #[cfg(test)]
+    blob_syncs: HashMap<u64, u32>,
 }
 
 /// When the blob folder was last listed, and its modification time just before.
@@ -380,8 +386,10 @@ impl FileSync {
         FileSync {
             data_file,
             blobs_dir,
-            synced_blobs: HashSet::new(),
+            synced_blobs: HashMap::new(),
             listed: None,
+            #[cfg(test)]
+            blob_syncs: HashMap::new(),
         }
     }
 
@@ -401,7 +409,7 @@ impl FileSync {
         // stamps. Milliseconds round it down, which only makes the folder look less settled.
         let at = SystemTime::UNIX_EPOCH + Duration::from_millis(SystemClock.now_ms());
         let mut present = HashSet::new();
-        let mut synced_any = false;
+        let mut named_any = false;
         for entry in std::fs::read_dir(&self.blobs_dir)? {
             let entry = entry?;
             let Some(lsn) = entry
@@ -411,24 +419,37 @@ impl FileSync {
             else {
                 continue;
             };
-            present.insert(lsn);
-            if self.synced_blobs.contains(&lsn) {
-                continue;
-            }
-            match File::open(entry.path()) {
-                Ok(blob) => blob.sync_data()?,
-                // sled garbage-collects blobs it no longer needs; a vanished one needs no sync.
+            // sled garbage-collects blobs it no longer needs; a vanished one needs no sync.
+            let len = match entry.metadata() {
+                Ok(meta) => meta.len(),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
+            };
+            present.insert(lsn);
+            if self.synced_blobs.get(&lsn) == Some(&len) {
+                continue;
             }
-            self.synced_blobs.insert(lsn);
-            synced_any = true;
+            let blob = match File::open(entry.path()) {
+                Ok(blob) => blob,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            // Taken before the sync, so every byte it counts is on disk once the sync returns;
+            // anything written after makes the file longer than recorded, and a later listing
+            // syncs it.
+            let synced_len = blob.metadata()?.len();
+            blob.sync_data()?;
+            named_any |= self.synced_blobs.insert(lsn, synced_len).is_none();
+            #[cfg(test)]
+            {
+                *self.blob_syncs.entry(lsn).or_default() += 1;
+            }
         }
-        if synced_any {
+        if named_any {
             // The new names must survive too, not only the contents.
             File::open(&self.blobs_dir)?.sync_all()?;
         }
-        self.synced_blobs.retain(|lsn| present.contains(lsn));
+        self.synced_blobs.retain(|lsn, _| present.contains(lsn));
         self.listed = folder_mtime.map(|folder_mtime| Listing { folder_mtime, at });
         Ok(())
     }
@@ -486,12 +507,47 @@ mod tests {
         assert!(sync.synced_blobs.is_empty());
         std::fs::write(blobs.join("42"), b"blob").unwrap();
         sync.sync().unwrap();
-        assert!(sync.synced_blobs.contains(&42));
+        assert!(sync.synced_blobs.contains_key(&42));
         std::fs::remove_file(blobs.join("42")).unwrap();
         sync.sync().unwrap();
         assert!(
             sync.synced_blobs.is_empty(),
             "a collected blob is forgotten"
+        );
+    }
+
+    #[test]
+    fn blob_that_grew_after_its_sync_is_synced_again() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir(&blobs).unwrap();
+        let data = File::create(dir.path().join("db")).unwrap();
+        let mut sync = FileSync::new(data, blobs.clone());
+        // sled's write_blob: create_new, then the crc, the kind byte and the body, each its own
+        // write; a flush between them sees the file short.
+        let mut blob = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(blobs.join("7"))
+            .unwrap();
+        blob.write_all(b"crc!").unwrap();
+        sync.sync().unwrap();
+        assert_eq!(sync.blob_syncs.get(&7), Some(&1));
+        blob.write_all(b"k").unwrap();
+        blob.write_all(&[0xAB; 4096]).unwrap();
+        drop(blob);
+        sync.sync().unwrap();
+        assert_eq!(
+            sync.blob_syncs.get(&7),
+            Some(&2),
+            "the tail written after the first sync must be synced too"
+        );
+        sync.sync().unwrap();
+        assert_eq!(
+            sync.blob_syncs.get(&7),
+            Some(&2),
+            "an unchanged blob is not synced again"
         );
     }
 }
