@@ -162,6 +162,7 @@ pub(crate) struct Shared {
     delivery: delivery::Delivery,
     watchers: watch::Watchers,
     retention_cursor: retention::Cursor,
+    retention_reported: retention::Reported,
     metrics: metrics::Metrics,
     soft_timers: timers::SoftTimers,
 }
@@ -178,6 +179,22 @@ pub(crate) fn stored_record(
     tx.idempotency(key)?
         .map(convert::idempotency_from_record)
         .transpose()
+}
+
+/// The record of a scanned entry, or `None` (logged) for one that does not decode.
+fn decoded<T>(entry: Result<T, store::Undecodable>) -> Option<T> {
+    match entry {
+        Ok(record) => Some(record),
+        Err(undecodable) => {
+            tracing::warn!(
+                table = undecodable.table(),
+                key = %undecodable.key_hex(),
+                error = %undecodable.error(),
+                "a record does not decode; it is passed over"
+            );
+            None
+        }
+    }
 }
 
 fn scope_text(scope: &str, field: &str) -> Result<(), Error> {
@@ -205,6 +222,7 @@ impl Engine {
             ),
             watchers: watch::Watchers::default(),
             retention_cursor: retention::Cursor::default(),
+            retention_reported: retention::Reported::default(),
             metrics: metrics::Metrics::default(),
             soft_timers: timers::SoftTimers::default(),
         });
@@ -221,19 +239,24 @@ impl Engine {
     /// the outbox (nothing acknowledged is forgotten across a restart), and starts the timer
     /// loop. Returns once recovery is queued; `stop` ends the background work.
     pub async fn start(&self) -> Result<(), Error> {
+        // A record that does not decode is logged and passed over rather than refusing to
+        // start: every other saga would stop with it.
         let nodes = self
             .store
-            .read(|tx| tx.nodes().collect::<Result<Vec<_>, _>>())
+            .read(|tx| tx.scan_nodes().collect::<Result<Vec<_>, _>>())
             .await??;
-        for node in nodes {
+        for node in nodes.into_iter().filter_map(decoded) {
             self.shared
                 .delivery
                 .set_endpoint(&node.node_id, &node.endpoint);
         }
+        // An outbox entry that does not decode is kept, like one whose command does not: it
+        // is read only here, and it is the one trace of the command for an operator.
         let outbox = self
             .store
-            .read(|tx| tx.outbox().collect::<Result<Vec<_>, _>>())
+            .read(|tx| tx.scan_outbox().collect::<Result<Vec<_>, _>>())
             .await??;
+        let outbox: Vec<_> = outbox.into_iter().filter_map(decoded).collect();
         let resumed = outbox.len();
         let mut resumable = Vec::with_capacity(resumed);
         let mut unanswered = Vec::new();

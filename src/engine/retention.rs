@@ -3,6 +3,7 @@
 //! coordinator stops growing. Sagas still running, reversing or needing attention are never
 //! removed, whatever their age.
 
+use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -21,6 +22,29 @@ const PASSES_PER_COLLECTION: usize = 40;
 /// Where the next pass starts; sagas are examined oldest first, then the scan wraps around.
 #[derive(Debug, Default)]
 pub(crate) struct Cursor(Mutex<Option<u64>>);
+
+/// Sagas a pass found undecodable and reported. Every collection (one a second) scans past
+/// them again, so each is logged once, not once a second.
+#[derive(Debug, Default)]
+pub(crate) struct Reported(Mutex<HashSet<Vec<u8>>>);
+
+impl Reported {
+    fn report(&self, undecodable: &store::Undecodable) {
+        let first = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(undecodable.key().to_vec());
+        if first {
+            tracing::warn!(
+                table = undecodable.table(),
+                key = %undecodable.key_hex(),
+                error = %undecodable.error(),
+                "a saga does not decode; retention passes over it"
+            );
+        }
+    }
+}
 
 /// What one pass did.
 struct Pass {
@@ -56,14 +80,25 @@ impl Engine {
             .0
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let shared = self.shared.clone();
         let (candidates, last, caught_up) = self
             .store
             .read(move |tx| -> Result<_, store::Error> {
                 let mut candidates = Vec::new();
                 let mut last = None;
                 let mut examined = 0;
-                for record in tx.sagas(after, false).take(EXAMINED_PER_PASS) {
-                    let record = record?;
+                for record in tx.scan_sagas(after, false).take(EXAMINED_PER_PASS) {
+                    // A saga that cannot be read cannot be judged finished, so it is kept; the
+                    // cursor moves past it, or it would stop retention for good.
+                    let record = match record? {
+                        Ok(record) => record,
+                        Err(undecodable) => {
+                            shared.retention_reported.report(&undecodable);
+                            examined += 1;
+                            last = undecodable.key_u64().or(last);
+                            continue;
+                        }
+                    };
                     if record.created_ms.saturating_add(retention_ms) > now {
                         return Ok((candidates, last, true));
                     }

@@ -28,7 +28,11 @@ pub(crate) async fn run(engine: Engine, mut stopping: watch::Receiver<bool>) {
         let now = engine.clock.now_ms();
         let due = engine
             .store
-            .read(move |tx| tx.due_until(now).take(BATCH).collect::<Result<Vec<_>, _>>())
+            .read(move |tx| {
+                tx.scan_due_until(now)
+                    .take(BATCH)
+                    .collect::<Result<Vec<_>, _>>()
+            })
             .await;
         let due = match due {
             Ok(Ok(due)) => due,
@@ -40,8 +44,19 @@ pub(crate) async fn run(engine: Engine, mut stopping: watch::Receiver<bool>) {
         };
         let soft = engine.shared.soft_timers.take_due(now, BATCH);
         let full = due.len() == BATCH || soft.len() == BATCH;
+        let mut readable = Vec::with_capacity(due.len());
+        let mut undecodable = Vec::new();
+        for entry in due {
+            match entry {
+                Ok(timer) => readable.push(timer),
+                Err(entry) => undecodable.push(entry),
+            }
+        }
+        // A timer that cannot be read can never fire; left in place it would come due again
+        // every round and, were there a batch of them, hold back every timer behind it.
+        drop_undecodable_timers(&engine, undecodable).await;
         // Fired together, so their writes share flushes.
-        let stored = due.into_iter().map(|(key, record)| {
+        let stored = readable.into_iter().map(|(key, record)| {
             let engine = engine.clone();
             futures::future::Either::Left(async move {
                 (record.gsn_sequence, engine.fire_timer(key, record).await)
@@ -75,6 +90,37 @@ pub(crate) async fn run(engine: Engine, mut stopping: watch::Receiver<bool>) {
         tokio::select! {
             () = tokio::time::sleep(TICK) => {}
             _ = stopping.changed() => return,
+        }
+    }
+}
+
+/// Logs and removes due entries that do not decode. The removal needs no flush of its own:
+/// lost in a crash, the entry is only found and removed again.
+async fn drop_undecodable_timers(engine: &Engine, entries: Vec<store::Undecodable>) {
+    if entries.is_empty() {
+        return;
+    }
+    for entry in &entries {
+        tracing::warn!(
+            table = entry.table(),
+            key = %entry.key_hex(),
+            error = %entry.error(),
+            "a timer does not decode; it is dropped"
+        );
+    }
+    let dropped = engine
+        .store
+        .write_unflushed(move |tx| -> Result<(), store::Error> {
+            for entry in &entries {
+                tx.drop_undecodable(entry)?;
+            }
+            Ok(())
+        })
+        .await;
+    match dropped {
+        Ok(Ok(())) | Err(store::Error::Closed) => {}
+        Ok(Err(e)) | Err(e) => {
+            tracing::warn!(error = %e, "dropping timers that do not decode failed; retrying")
         }
     }
 }
@@ -165,8 +211,16 @@ pub(crate) async fn rearm_step_timeouts(
         .read(move |tx| -> Result<Vec<(u64, Millis, Timer)>, Error> {
             let mut armed = Vec::new();
             for (sequence, sent_ms, command) in unanswered {
-                let Some(stored) = tx.saga(sequence)? else {
-                    continue;
+                let stored = match tx.saga(sequence) {
+                    Ok(Some(stored)) => stored,
+                    Ok(None) => continue,
+                    // One saga that cannot be read must not keep sagad from starting; its
+                    // command is still delivered, and only its step timeout is lost.
+                    Err(e @ (store::Error::Corrupt { .. } | store::Error::UnknownVersion { .. })) => {
+                        tracing::warn!(table = "sagas", sequence, error = %e, "a saga does not decode; its step timeout is not armed");
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
                 };
                 let saga = match convert::saga_from_record(stored, Vec::new()) {
                     Ok(saga) => saga,

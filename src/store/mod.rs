@@ -126,6 +126,73 @@ pub struct DueKey {
     pub id: u64,
 }
 
+/// A record a scan found but cannot decode (corrupt, or written by a newer sagad). Background
+/// work must not stop on one bad record, so scans hand it over with its table and key for the
+/// caller to log and go past, or to drop (`WriteTx::drop_undecodable`).
+#[derive(Debug)]
+pub struct Undecodable {
+    table: Table,
+    key: Vec<u8>,
+    /// The bytes found, so a drop removes only what was seen to be undecodable.
+    value: Vec<u8>,
+    error: Error,
+}
+
+impl Undecodable {
+    pub fn table(&self) -> &'static str {
+        self.table.name()
+    }
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+    /// The key in hexadecimal, for logs.
+    pub fn key_hex(&self) -> String {
+        self.key.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+    /// The key as a sequence or id, for tables keyed by one.
+    pub fn key_u64(&self) -> Option<u64> {
+        codec::decode_u64(self.table.name(), &self.key).ok()
+    }
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+}
+
+impl From<Undecodable> for Error {
+    fn from(undecodable: Undecodable) -> Error {
+        undecodable.error
+    }
+}
+
+/// One entry of a scan that goes past records it cannot decode: `Err` when the ledger itself
+/// could not be read, `Ok(Err(_))` for a record that does not decode.
+pub type Scanned<T> = Result<Result<T, Undecodable>, Error>;
+
+/// Scans `entries` of `table`, decoding each with `decode`; see `Scanned`.
+fn scan<'t, T: 't>(
+    entries: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 't,
+    table: Table,
+    decode: fn(&[u8], &[u8]) -> Result<T, Error>,
+) -> Box<dyn Iterator<Item = Scanned<T>> + 't> {
+    Box::new(entries.map(move |entry| {
+        let (key, value) = entry.map_err(storage_error)?;
+        Ok(decode(&key, &value).map_err(|error| Undecodable {
+            table,
+            key: key.to_vec(),
+            value: value.to_vec(),
+            error,
+        }))
+    }))
+}
+
+/// Leaves the iterator at the first record that does not decode, as scans did before they
+/// could go past one.
+fn stop_at_undecodable<'t, T: 't>(
+    scanned: Box<dyn Iterator<Item = Scanned<T>> + 't>,
+) -> Box<dyn Iterator<Item = Result<T, Error>> + 't> {
+    Box::new(scanned.map(|entry| entry?.map_err(Error::from)))
+}
+
 /// Handle to the ledger; cheap to clone.
 ///
 /// Dropping the last handle without `close` closes the threads' inboxes and blocks until the
@@ -602,6 +669,23 @@ impl WriteTx<'_> {
         }
         Ok(keys.len())
     }
+    /// Removes a record a scan could not decode, if it is still the one the scan found (a
+    /// write since may have replaced it); returns whether it did. Nothing else refers to a
+    /// record nobody can read, except a due entry's line in its saga's index, which cannot
+    /// be found without the record and is dropped with the saga.
+    pub fn drop_undecodable(&mut self, entry: &Undecodable) -> Result<bool, Error> {
+        let unchanged = match self.overlay.get(entry.table, &entry.key) {
+            Some(current) => current == Some(entry.value.as_slice()),
+            None => self
+                .tables
+                .get_raw(entry.table, &entry.key)?
+                .is_some_and(|current| current == entry.value.as_slice()),
+        };
+        if unchanged {
+            self.overlay.delete(entry.table, entry.key.clone());
+        }
+        Ok(unchanged)
+    }
 
     /// Reads through the overlay: the job's own puts and deletes win over the trees.
     fn get<R: Record>(&self, table: Table, key: &[u8]) -> Result<Option<R>, Error> {
@@ -655,11 +739,11 @@ impl ReadTx<'_> {
         self.tables.get(Table::Sagas, &codec::u64_key(sequence))
     }
     /// Sagas in sequence order (or reverse), starting strictly after `after` when given.
-    pub fn sagas(
+    pub fn scan_sagas(
         &self,
         after: Option<u64>,
         descending: bool,
-    ) -> Box<dyn Iterator<Item = Result<SagaRecord, Error>> + '_> {
+    ) -> Box<dyn Iterator<Item = Scanned<SagaRecord>> + '_> {
         let tree = self.tables.tree(Table::Sagas);
         let entries: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
             match (after, descending) {
@@ -671,38 +755,58 @@ impl ReadTx<'_> {
                 },
                 (Some(after), true) => Box::new(tree.range(..codec::u64_key(after)).rev()),
             };
-        Box::new(entries.map(|entry| {
-            let (_, value) = entry.map_err(storage_error)?;
-            codec::decode(&value)
-        }))
+        scan(entries, Table::Sagas, |_, value| codec::decode(value))
+    }
+    /// `scan_sagas`, stopping at the first saga that does not decode.
+    pub fn sagas(
+        &self,
+        after: Option<u64>,
+        descending: bool,
+    ) -> Box<dyn Iterator<Item = Result<SagaRecord, Error>> + '_> {
+        stop_at_undecodable(self.scan_sagas(after, descending))
     }
     pub fn idempotency(&self, key: &IdempotencyKey) -> Result<Option<IdempotencyRecord>, Error> {
         self.tables
             .get(Table::Idempotency, &codec::idempotency_key(key)?)
     }
     /// Every outbox entry, oldest first.
+    pub fn scan_outbox(&self) -> Box<dyn Iterator<Item = Scanned<(u64, OutboxRecord)>> + '_> {
+        scan(
+            self.tables.tree(Table::Outbox).iter(),
+            Table::Outbox,
+            |key, value| {
+                Ok((
+                    codec::decode_u64(Table::Outbox.name(), key)?,
+                    codec::decode(value)?,
+                ))
+            },
+        )
+    }
+    /// `scan_outbox`, stopping at the first entry that does not decode.
     pub fn outbox(&self) -> Box<dyn Iterator<Item = Result<(u64, OutboxRecord), Error>> + '_> {
-        Box::new(self.tables.tree(Table::Outbox).iter().map(|entry| {
-            let (key, value) = entry.map_err(storage_error)?;
-            Ok((
-                codec::decode_u64(Table::Outbox.name(), &key)?,
-                codec::decode(&value)?,
-            ))
-        }))
+        stop_at_undecodable(self.scan_outbox())
     }
     /// Timers due at or before `now_ms`, earliest first.
-    pub fn due_until(
+    pub fn scan_due_until(
         &self,
         now_ms: u64,
-    ) -> Box<dyn Iterator<Item = Result<(DueKey, DueRecord), Error>> + '_> {
+    ) -> Box<dyn Iterator<Item = Scanned<(DueKey, DueRecord)>> + '_> {
         let last = codec::due_key(DueKey {
             at_ms: now_ms,
             id: u64::MAX,
         });
-        Box::new(self.tables.tree(Table::Due).range(..=last).map(|entry| {
-            let (key, value) = entry.map_err(storage_error)?;
-            Ok((codec::decode_due_key(&key)?, codec::decode(&value)?))
-        }))
+        scan(
+            self.tables.tree(Table::Due).range(..=last),
+            Table::Due,
+            |key, value| Ok((codec::decode_due_key(key)?, codec::decode(value)?)),
+        )
+    }
+    /// `scan_due_until`, stopping at the first timer that does not decode.
+    pub fn due_until(
+        &self,
+        now_ms: u64,
+    ) -> Box<dyn Iterator<Item = Result<(DueKey, DueRecord), Error>> + '_> {
+        stop_at_undecodable(self.scan_due_until(now_ms))
     }
 }
 
@@ -838,11 +942,16 @@ impl ReadTx<'_> {
         self.tables.get(Table::Nodes, node_id.as_bytes())
     }
     /// Every node, ordered by id.
+    pub fn scan_nodes(&self) -> Box<dyn Iterator<Item = Scanned<NodeRecord>> + '_> {
+        scan(
+            self.tables.tree(Table::Nodes).iter(),
+            Table::Nodes,
+            |_, value| codec::decode(value),
+        )
+    }
+    /// `scan_nodes`, stopping at the first node that does not decode.
     pub fn nodes(&self) -> Box<dyn Iterator<Item = Result<NodeRecord, Error>> + '_> {
-        Box::new(self.tables.tree(Table::Nodes).iter().map(|entry| {
-            let (_, value) = entry.map_err(storage_error)?;
-            codec::decode(&value)
-        }))
+        stop_at_undecodable(self.scan_nodes())
     }
     pub fn retry_config(&self) -> Result<Option<RetryConfigRecord>, Error> {
         match self.tables.tree(Table::RetryConfig).last() {

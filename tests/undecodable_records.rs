@@ -1,0 +1,226 @@
+//! One ledger record sagad cannot decode (corrupt, or written by a newer sagad) is logged and
+//! passed over, or dropped with its timer: it never stops sagad from starting, stops no timer
+//! of another saga, and stops no retention. The bad records are written with sled directly,
+//! while the ledger is closed.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestServer;
+use common::orders::{get, order_strategy, put_strategy, register_node, start_order};
+use common::participant::{Node, PushParticipant, Script};
+use sagad::clock::{ManualClock, SystemClock};
+use sagad::config::Config;
+use sagad::domain::ids::CoordinatorId;
+use sagad::domain::saga::{Deadline, SagaMode, StartRequest};
+use sagad::engine::{Engine, Settings};
+use sagad::grpc::pb;
+use sagad::grpc::pb::coordinator_client::CoordinatorClient;
+use sagad::random::FixedRandom;
+use sagad::store::{Options, Store};
+
+const START_MS: u64 = 1_800_000_000_000;
+const DAY_MS: u64 = 24 * 3600 * 1000;
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A value no record decodes from: a version byte, then a postcard integer that never ends.
+const GARBAGE: &[u8] = &[
+    1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+];
+
+/// Stores `value` under `key` in the sled tree `tree` of the closed ledger at `ledger`.
+fn write_raw(ledger: &Path, tree: &str, key: &[u8], value: &[u8]) {
+    let db = sled::Config::new().path(ledger).open().unwrap();
+    db.open_tree(tree).unwrap().insert(key, value).unwrap();
+    db.flush().unwrap();
+}
+
+fn u64_key(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+/// `at_ms BE ++ id BE`, as the due index keys its timers.
+fn due_key(at_ms: u64, id: u64) -> Vec<u8> {
+    [at_ms.to_be_bytes(), id.to_be_bytes()].concat()
+}
+
+fn start(request_id: &str, deadline: Deadline) -> StartRequest {
+    StartRequest {
+        request_id: request_id.into(),
+        business_type: "transfer".into(),
+        mode: Some(SagaMode::RegisteredOutcalls),
+        payload: b"a payload".to_vec(),
+        content_type: String::new(),
+        labels: BTreeMap::new(),
+        deadline,
+    }
+}
+
+fn engine_on(store: &Store, clock: Arc<ManualClock>) -> Engine {
+    Engine::new(
+        store.clone(),
+        clock,
+        Arc::new(FixedRandom(0.5)),
+        Settings::new(CoordinatorId::parse("c1").unwrap()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_garbage_due_entry_does_not_stop_a_valid_timer_from_firing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    put_strategy(&server.channel, order_strategy(Duration::from_secs(30))).await;
+    // No node has an endpoint, so nothing but the deadline moves the saga.
+    let gsn = CoordinatorClient::new(server.channel.clone())
+        .start_saga(pb::StartSagaRequest {
+            request_id: "o-deadline".into(),
+            business_type: "order".into(),
+            mode: pb::SagaMode::Orchestrated as i32,
+            timeout: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .gsn;
+    server.stop().await.unwrap();
+    // Due long before the deadline, so every read of the due index meets it first.
+    let garbage_key = due_key(1, u64::MAX);
+    write_raw(&ledger, "due", &garbage_key, GARBAGE);
+
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    let mut saga = get(&server.channel, &gsn).await;
+    for _ in 0..(LIMIT.as_millis() / 50) {
+        if saga.state != pb::SagaState::Running as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        saga = get(&server.channel, &gsn).await;
+    }
+    assert_eq!(saga.reason, "the saga's deadline passed", "{saga:#?}");
+    server.stop().await.unwrap();
+    let db = sled::Config::new().path(&ledger).open().unwrap();
+    assert_eq!(
+        db.open_tree("due").unwrap().get(&garbage_key).unwrap(),
+        None,
+        "the garbage timer was dropped, not kept to fail again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_in_the_outbox_nodes_and_sagas_does_not_stop_sagad_starting_and_delivering() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    let inventory = PushParticipant::start(Node::new("inventory")).await;
+    inventory.node.script(
+        "reserve",
+        vec![
+            Script::Succeed("RESERVED", vec![]),
+            Script::Succeed("RESERVED", vec![]),
+        ],
+    );
+    let payment = PushParticipant::start(Node::new("payment")).await;
+    payment.node.script(
+        "charge",
+        vec![
+            Script::Succeed("PAID", vec![]),
+            Script::Succeed("PAID", vec![]),
+        ],
+    );
+    let shipping = PushParticipant::start(Node::new("shipping")).await;
+    shipping
+        .node
+        .script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
+    put_strategy(&server.channel, order_strategy(Duration::from_secs(30))).await;
+    register_node(&server.channel, "inventory", &inventory.endpoint()).await;
+    register_node(&server.channel, "payment", &payment.endpoint()).await;
+    register_node(&server.channel, "shipping", &shipping.endpoint()).await;
+    // With payment down, each order's charge waits in the outbox across the restart.
+    let (payment, payment_addr) = payment.stop().await;
+    let kept = start_order(&server.channel, "o-kept", "order kept").await;
+    let spoiled = start_order(&server.channel, "o-spoiled", "order spoiled").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.stop().await.unwrap();
+
+    // Outbox ids and sequences start at 1, so these come first in their trees.
+    write_raw(&ledger, "outbox", &u64_key(0), GARBAGE);
+    write_raw(&ledger, "nodes", b"a-ghost", GARBAGE);
+    let spoiled_sequence: u64 = spoiled.rsplit('-').next().unwrap().parse().unwrap();
+    write_raw(&ledger, "sagas", &u64_key(spoiled_sequence), GARBAGE);
+
+    let payment = PushParticipant::start_on(payment, payment_addr).await;
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    let mut state = 0;
+    for _ in 0..(LIMIT.as_millis() / 50) {
+        state = get(&server.channel, &kept).await.state;
+        if state == pb::SagaState::Completed as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        state,
+        pb::SagaState::Completed as i32,
+        "sagad started and delivered the commands it could read"
+    );
+    assert_eq!(payment.node.executions_of(&kept, "charge"), 1);
+    assert_eq!(shipping.node.executions_of(&kept, "ship"), 1);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_saga_record_does_not_stop_retention_removing_other_finished_sagas() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(Options::new(dir.path())).unwrap();
+    let engine = engine_on(&store, Arc::new(ManualClock::new(START_MS)));
+    for i in 1..=3 {
+        engine
+            .start_saga(start(&format!("s-{i}"), Deadline::None), Vec::new(), |_| {
+                (Vec::new(), ())
+            })
+            .await
+            .unwrap();
+        let gsn = format!("c1-{i:016}");
+        engine
+            .complete_saga(&format!("done-{i}"), &gsn, Vec::new(), |_| Vec::new())
+            .await
+            .unwrap();
+    }
+    store.close().await.unwrap();
+    write_raw(dir.path(), "sagas", &u64_key(2), GARBAGE);
+
+    let store = Store::open(Options::new(dir.path())).unwrap();
+    let engine = engine_on(&store, Arc::new(ManualClock::new(START_MS + 4 * DAY_MS)));
+    let retention = Duration::from_secs(3 * 24 * 3600);
+    let removed = engine.collect_finished_sagas(retention).await.unwrap();
+    assert_eq!(removed, 2, "sagas 1 and 3 are removed past the garbage");
+    assert_eq!(
+        engine.collect_finished_sagas(retention).await.unwrap(),
+        0,
+        "the next collection passes the garbage again without failing"
+    );
+    let left = store
+        .read(|tx| {
+            tx.sagas(None, false)
+                .map(|saga| saga.is_ok())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        [false],
+        "only the garbage is left: it cannot be judged finished, so it is kept"
+    );
+    store.close().await.unwrap();
+}
