@@ -135,6 +135,8 @@ impl Writer {
         // While the flusher works on a group, the next one is built; it is handed over when
         // the flusher says it is done (or the group is full), so one flush covers all of it.
         let mut flusher_busy = false;
+        // Once the flusher is gone no write can be made durable, so none is taken any more.
+        let mut flusher_gone = false;
         loop {
             let Some(message) = inbox.blocking_recv() else {
                 // Every handle is gone without `close`: still leave nothing unflushed.
@@ -145,6 +147,11 @@ impl Writer {
                 return;
             };
             match message {
+                Message::Job(job) if flusher_gone => {
+                    // Dropped unrun, which answers its caller `Closed` at once; kept, it would
+                    // wait in a group no flush will ever take.
+                    drop(job);
+                }
                 Message::Job(job) => {
                     let reply = (job.run)(&self.tables, &mut group.overlay);
                     match job.answer {
@@ -172,6 +179,7 @@ impl Writer {
                     // The flusher is gone, so no flush can be promised: its replies were
                     // dropped with the batch, and their callers see `Closed`.
                     tracing::error!("the ledger flusher stopped; writes are refused");
+                    flusher_gone = true;
                 }
                 flusher_busy = true;
             }
@@ -549,5 +557,46 @@ mod tests {
             Some(&2),
             "an unchanged blob is not synced again"
         );
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_flusher_is_gone_refuses_the_next_job_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let (to_flusher, flusher_inbox) = std_mpsc::channel();
+        drop(flusher_inbox);
+        let writer = Writer {
+            tables: Tables::open(db).unwrap(),
+            max_group: 512,
+            intents: Intents::new(),
+            to_flusher,
+            flusher: std::thread::spawn(|| Ok(())),
+        };
+        let (inbox, writer_inbox) = mpsc::channel(16);
+        let running = std::thread::spawn(move || writer.run(writer_inbox));
+        let send_job = |inbox: mpsc::Sender<Message>| async move {
+            let (reply_to, reply) = oneshot::channel::<Result<Result<(), Error>, Error>>();
+            let run = job(|_tx: &mut WriteTx<'_>| Ok(()), reply_to);
+            // A refused send drops the job, which answers it too.
+            let _ = inbox
+                .send(Message::Job(Job {
+                    run,
+                    answer: Answer::WhenDurable,
+                }))
+                .await;
+            tokio::time::timeout(Duration::from_secs(5), reply).await
+        };
+        let first = send_job(inbox.clone()).await;
+        assert!(
+            matches!(first, Ok(Err(_) | Ok(Err(_)))),
+            "the job whose group the flusher could not take is not answered Ok: {first:?}"
+        );
+        let second = send_job(inbox.clone()).await;
+        assert!(
+            matches!(second, Ok(Err(_) | Ok(Err(_)))),
+            "a later job is refused at once, not left waiting for a flush that never comes: {second:?}"
+        );
+        drop(inbox);
+        running.join().unwrap();
     }
 }
