@@ -359,9 +359,19 @@ fn apply_forward_report(
             let resolved = retry::resolve(ctx.retry, &branch.forward_action, &branch.node_id);
             let made = branch.attempts.saturating_sub(1);
             match retry::redelivery(&resolved, &report.error_code, made, ctx.now, ctx.jitter) {
-                Redelivery::RetryAt(at_ms) if running && branch.state == BranchState::Triggered => {
+                Redelivery::RetryAt(at_ms)
+                    if running
+                        && matches!(
+                            branch.state,
+                            BranchState::Triggered | BranchState::Unknown
+                        ) =>
+                {
                     // While the retry waits, the failed send's timeout is stale and cannot turn
-                    // the branch UNKNOWN, and a repeat of this failure is not counted again.
+                    // the branch UNKNOWN, and a repeat of this failure is not counted again. A
+                    // step whose timeout had already made it UNKNOWN is now known to have
+                    // failed: the same failure is retried whether it came before or after
+                    // the timeout (its polls stop, as they poll only UNKNOWN steps).
+                    branch.state = BranchState::Triggered;
                     branch.retry_at_ms = Some(at_ms);
                     branch.note(
                         ctx.now,

@@ -540,6 +540,51 @@ fn a_forward_action_failing_with_a_retryable_code_is_executed_again() {
 }
 
 #[test]
+fn a_retryable_failure_reported_after_the_step_timed_out_is_retried_too() {
+    let s = order();
+    let t = on_timer(
+        started(&s),
+        &Timer::StepTimeout {
+            branch_id: "charge".into(),
+            attempt: 1,
+        },
+        ctx(&s, NOW + 5_000),
+    );
+    assert_eq!(
+        t.saga.branch("charge").unwrap().state,
+        BranchState::Unknown,
+        "timed out: sagad asks the node"
+    );
+    // The node's answer (or its own late report): the attempt failed, retryably.
+    let t = report(t.saga, &s, "charge", failed("UNAVAILABLE"));
+    assert_eq!(t.saga.state, SagaState::Running);
+    assert!(reverses(&t.effects).is_empty());
+    let at = t
+        .effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::WakeAt {
+                at_ms,
+                timer: Timer::RetryExecute { branch_id },
+            } if branch_id == "charge" => Some(*at_ms),
+            _ => None,
+        })
+        .expect("a retry is scheduled, as for a failure reported before the timeout");
+    // The poll that was due meanwhile asks nothing more.
+    let polled = on_timer(
+        t.saga.clone(),
+        &Timer::Poll {
+            branch_id: "charge".into(),
+        },
+        ctx(&s, at - 1),
+    );
+    assert!(polled.effects.is_empty());
+    let t = retry_execute(t.saga, &s, "charge", at);
+    assert_eq!(executes(&t.effects), ["charge"]);
+    assert_eq!(t.saga.branch("charge").unwrap().attempts, 2);
+}
+
+#[test]
 fn a_retry_decided_by_the_policy_is_not_pre_empted_by_the_failed_attempts_timeout() {
     let s = order();
     let t = report(started(&s), &s, "charge", failed("UNAVAILABLE"));
