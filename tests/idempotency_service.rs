@@ -11,6 +11,7 @@ use common::TestServer;
 use sagad::clock::ManualClock;
 use sagad::grpc::pb;
 use tonic::Code;
+use tonic_types::StatusExt;
 
 fn begin(scope: &str, request_id: &str) -> pb::BeginRequest {
     pb::BeginRequest {
@@ -32,6 +33,21 @@ fn finish(scope: &str, request_id: &str, response: &[u8]) -> pb::FinishRequest {
 }
 
 const START_MS: u64 = 1_800_000_000_000;
+
+/// The fields an INVALID_ARGUMENT names in its BadRequest details.
+fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// An INVALID_ARGUMENT that names `field` alone and says the limit.
+fn assert_refused(err: &tonic::Status, field: &str, limit: &str) {
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert_eq!(violated_fields(err), vec![field.to_owned()]);
+    assert!(err.message().contains(limit), "{}", err.message());
+}
 
 #[tokio::test]
 async fn begin_then_finish_then_every_repeat_gets_the_stored_response() {
@@ -197,6 +213,56 @@ async fn misuse_is_refused_with_the_right_code() {
             .code(),
         Code::NotFound
     );
+}
+
+#[tokio::test]
+async fn an_oversized_fingerprint_or_content_type_is_refused_and_nothing_is_stored() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+    let get = |request_id: &str| pb::GetRecordRequest {
+        scope: "payments".into(),
+        request_id: request_id.into(),
+    };
+
+    let mut body_as_fingerprint = begin("payments", "tx-big");
+    body_as_fingerprint.fingerprint = vec![7; 513];
+    let err = client.begin(body_as_fingerprint).await.unwrap_err();
+    assert_refused(&err, "fingerprint", "at most 512");
+    assert_eq!(
+        client.get(get("tx-big")).await.unwrap_err().code(),
+        Code::NotFound,
+        "nothing was registered"
+    );
+    let mut digest = begin("payments", "tx-big");
+    digest.fingerprint = vec![7; 512];
+    client.begin(digest).await.expect("512 bytes is a digest");
+
+    let mut long_type = finish("payments", "tx-big", b"ok");
+    long_type.content_type = "t".repeat(129);
+    let err = client.finish(long_type).await.unwrap_err();
+    assert_refused(&err, "content_type", "at most 128");
+    let record = client
+        .get(get("tx-big"))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(
+        record.state,
+        pb::RecordState::Processing as i32,
+        "nothing was finished"
+    );
+    let mut at_limit = finish("payments", "tx-big", b"ok");
+    at_limit.content_type = "t".repeat(128);
+    let record = client
+        .finish(at_limit)
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(record.content_type, "t".repeat(128));
 }
 
 #[tokio::test]

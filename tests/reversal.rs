@@ -12,6 +12,7 @@ use common::participant::{Node, PushParticipant, Script};
 use sagad::grpc::pb;
 use sagad::grpc::pb::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
+use tonic_types::StatusExt;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -718,4 +719,318 @@ async fn a_saga_needing_attention_is_reprocessed_by_an_operator() {
     assert!(eventually(LIMIT, || bank.node("a").reversals_of(&gsn, &branch) == 1).await);
     let saga = common::orders::wait_terminal(&bank.server.channel, &gsn, LIMIT).await;
     assert_eq!(saga.state, pb::SagaState::Reversed as i32);
+}
+
+/// The fields an INVALID_ARGUMENT names in its BadRequest details.
+fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// An INVALID_ARGUMENT that names `field` alone and says the limit.
+fn assert_refused(err: &tonic::Status, field: &str, limit: &str) {
+    assert_eq!(
+        err.code(),
+        tonic::Code::InvalidArgument,
+        "{field}: {}",
+        err.message()
+    );
+    assert_eq!(violated_fields(err), vec![field.to_owned()]);
+    assert!(err.message().contains(limit), "{field}: {}", err.message());
+}
+
+fn reversal_request(request_id: &str, gsn: &str) -> pb::RequestReversalRequest {
+    pb::RequestReversalRequest {
+        request_id: request_id.into(),
+        gsn: gsn.into(),
+        reversal_type: pb::ReversalType::External as i32,
+        wait: Some(prost_types::Duration {
+            seconds: 5,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_outcall_and_reversal_fields_are_refused_by_name_and_change_nothing() {
+    let bank = bank().await;
+    let gsn = bank.start("t-20").await;
+    let mut client = bank.client();
+    let outcall = pb::RegisterOutcallRequest {
+        request_id: "reg-1".into(),
+        gsn: gsn.clone(),
+        caller_node_id: "orders".into(),
+        callee_node_id: "a".into(),
+        forward_action: "debit-a".into(),
+        reversal_action: "credit-a".into(),
+        order: 1,
+        payload: b"{}".to_vec(),
+        content_type: "t".repeat(129),
+    };
+    let err = client.register_outcall(outcall.clone()).await.unwrap_err();
+    assert_refused(&err, "content_type", "at most 128");
+    let untouched = get(&bank.server.channel, &gsn).await;
+    assert!(untouched.branches.is_empty(), "no outcall was registered");
+    client
+        .register_outcall(pb::RegisterOutcallRequest {
+            content_type: "t".repeat(128),
+            ..outcall
+        })
+        .await
+        .expect("128 characters is a content type");
+    let before = get(&bank.server.channel, &gsn).await;
+
+    let cases = [
+        (
+            pb::RequestReversalRequest {
+                reversal_serial: "s".repeat(129),
+                ..reversal_request("rv-serial", &gsn)
+            },
+            "reversal_serial",
+            "at most 128",
+        ),
+        (
+            pb::RequestReversalRequest {
+                reason: "r".repeat(1025),
+                ..reversal_request("rv-reason", &gsn)
+            },
+            "reason",
+            "at most 1024",
+        ),
+    ];
+    for (request, field, limit) in cases {
+        let err = client.request_reversal(request).await.unwrap_err();
+        assert_refused(&err, field, limit);
+        assert_eq!(
+            get(&bank.server.channel, &gsn).await,
+            before,
+            "{field}: nothing changed"
+        );
+    }
+    let answer = client
+        .request_reversal(pb::RequestReversalRequest {
+            reversal_serial: "s".repeat(128),
+            reason: "r".repeat(1024),
+            ..reversal_request("rv-ok", &gsn)
+        })
+        .await
+        .expect("both at their limit")
+        .into_inner();
+    assert_eq!(answer.saga.unwrap().reason, "r".repeat(1024));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_report_fields_are_refused_by_name_and_change_nothing() {
+    let bank = bank().await;
+    let gsn = bank.start("t-21").await;
+    let branch = bank.register(&gsn, 1, "a").await;
+    let mut client = bank.client();
+    let report = |request_id: &str| pb::ReportStateRequest {
+        request_id: request_id.into(),
+        gsn: gsn.clone(),
+        branch_id: branch.clone(),
+        reporter_node_id: "orders".into(),
+        outcome: pb::Outcome::Failed as i32,
+        ..Default::default()
+    };
+    let status = |name: String, parameters: Vec<(String, String)>| {
+        Some(pb::Status {
+            name,
+            parameters: parameters.into_iter().collect(),
+        })
+    };
+    let before = get(&bank.server.channel, &gsn).await;
+    let cases = [
+        (
+            pb::ReportStateRequest {
+                message: "m".repeat(1025),
+                ..report("rs-message")
+            },
+            "message",
+            "at most 1024",
+        ),
+        (
+            pb::ReportStateRequest {
+                error_code: "E".repeat(129),
+                ..report("rs-code")
+            },
+            "error_code",
+            "at most 128",
+        ),
+        (
+            pb::ReportStateRequest {
+                status: status("N".repeat(129), vec![]),
+                ..report("rs-name")
+            },
+            "status.name",
+            "at most 128",
+        ),
+        (
+            pb::ReportStateRequest {
+                status: status(
+                    "N".into(),
+                    (0..33).map(|i| (format!("k{i}"), "v".into())).collect(),
+                ),
+                ..report("rs-count")
+            },
+            "status.parameters",
+            "at most 32",
+        ),
+        (
+            pb::ReportStateRequest {
+                status: status("N".into(), vec![("k".repeat(129), "v".into())]),
+                ..report("rs-key")
+            },
+            "status.parameters",
+            "at most 128",
+        ),
+        (
+            pb::ReportStateRequest {
+                status: status("N".into(), vec![("k".into(), "v".repeat(257))]),
+                ..report("rs-value")
+            },
+            "status.parameters[k]",
+            "at most 256",
+        ),
+    ];
+    for (request, field, limit) in cases {
+        let err = client.report_state(request).await.unwrap_err();
+        assert_refused(&err, field, limit);
+        assert_eq!(
+            get(&bank.server.channel, &gsn).await,
+            before,
+            "{field}: nothing changed"
+        );
+    }
+    let at_limits = pb::ReportStateRequest {
+        message: "m".repeat(1024),
+        error_code: "E".repeat(128),
+        status: status(
+            "N".repeat(128),
+            (0..32)
+                .map(|i| (format!("{i:02}").repeat(64), "v".repeat(256)))
+                .collect(),
+        ),
+        ..report("rs-ok")
+    };
+    let accepted = client
+        .report_state(at_limits.clone())
+        .await
+        .expect("every field at its limit")
+        .into_inner()
+        .branch
+        .unwrap();
+    assert_eq!(accepted.state, pb::BranchState::Failed as i32);
+    assert_eq!(accepted.error_code, at_limits.error_code);
+    assert_eq!(accepted.last_status, at_limits.status);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_saga_takes_at_most_1000_outcalls() {
+    let bank = bank().await;
+    let gsn = bank.start("t-22").await;
+    let mut client = bank.client();
+    let outcall = |order: u32| pb::RegisterOutcallRequest {
+        request_id: format!("reg-{order}"),
+        gsn: gsn.clone(),
+        caller_node_id: "orders".into(),
+        callee_node_id: "a".into(),
+        forward_action: "debit".into(),
+        reversal_action: "credit".into(),
+        order,
+        ..Default::default()
+    };
+    for order in 1..=1000 {
+        client.register_outcall(outcall(order)).await.unwrap();
+    }
+    let before = get(&bank.server.channel, &gsn).await;
+    let err = client.register_outcall(outcall(1001)).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("1000 outcalls"), "{}", err.message());
+    let after = get(&bank.server.channel, &gsn).await;
+    assert_eq!(after, before, "nothing changed");
+    assert_eq!(after.branches.len(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_saga_records_at_most_100_reversal_serials_and_still_answers_known_ones() {
+    let bank = bank().await;
+    let gsn = bank.start("t-23").await;
+    let mut client = bank.client();
+    let reversal = |n: u32, serial: String| pb::RequestReversalRequest {
+        reversal_serial: serial,
+        ..reversal_request(&format!("rv-{n}"), &gsn)
+    };
+    // Nothing to undo: the first request reverses the saga, and the rest find it REVERSED.
+    for n in 1..=100 {
+        let answer = client
+            .request_reversal(reversal(n, format!("serial-{n}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.signal, SUCCESS);
+    }
+    let before = get(&bank.server.channel, &gsn).await;
+    let err = client
+        .request_reversal(reversal(101, "serial-101".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains("100 reversal serials"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        get(&bank.server.channel, &gsn).await,
+        before,
+        "nothing changed"
+    );
+    let known = client
+        .request_reversal(reversal(102, "serial-7".into()))
+        .await
+        .expect("a serial already recorded is still answered")
+        .into_inner();
+    assert_eq!(known.signal, SUCCESS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nodes_oversized_error_code_is_cut_to_its_bound_and_the_answer_still_counts() {
+    let bank = bank().await;
+    let gsn = bank.start("t-24").await;
+    let branch = bank
+        .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    let huge: &'static str = Box::leak("LOCKED".repeat(2_000).into_boxed_str());
+    bank.node("a").script("credit-a", vec![Script::Fail(huge)]);
+    let answer = bank
+        .reverse("r-24", &gsn, &branch, pb::ReversalType::External, 5_000)
+        .await
+        .into_inner();
+    assert_eq!(answer.signal, REPROCESS, "the FAILED answer was applied");
+    let saga = get(&bank.server.channel, &gsn).await;
+    assert_eq!(saga.state, pb::SagaState::NeedsAttention as i32);
+    let reversed = common::orders::branch(&saga, &branch);
+    assert_eq!(reversed.error_code.chars().count(), 128);
+    assert!(
+        reversed.error_code.ends_with('…'),
+        "{}",
+        reversed.error_code
+    );
+    for entry in &reversed.timeline {
+        assert!(entry.what.chars().count() < 1_000, "{}", entry.what);
+    }
 }

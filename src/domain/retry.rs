@@ -16,7 +16,9 @@ pub use check::{
     Attempt, Check, Checked, CodeChanged, Decision, DecisionKind, History, Recorded, on_check,
     retry_serial,
 };
-pub use validation::{Draft, DraftPolicy, DraftTransaction, validate, validate_check};
+pub use validation::{
+    Draft, DraftPolicy, DraftTransaction, MAX_NAME_LEN, validate, validate_check,
+};
 
 use crate::domain::Millis;
 

@@ -114,6 +114,39 @@ impl Limits {
     pub const MAX_LABELS: usize = 32;
     pub const MAX_LABEL_KEY: usize = 64;
     pub const MAX_LABEL_VALUE: usize = 256;
+    /// Idempotency.Begin's fingerprint is kept for the whole retention period. A digest is 16
+    /// to 64 bytes; this leaves room for any encoding of one and refuses a body sent instead.
+    pub const MAX_FINGERPRINT_BYTES: usize = 512;
+    /// A reversal serial is another system's request id: as long as sagad's own may be.
+    pub const MAX_REVERSAL_SERIAL: usize = 128;
+    /// Free text kept for operators (a reversal's reason, a report's message): a paragraph.
+    pub const MAX_REASON: usize = 1024;
+    pub const MAX_MESSAGE: usize = 1024;
+    /// Reported error codes are matched against retryable codes, which are this long at most.
+    pub const MAX_ERROR_CODE: usize = crate::domain::retry::MAX_NAME_LEN;
+    /// A reported status is matched against a strategy's names and values, so it may be as
+    /// long as they may be and no longer.
+    pub const MAX_STATUS_NAME: usize = crate::domain::strategy_validation::MAX_NAME_LEN;
+    pub const MAX_STATUS_PARAMETERS: usize = 32;
+    pub const MAX_STATUS_PARAMETER_KEY: usize = crate::domain::strategy_validation::MAX_NAME_LEN;
+    pub const MAX_STATUS_PARAMETER_VALUE: usize = crate::domain::strategy_validation::MAX_VALUE_LEN;
+    /// Every write of a saga re-encodes all its branches; real sagas make a handful of
+    /// outcalls, so this only stops a runaway caller.
+    pub const MAX_OUTCALLS: usize = 1_000;
+    /// Distinct serials RequestReversal records on one saga. Each new serial rewrites the saga
+    /// even once it is REVERSED, so a retry loop minting fresh serials must hit a wall.
+    pub const MAX_REVERSAL_SERIALS: usize = 100;
+}
+
+/// The violation of a text field longer than `max` characters, if it is.
+pub fn too_long(field: &str, text: &str, max: usize) -> Option<Violation> {
+    let len = text.chars().count();
+    (len > max).then(|| {
+        Violation::new(
+            field,
+            format!("is {len} characters long; at most {max} are allowed"),
+        )
+    })
 }
 
 /// A start request as it arrives, before validation.

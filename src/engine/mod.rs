@@ -28,7 +28,7 @@ use crate::domain::barrier::BranchKeys;
 use crate::domain::idempotency::{self, Answer, Lookup, Terms};
 use crate::domain::ids::{CoordinatorId, Gsn, RequestId};
 use crate::domain::orchestration::Policy;
-use crate::domain::saga::{Limits, Saga, SagaState};
+use crate::domain::saga::{Limits, Saga, SagaState, too_long};
 use crate::domain::strategy::Strategy;
 use crate::domain::{Millis, Violation};
 use crate::random::SharedRandom;
@@ -442,6 +442,17 @@ impl Engine {
         processing_lease: Option<Duration>,
     ) -> Result<Begun, Error> {
         let key = Self::participant_key(scope, request_id)?;
+        if fingerprint.len() > Limits::MAX_FINGERPRINT_BYTES {
+            return Err(Error::invalid(
+                "fingerprint",
+                format!(
+                    "is {} bytes; at most {} are allowed: send a digest of the request body \
+                     (e.g. its SHA-256), not the body",
+                    fingerprint.len(),
+                    Limits::MAX_FINGERPRINT_BYTES
+                ),
+            ));
+        }
         if processing_lease.is_some_and(|lease| lease.is_zero()) {
             return Err(Error::invalid(
                 "processing_timeout",
@@ -482,6 +493,13 @@ impl Engine {
             ));
         }
         self.check_size("response", answer.response.len())?;
+        if let Some(violation) = too_long(
+            "content_type",
+            &answer.content_type,
+            Limits::MAX_CONTENT_TYPE,
+        ) {
+            return Err(Error::Invalid(vec![violation]));
+        }
         let terms = self.terms(None);
         let now = self.clock.now_ms();
         self.store

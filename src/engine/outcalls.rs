@@ -6,12 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::domain::Violation;
 use crate::domain::branch::Signal;
 use crate::domain::idempotency::{self, Answer, Lookup, Terms};
 use crate::domain::ids::{Gsn, RequestId};
 use crate::domain::orchestration::{self, Transition};
 use crate::domain::outcalls::{self, Outcall, ReversalAsked};
-use crate::domain::saga::{ReversalType, Saga, SagaState};
+use crate::domain::saga::{Limits, ReversalType, Saga, SagaState, too_long};
 use crate::engine::sagas::{Applied, load_saga, outcall_refusal, store_transition};
 use crate::engine::{Answered, Engine, Error, convert, stored_record};
 use crate::store::{IdempotencyKey, IdempotencyNamespace, PayloadRecord};
@@ -114,6 +115,13 @@ impl Engine {
             ));
         }
         self.check_size("payload", input.payload.len())?;
+        if let Some(violation) = too_long(
+            "content_type",
+            &input.content_type,
+            Limits::MAX_CONTENT_TYPE,
+        ) {
+            return Err(Error::Invalid(vec![violation]));
+        }
         let (answered, applied) = self
             .idempotent_write_with(
                 "RegisterOutcall",
@@ -261,6 +269,20 @@ impl Engine {
                 "wait",
                 format!("is {wait:?}; at most {MAX_WAIT:?}"),
             ));
+        }
+        let violations: Vec<Violation> = [
+            too_long(
+                "reversal_serial",
+                &input.serial,
+                Limits::MAX_REVERSAL_SERIAL,
+            ),
+            too_long("reason", &input.reason, Limits::MAX_REASON),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !violations.is_empty() {
+            return Err(Error::Invalid(violations));
         }
         let serial = if input.serial.is_empty() {
             input.request_id.clone()

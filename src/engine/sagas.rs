@@ -343,6 +343,14 @@ pub(crate) fn outcall_refusal(refusal: outcalls::Refusal, gsn: &Gsn) -> Error {
         R::Completed => Error::FailedPrecondition(format!(
             "saga {gsn} is COMPLETED and is not reversed; a business undo of a completed saga is a new saga"
         )),
+        R::TooManyOutcalls { max } => Error::FailedPrecondition(format!(
+            "saga {gsn} already has {max} outcalls, the most one saga may register; split the work \
+             into several sagas"
+        )),
+        R::TooManySerials { max } => Error::FailedPrecondition(format!(
+            "saga {gsn} already recorded {max} reversal serials, the most one saga keeps; repeat \
+             an earlier request (same request_id, or a reversal_serial already given) for its answer"
+        )),
     }
 }
 
@@ -678,6 +686,10 @@ impl Engine {
         if input.reporter_node_id.is_empty() {
             return Err(Error::invalid("reporter_node_id", "is required"));
         }
+        let violations = input.report.violations();
+        if !violations.is_empty() {
+            return Err(Error::Invalid(violations));
+        }
         let answering = if input.command_id.is_empty() {
             None
         } else {
@@ -919,7 +931,7 @@ impl Engine {
         command: Command,
         report: Option<Report>,
     ) -> Result<(), Error> {
-        let Some(mut report) = report else {
+        let Some(report) = report else {
             // An acknowledged signal changes nothing but the outbox. Losing this delete in a
             // crash only sends the signal again, which nodes de-duplicate by command id, so it
             // need not wait for (or cost) a flush of its own.
@@ -928,6 +940,7 @@ impl Engine {
                 .await??;
             return Ok(());
         };
+        let mut report = report.clamped();
         let engine = self.clone();
         let applied = self
             .store

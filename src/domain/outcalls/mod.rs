@@ -20,7 +20,7 @@ use crate::domain::orchestration::{
     self, Effect, Env, Timer, Transition, apply_reversal_answer, outcome_name, resend_reversal,
     signal_every_node, start_reversing,
 };
-use crate::domain::saga::{ReversalType, Saga, SagaMode, SagaState};
+use crate::domain::saga::{Limits, ReversalType, Saga, SagaMode, SagaState};
 
 /// An outcall as its caller registers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +51,8 @@ pub enum Refusal {
     UnknownBranch { branch_id: String },
     NotAllSucceeded { branches: Vec<String> },
     Completed,
+    TooManyOutcalls { max: usize },
+    TooManySerials { max: usize },
 }
 
 /// `<order>.<callee>`: the callee can always be read back from a branch id.
@@ -84,6 +86,11 @@ pub fn on_outcall_registered(
         return Err(Refusal::OrderTaken {
             order: outcall.order,
             branch_id: taken.branch_id.clone(),
+        });
+    }
+    if saga.branches.len() >= Limits::MAX_OUTCALLS {
+        return Err(Refusal::TooManyOutcalls {
+            max: Limits::MAX_OUTCALLS,
         });
     }
     let id = branch_id(outcall.order, &outcall.callee_node_id);
@@ -257,6 +264,11 @@ pub fn on_reversal_requested(
         return Err(Refusal::Completed);
     }
     if !asked.serial.is_empty() && !saga.reversal_serials.contains(&asked.serial) {
+        if saga.reversal_serials.len() >= Limits::MAX_REVERSAL_SERIALS {
+            return Err(Refusal::TooManySerials {
+                max: Limits::MAX_REVERSAL_SERIALS,
+            });
+        }
         saga.reversal_serials.push(asked.serial.clone());
     }
     let mut effects = Vec::new();
