@@ -719,6 +719,94 @@ async fn a_saga_needing_attention_is_reprocessed_by_an_operator() {
     assert!(eventually(LIMIT, || bank.node("a").reversals_of(&gsn, &branch) == 1).await);
     let saga = common::orders::wait_terminal(&bank.server.channel, &gsn, LIMIT).await;
     assert_eq!(saga.state, pb::SagaState::Reversed as i32);
+    // NEEDS_ATTENTION was no end: the upstream that was told to try again later learns the
+    // outcome with the same request.
+    let again = bank
+        .reverse("r-11", &gsn, &branch, pb::ReversalType::External, 5_000)
+        .await;
+    assert!(!again.metadata().contains_key(sagad::grpc::REPLAYED_HEADER));
+    assert_eq!(again.into_inner().signal, SUCCESS);
+}
+
+/// A caller whose own deadline is shorter than `wait` gives up on its RequestReversal; the
+/// reversal it started goes on, and its answer is still stored for the request, so a repeat
+/// gets it as soon as there is one instead of being told "in progress" for `wait` + 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reversal_whose_caller_gave_up_early_still_stores_its_answer_for_the_repeat() {
+    let bank = bank().await;
+    let gsn = bank.start("t-hurry").await;
+    let booked = bank
+        .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    bank.node("a").script(
+        "credit-a",
+        vec![Script::SucceedLate("OK", Duration::from_millis(1_500))],
+    );
+    let request = || pb::RequestReversalRequest {
+        request_id: "r-hurry".into(),
+        gsn: gsn.clone(),
+        branch_id: booked.clone(),
+        reversal_type: pb::ReversalType::External as i32,
+        reversal_serial: "serial-hurry".into(),
+        wait: Some(prost_types::Duration {
+            seconds: 5,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let mut hurried = tonic::Request::new(request());
+    hurried.set_timeout(Duration::from_millis(300));
+    let gave_up = bank.client().request_reversal(hurried).await.unwrap_err();
+    assert!(
+        matches!(
+            gave_up.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{gave_up:?}"
+    );
+
+    let mut answer = None;
+    for _ in 0..50 {
+        match bank.client().request_reversal(request()).await {
+            Ok(response) => {
+                answer = Some(response.into_inner());
+                break;
+            }
+            Err(status) if status.code() == tonic::Code::Aborted => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    let answer = answer.expect("the repeat is answered within 10 s, not refused for 35");
+    assert_eq!(answer.signal, SUCCESS);
+    assert_eq!(bank.node("a").reversals_of(&gsn, &booked), 1);
+}
+
+/// S1, row by row, for each request: a saga reversed for one original answers a later external
+/// request about another by that other's own fate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_external_reversal_is_answered_by_its_own_originals_fate() {
+    let bank = bank().await;
+    let gsn = bank.start("t-own").await;
+    let booked = bank
+        .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    let never = bank
+        .outcall(&gsn, 2, "b", false, pb::Outcome::Unknown)
+        .await;
+    // b's node says it never saw the call; a is reversed.
+    let first = bank
+        .reverse("r-b", &gsn, &never, pb::ReversalType::External, 10_000)
+        .await
+        .into_inner();
+    assert_eq!(first.signal, FAILURE, "b never happened");
+    assert_eq!(first.saga.unwrap().state, pb::SagaState::Reversed as i32);
+    let second = bank
+        .reverse("r-a", &gsn, &booked, pb::ReversalType::External, 10_000)
+        .await
+        .into_inner();
+    assert_eq!(second.signal, SUCCESS, "a happened and was reversed");
 }
 
 /// The fields an INVALID_ARGUMENT names in its BadRequest details.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::domain::Violation;
-use crate::domain::branch::Signal;
+use crate::domain::branch::{BranchState, Signal};
 use crate::domain::idempotency::{self, Answer, Lookup, Terms};
 use crate::domain::ids::{Gsn, RequestId};
 use crate::domain::orchestration::{self, Transition};
@@ -75,10 +75,24 @@ fn action(field: &str, text: &str) -> Result<(), Error> {
     }
 }
 
-/// The signal a reversal ended with, if it ended.
-fn final_signal(saga: &Saga) -> Option<Signal> {
+/// What RequestReversal answers `asked` once the reversal has stopped (`None` while it runs).
+/// The saga's own signal answers the request that started it; a later external request about
+/// another outcall gets the S1 answer for its own original: REVERSAL_FAILURE if that one never
+/// happened, REVERSAL_SUCCESS if it failed or is reversed.
+fn answer_for(saga: &Saga, asked: &ReversalAsked) -> Option<Signal> {
     match saga.state {
-        SagaState::Reversed => saga.signal,
+        SagaState::Reversed => {
+            let own = (asked.reversal_type == ReversalType::External
+                && !asked.branch_id.is_empty())
+            .then(|| saga.branch(&asked.branch_id))
+            .flatten()
+            .and_then(|branch| match branch.state {
+                BranchState::NotOccurred => Some(Signal::ReversalFailure),
+                BranchState::Reversed | BranchState::Failed => Some(Signal::ReversalSuccess),
+                _ => None,
+            });
+            own.or(saga.signal)
+        }
         SagaState::NeedsAttention => Some(Signal::Reprocess),
         SagaState::Running | SagaState::Reversing | SagaState::Completed => None,
     }
@@ -242,9 +256,10 @@ impl Engine {
 
     /// RequestReversal: starts the reversal durably, waits up to `wait` for its signal, and
     /// stores that answer for every repeat of the request. If the reversal has not ended by
-    /// then, the answer is REPROCESS and nothing is stored: a repeat of the same request asks
-    /// again and gets the final signal once there is one (a crash between the two steps is
-    /// covered the same way, by the registration's lease).
+    /// then (or waits for an operator in NEEDS_ATTENTION), the answer is REPROCESS and nothing
+    /// is stored: a repeat of the same request asks again and gets the final signal once there
+    /// is one (a crash between the two steps is covered the same way, by the registration's
+    /// lease).
     pub async fn request_reversal<F>(
         &self,
         input: ReversalInput,
@@ -302,7 +317,7 @@ impl Engine {
             ),
         };
         let encode = Arc::new(encode);
-        let mut changes = self.shared.watchers.subscribe(gsn.sequence());
+        let changes = self.shared.watchers.subscribe(gsn.sequence());
         let now = self.clock.now_ms();
         let engine = self.clone();
         let asked = ReversalAsked {
@@ -312,6 +327,7 @@ impl Engine {
             reason: input.reason.clone(),
         };
         let start_key = key.clone();
+        let answering = asked.clone();
         let started = self
             .store
             .write(
@@ -351,22 +367,60 @@ impl Engine {
             Ok(started) => started,
             Err(replayed) => return Ok(replayed),
         };
-        let mut saga = applied
+        let saga = applied
             .saga
             .clone()
             .ok_or_else(|| Error::NotFound(format!("no saga has GSN {}", input.gsn)))?;
         self.after_commit(applied);
 
+        // The rest runs on its own task: a caller whose deadline is shorter than `wait` drops
+        // this future, and its registration must still end as stored answer or be removed;
+        // left PROCESSING, every repeat would be refused as in progress for `wait` + 30 s.
+        let engine = self.clone();
+        let gsn_text = input.gsn.clone();
+        tokio::spawn(async move {
+            engine
+                .conclude_reversal(
+                    saga, changes, wait, answering, gsn_text, key, registered, terms, encode,
+                )
+                .await
+        })
+        .await
+        .map_err(|e| {
+            Error::Store(crate::store::Error::Storage(format!(
+                "the reversal's answer task failed: {e}"
+            )))
+        })?
+    }
+
+    /// Waits up to `wait` for the answer to `answering`, then stores it for the request's
+    /// repeats, or, if there is none yet, removes the request's registration.
+    #[allow(clippy::too_many_arguments)]
+    async fn conclude_reversal<F>(
+        &self,
+        mut saga: Saga,
+        mut changes: tokio::sync::watch::Receiver<Option<Arc<Saga>>>,
+        wait: Duration,
+        answering: ReversalAsked,
+        gsn_text: String,
+        key: IdempotencyKey,
+        registered: idempotency::Record,
+        terms: Terms,
+        encode: Arc<F>,
+    ) -> Result<Answered, Error>
+    where
+        F: Fn(Signal, &Saga) -> Vec<u8> + Send + Sync + 'static,
+    {
         // Wait for the end, from the published transitions.
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
-        while final_signal(&saga).is_none() {
+        while answer_for(&saga, &answering).is_none() {
             tokio::select! {
                 () = &mut deadline => break,
                 changed = changes.changed() => {
                     if changed.is_err() {
                         // The saga ended and its watch closed; read the final state.
-                        saga = self.get_saga(&input.gsn).await?;
+                        saga = self.get_saga(&gsn_text).await?;
                         break;
                     }
                     if let Some(latest) = changes.borrow_and_update().clone() {
@@ -376,7 +430,11 @@ impl Engine {
             }
         }
         let now = self.clock.now_ms();
-        match final_signal(&saga) {
+        // NEEDS_ATTENTION is not an end: its REPROCESS is answered but not stored, so a repeat
+        // of the request (S1: "try again later") learns the outcome once an operator has
+        // reprocessed the saga.
+        let answer = answer_for(&saga, &answering);
+        match answer.filter(|_| saga.state == SagaState::Reversed) {
             Some(signal) => {
                 let response = encode(signal, &saga);
                 let done = idempotency::finished(
@@ -412,7 +470,7 @@ impl Engine {
                     })
                     .await??;
                 Ok(Answered {
-                    response: encode(Signal::Reprocess, &saga),
+                    response: encode(answer.unwrap_or(Signal::Reprocess), &saga),
                     replayed: false,
                 })
             }

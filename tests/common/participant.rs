@@ -252,21 +252,36 @@ impl Node {
         }
     }
 
-    fn reverse(&self, request: &pb::ReverseRequest) -> pb::ReverseResponse {
+    /// Reverse; a `SucceedLate` script for the reversal action answers only after its delay
+    /// (the effect is immediate).
+    pub async fn reverse(&self, request: &pb::ReverseRequest) -> pb::ReverseResponse {
+        let (response, delay) = self.reverse_now(request);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        response
+    }
+
+    fn reverse_now(&self, request: &pb::ReverseRequest) -> (pb::ReverseResponse, Duration) {
         self.note(&request.command_id, "reverse");
         lock(&self.reversal_payloads).insert(
             (request.gsn.clone(), request.branch_id.clone()),
             request.payload.clone(),
         );
         if let Some(done) = lock(&self.answered).get(&request.command_id) {
-            return pb::ReverseResponse {
+            let response = pb::ReverseResponse {
                 outcome: done.outcome,
                 error_code: done.error_code.clone(),
                 message: String::new(),
             };
+            return (response, Duration::ZERO);
         }
         let key = (request.gsn.clone(), request.branch_id.clone());
         let script = self.next_script(&request.action, Script::Succeed("UNDONE", vec![]));
+        let delay = match &script {
+            Script::SucceedLate(_, delay) => *delay,
+            _ => Duration::ZERO,
+        };
         // Read the truth first: holding its lock across the match would deadlock the arms.
         let truth = lock(&self.truth).get(&key).map(|t| t.0);
         let response = match (script, truth) {
@@ -310,7 +325,7 @@ impl Node {
                 message: String::new(),
             },
         );
-        response
+        (response, delay)
     }
 
     fn query(&self, request: &pb::QueryStatusRequest) -> pb::QueryStatusResponse {
@@ -380,7 +395,7 @@ impl Participant for Service {
         request: Request<pb::ReverseRequest>,
     ) -> Result<Response<pb::ReverseResponse>, Status> {
         self.note_deadline("reverse", &request);
-        Ok(Response::new(self.0.reverse(request.get_ref())))
+        Ok(Response::new(self.0.reverse(request.get_ref()).await))
     }
     async fn query_status(
         &self,
@@ -507,7 +522,7 @@ pub fn subscribe(node: Arc<Node>, channel: Channel) -> tokio::task::JoinHandle<(
                         (r.gsn, r.branch_id, a.outcome, a.status, a.error_code)
                     }
                     Some(pb::command::Kind::Reverse(r)) => {
-                        let a = node.reverse(&r);
+                        let a = node.reverse(&r).await;
                         (r.gsn, r.branch_id, a.outcome, None, a.error_code)
                     }
                     Some(pb::command::Kind::QueryStatus(r)) => {
