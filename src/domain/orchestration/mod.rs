@@ -632,7 +632,12 @@ pub(crate) fn apply_reversal_answer(
                 branch.error_code = report.error_code.clone();
                 branch.message = report.message.clone();
                 let resolved = retry::resolve(env.retry, &branch.reversal_action, &branch.node_id);
-                let made = branch.attempts.saturating_sub(1);
+                // Resends that re-asked a reversal still PROCESSING were no failures: they
+                // follow the poll budget, not the retry policy's.
+                let made = branch
+                    .attempts
+                    .saturating_sub(1)
+                    .saturating_sub(branch.polls);
                 match retry::redelivery(&resolved, &report.error_code, made, env.now, env.jitter) {
                     Redelivery::RetryAt(at_ms) => {
                         branch.retry_at_ms = Some(at_ms);

@@ -482,6 +482,46 @@ fn a_failed_reversal_is_retried_by_the_retry_policy_then_needs_attention() {
 }
 
 #[test]
+fn re_asking_a_reversal_still_processing_spends_no_failure_retry() {
+    let s = order();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    let t = report(t.saga, &s, "charge", succeeded("DECLINED"));
+    let mut saga = t.saga;
+    let builtin = retry::Policy::builtin();
+    let processing = Report {
+        outcome: Outcome::Processing,
+        status: None,
+        error_code: String::new(),
+        message: String::new(),
+        attempt: None,
+    };
+    // The forward action is still running on the node: its barrier keeps the reversal waiting,
+    // as many times as the retry budget has retries.
+    for _ in 0..builtin.max_retries {
+        let t = on_reversal_answered(saga, "reserve", processing.clone(), ctx(&s, NOW));
+        let t = on_timer(
+            t.saga,
+            &Timer::RetryReversal {
+                branch_id: "reserve".into(),
+            },
+            ctx(&s, NOW),
+        );
+        assert_eq!(reverses(&t.effects), ["reserve"]);
+        saga = t.saga;
+    }
+    // Then one transient failure: the first failure, so it is retried.
+    let t = on_reversal_answered(saga, "reserve", failed("UNAVAILABLE"), ctx(&s, NOW));
+    assert_eq!(t.saga.state, SagaState::Reversing, "{:?}", t.saga.reason);
+    assert!(t.effects.iter().any(|e| matches!(
+        e,
+        Effect::WakeAt {
+            timer: Timer::RetryReversal { .. },
+            ..
+        }
+    )));
+}
+
+#[test]
 fn a_reversal_failing_with_a_code_that_is_not_retryable_needs_attention_at_once() {
     let s = order();
     let t = report(started(&s), &s, "charge", succeeded("DECLINED"));
