@@ -301,6 +301,74 @@ async fn a_processing_lease_that_expired_is_handed_to_the_next_caller() {
     assert_eq!(taken.record.unwrap().attempts, 2);
 }
 
+fn with_lease(mut request: pb::BeginRequest, seconds: i64, nanos: i32) -> pb::BeginRequest {
+    request.processing_timeout = Some(prost_types::Duration { seconds, nanos });
+    request
+}
+
+#[tokio::test]
+async fn a_later_begin_with_a_shorter_lease_does_not_take_over_the_holders_lease() {
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let server = TestServer::start_with_clock(clock.clone()).await;
+    let mut client = server.idempotency();
+
+    let first = client
+        .begin(with_lease(begin("payments", "tx-1"), 60, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.outcome, pb::BeginOutcome::New as i32);
+    clock.advance_ms(2_000);
+    // Worker B's 1 s lease would have run out; worker A's 60 s lease has not, and it is A's.
+    let second = client
+        .begin(with_lease(begin("payments", "tx-1"), 1, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.outcome, pb::BeginOutcome::InProgress as i32);
+    assert_eq!(second.record.unwrap().attempts, 1);
+
+    // Once A's own lease runs out, the transaction is handed over as before.
+    clock.advance_ms(58_000);
+    let taken = client
+        .begin(with_lease(begin("payments", "tx-1"), 1, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(taken.outcome, pb::BeginOutcome::New as i32);
+    assert_eq!(taken.record.unwrap().attempts, 2);
+}
+
+#[tokio::test]
+async fn a_guard_registration_is_never_taken_over_by_a_begin_with_a_lease() {
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let server = TestServer::start_with_clock(clock.clone()).await;
+    let mut client = server.idempotency();
+
+    let guarded = client
+        .guard(pb::GuardRequest {
+            node_id: "inventory".into(),
+            gsn: "c1-0000000000000007".into(),
+            branch_id: "reserve".into(),
+            action: pb::BranchAction::Forward as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(guarded.verdict, pb::GuardVerdict::Proceed as i32);
+    let record = guarded.record.unwrap();
+    clock.advance_ms(10_000);
+
+    let asked = begin(&record.scope, &record.request_id);
+    let begun = client
+        .begin(with_lease(asked, 0, 1_000_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(begun.outcome, pb::BeginOutcome::InProgress as i32);
+    assert_eq!(begun.record.unwrap().attempts, 1);
+}
+
 #[tokio::test]
 async fn records_expire_after_the_retention_and_are_collected() {
     let clock = Arc::new(ManualClock::new(START_MS));

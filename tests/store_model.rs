@@ -197,6 +197,9 @@ fn idempotency(expires_ms: u64, attempts: u32) -> IdempotencyRecord {
         updated_ms: 2,
         expires_ms,
         attempts,
+        // Every kind of lease, so the model stores each shape of the current version.
+        lease_kind: (attempts % 3) as u8,
+        processing_lease_ms: u64::from(attempts) * 1_000,
     }
 }
 

@@ -8,7 +8,7 @@
 //! that matter cross them: a reversal record of any kind refuses the forward action, and a
 //! reversal is only run after its forward action finished.
 
-use crate::domain::idempotency::{self, Answer, Record, RecordState, Terms};
+use crate::domain::idempotency::{self, Answer, Lease, Record, RecordState, Terms};
 use crate::domain::ids::RequestId;
 use crate::domain::{Millis, Violation};
 
@@ -201,6 +201,9 @@ fn registered(terms: Terms, now: Millis) -> Record {
             now.saturating_add(terms.retention_ms)
         },
         attempts: 1,
+        // Running a guarded action twice is what the barrier prevents: no Begin may take over
+        // its registration, whatever lease that Begin asks for.
+        lease: Lease::Never,
     }
 }
 
@@ -342,6 +345,7 @@ mod tests {
             updated_ms: 20,
             expires_ms: 1_020,
             attempts: 1,
+            lease: Lease::Never,
         }
     }
 

@@ -16,6 +16,27 @@ pub enum RecordState {
     Done,
 }
 
+/// The processing lease a PROCESSING record holds. It is the lease given when the record was
+/// registered or last taken over, never a later asker's: otherwise a caller with a short lease
+/// could take over work that its owner, given a long one, is still doing, and both would run it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// Registered by a sagad that did not keep the lease: judged by each asker's lease, exactly
+    /// as that sagad judged it, so records it left behave as they did.
+    Unrecorded,
+    /// Never taken over: barrier registrations, and sagad's own writes.
+    Never,
+    /// Taken over by the next caller once PROCESSING this long since its last change.
+    After(Millis),
+}
+
+impl Lease {
+    /// The lease a registration made with `terms` holds.
+    pub fn given(terms: Terms) -> Lease {
+        terms.processing_lease_ms.map_or(Lease::Never, Lease::After)
+    }
+}
+
 /// One row of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -30,6 +51,8 @@ pub struct Record {
     /// When the record may be collected; 0 = never.
     pub expires_ms: Millis,
     pub attempts: u32,
+    /// The lease given at registration or at the last takeover.
+    pub lease: Lease,
 }
 
 /// What a request finds when it looks up its serial number (S12, S16, S17).
@@ -50,7 +73,8 @@ pub enum Lookup {
 pub struct Terms {
     /// A record expires this long after its last change; 0 = never.
     pub retention_ms: Millis,
-    /// A PROCESSING record older than this may be taken over; `None` = never.
+    /// The lease this request asks for: a record it registers (or takes over) holds it, and a
+    /// record that kept no lease (`Lease::Unrecorded`) is judged by it; `None` = never.
     pub processing_lease_ms: Option<Millis>,
 }
 
@@ -84,6 +108,7 @@ pub fn on_lookup(
             updated_ms: now,
             expires_ms: expiry(now, terms),
             attempts: 1,
+            lease: Lease::given(terms),
         });
     };
     if fingerprints_differ(&record.fingerprint, fingerprint) {
@@ -92,14 +117,20 @@ pub fn on_lookup(
     match record.state {
         RecordState::Done => Lookup::Replay(record.clone()),
         RecordState::Processing => {
-            let lease_expired = terms
-                .processing_lease_ms
-                .is_some_and(|lease| now.saturating_sub(record.updated_ms) >= lease);
+            let lease_ms = match record.lease {
+                Lease::After(lease_ms) => Some(lease_ms),
+                Lease::Never => None,
+                Lease::Unrecorded => terms.processing_lease_ms,
+            };
+            let lease_expired =
+                lease_ms.is_some_and(|lease| now.saturating_sub(record.updated_ms) >= lease);
             if lease_expired {
+                // The new holder's lease is the one its own Begin gave, as at a registration.
                 Lookup::Register(Record {
                     updated_ms: now,
                     expires_ms: expiry(now, terms),
                     attempts: record.attempts.saturating_add(1),
+                    lease: Lease::given(terms),
                     ..record.clone()
                 })
             } else {
@@ -245,7 +276,10 @@ mod tests {
             processing_lease_ms: Some(100),
             ..TERMS
         };
-        let record = registered(10);
+        // The lease is the one the registration gave (see `Lease`), so it registers with it.
+        let Lookup::Register(record) = on_lookup(None, b"body", terms, 10) else {
+            panic!("expected Register");
+        };
         assert!(matches!(
             on_lookup(Some(&record), b"body", terms, 109),
             Lookup::InProgress(_)
@@ -257,6 +291,75 @@ mod tests {
             (taken.attempts, taken.created_ms, taken.updated_ms),
             (2, 10, 110)
         );
+    }
+
+    #[test]
+    fn a_processing_record_is_judged_by_the_lease_it_was_registered_with_not_the_askers() {
+        let long = Terms {
+            processing_lease_ms: Some(60_000),
+            ..TERMS
+        };
+        let short = Terms {
+            processing_lease_ms: Some(1_000),
+            ..TERMS
+        };
+        let Lookup::Register(record) = on_lookup(None, b"body", long, 10) else {
+            panic!("expected Register");
+        };
+        assert_eq!(record.lease, Lease::After(60_000));
+        // A later caller's shorter lease does not shorten the holder's.
+        assert!(matches!(
+            on_lookup(Some(&record), b"body", short, 2_010),
+            Lookup::InProgress(_)
+        ));
+        // Nor does asking with no lease lengthen it.
+        let Lookup::Register(taken) = on_lookup(Some(&record), b"body", TERMS, 60_010) else {
+            panic!("expected takeover once the registered lease ran out");
+        };
+        // The taker holds the lease it asked for: none, so nobody takes it over again.
+        assert_eq!((taken.attempts, taken.lease), (2, Lease::Never));
+        assert!(matches!(
+            on_lookup(Some(&taken), b"body", short, u64::MAX),
+            Lookup::InProgress(_)
+        ));
+    }
+
+    #[test]
+    fn a_record_registered_without_a_lease_is_never_taken_over() {
+        let record = registered(10);
+        assert_eq!(record.lease, Lease::Never);
+        let tiny = Terms {
+            processing_lease_ms: Some(1),
+            ..TERMS
+        };
+        assert!(matches!(
+            on_lookup(Some(&record), b"body", tiny, 1_000_000),
+            Lookup::InProgress(_)
+        ));
+    }
+
+    #[test]
+    fn a_record_that_kept_no_lease_is_judged_by_the_askers_lease() {
+        let record = Record {
+            lease: Lease::Unrecorded,
+            ..registered(10)
+        };
+        let lease = Terms {
+            processing_lease_ms: Some(100),
+            ..TERMS
+        };
+        assert!(matches!(
+            on_lookup(Some(&record), b"body", lease, 109),
+            Lookup::InProgress(_)
+        ));
+        assert!(matches!(
+            on_lookup(Some(&record), b"body", TERMS, 1_000_000),
+            Lookup::InProgress(_)
+        ));
+        let Lookup::Register(taken) = on_lookup(Some(&record), b"body", lease, 110) else {
+            panic!("expected takeover");
+        };
+        assert_eq!(taken.lease, Lease::After(100));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! convert back is corrupt: that is reported, never unwrapped.
 
 use crate::domain::branch::{Branch, BranchState, Outcome, Signal, Status, TimelineEntry};
-use crate::domain::idempotency::{Record, RecordState};
+use crate::domain::idempotency::{Lease, Record, RecordState};
 use crate::domain::ids::{BusinessType, CoordinatorId, Gsn, RequestId};
 use crate::domain::saga::{ReversalType, Saga, SagaMode, SagaState};
 use crate::domain::strategy::StepStatus;
@@ -309,6 +309,15 @@ pub fn idempotency_to_record(record: &Record) -> IdempotencyRecord {
         updated_ms: record.updated_ms,
         expires_ms: record.expires_ms,
         attempts: record.attempts,
+        lease_kind: match record.lease {
+            Lease::Unrecorded => 0,
+            Lease::Never => 1,
+            Lease::After(_) => 2,
+        },
+        processing_lease_ms: match record.lease {
+            Lease::After(lease_ms) => lease_ms,
+            Lease::Unrecorded | Lease::Never => 0,
+        },
     }
 }
 
@@ -317,6 +326,12 @@ pub fn idempotency_from_record(record: IdempotencyRecord) -> Result<Record, stor
         1 => RecordState::Processing,
         2 => RecordState::Done,
         other => return Err(corrupt("idempotency", format!("state {other}"))),
+    };
+    let lease = match record.lease_kind {
+        0 => Lease::Unrecorded,
+        1 => Lease::Never,
+        2 => Lease::After(record.processing_lease_ms),
+        other => return Err(corrupt("idempotency", format!("lease kind {other}"))),
     };
     Ok(Record {
         fingerprint: record.fingerprint,
@@ -328,5 +343,6 @@ pub fn idempotency_from_record(record: IdempotencyRecord) -> Result<Record, stor
         updated_ms: record.updated_ms,
         expires_ms: record.expires_ms,
         attempts: record.attempts,
+        lease,
     })
 }

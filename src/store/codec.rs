@@ -284,9 +284,77 @@ impl Record for RetryLinkRecord {
     const VERSION: u8 = 1;
 }
 
+/// Version 2 added the processing lease the record holds (`lease_kind`,
+/// `processing_lease_ms`).
 impl Record for IdempotencyRecord {
     const TABLE: &'static str = "idempotency";
-    const VERSION: u8 = 1;
+    const VERSION: u8 = 2;
+
+    /// A version 1 record reads as one that kept no lease (`lease_kind` 0): it is judged by
+    /// each asker's lease, as the sagad that wrote it judged it.
+    fn decode_older(version: u8, body: &[u8]) -> Result<Self, Error> {
+        match version {
+            1 => decode_body::<IdempotencyRecordV1>(Self::TABLE, body)
+                .map(IdempotencyRecordV1::upgrade),
+            _ => Err(Error::UnknownVersion {
+                table: Self::TABLE,
+                version,
+            }),
+        }
+    }
+}
+
+/// The shape of `IdempotencyRecord` that version 1 wrote: no lease. Field order is the format;
+/// never edit it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct IdempotencyRecordV1 {
+    fingerprint: Vec<u8>,
+    state: u8,
+    result: String,
+    response: Vec<u8>,
+    content_type: String,
+    created_ms: u64,
+    updated_ms: u64,
+    expires_ms: u64,
+    attempts: u32,
+}
+
+impl IdempotencyRecordV1 {
+    fn upgrade(self) -> IdempotencyRecord {
+        IdempotencyRecord {
+            fingerprint: self.fingerprint,
+            state: self.state,
+            result: self.result,
+            response: self.response,
+            content_type: self.content_type,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+            expires_ms: self.expires_ms,
+            attempts: self.attempts,
+            lease_kind: 0,
+            processing_lease_ms: 0,
+        }
+    }
+}
+
+/// A value as a sagad before idempotency record version 2 wrote it: `record` without its lease.
+#[cfg(test)]
+pub(crate) fn encode_idempotency_v1(record: &IdempotencyRecord) -> Vec<u8> {
+    let written = IdempotencyRecordV1 {
+        fingerprint: record.fingerprint.clone(),
+        state: record.state,
+        result: record.result.clone(),
+        response: record.response.clone(),
+        content_type: record.content_type.clone(),
+        created_ms: record.created_ms,
+        updated_ms: record.updated_ms,
+        expires_ms: record.expires_ms,
+        attempts: record.attempts,
+    };
+    let mut bytes = vec![1];
+    bytes.extend(postcard::to_stdvec(&written).unwrap_or_default());
+    bytes
 }
 
 impl Record for OutboxRecord {
@@ -890,6 +958,8 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
             any::<u32>(),
+            any::<u8>(),
+            any::<u64>(),
         )
             .prop_map(
                 |(
@@ -902,6 +972,8 @@ mod tests {
                     updated_ms,
                     expires_ms,
                     attempts,
+                    lease_kind,
+                    processing_lease_ms,
                 )| {
                     IdempotencyRecord {
                         fingerprint,
@@ -913,6 +985,8 @@ mod tests {
                         updated_ms,
                         expires_ms,
                         attempts,
+                        lease_kind,
+                        processing_lease_ms,
                     }
                 },
             )
@@ -1056,6 +1130,23 @@ mod tests {
             let mut bytes = vec![2];
             bytes.extend(postcard::to_stdvec(&as_version_2(record)).unwrap());
             prop_assert_eq!(decode::<SagaRecord>(&bytes).unwrap(), expected);
+        }
+
+        /// An idempotency record written before records kept their lease (version 1) reads as
+        /// one that kept none, so it is judged by each asker's lease as before.
+        #[test]
+        fn version_1_idempotency_records_read_as_keeping_no_lease(record in idempotency()) {
+            let expected = IdempotencyRecord {
+                lease_kind: 0,
+                processing_lease_ms: 0,
+                ..record.clone()
+            };
+            let bytes = encode_idempotency_v1(&record);
+            prop_assert_eq!(decode::<IdempotencyRecord>(&bytes).unwrap(), expected);
+            // A version 1 body cut short is corrupt, not misread as something else.
+            let cut_short = decode::<IdempotencyRecord>(&bytes[..bytes.len() - 1]);
+            let corrupt = matches!(cut_short, Err(Error::Corrupt { table: "idempotency", .. }));
+            prop_assert!(corrupt);
         }
 
         #[test]

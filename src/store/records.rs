@@ -233,6 +233,12 @@ pub struct IdempotencyRecord {
     pub expires_ms: u64,
     /// How many times processing was (re)started: a lease takeover increments it.
     pub attempts: u32,
+    /// Which processing lease the record holds: 0 = none recorded (a version 1 record, written
+    /// before sagad kept it: judged by each asker's lease, as then), 1 = never taken over,
+    /// 2 = taken over once PROCESSING `processing_lease_ms` since `updated_ms`.
+    pub lease_kind: u8,
+    /// The lease given at registration or at the last takeover when `lease_kind` is 2, else 0.
+    pub processing_lease_ms: u64,
 }
 
 /// A command waiting for delivery to a node (table `outbox`, key: outbox id, big-endian).

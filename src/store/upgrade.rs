@@ -16,7 +16,9 @@ const FORMAT: &[u8] = b"format";
 /// ledger (this build and later ones refuse formats newer than their own).
 /// Format 4: saga records may be version 3 (branches with `retry_at_ms`), which a format 3
 /// build cannot read; it refuses the ledger instead of failing on every saga.
-const CURRENT_FORMAT: u64 = 4;
+/// Format 5: idempotency records may be version 2 (the processing lease they hold), which a
+/// format 4 build cannot read; it refuses the ledger instead of failing on every Begin.
+const CURRENT_FORMAT: u64 = 5;
 /// The first format whose sagas keep their payloads apart.
 const PAYLOADS_APART: u64 = 2;
 
@@ -49,8 +51,9 @@ pub(crate) fn run(tables: &Tables) -> Result<(), Error> {
     if format.is_some_and(|format| format >= CURRENT_FORMAT) {
         return Ok(());
     }
-    // Formats 2 to 4 move nothing: the `intents` tree is opened (created) with the others,
-    // and saga records are read in any older version and rewritten as they change.
+    // Formats 2 to 5 move nothing: the `intents` tree is opened (created) with the others,
+    // and saga and idempotency records are read in any older version and rewritten as they
+    // change.
     let moved = if format.is_some_and(|format| format >= PAYLOADS_APART) {
         0
     } else {
@@ -274,5 +277,55 @@ mod tests {
         assert_eq!(stored_format(&tables).unwrap(), Some(CURRENT_FORMAT));
         let stored = tables.tree(Table::Sagas).get(1u64.to_be_bytes()).unwrap();
         assert_eq!(stored.unwrap().as_ref(), v1.as_slice());
+    }
+
+    #[test]
+    fn a_format_4_ledger_is_marked_current_and_its_idempotency_records_read_as_keeping_no_lease() {
+        use crate::store::{IdempotencyKey, IdempotencyNamespace, IdempotencyRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tables = Tables::open(db).unwrap();
+        tables
+            .tree(Table::Meta)
+            .insert(FORMAT, &4u64.to_be_bytes())
+            .unwrap();
+        let record = IdempotencyRecord {
+            fingerprint: b"digest".to_vec(),
+            state: 1,
+            result: String::new(),
+            response: Vec::new(),
+            content_type: String::new(),
+            created_ms: 10,
+            updated_ms: 10,
+            expires_ms: 1_010,
+            attempts: 1,
+            lease_kind: 2,
+            processing_lease_ms: 60_000,
+        };
+        let key = codec::idempotency_key(&IdempotencyKey {
+            namespace: IdempotencyNamespace::Participant,
+            scope: "payments".into(),
+            key: "tx-1".into(),
+        })
+        .unwrap();
+        let v1 = codec::encode_idempotency_v1(&record);
+        tables
+            .tree(Table::Idempotency)
+            .insert(key.as_slice(), v1.clone())
+            .unwrap();
+        run(&tables).unwrap();
+        assert_eq!(stored_format(&tables).unwrap(), Some(CURRENT_FORMAT));
+        // Nothing is rewritten: the record is read in its old version whenever it is asked for.
+        let stored = tables.get_raw(Table::Idempotency, &key).unwrap().unwrap();
+        assert_eq!(stored.as_ref(), v1.as_slice());
+        let read: IdempotencyRecord = codec::decode(&stored).unwrap();
+        assert_eq!(
+            read,
+            IdempotencyRecord {
+                lease_kind: 0,
+                processing_lease_ms: 0,
+                ..record
+            }
+        );
     }
 }
