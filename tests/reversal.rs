@@ -385,6 +385,18 @@ async fn external_reversal_of_an_unknown_original_keeps_polling_and_answers_repr
         .into_inner();
     assert_eq!(answer.signal, REPROCESS);
     assert_eq!(answer.saga.unwrap().state, pb::SagaState::Reversing as i32);
+    // What an operator sees meanwhile: the outcall is still being asked about.
+    let stuck = pb::operations_client::OperationsClient::new(bank.server.channel.clone())
+        .list_stuck(pb::ListStuckRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    let item = stuck
+        .iter()
+        .find(|i| i.gsn == gsn && i.branch_id == branch)
+        .expect("the unknown outcall is listed");
+    assert!(item.reason.contains("asking node a"), "{}", item.reason);
     bank.node("a")
         .queries_answer_processing
         .store(false, std::sync::atomic::Ordering::SeqCst);

@@ -5,7 +5,7 @@
 use crate::domain::Millis;
 use crate::domain::branch::{BranchState, Outcome};
 use crate::domain::orchestration::{Policy, outcome_name};
-use crate::domain::saga::{Saga, SagaState};
+use crate::domain::saga::{ReversalType, Saga, SagaMode, SagaState};
 use crate::engine::{Engine, Error, PageToken, convert, delivery::InFlight};
 use crate::store;
 
@@ -128,14 +128,20 @@ pub(crate) fn stuck_in(saga: &Saga, policy: &Policy) -> Vec<Stuck> {
                     Some(outcome) => format!("last answer {}", outcome_name(outcome)),
                     None => "no poll answered yet".to_owned(),
                 };
-                item.reason = if saga.state == SagaState::Running {
+                // Orchestrated sagas poll only while RUNNING; an outcall saga's external
+                // reversal also asks its unknown outcalls before deciding what to undo.
+                let polled = saga.state == SagaState::Running
+                    || (saga.mode == SagaMode::RegisteredOutcalls
+                        && saga.state == SagaState::Reversing
+                        && saga.reversal_type == Some(ReversalType::External));
+                item.reason = if polled {
                     format!(
                         "outcome unknown: asking node {} with QueryStatus, {} of {} poll rounds \
                          done, {last}",
                         branch.node_id, branch.polls, policy.max_polls
                     )
                 } else {
-                    // Polls stop once a saga leaves RUNNING; the branch keeps its last word.
+                    // Polls have stopped; the branch keeps its last word.
                     format!(
                         "outcome unknown and no longer polled: the saga is {}; {last}",
                         state_word(saga.state)
