@@ -108,6 +108,13 @@ fn failed(code: &str) -> Report {
     }
 }
 
+fn processing() -> Report {
+    Report {
+        outcome: Outcome::Processing,
+        ..failed("")
+    }
+}
+
 fn succeeded(status: &str) -> Report {
     Report {
         outcome: Outcome::Succeeded,
@@ -488,17 +495,10 @@ fn re_asking_a_reversal_still_processing_spends_no_failure_retry() {
     let t = report(t.saga, &s, "charge", succeeded("DECLINED"));
     let mut saga = t.saga;
     let builtin = retry::Policy::builtin();
-    let processing = Report {
-        outcome: Outcome::Processing,
-        status: None,
-        error_code: String::new(),
-        message: String::new(),
-        attempt: None,
-    };
     // The forward action is still running on the node: its barrier keeps the reversal waiting,
     // as many times as the retry budget has retries.
     for _ in 0..builtin.max_retries {
-        let t = on_reversal_answered(saga, "reserve", processing.clone(), ctx(&s, NOW));
+        let t = on_reversal_answered(saga, "reserve", processing(), ctx(&s, NOW));
         let t = on_timer(
             t.saga,
             &Timer::RetryReversal {
@@ -535,17 +535,7 @@ fn a_forward_action_failing_with_a_retryable_code_is_executed_again() {
     let t = report(started(&s), &s, "charge", failed("UNAVAILABLE"));
     assert_eq!(t.saga.state, SagaState::Running, "not abnormal yet");
     assert!(reverses(&t.effects).is_empty());
-    let at = t
-        .effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::WakeAt {
-                at_ms,
-                timer: Timer::RetryExecute { branch_id },
-            } if branch_id == "charge" => Some(*at_ms),
-            _ => None,
-        })
-        .expect("a retry is scheduled");
+    let at = retry_execute_at(&t.effects, "charge").expect("a retry is scheduled");
     let t = on_timer(
         t.saga,
         &Timer::RetryExecute {
@@ -599,16 +589,7 @@ fn a_retryable_failure_reported_after_the_step_timed_out_is_retried_too() {
     let t = report(t.saga, &s, "charge", failed("UNAVAILABLE"));
     assert_eq!(t.saga.state, SagaState::Running);
     assert!(reverses(&t.effects).is_empty());
-    let at = t
-        .effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::WakeAt {
-                at_ms,
-                timer: Timer::RetryExecute { branch_id },
-            } if branch_id == "charge" => Some(*at_ms),
-            _ => None,
-        })
+    let at = retry_execute_at(&t.effects, "charge")
         .expect("a retry is scheduled, as for a failure reported before the timeout");
     // The poll that was due meanwhile asks nothing more.
     let polled = on_timer(
@@ -672,14 +653,7 @@ fn a_reversal_gets_its_own_poll_budget_after_its_step_was_polled() {
         .unwrap()
         .saga;
     let saga = report(saga, &s, "charge", succeeded("DECLINED")).saga;
-    let processing = Report {
-        outcome: Outcome::Processing,
-        status: None,
-        error_code: String::new(),
-        message: String::new(),
-        attempt: None,
-    };
-    let t = on_reversal_answered(saga, "reserve", processing, ctx(&s, NOW + 200));
+    let t = on_reversal_answered(saga, "reserve", processing(), ctx(&s, NOW + 200));
     assert_eq!(
         t.saga.branch("reserve").unwrap().state,
         BranchState::Reversing,
@@ -801,6 +775,17 @@ fn execute_attempts(effects: &[Effect], branch: &str) -> Vec<u32> {
             _ => None,
         })
         .collect()
+}
+
+/// When the retry of `branch`'s forward action is scheduled, if it is.
+fn retry_execute_at(effects: &[Effect], branch: &str) -> Option<Millis> {
+    effects.iter().find_map(|e| match e {
+        Effect::WakeAt {
+            at_ms,
+            timer: Timer::RetryExecute { branch_id },
+        } if branch_id == branch => Some(*at_ms),
+        _ => None,
+    })
 }
 
 fn retry_execute(saga: Saga, strategy: &Strategy, branch: &str, now: Millis) -> Transition {
@@ -932,11 +917,7 @@ fn a_waiting_retry_is_dropped_when_the_saga_stops_running() {
 #[test]
 fn a_step_answering_processing_gets_a_timeout_of_its_own() {
     let s = order();
-    let processing = Report {
-        outcome: Outcome::Processing,
-        ..failed("")
-    };
-    let t = report(started(&s), &s, "charge", processing.clone());
+    let t = report(started(&s), &s, "charge", processing());
     assert_eq!(
         t.effects,
         [Effect::WakeAt {
@@ -963,13 +944,7 @@ fn a_step_answering_processing_gets_a_timeout_of_its_own() {
         ctx(&s, NOW + 5_010),
     );
     assert!(!step_timeout_is_live(&polled.saga, "charge", 1));
-    let again = on_polled(
-        polled.saga,
-        "charge",
-        processing.clone(),
-        ctx(&s, NOW + 5_020),
-    )
-    .unwrap();
+    let again = on_polled(polled.saga, "charge", processing(), ctx(&s, NOW + 5_020)).unwrap();
     assert!(again.effects.is_empty());
     // Nor once the saga stops running (charge outside reserve's narrowed exception scope).
     let mut s = order();
@@ -984,7 +959,7 @@ fn a_step_answering_processing_gets_a_timeout_of_its_own() {
     };
     let t = report(started(&s), &s, "reserve", abnormal);
     assert_ne!(t.saga.state, SagaState::Running);
-    let t = report(t.saga, &s, "charge", processing);
+    let t = report(t.saga, &s, "charge", processing());
     assert!(t.effects.is_empty());
 }
 
