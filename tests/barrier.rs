@@ -403,14 +403,10 @@ async fn barrier_records_outlive_their_retention_while_their_saga_has_not_ended(
     let clock = Arc::new(ManualClock::new(START_MS));
     let dir = tempfile::tempdir().unwrap();
     let store = sagad::store::Store::open(sagad::store::Options::new(dir.path())).unwrap();
-    let engine = sagad::engine::Engine::new(
-        store.clone(),
+    let engine = common::engine_on(
+        &store,
         clock.clone(),
-        Arc::new(sagad::random::FixedRandom(0.5)),
-        sagad::engine::Settings {
-            idempotency_retention: std::time::Duration::from_secs(3600),
-            ..sagad::engine::Settings::new(sagad::domain::ids::CoordinatorId::parse("c1").unwrap())
-        },
+        Some(std::time::Duration::from_secs(3600)),
     );
     engine
         .start_saga(

@@ -7,19 +7,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use common::{TestServer, start_request};
+use common::{TestServer, start_request, violated_fields};
 use sagad::clock::{ManualClock, SystemClock};
 use sagad::config::Config;
 use sagad::grpc::{REPLAYED_HEADER, pb};
 use tonic::Code;
-use tonic_types::StatusExt;
-
-fn violated_fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
-}
 
 async fn saga_count(server: &TestServer) -> usize {
     server

@@ -7,11 +7,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestServer;
+use common::{TestServer, assert_refused, engine_on};
 use sagad::clock::ManualClock;
 use sagad::grpc::pb;
 use tonic::Code;
-use tonic_types::StatusExt;
 
 fn begin(scope: &str, request_id: &str) -> pb::BeginRequest {
     pb::BeginRequest {
@@ -33,21 +32,6 @@ fn finish(scope: &str, request_id: &str, response: &[u8]) -> pb::FinishRequest {
 }
 
 const START_MS: u64 = 1_800_000_000_000;
-
-/// The fields an INVALID_ARGUMENT names in its BadRequest details.
-fn violated_fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
-}
-
-/// An INVALID_ARGUMENT that names `field` alone and says the limit.
-fn assert_refused(err: &tonic::Status, field: &str, limit: &str) {
-    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
-    assert_eq!(violated_fields(err), vec![field.to_owned()]);
-    assert!(err.message().contains(limit), "{}", err.message());
-}
 
 #[tokio::test]
 async fn begin_then_finish_then_every_repeat_gets_the_stored_response() {
@@ -374,15 +358,7 @@ async fn records_expire_after_the_retention_and_are_collected() {
     let clock = Arc::new(ManualClock::new(START_MS));
     let dir = tempfile::tempdir().unwrap();
     let store = sagad::store::Store::open(sagad::store::Options::new(dir.path())).unwrap();
-    let engine = sagad::engine::Engine::new(
-        store.clone(),
-        clock.clone(),
-        Arc::new(sagad::random::FixedRandom(0.5)),
-        sagad::engine::Settings {
-            idempotency_retention: Duration::from_secs(3600),
-            ..sagad::engine::Settings::new(sagad::domain::ids::CoordinatorId::parse("c1").unwrap())
-        },
-    );
+    let engine = engine_on(&store, clock.clone(), Some(Duration::from_secs(3600)));
     engine
         .begin("payments", "old", Vec::new(), None)
         .await

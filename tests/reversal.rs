@@ -6,13 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestServer;
 use common::orders::{eventually, get, register_node};
 use common::participant::{Node, PushParticipant, Script};
+use common::{TestServer, assert_refused};
 use sagad::grpc::pb;
 use sagad::grpc::pb::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -251,14 +250,9 @@ async fn an_outcall_that_took_effect_after_its_saga_was_reversed_is_reversed_too
         .await,
         "the late booking is undone"
     );
-    let mut saga = get(&bank.server.channel, &gsn).await;
-    for _ in 0..(LIMIT.as_millis() / 50) {
-        if saga.state == pb::SagaState::Reversed as i32 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        saga = get(&bank.server.channel, &gsn).await;
-    }
+    common::orders::wait_terminal(&bank.server.channel, &gsn, LIMIT).await;
+    // WatchSaga's messages carry no branches: read the saga whole.
+    let saga = get(&bank.server.channel, &gsn).await;
     assert_eq!(saga.state, pb::SagaState::Reversed as i32);
     assert_eq!(
         common::orders::branch(&saga, &branch).state,
@@ -469,14 +463,7 @@ async fn an_outcall_saga_still_running_at_its_deadline_is_reversed() {
         .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
         .await;
 
-    let mut saga = get(&bank.server.channel, &gsn).await;
-    for _ in 0..(LIMIT.as_millis() / 50) {
-        if saga.state == pb::SagaState::Reversed as i32 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        saga = get(&bank.server.channel, &gsn).await;
-    }
+    let saga = common::orders::wait_terminal(&bank.server.channel, &gsn, LIMIT).await;
     assert_eq!(saga.state, pb::SagaState::Reversed as i32, "{saga:?}");
     assert!(saga.reason.contains("deadline"), "{}", saga.reason);
     assert!(
@@ -819,26 +806,6 @@ async fn each_external_reversal_is_answered_by_its_own_originals_fate() {
         .await
         .into_inner();
     assert_eq!(second.signal, SUCCESS, "a happened and was reversed");
-}
-
-/// The fields an INVALID_ARGUMENT names in its BadRequest details.
-fn violated_fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
-}
-
-/// An INVALID_ARGUMENT that names `field` alone and says the limit.
-fn assert_refused(err: &tonic::Status, field: &str, limit: &str) {
-    assert_eq!(
-        err.code(),
-        tonic::Code::InvalidArgument,
-        "{field}: {}",
-        err.message()
-    );
-    assert_eq!(violated_fields(err), vec![field.to_owned()]);
-    assert!(err.message().contains(limit), "{field}: {}", err.message());
 }
 
 fn reversal_request(request_id: &str, gsn: &str) -> pb::RequestReversalRequest {

@@ -16,12 +16,9 @@ use common::orders::{get, order_strategy, put_strategy, register_node, start_ord
 use common::participant::{Node, PushParticipant, Script};
 use sagad::clock::{ManualClock, SystemClock};
 use sagad::config::Config;
-use sagad::domain::ids::CoordinatorId;
 use sagad::domain::saga::{Deadline, SagaMode, StartRequest};
-use sagad::engine::{Engine, Settings};
 use sagad::grpc::pb;
 use sagad::grpc::pb::coordinator_client::CoordinatorClient;
-use sagad::random::FixedRandom;
 use sagad::store::{Options, Store};
 
 const START_MS: u64 = 1_800_000_000_000;
@@ -59,15 +56,6 @@ fn start(request_id: &str, deadline: Deadline) -> StartRequest {
         labels: BTreeMap::new(),
         deadline,
     }
-}
-
-fn engine_on(store: &Store, clock: Arc<ManualClock>) -> Engine {
-    Engine::new(
-        store.clone(),
-        clock,
-        Arc::new(FixedRandom(0.5)),
-        Settings::new(CoordinatorId::parse("c1").unwrap()),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -182,7 +170,7 @@ async fn garbage_in_the_outbox_nodes_and_sagas_does_not_stop_sagad_starting_and_
 async fn a_garbage_saga_record_does_not_stop_retention_removing_other_finished_sagas() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(Options::new(dir.path())).unwrap();
-    let engine = engine_on(&store, Arc::new(ManualClock::new(START_MS)));
+    let engine = common::engine_on(&store, Arc::new(ManualClock::new(START_MS)), None);
     for i in 1..=3 {
         engine
             .start_saga(start(&format!("s-{i}"), Deadline::None), Vec::new(), |_| {
@@ -200,7 +188,11 @@ async fn a_garbage_saga_record_does_not_stop_retention_removing_other_finished_s
     write_raw(dir.path(), "sagas", &u64_key(2), GARBAGE);
 
     let store = Store::open(Options::new(dir.path())).unwrap();
-    let engine = engine_on(&store, Arc::new(ManualClock::new(START_MS + 4 * DAY_MS)));
+    let engine = common::engine_on(
+        &store,
+        Arc::new(ManualClock::new(START_MS + 4 * DAY_MS)),
+        None,
+    );
     let retention = Duration::from_secs(3 * 24 * 3600);
     let removed = engine.collect_finished_sagas(retention).await.unwrap();
     assert_eq!(removed, 2, "sagas 1 and 3 are removed past the garbage");

@@ -21,6 +21,48 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
+/// The fields an INVALID_ARGUMENT names in its BadRequest details.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// An INVALID_ARGUMENT that names `field` alone and says the limit.
+pub fn assert_refused(err: &tonic::Status, field: &str, limit: &str) {
+    assert_eq!(
+        err.code(),
+        tonic::Code::InvalidArgument,
+        "{field}: {}",
+        err.message()
+    );
+    assert_eq!(violated_fields(err), vec![field.to_owned()]);
+    assert!(err.message().contains(limit), "{field}: {}", err.message());
+}
+
+/// An engine over `store`, driven by the test's clock, with coordinator id "c1", a fixed
+/// jitter, and the idempotency retention given (sagad's default when `None`).
+pub fn engine_on(
+    store: &sagad::store::Store,
+    clock: Arc<ManualClock>,
+    idempotency_retention: Option<Duration>,
+) -> sagad::engine::Engine {
+    let defaults = sagad::engine::Settings::new(
+        sagad::domain::ids::CoordinatorId::parse("c1").expect("coordinator id"),
+    );
+    sagad::engine::Engine::new(
+        store.clone(),
+        clock,
+        Arc::new(sagad::random::FixedRandom(0.5)),
+        sagad::engine::Settings {
+            idempotency_retention: idempotency_retention.unwrap_or(defaults.idempotency_retention),
+            ..defaults
+        },
+    )
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub channel: Channel,
