@@ -467,12 +467,14 @@ impl Engine {
         F: FnOnce(&Saga) -> (Vec<u8>, R) + Send + 'static,
         R: Send + 'static,
     {
-        let limits = self.settings.limits;
-        let Ok(request_id) = RequestId::parse(&request.request_id) else {
+        // Validated here, off the writer thread, but refused only for a request id not seen
+        // before: a repeat gets the stored answer even once its deadline has passed (S3: the
+        // first answer, always).
+        let request_id = RequestId::parse(&request.request_id);
+        let validated = saga::validate_start(request, self.settings.limits, self.clock.now_ms());
+        let Ok(request_id) = request_id else {
             // Nothing to look up without a request id: report every problem at once.
-            let now = self.clock.now_ms();
-            let violations = saga::validate_start(request, limits, now).err();
-            return Err(Error::Invalid(violations.unwrap_or_default()));
+            return Err(Error::Invalid(validated.err().unwrap_or_default()));
         };
         let coordinator = self.settings.coordinator_id.clone();
         let shared = self.shared.clone();
@@ -480,9 +482,7 @@ impl Engine {
         let policy = self.settings.policy;
         let (answered, started) = self
             .idempotent_write_with("StartSaga", &request_id, fingerprint, move |tx, now| {
-                // Checked only for a request id not seen before: a repeat gets the stored
-                // answer even once its deadline has passed (S3: the first answer, always).
-                let start = saga::validate_start(request, limits, now).map_err(Error::Invalid)?;
+                let start = validated.map_err(Error::Invalid)?;
                 let strategy = match start.mode {
                     SagaMode::Orchestrated => {
                         let latest = shared

@@ -574,11 +574,9 @@ impl WriteTx<'_> {
             // Only a record that still carries this expiry is collected; an index entry that
             // outlived its record (or points at one this sagad cannot read) is just dropped, so
             // collection never deletes data it has not seen expire.
-            let record = match self.get::<IdempotencyRecord>(Table::Idempotency, &raw) {
-                Ok(record) => record.filter(|r| r.expires_ms == expires_ms),
-                Err(Error::Corrupt { .. } | Error::UnknownVersion { .. }) => None,
-                Err(other) => return Err(other),
-            };
+            let record = self
+                .readable_idempotency(&raw)?
+                .filter(|r| r.expires_ms == expires_ms);
             self.overlay.delete(Table::IdempotencyExpiry, index_key);
             let Some(mut record) = record else {
                 continue;
@@ -706,8 +704,13 @@ impl WriteTx<'_> {
     /// decoded: overwriting or deleting an unreadable record must still work, and the expiry
     /// index entry it may leave behind is dropped harmlessly by collection.
     fn readable_idempotency_expiry(&self, raw: &[u8]) -> Result<Option<u64>, Error> {
+        Ok(self.readable_idempotency(raw)?.map(|r| r.expires_ms))
+    }
+
+    /// The record under `raw`, or `None` if there is none or this sagad cannot read it.
+    fn readable_idempotency(&self, raw: &[u8]) -> Result<Option<IdempotencyRecord>, Error> {
         match self.get::<IdempotencyRecord>(Table::Idempotency, raw) {
-            Ok(record) => Ok(record.map(|r| r.expires_ms)),
+            Ok(record) => Ok(record),
             Err(Error::Corrupt { .. } | Error::UnknownVersion { .. }) => Ok(None),
             Err(other) => Err(other),
         }
