@@ -19,6 +19,7 @@ use sagad::config::Config;
 use sagad::domain::saga::{Deadline, SagaMode, StartRequest};
 use sagad::grpc::pb;
 use sagad::grpc::pb::coordinator_client::CoordinatorClient;
+use sagad::grpc::pb::operations_client::OperationsClient;
 use sagad::store::{Options, Store};
 
 const START_MS: u64 = 1_800_000_000_000;
@@ -215,4 +216,72 @@ async fn a_garbage_saga_record_does_not_stop_retention_removing_other_finished_s
         "only the garbage is left: it cannot be judged finished, so it is kept"
     );
     store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_saga_record_is_listed_as_unreadable_and_hides_no_other_saga() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    let mut gsns = Vec::new();
+    for i in 1..=3 {
+        let started = CoordinatorClient::new(server.channel.clone())
+            .start_saga(common::start_request(&format!("t-{i}"), "transfer"))
+            .await
+            .unwrap()
+            .into_inner();
+        gsns.push(started.gsn);
+    }
+    server.stop().await.unwrap();
+    let spoiled_sequence: u64 = gsns[1].rsplit('-').next().unwrap().parse().unwrap();
+    write_raw(&ledger, "sagas", &u64_key(spoiled_sequence), GARBAGE);
+
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    let mut coordinator = CoordinatorClient::new(server.channel.clone());
+    for newest_first in [false, true] {
+        let page = coordinator
+            .list_sagas(pb::ListSagasRequest {
+                newest_first,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut listed: Vec<String> = page.sagas.into_iter().map(|s| s.gsn).collect();
+        listed.sort();
+        assert_eq!(
+            listed,
+            [gsns[0].clone(), gsns[2].clone()],
+            "the sagas on either side of the garbage are listed (newest_first {newest_first})"
+        );
+        assert_eq!(page.unreadable_sequences, [spoiled_sequence]);
+    }
+
+    let stuck = OperationsClient::new(server.channel.clone())
+        .list_stuck(pb::ListStuckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let unreadable: Vec<&pb::StuckItem> = stuck
+        .items
+        .iter()
+        .filter(|item| item.kind == pb::StuckKind::UnreadableSaga as i32)
+        .collect();
+    assert_eq!(unreadable.len(), 1, "{:?}", stuck.items);
+    assert!(
+        unreadable[0]
+            .reason
+            .contains(&format!("{spoiled_sequence:016}")),
+        "the item names the record's sequence: {}",
+        unreadable[0].reason
+    );
+
+    let error = coordinator
+        .get_saga(pb::GetSagaRequest {
+            gsn: gsns[1].clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::DataLoss, "{error:?}");
+    server.stop().await.unwrap();
 }

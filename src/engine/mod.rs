@@ -123,6 +123,8 @@ pub struct ListQuery {
 pub struct Page {
     pub sagas: Vec<Saga>,
     pub next_page_token: String,
+    /// Sequences of saga records in the page's range that do not decode, passed over.
+    pub unreadable_sequences: Vec<u64>,
 }
 
 /// What `begin` tells a participant.

@@ -33,6 +33,7 @@ pub enum StuckKind {
     NeedsAttention,
     DeliveryFailing,
     StepRetrying,
+    UnreadableSaga,
 }
 
 /// One thing recovery is waiting on. Which fields are set depends on `kind` (see the
@@ -62,19 +63,29 @@ pub struct Stuck {
 impl Stuck {
     fn new(kind: StuckKind, saga: &Saga) -> Stuck {
         Stuck {
-            kind,
             gsn: saga.gsn.to_string(),
+            saga_state: Some(saga.state),
+            since_ms: saga.updated_ms,
+            ..Stuck::bare(kind)
+        }
+    }
+
+    /// An item with only its kind set.
+    fn bare(kind: StuckKind) -> Stuck {
+        Stuck {
+            kind,
+            gsn: String::new(),
             branch_id: String::new(),
             node_id: String::new(),
             reason: String::new(),
-            saga_state: Some(saga.state),
+            saga_state: None,
             branch_state: None,
             attempts: 0,
             polls: 0,
             last_poll_outcome: None,
             last_poll_ms: 0,
             last_error: String::new(),
-            since_ms: saga.updated_ms,
+            since_ms: 0,
             outbox_id: 0,
             command_kind: "",
             next_attempt_ms: None,
@@ -248,23 +259,26 @@ fn failing_delivery(flight: InFlight) -> Option<Stuck> {
         )
     };
     Some(Stuck {
-        kind: StuckKind::DeliveryFailing,
         gsn: flight.gsn,
-        branch_id: String::new(),
         node_id: flight.node_id,
         reason,
-        saga_state: None,
-        branch_state: None,
         attempts: flight.attempts,
-        polls: 0,
-        last_poll_outcome: None,
-        last_poll_ms: 0,
         last_error: flight.last_error,
-        since_ms: 0,
         outbox_id: flight.outbox_id,
         command_kind: flight.kind,
-        next_attempt_ms: None,
+        ..Stuck::bare(StuckKind::DeliveryFailing)
     })
+}
+
+/// A saga record this build cannot decode: recovery cannot act on it, so an operator must.
+fn unreadable_saga(sequence: u64, error: &store::Error) -> Stuck {
+    Stuck {
+        reason: format!(
+            "the saga record at ledger sequence {sequence:016} cannot be read ({error}); nothing \
+             recovers it until the ledger is restored or the sagad build that wrote it runs"
+        ),
+        ..Stuck::bare(StuckKind::UnreadableSaga)
+    }
 }
 
 fn bounded(field: &str, value: u32, default: u32, max: u32) -> Result<usize, Error> {
@@ -320,11 +334,27 @@ impl Engine {
                 let mut last_examined = None;
                 let mut examined = 0usize;
                 let mut exhausted = true;
-                for record in tx.sagas(after, false) {
-                    let record = record?;
-                    let sequence = record.sequence;
-                    let saga = convert::saga_from_record(record, Vec::new())?;
-                    let found = stuck_in(&saga, &policy);
+                for record in tx.scan_sagas(after, false) {
+                    // A saga this build cannot read is listed too: recovery passes over it,
+                    // so only an operator can act on it.
+                    let (sequence, found) = match record? {
+                        Ok(record) => {
+                            let sequence = record.sequence;
+                            match convert::saga_from_record(record, Vec::new()) {
+                                Ok(saga) => (sequence, stuck_in(&saga, &policy)),
+                                Err(e) => (sequence, vec![unreadable_saga(sequence, &e)]),
+                            }
+                        }
+                        Err(undecodable) => {
+                            let Some(sequence) = undecodable.key_u64() else {
+                                continue;
+                            };
+                            (
+                                sequence,
+                                vec![unreadable_saga(sequence, undecodable.error())],
+                            )
+                        }
+                    };
                     // A saga's items stay together: if they do not fit, the next page starts
                     // with this saga.
                     if !items.is_empty() && items.len() + found.len() > page_size {

@@ -613,16 +613,36 @@ impl Engine {
             with_payloads,
             ..
         } = query;
-        let (found, last_examined, exhausted) = self
+        let (sagas, unreadable_sequences, last_examined, exhausted) = self
             .store
             .read(move |tx| -> Result<_, store::Error> {
                 let mut matched = Vec::new();
+                let mut unreadable = Vec::new();
                 let mut last_examined = None;
                 let mut examined = 0usize;
                 let mut exhausted = true;
-                for record in tx.sagas(after, newest_first) {
-                    let record = record?;
+                for record in tx.scan_sagas(after, newest_first) {
                     examined += 1;
+                    // One saga this build cannot read must not hide every saga after it.
+                    let record = match record? {
+                        Ok(record) => record,
+                        Err(undecodable) => {
+                            tracing::warn!(
+                                key = %undecodable.key_hex(),
+                                error = %undecodable.error(),
+                                "a saga does not decode; the listing passes over it"
+                            );
+                            if let Some(sequence) = undecodable.key_u64() {
+                                unreadable.push(sequence);
+                                last_examined = Some(sequence);
+                            }
+                            if examined >= MAX_EXAMINED_PER_PAGE {
+                                exhausted = false;
+                                break;
+                            }
+                            continue;
+                        }
+                    };
                     last_examined = Some(record.sequence);
                     let state_matches = states.is_empty()
                         || convert::saga_state_from_code(record.state)
@@ -637,20 +657,27 @@ impl Engine {
                         } else {
                             Vec::new()
                         };
-                        matched.push((record, payload));
+                        let sequence = record.sequence;
+                        match convert::saga_from_record(record, payload) {
+                            Ok(saga) => matched.push(saga),
+                            Err(error) => {
+                                tracing::warn!(
+                                    sequence,
+                                    %error,
+                                    "a saga does not decode; the listing passes over it"
+                                );
+                                unreadable.push(sequence);
+                            }
+                        }
                     }
                     if matched.len() == page_size || examined >= MAX_EXAMINED_PER_PAGE {
                         exhausted = false;
                         break;
                     }
                 }
-                Ok((matched, last_examined, exhausted))
+                Ok((matched, unreadable, last_examined, exhausted))
             })
             .await??;
-        let sagas = found
-            .into_iter()
-            .map(|(record, payload)| convert::saga_from_record(record, payload))
-            .collect::<Result<Vec<_>, _>>()?;
         let next_page_token = match (exhausted, last_examined) {
             (false, Some(after)) => PageToken {
                 after,
@@ -662,6 +689,7 @@ impl Engine {
         Ok(Page {
             sagas,
             next_page_token,
+            unreadable_sequences,
         })
     }
 

@@ -101,6 +101,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         Ok(Response::new(pb::ListSagasResponse {
             sagas: page.sagas.iter().map(|s| convert::saga(s, full)).collect(),
             next_page_token: page.next_page_token,
+            unreadable_sequences: page.unreadable_sequences,
         }))
     }
 

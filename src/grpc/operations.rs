@@ -24,6 +24,7 @@ fn kind(kind: StuckKind) -> pb::StuckKind {
         StuckKind::NeedsAttention => pb::StuckKind::NeedsAttention,
         StuckKind::DeliveryFailing => pb::StuckKind::DeliveryFailing,
         StuckKind::StepRetrying => pb::StuckKind::StepRetrying,
+        StuckKind::UnreadableSaga => pb::StuckKind::UnreadableSaga,
     }
 }
 

@@ -47,6 +47,13 @@ pub fn from_engine(error: Error) -> Status {
         Error::Store(store::Error::Closed) => {
             Status::unavailable("sagad is shutting down; retry on another instance or later")
         }
+        Error::Store(e @ (store::Error::Corrupt { .. } | store::Error::UnknownVersion { .. })) => {
+            tracing::error!(error = %e, "a stored record cannot be read");
+            Status::data_loss(
+                "a stored record this request needs cannot be read (damaged, or written by a \
+                 newer sagad); the detail is in sagad's log",
+            )
+        }
         Error::Store(e) => {
             tracing::error!(error = %e, "ledger failure");
             Status::internal("internal error; the detail is in sagad's log")

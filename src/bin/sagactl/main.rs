@@ -171,6 +171,11 @@ async fn list(
             time_text(&saga.created_at)
         );
     }
+    for sequence in &response.unreadable_sequences {
+        println!(
+            "(the saga record at ledger sequence {sequence:016} cannot be read; see sagad's log)"
+        );
+    }
     if !response.next_page_token.is_empty() {
         println!("(more: raise --limit)");
     }
