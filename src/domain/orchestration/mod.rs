@@ -269,6 +269,26 @@ pub fn on_polled(
     if let Some(branch) = saga.branch_mut(branch_id) {
         branch.last_poll_outcome = Some(report.outcome);
         branch.last_poll_ms = ctx.now;
+        // Polls go out only while the step is UNKNOWN. Found TRIGGERED, a retry was sent since,
+        // so a poll's answer that the action did not take effect is about an earlier send and
+        // must not count against the one now out; that the action took effect still counts.
+        if branch.state == BranchState::Triggered
+            && !matches!(report.outcome, Outcome::Succeeded | Outcome::Reversed)
+        {
+            branch.note(
+                ctx.now,
+                format!(
+                    "poll answer {} ignored: it is about an earlier send than send {}",
+                    outcome_name(report.outcome),
+                    branch.attempts
+                ),
+            );
+            saga.updated_ms = ctx.now;
+            return Ok(Transition {
+                saga,
+                effects: Vec::new(),
+            });
+        }
     }
     on_reported(saga, branch_id, report, ctx)
 }
@@ -304,6 +324,21 @@ fn apply_forward_report(
         | BranchState::Succeeded
         | BranchState::Failed => {}
     }
+    // A success is final: the action took effect, and a contrary answer after it (a poll's
+    // answer about an earlier send, or a confused repeat) must not turn it into a failure the
+    // reversal would then skip. Only the node undoing it (REVERSED) changes the branch again.
+    if branch.state == BranchState::Succeeded
+        && !matches!(report.outcome, Outcome::Succeeded | Outcome::Reversed)
+    {
+        branch.note(
+            ctx.now,
+            format!(
+                "report {} ignored: the step already succeeded, which is final",
+                outcome_name(report.outcome)
+            ),
+        );
+        return Vec::new();
+    }
     if !report.answers_pending_send(branch) && report.outcome != Outcome::Succeeded {
         let about = report.attempt.unwrap_or(branch.attempts);
         branch.note(
@@ -317,6 +352,7 @@ fn apply_forward_report(
         return Vec::new();
     }
     let mut effects = Vec::new();
+    let previous = branch.state;
     branch.message = report.message.clone();
     match report.outcome {
         Outcome::Processing => {
@@ -408,6 +444,13 @@ fn apply_forward_report(
         format!("reported {} {}", outcome_name(report.outcome), status.name),
     );
     if !running {
+        effects.extend(after_the_end(
+            saga,
+            branch_id,
+            previous,
+            report.outcome,
+            ctx,
+        ));
         return effects;
     }
     let meaning = match report.outcome {
@@ -423,8 +466,12 @@ fn apply_forward_report(
         status: status.name.clone(),
     });
     match meaning {
-        Meaning::Normal => effects.extend(fire_rules(saga, ctx)),
-        Meaning::End => effects.extend(complete(saga, ctx.now)),
+        // Once the end is reached no further stage is released; the steps still out are
+        // only waited for.
+        Meaning::Normal if !end_reached(saga, ctx.strategy) => {
+            effects.extend(fire_rules(saga, ctx))
+        }
+        Meaning::Normal | Meaning::End => {}
         Meaning::Abnormal => {
             let reason = match report.outcome {
                 Outcome::Failed => format!("step {branch_id} failed ({})", report.error_code),
@@ -437,7 +484,119 @@ fn apply_forward_report(
                 &ctx.strategy.exception_scope(branch_id),
                 reason,
             ));
+            return effects;
         }
+    }
+    effects.extend(finish_if_settled(saga, branch_id, &status.name, ctx));
+    effects
+}
+
+/// Whether a step reported an end status (S2 item 4) that still stands.
+fn end_reached(saga: &Saga, strategy: &Strategy) -> bool {
+    saga.branches.iter().any(|b| {
+        b.state == BranchState::Succeeded
+            && b.last_status.as_ref().is_some_and(|s| {
+                strategy.meaning_of(&b.branch_id, &s.name, &s.parameters) == Meaning::End
+            })
+    })
+}
+
+/// After a running saga's step reported normally: the saga completes once an end status was
+/// reported and no step is still out (a parallel step that fails later must be able to reverse
+/// the saga, not find it COMPLETED); with nothing out, no rule left to fire and no end, it can
+/// never move again, so it is reversed rather than left RUNNING forever.
+fn finish_if_settled(
+    saga: &mut Saga,
+    branch_id: &str,
+    status: &str,
+    ctx: Context<'_>,
+) -> Vec<Effect> {
+    let outstanding: Vec<String> = saga
+        .branches
+        .iter()
+        .filter(|b| matches!(b.state, BranchState::Triggered | BranchState::Unknown))
+        .map(|b| b.branch_id.clone())
+        .collect();
+    let ended = end_reached(saga, ctx.strategy);
+    if !outstanding.is_empty() {
+        if ended && let Some(branch) = saga.branch_mut(branch_id) {
+            branch.note(
+                ctx.now,
+                format!("the saga completes once {} settle", outstanding.join(", ")),
+            );
+        }
+        return Vec::new();
+    }
+    if ended {
+        return complete(saga, ctx.now);
+    }
+    let every_step: Vec<String> = ctx.strategy.steps.iter().map(|s| s.id.clone()).collect();
+    begin_reversal(
+        saga,
+        ctx,
+        &every_step,
+        format!(
+            "the saga stalled: step {branch_id} reported {status}, which fires no rule of \
+             strategy version {} and ends nothing, and no step is still out",
+            ctx.strategy.version
+        ),
+    )
+}
+
+/// A forward report that arrives once the saga no longer runs changes no stage, but two
+/// answers still matter. A step counted as failed that took effect after all is reversed too
+/// (the reversal skipped it), reopening a REVERSED saga. A step of a COMPLETED saga that its
+/// node undid breaks "done everywhere": the saga needs an operator, whose ReprocessSaga then
+/// reverses its other steps.
+fn after_the_end(
+    saga: &mut Saga,
+    branch_id: &str,
+    previous: BranchState,
+    outcome: Outcome,
+    ctx: Context<'_>,
+) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    match (saga.state, previous, outcome) {
+        (
+            SagaState::Reversing | SagaState::Reversed | SagaState::NeedsAttention,
+            BranchState::Failed,
+            Outcome::Succeeded,
+        ) => {
+            let reason = saga.reason.clone();
+            let Some(branch) = saga.branch_mut(branch_id) else {
+                return effects;
+            };
+            if branch.reversal_action.is_empty() {
+                branch.note(
+                    ctx.now,
+                    "took effect after the saga began reversing; it has no reversal action",
+                );
+                return effects;
+            }
+            effects.push(start_reversing(
+                branch,
+                ctx.now,
+                &reason,
+                "took effect after the saga began reversing: reversing it too",
+            ));
+            if saga.state == SagaState::Reversed {
+                saga.state = SagaState::Reversing;
+            }
+        }
+        (SagaState::Completed, BranchState::Succeeded, Outcome::Reversed) => {
+            let node_id = saga
+                .branch(branch_id)
+                .map(|b| b.node_id.clone())
+                .unwrap_or_default();
+            saga.state = SagaState::NeedsAttention;
+            saga.reason = format!(
+                "step {branch_id} was undone by node {node_id} after the saga completed; \
+                 ReprocessSaga reverses the saga's other steps"
+            );
+            saga.signal = Some(Signal::Reprocess);
+            effects.extend(signal_every_node(saga, Signal::Reprocess));
+        }
+        _ => {}
     }
     effects
 }
@@ -727,18 +886,27 @@ pub fn on_reprocess(mut saga: Saga, now: Millis) -> Option<Transition> {
     saga.state = SagaState::Reversing;
     let reason = saga.reason.clone();
     let mut effects = Vec::new();
-    for branch in saga
+    // A saga that reached NEEDS_ATTENTION without a failed reversal was completed, then one of
+    // its steps was undone by its node: reprocessing reverses the rest.
+    let after_completion = !saga
         .branches
-        .iter_mut()
-        .filter(|b| b.state == BranchState::ReversalFailed)
-    {
-        effects.push(start_reversing(
-            branch,
-            now,
-            &reason,
-            "reprocessed by an operator: reversing again",
-        ));
+        .iter()
+        .any(|b| b.state == BranchState::ReversalFailed);
+    for branch in saga.branches.iter_mut() {
+        let why = match branch.state {
+            BranchState::ReversalFailed => "reprocessed by an operator: reversing again",
+            state
+                if after_completion
+                    && state.may_need_reversal()
+                    && !branch.reversal_action.is_empty() =>
+            {
+                "reprocessed by an operator: reversing"
+            }
+            _ => continue,
+        };
+        effects.push(start_reversing(branch, now, &reason, why));
     }
+    effects.extend(settle_if_done(&mut saga));
     saga.updated_ms = now;
     Some(Transition { saga, effects })
 }
@@ -840,6 +1008,8 @@ pub fn on_timer(mut saga: Saga, timer: &Timer, ctx: Context<'_>) -> Transition {
                 if branch.retry_at_ms.take().is_some() {
                     branch.attempts = branch.attempts.saturating_add(1);
                 }
+                // Each send gets the whole poll budget should its outcome become unknown.
+                branch.polls = 0;
                 branch.note(ctx.now, format!("execute attempt {}", branch.attempts));
                 effects.push(Effect::Execute {
                     branch_id: branch_id.clone(),

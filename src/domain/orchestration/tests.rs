@@ -1070,10 +1070,170 @@ fn retry_delays_stay_between_the_floor_and_the_cap() {
     assert_eq!(policy.retry_delay_ms(30, 1.0), 60_000);
 }
 
+/// reserve and charge in parallel; RESERVED alone ends the saga, so charge may still be out
+/// when the end is reported.
+fn end_before_a_parallel_step() -> Strategy {
+    Strategy {
+        rules: Vec::new(),
+        end_statuses: vec![when("reserve", "RESERVED")],
+        ..order()
+    }
+}
+
+#[test]
+fn an_end_status_reported_while_a_parallel_step_is_out_completes_once_that_step_succeeds() {
+    let s = end_before_a_parallel_step();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    assert_eq!(t.saga.state, SagaState::Running, "charge is still out");
+    assert!(
+        signals(&t.effects).is_empty(),
+        "nobody is told COMPLETED yet"
+    );
+    let t = report(t.saga, &s, "charge", succeeded("PAID"));
+    assert_eq!(t.saga.state, SagaState::Completed);
+    assert_eq!(signals(&t.effects).len(), 2);
+}
+
+#[test]
+fn an_end_status_reported_while_a_parallel_step_is_out_is_reversed_when_that_step_fails() {
+    let s = end_before_a_parallel_step();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    let t = report(t.saga, &s, "charge", failed("CARD_EXPIRED"));
+    assert_eq!(t.saga.state, SagaState::Reversing);
+    assert_eq!(
+        reverses(&t.effects),
+        ["reserve"],
+        "charge's exception scope"
+    );
+}
+
+#[test]
+fn a_saga_that_can_no_longer_move_is_reversed_rather_than_left_running() {
+    let s = order();
+    // RESERVED_PARTIAL is no status any rule waits for, so ship's join can never complete.
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED_PARTIAL"));
+    assert_eq!(t.saga.state, SagaState::Running, "charge is still out");
+    let t = report(t.saga, &s, "charge", succeeded("PAID"));
+    assert_eq!(t.saga.state, SagaState::Reversing);
+    let mut reversed = reverses(&t.effects);
+    reversed.sort();
+    assert_eq!(reversed, ["charge", "reserve"]);
+    assert!(t.saga.reason.contains("stalled"), "{}", t.saga.reason);
+}
+
+#[test]
+fn a_failure_reported_after_a_success_does_not_undo_the_success() {
+    let s = order();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    let t = report(t.saga, &s, "reserve", failed("UNAVAILABLE"));
+    assert_eq!(t.saga.state, SagaState::Running);
+    assert!(t.effects.is_empty());
+    assert_eq!(
+        t.saga.branch("reserve").unwrap().state,
+        BranchState::Succeeded
+    );
+    // So a later reversal still undoes it.
+    let t = report(t.saga, &s, "charge", failed("CARD_EXPIRED"));
+    assert_eq!(reverses(&t.effects), ["reserve"]);
+}
+
+#[test]
+fn a_poll_answer_about_an_earlier_send_does_not_count_against_the_send_now_out() {
+    let s = order();
+    let t = on_timer(
+        started(&s),
+        &Timer::StepTimeout {
+            branch_id: "charge".into(),
+            attempt: 1,
+        },
+        ctx(&s, NOW + 5_000),
+    );
+    let t = report(t.saga, &s, "charge", failed("UNAVAILABLE"));
+    let at = retry_execute_at(&t.effects, "charge").expect("a retry is scheduled");
+    let t = retry_execute(t.saga, &s, "charge", at);
+    assert_eq!(t.saga.branch("charge").unwrap().attempts, 2);
+    // The answer to the poll sent while send 1 was unknown arrives now.
+    let t = on_polled(t.saga, "charge", failed("UNAVAILABLE"), ctx(&s, at + 10)).unwrap();
+    assert!(t.effects.is_empty());
+    let charge = t.saga.branch("charge").unwrap();
+    assert_eq!(charge.state, BranchState::Triggered);
+    assert_eq!(charge.retry_at_ms, None, "no second retry was scheduled");
+}
+
+#[test]
+fn a_retried_send_gets_the_whole_poll_budget() {
+    let s = order();
+    let mut saga = on_timer(
+        started(&s),
+        &Timer::StepTimeout {
+            branch_id: "charge".into(),
+            attempt: 1,
+        },
+        ctx(&s, NOW + 5_000),
+    )
+    .saga;
+    for i in 1..=3 {
+        saga = on_timer(
+            saga,
+            &Timer::Poll {
+                branch_id: "charge".into(),
+            },
+            ctx(&s, NOW + 5_000 + i * 10_000),
+        )
+        .saga;
+    }
+    assert_eq!(saga.branch("charge").unwrap().polls, 3);
+    let t = report(saga, &s, "charge", failed("UNAVAILABLE"));
+    let at = retry_execute_at(&t.effects, "charge").expect("a retry is scheduled");
+    let t = retry_execute(t.saga, &s, "charge", at);
+    assert_eq!(t.saga.branch("charge").unwrap().polls, 0);
+}
+
+#[test]
+fn a_step_that_took_effect_after_it_was_counted_failed_is_reversed_too() {
+    let s = order();
+    let t = report(started(&s), &s, "charge", failed("CARD_EXPIRED"));
+    assert_eq!(reverses(&t.effects), ["reserve"]);
+    // reserve's reversal ends the saga REVERSED before charge's late success arrives.
+    let t = on_reversal_answered(t.saga, "reserve", succeeded(""), ctx(&s, NOW + 20));
+    assert_eq!(t.saga.state, SagaState::Reversed);
+    let t = report(t.saga, &s, "charge", succeeded("PAID"));
+    assert_eq!(t.saga.state, SagaState::Reversing, "reopened for charge");
+    assert_eq!(reverses(&t.effects), ["charge"]);
+    let t = on_reversal_answered(t.saga, "charge", succeeded(""), ctx(&s, NOW + 30));
+    assert_eq!(t.saga.state, SagaState::Reversed);
+    assert_eq!(
+        signals(&t.effects).len(),
+        2,
+        "every node is told the end again"
+    );
+}
+
+#[test]
+fn a_step_undone_by_its_node_after_the_saga_completed_needs_attention_and_reprocess_reverses_the_rest()
+ {
+    let s = order();
+    let t = report(started(&s), &s, "reserve", succeeded("RESERVED"));
+    let t = report(t.saga, &s, "charge", succeeded("PAID"));
+    let t = report(t.saga, &s, "ship", succeeded("SHIPPED"));
+    assert_eq!(t.saga.state, SagaState::Completed);
+    let undone = Report {
+        outcome: Outcome::Reversed,
+        ..succeeded("")
+    };
+    let t = report(t.saga, &s, "reserve", undone);
+    assert_eq!(t.saga.state, SagaState::NeedsAttention);
+    assert!(t.saga.reason.contains("reserve"), "{}", t.saga.reason);
+    let t = on_reprocess(t.saga, NOW + 100).unwrap();
+    assert_eq!(t.saga.state, SagaState::Reversing);
+    let mut reversed = reverses(&t.effects);
+    reversed.sort();
+    assert_eq!(reversed, ["charge", "ship"]);
+}
+
 // A property: random strategies (a chain of stages with fan-out) and random report orders;
 // every saga ends COMPLETED or REVERSED once every triggered step answered, and no step is
-// ever reversed unless it was triggered.
-
+// ever reversed unless it was triggered; a COMPLETED saga has every step succeeded.
 fn chain_strategy(stages: usize, width: usize) -> Strategy {
     let mut steps = Vec::new();
     let mut rules = Vec::new();
@@ -1169,6 +1329,11 @@ proptest! {
             }
         }
         prop_assert!(matches!(saga.state, SagaState::Completed | SagaState::Reversed), "ended {:?}", saga.state);
+        if saga.state == SagaState::Completed {
+            for b in &saga.branches {
+                prop_assert_eq!(b.state, BranchState::Succeeded, "{} in a COMPLETED saga", b.branch_id);
+            }
+        }
         let triggered: BTreeSet<String> = saga.branches.iter().map(|b| b.branch_id.clone()).collect();
         prop_assert!(reversed_ever.is_subset(&triggered));
     }
