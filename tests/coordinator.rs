@@ -451,7 +451,8 @@ async fn health_is_serving_while_up_and_shutdown_is_clean() {
 }
 
 /// sagad calls nodes over plain HTTP/2, so an endpoint it could never dial (https, another
-/// scheme, no host) is refused when it is registered, saying what to give instead.
+/// scheme, no host) is refused when it is registered, saying what to give instead; so is one
+/// longer than the stated bound.
 #[tokio::test]
 async fn an_endpoint_sagad_cannot_dial_is_refused_at_registration() {
     let server = TestServer::start().await;
@@ -465,10 +466,12 @@ async fn an_endpoint_sagad_cannot_dial_is_refused_at_registration() {
         .register_node(register("r-ok", "http://127.0.0.1:7001"))
         .await
         .unwrap();
+    let too_long = format!("http://{}.example:7001", "a".repeat(1_024));
     for (i, (endpoint, says)) in [
         ("https://127.0.0.1:7001", "https is not supported"),
         ("127.0.0.1:7001", "must start with http://"),
         ("http://", "http://127.0.0.1:7001"),
+        (too_long.as_str(), "at most 1024"),
     ]
     .into_iter()
     .enumerate()

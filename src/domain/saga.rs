@@ -136,6 +136,11 @@ impl Limits {
     /// Distinct serials RequestReversal records on one saga. Each new serial rewrites the saga
     /// even once it is REVERSED, so a retry loop minting fresh serials must hit a wall.
     pub const MAX_REVERSAL_SERIALS: usize = 100;
+    /// Distinct step statuses an orchestrated saga stores for its rules. Rules wait for a
+    /// handful; a node reporting ever new status names must not grow the saga for ever.
+    pub const MAX_REPORTED_STATUSES: usize = 1_024;
+    /// A node's endpoint URL, stored and parsed on every connection.
+    pub const MAX_ENDPOINT: usize = 1_024;
 }
 
 /// The violation of a text field longer than `max` characters, if it is.

@@ -8,7 +8,7 @@ use futures::Stream;
 use tokio::sync::mpsc;
 
 use crate::domain::ids::{NodeId, RequestId};
-use crate::domain::saga::Saga;
+use crate::domain::saga::{Limits, Saga};
 use crate::engine::{Answered, Engine, Error};
 use crate::store::NodeRecord;
 use crate::transport::Outgoing;
@@ -22,6 +22,16 @@ fn check_node_id(node_id: &str) -> Result<(), Error> {
 fn check_endpoint(endpoint: &str) -> Result<(), Error> {
     if endpoint.is_empty() {
         return Ok(());
+    }
+    if endpoint.len() > Limits::MAX_ENDPOINT {
+        return Err(Error::invalid(
+            "endpoint",
+            format!(
+                "is {} bytes long; at most {} are allowed",
+                endpoint.len(),
+                Limits::MAX_ENDPOINT
+            ),
+        ));
     }
     match crate::transport::endpoint_problem(endpoint) {
         None => Ok(()),

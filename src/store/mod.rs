@@ -245,8 +245,8 @@ impl Store {
         };
         std::fs::create_dir_all(&path).map_err(|e| open_failed(e.to_string()))?;
         let db = open_db(&options)?;
+        upgrade::refuse_newer(&db).map_err(|e| open_failed(e.to_string()))?;
         let tables = Tables::open(db).map_err(|e| open_failed(e.to_string()))?;
-        upgrade::refuse_newer(&tables).map_err(|e| open_failed(e.to_string()))?;
         let completed = intents::recover(&tables).map_err(|e| open_failed(e.to_string()))?;
         if completed > 0 {
             tracing::info!(

@@ -31,9 +31,16 @@ fn stored_format(tables: &Tables) -> Result<Option<u64>, Error> {
 }
 
 /// Refuses a ledger written by a newer sagad, before anything reads or replays it: its records
-/// or intents may mean what this build cannot know.
-pub(crate) fn refuse_newer(tables: &Tables) -> Result<(), Error> {
-    match stored_format(tables)? {
+/// or intents may mean what this build cannot know. It reads the format mark straight from
+/// sled, before the tables are opened, so a refused ledger is left without trees it lacked.
+pub(crate) fn refuse_newer(db: &sled::Db) -> Result<(), Error> {
+    let stored = db
+        .open_tree(Table::Meta.name())
+        .and_then(|meta| meta.get(FORMAT))
+        .map_err(storage_error)?
+        .map(|bytes| codec::decode_u64(Table::Meta.name(), &bytes))
+        .transpose()?;
+    match stored {
         Some(format) if format > CURRENT_FORMAT => Err(Error::Storage(format!(
             "the ledger is in format {format}, written by a newer sagad; this one reads formats \
              up to {CURRENT_FORMAT}: run the newer sagad on it"
@@ -254,6 +261,20 @@ mod tests {
             message.contains(&format!("format {}", CURRENT_FORMAT + 1))
                 && message.contains("newer sagad"),
             "{message}"
+        );
+        let db = (0..100)
+            .find_map(|_| {
+                let opened = sled::Config::new().path(&path).open().ok();
+                if opened.is_none() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                opened
+            })
+            .unwrap();
+        let names = db.tree_names();
+        assert!(
+            !names.iter().any(|name| name.as_ref() == b"sagas"),
+            "the refused open created no table"
         );
     }
 

@@ -12,7 +12,7 @@
 use crate::domain::Millis;
 use crate::domain::branch::{Branch, BranchState, Outcome, Report, Signal, Status};
 use crate::domain::retry::{self, Redelivery};
-use crate::domain::saga::{Saga, SagaState};
+use crate::domain::saga::{Limits, Saga, SagaState};
 use crate::domain::strategy::{Meaning, StepStatus, Strategy};
 
 /// What the shell must do after a transition is stored.
@@ -461,10 +461,22 @@ fn apply_forward_report(
         Outcome::Failed | Outcome::NotFound | Outcome::Reversed => Meaning::Abnormal,
         Outcome::Processing | Outcome::Unknown => return effects,
     };
-    saga.reported.insert(StepStatus {
+    let reported = StepStatus {
         step_id: branch_id.to_owned(),
         status: status.name.clone(),
-    });
+    };
+    if saga.reported.len() < Limits::MAX_REPORTED_STATUSES || saga.reported.contains(&reported) {
+        saga.reported.insert(reported);
+    } else if let Some(branch) = saga.branch_mut(branch_id) {
+        branch.note(
+            ctx.now,
+            format!(
+                "status {} not stored for rules: the saga already stored {} statuses",
+                status.name,
+                Limits::MAX_REPORTED_STATUSES
+            ),
+        );
+    }
     match meaning {
         // Once the end is reached no further stage is released; the steps still out are
         // only waited for.

@@ -1231,6 +1231,23 @@ fn a_step_undone_by_its_node_after_the_saga_completed_needs_attention_and_reproc
     assert_eq!(reversed, ["charge", "ship"]);
 }
 
+#[test]
+fn a_saga_stores_a_bounded_number_of_reported_statuses() {
+    let s = order();
+    let mut saga = started(&s);
+    saga.reported = (0..Limits::MAX_REPORTED_STATUSES)
+        .map(|i| when("charge", &format!("S{i}")))
+        .collect();
+    let t = report(saga, &s, "reserve", succeeded("RESERVED"));
+    assert_eq!(t.saga.reported.len(), Limits::MAX_REPORTED_STATUSES);
+    assert!(!t.saga.reported.contains(&when("reserve", "RESERVED")));
+    assert_eq!(
+        t.saga.branch("reserve").unwrap().state,
+        BranchState::Succeeded,
+        "the branch still changes"
+    );
+}
+
 // A property: random strategies (a chain of stages with fan-out) and random report orders;
 // every saga ends COMPLETED or REVERSED once every triggered step answered, and no step is
 // ever reversed unless it was triggered; a COMPLETED saga has every step succeeded.
