@@ -15,22 +15,45 @@ use crate::store::Durability;
 
 /// Where environment variables come from.
 pub trait Environment {
-    fn get(&self, name: &str) -> Option<String>;
+    /// The variable's value as the OS holds it, which need not be Unicode.
+    fn get_os(&self, name: &str) -> Option<OsString>;
+
+    /// The variable's text. A value that is not Unicode is refused rather than taken as unset:
+    /// ignoring it would silently start sagad with the default instead of what was meant.
+    fn get(&self, name: &'static str) -> Result<Option<String>, Error> {
+        match self.get_os(name) {
+            None => Ok(None),
+            Some(value) => value
+                .into_string()
+                .map(Some)
+                .map_err(|value| Error::Invalid {
+                    setting: name,
+                    value: value.to_string_lossy().into_owned(),
+                    reason: "is not valid UTF-8".to_owned(),
+                }),
+        }
+    }
 }
 
-/// The real process environment: the one home of `std::env::var`.
+/// The real process environment: the one home of `std::env::var_os`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ProcessEnvironment;
 
 impl Environment for ProcessEnvironment {
     #[allow(clippy::disallowed_methods)] // This is the one place allowed to read the environment.
-    fn get(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
+    fn get_os(&self, name: &str) -> Option<OsString> {
+        std::env::var_os(name)
     }
 }
 
 impl Environment for BTreeMap<String, String> {
-    fn get(&self, name: &str) -> Option<String> {
+    fn get_os(&self, name: &str) -> Option<OsString> {
+        BTreeMap::get(self, name).map(OsString::from)
+    }
+}
+
+impl Environment for BTreeMap<String, OsString> {
+    fn get_os(&self, name: &str) -> Option<OsString> {
         BTreeMap::get(self, name).cloned()
     }
 }
@@ -45,7 +68,7 @@ pub enum LogFormat {
 /// `NO_COLOR` is set to anything (no-color.org). Escape codes in a log file or the journal
 /// only get in the way of grep.
 pub fn log_colours(stderr_is_terminal: bool, env: &dyn Environment) -> bool {
-    stderr_is_terminal && env.get("NO_COLOR").is_none_or(|value| value.is_empty())
+    stderr_is_terminal && env.get_os("NO_COLOR").is_none_or(|value| value.is_empty())
 }
 
 /// Everything sagad needs to start, validated.
@@ -184,9 +207,15 @@ fn node(setting: &'static str, text: &str) -> Result<(String, String), Error> {
     Ok((id.to_owned(), url.to_owned()))
 }
 
-fn pick(flag: Option<String>, env: &dyn Environment, name: &str) -> Option<(String, &'static str)> {
-    flag.map(|v| (v, "flag"))
-        .or_else(|| env.get(name).map(|v| (v, "env")))
+fn pick(
+    flag: Option<String>,
+    env: &dyn Environment,
+    name: &'static str,
+) -> Result<Option<(String, &'static str)>, Error> {
+    match flag {
+        Some(value) => Ok(Some((value, "flag"))),
+        None => Ok(env.get(name)?.map(|value| (value, "env"))),
+    }
 }
 
 fn invalid(setting: &'static str, value: &str, reason: impl Into<String>) -> Error {
@@ -220,7 +249,7 @@ impl Config {
         let flags = Flags::try_parse_from(args)?;
         let mut config = Config::with_data("./sagad-data");
 
-        if let Some((value, _)) = pick(flags.listen, env, "SAGAD_LISTEN") {
+        if let Some((value, _)) = pick(flags.listen, env, "SAGAD_LISTEN")? {
             config.listen = value.parse().map_err(|_| {
                 invalid(
                     "listen (SAGAD_LISTEN)",
@@ -231,14 +260,15 @@ impl Config {
         }
         if let Some(data) = flags
             .data
-            .or_else(|| env.get("SAGAD_DATA").map(PathBuf::from))
+            // A path need not be Unicode, so it is taken as the OS gives it.
+            .or_else(|| env.get_os("SAGAD_DATA").map(PathBuf::from))
         {
             if data.as_os_str().is_empty() {
                 return Err(invalid("data (SAGAD_DATA)", "", "must name a folder"));
             }
             config.data = data;
         }
-        if let Some((value, _)) = pick(flags.coordinator_id, env, "SAGAD_COORDINATOR_ID") {
+        if let Some((value, _)) = pick(flags.coordinator_id, env, "SAGAD_COORDINATOR_ID")? {
             config.coordinator_id = CoordinatorId::parse(&value).map_err(|e| {
                 invalid(
                     "coordinator-id (SAGAD_COORDINATOR_ID)",
@@ -247,7 +277,7 @@ impl Config {
                 )
             })?;
         }
-        if let Some((value, _)) = pick(flags.log_format, env, "SAGAD_LOG_FORMAT") {
+        if let Some((value, _)) = pick(flags.log_format, env, "SAGAD_LOG_FORMAT")? {
             config.log_format = match value.as_str() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
@@ -260,7 +290,7 @@ impl Config {
                 }
             };
         }
-        if let Some((value, _)) = pick(flags.log, env, "SAGAD_LOG") {
+        if let Some((value, _)) = pick(flags.log, env, "SAGAD_LOG")? {
             tracing_subscriber::EnvFilter::try_new(&value).map_err(|e| {
                 invalid(
                     "log (SAGAD_LOG)",
@@ -270,7 +300,7 @@ impl Config {
             })?;
             config.log_filter = value;
         }
-        if let Some((value, _)) = pick(flags.durability, env, "SAGAD_DURABILITY") {
+        if let Some((value, _)) = pick(flags.durability, env, "SAGAD_DURABILITY")? {
             config.durability = match value.as_str() {
                 "durable" => Durability::Durable,
                 "relaxed" => Durability::Relaxed,
@@ -283,7 +313,7 @@ impl Config {
                 }
             };
         }
-        if let Some((value, _)) = pick(flags.max_payload_bytes, env, "SAGAD_MAX_PAYLOAD_BYTES") {
+        if let Some((value, _)) = pick(flags.max_payload_bytes, env, "SAGAD_MAX_PAYLOAD_BYTES")? {
             let bytes: usize = value.parse().map_err(|_| {
                 invalid(
                     "max-payload-bytes (SAGAD_MAX_PAYLOAD_BYTES)",
@@ -305,16 +335,16 @@ impl Config {
             flags.idempotency_retention,
             env,
             "SAGAD_IDEMPOTENCY_RETENTION",
-        ) {
+        )? {
             config.idempotency_retention = duration(
                 "idempotency-retention (SAGAD_IDEMPOTENCY_RETENTION)",
                 &value,
             )?;
         }
-        if let Some((value, _)) = pick(flags.shutdown_grace, env, "SAGAD_SHUTDOWN_GRACE") {
+        if let Some((value, _)) = pick(flags.shutdown_grace, env, "SAGAD_SHUTDOWN_GRACE")? {
             config.shutdown_grace = duration("shutdown-grace (SAGAD_SHUTDOWN_GRACE)", &value)?;
         }
-        if let Some((value, _)) = pick(flags.cache_mb, env, "SAGAD_CACHE_MB") {
+        if let Some((value, _)) = pick(flags.cache_mb, env, "SAGAD_CACHE_MB")? {
             let mb: u64 = value
                 .parse()
                 .ok()
@@ -325,7 +355,7 @@ impl Config {
             config.cache_capacity_bytes = mb * 1024 * 1024;
         }
         let node_texts: Vec<String> = if flags.nodes.is_empty() {
-            env.get("SAGAD_NODES")
+            env.get("SAGAD_NODES")?
                 .map(|v| {
                     v.split(',')
                         .filter(|s| !s.trim().is_empty())
@@ -339,7 +369,7 @@ impl Config {
         for text in node_texts {
             config.nodes.push(node("node (SAGAD_NODES)", &text)?);
         }
-        if let Some((value, _)) = pick(flags.participant_timeout, env, "SAGAD_PARTICIPANT_TIMEOUT")
+        if let Some((value, _)) = pick(flags.participant_timeout, env, "SAGAD_PARTICIPANT_TIMEOUT")?
         {
             let timeout = duration("participant-timeout (SAGAD_PARTICIPANT_TIMEOUT)", &value)?;
             if timeout.is_zero() {
@@ -351,7 +381,7 @@ impl Config {
             }
             config.participant_timeout = timeout;
         }
-        if let Some((value, _)) = pick(flags.max_polls, env, "SAGAD_MAX_POLLS") {
+        if let Some((value, _)) = pick(flags.max_polls, env, "SAGAD_MAX_POLLS")? {
             config.max_polls = value
                 .parse()
                 .ok()
@@ -360,7 +390,7 @@ impl Config {
                     invalid("max-polls (SAGAD_MAX_POLLS)", &value, "expected 1 to 10000")
                 })?;
         }
-        if let Some((value, _)) = pick(flags.saga_retention, env, "SAGAD_SAGA_RETENTION") {
+        if let Some((value, _)) = pick(flags.saga_retention, env, "SAGAD_SAGA_RETENTION")? {
             config.saga_retention = duration("saga-retention (SAGAD_SAGA_RETENTION)", &value)?;
         }
         Ok(config)
@@ -434,6 +464,29 @@ mod tests {
         let err =
             Config::load(["sagad", "--node", "inventory=https://h:1"], &env(&[])).unwrap_err();
         assert!(err.to_string().contains("https is not supported"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_variable_that_is_not_utf8_is_refused_naming_it_except_the_data_path() {
+        use std::os::unix::ffi::OsStringExt;
+        let not_utf8 = || OsString::from_vec(vec![b'd', 0xff, b'x']);
+        let vars: BTreeMap<String, OsString> = [("SAGAD_LOG_FORMAT".to_owned(), not_utf8())].into();
+        let err = Config::load(["sagad"], &vars).unwrap_err().to_string();
+        assert!(
+            err.contains("SAGAD_LOG_FORMAT") && err.contains("not valid UTF-8"),
+            "{err}"
+        );
+        let vars: BTreeMap<String, OsString> = [("SAGAD_NODES".to_owned(), not_utf8())].into();
+        let err = Config::load(["sagad"], &vars).unwrap_err().to_string();
+        assert!(err.contains("SAGAD_NODES"), "{err}");
+        let vars: BTreeMap<String, OsString> = [("SAGAD_DATA".to_owned(), not_utf8())].into();
+        let config = Config::load(["sagad"], &vars).unwrap();
+        assert_eq!(
+            config.data.as_os_str(),
+            not_utf8(),
+            "a path is the OS's bytes"
+        );
     }
 
     #[test]
