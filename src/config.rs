@@ -160,8 +160,8 @@ struct Flags {
     /// Largest payload accepted, in bytes [env: SAGAD_MAX_PAYLOAD_BYTES] [default: 1048576]
     #[arg(long)]
     max_payload_bytes: Option<String>,
-    /// How long idempotency records are kept after their last change, e.g. 7d, 12h; 0 keeps
-    /// them forever [env: SAGAD_IDEMPOTENCY_RETENTION] [default: 7d]
+    /// How long idempotency records are kept after their last change, e.g. 7d, 12h (at least
+    /// 1s); 0 keeps them forever [env: SAGAD_IDEMPOTENCY_RETENTION] [default: 7d]
     #[arg(long)]
     idempotency_retention: Option<String>,
     /// How long shutdown waits for in-flight requests [env: SAGAD_SHUTDOWN_GRACE] [default: 10s]
@@ -184,8 +184,9 @@ struct Flags {
     #[arg(long)]
     max_polls: Option<String>,
     /// Remove finished (COMPLETED or REVERSED) sagas this long after their last change, e.g.
-    /// 30d; 0 keeps them forever. Keep it longer than the idempotency retention, so a replayed
-    /// StartSaga never names a removed saga [env: SAGAD_SAGA_RETENTION] [default: 0]
+    /// 30d (at least 1s); 0 keeps them forever. Must be longer than the idempotency retention
+    /// (which must then not be 0), so a replayed StartSaga never names a removed saga
+    /// [env: SAGAD_SAGA_RETENTION] [default: 0]
     #[arg(long)]
     saga_retention: Option<String>,
 }
@@ -237,6 +238,20 @@ fn duration(setting: &'static str, value: &str) -> Result<Duration, Error> {
             format!("{e} (write it like 30s, 5m, 12h or 7d)"),
         )
     })
+}
+
+/// A retention: 0 keeps forever, anything else is at least a second. Retentions are kept in
+/// whole milliseconds, where a shorter one such as 500us would become 0, which means forever.
+fn retention(setting: &'static str, value: &str) -> Result<Duration, Error> {
+    let retention = duration(setting, value)?;
+    if !retention.is_zero() && retention < Duration::from_secs(1) {
+        return Err(invalid(
+            setting,
+            value,
+            "must be 0 (keep forever) or at least 1s",
+        ));
+    }
+    Ok(retention)
 }
 
 impl Config {
@@ -336,7 +351,7 @@ impl Config {
             env,
             "SAGAD_IDEMPOTENCY_RETENTION",
         )? {
-            config.idempotency_retention = duration(
+            config.idempotency_retention = retention(
                 "idempotency-retention (SAGAD_IDEMPOTENCY_RETENTION)",
                 &value,
             )?;
@@ -391,7 +406,27 @@ impl Config {
                 })?;
         }
         if let Some((value, _)) = pick(flags.saga_retention, env, "SAGAD_SAGA_RETENTION")? {
-            config.saga_retention = duration("saga-retention (SAGAD_SAGA_RETENTION)", &value)?;
+            config.saga_retention = retention("saga-retention (SAGAD_SAGA_RETENTION)", &value)?;
+        }
+        // A replayed StartSaga answers with the GSN its idempotency record keeps; if the saga
+        // were removed first, that GSN would name nothing.
+        if !config.saga_retention.is_zero()
+            && (config.idempotency_retention.is_zero()
+                || config.idempotency_retention >= config.saga_retention)
+        {
+            let kept = if config.idempotency_retention.is_zero() {
+                "0 (kept forever)".to_owned()
+            } else {
+                humantime::format_duration(config.idempotency_retention).to_string()
+            };
+            return Err(invalid(
+                "saga-retention (SAGAD_SAGA_RETENTION)",
+                &humantime::format_duration(config.saga_retention).to_string(),
+                format!(
+                    "must be longer than idempotency-retention (SAGAD_IDEMPOTENCY_RETENTION), \
+                     which is {kept}, so a replayed StartSaga never names a removed saga"
+                ),
+            ));
         }
         Ok(config)
     }
@@ -464,6 +499,70 @@ mod tests {
         let err =
             Config::load(["sagad", "--node", "inventory=https://h:1"], &env(&[])).unwrap_err();
         assert!(err.to_string().contains("https is not supported"), "{err}");
+    }
+
+    #[test]
+    fn a_saga_retention_not_longer_than_the_idempotency_retention_is_refused_naming_both() {
+        for (args, idempotency) in [
+            (&["sagad", "--saga-retention", "1d"][..], "7days"),
+            (
+                &[
+                    "sagad",
+                    "--saga-retention",
+                    "30d",
+                    "--idempotency-retention",
+                    "0",
+                ][..],
+                "0 (kept forever)",
+            ),
+            (
+                &[
+                    "sagad",
+                    "--saga-retention",
+                    "2h",
+                    "--idempotency-retention",
+                    "2h",
+                ][..],
+                "2h",
+            ),
+        ] {
+            let err = Config::load(args, &env(&[])).unwrap_err().to_string();
+            assert!(
+                err.contains("saga-retention")
+                    && err.contains("idempotency-retention")
+                    && err.contains(idempotency),
+                "{args:?}: {err}"
+            );
+        }
+        let config = Config::load(
+            ["sagad"],
+            &env(&[
+                ("SAGAD_SAGA_RETENTION", "30d"),
+                ("SAGAD_IDEMPOTENCY_RETENTION", "7d"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.saga_retention, Duration::from_secs(30 * 24 * 3600));
+        let config = Config::load(["sagad", "--idempotency-retention", "0"], &env(&[])).unwrap();
+        assert!(
+            config.idempotency_retention.is_zero(),
+            "no saga retention: nothing to be longer than"
+        );
+    }
+
+    #[test]
+    fn a_retention_under_a_second_is_refused_rather_than_kept_forever() {
+        for flag in ["--idempotency-retention", "--saga-retention"] {
+            let err = Config::load(["sagad", flag, "500us"], &env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&flag[2..]) && err.contains("at least 1s"),
+                "{err}"
+            );
+        }
+        let config = Config::load(["sagad", "--idempotency-retention", "1s"], &env(&[])).unwrap();
+        assert_eq!(config.idempotency_retention, Duration::from_secs(1));
     }
 
     #[cfg(unix)]
