@@ -37,6 +37,39 @@ fn bad_configuration_exits_64_with_one_line_naming_the_setting() {
     );
 }
 
+#[cfg(unix)]
+#[test]
+fn a_variable_that_is_not_utf8_exits_64_with_one_line_naming_it() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (code, lines) = run_to_exit(
+        sagad_command(dir.path(), "127.0.0.1:0", &[])
+            .env("SAGAD_LOG_FORMAT", std::ffi::OsStr::from_bytes(b"js\xffon")),
+    );
+    assert_eq!(code, 64);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("SAGAD_LOG_FORMAT") && lines[0].contains("UTF-8"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn a_saga_retention_not_longer_than_the_idempotency_retention_exits_64_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, lines) = run_to_exit(&mut sagad_command(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--saga-retention", "30d", "--idempotency-retention", "0"],
+    ));
+    assert_eq!(code, 64);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("saga-retention") && lines[0].contains("idempotency-retention"),
+        "{lines:?}"
+    );
+}
+
 #[test]
 fn a_port_in_use_exits_non_zero_with_one_line_naming_it() {
     let dir = tempfile::tempdir().unwrap();
