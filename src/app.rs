@@ -174,6 +174,9 @@ pub async fn serve_with(
         None => {
             tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests");
             set_health(&health_reporter, ServingStatus::NotServing).await;
+            // Subscribe and WatchSaga streams end first: the drain waits for every open
+            // stream, and these would otherwise hold it for the whole grace period.
+            engine.end_streams();
             let _ = stop_tx.send(());
             match tokio::time::timeout(config.shutdown_grace, &mut server).await {
                 Ok(served) => served

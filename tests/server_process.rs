@@ -6,7 +6,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{SagadProcess, sagad_command, start_request, wait_until_serving};
 use sagad::grpc::pb;
@@ -151,4 +151,79 @@ async fn sigterm_drains_and_exits_zero_and_the_ledger_keeps_what_was_answered() 
         .saga
         .unwrap();
     assert_eq!(saga.request_id, "before-term");
+}
+
+/// Sends SIGTERM and waits up to `within` for the exit; returns the exit code and how long
+/// it took.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "times a real process from outside; sagad's clock is not involved"
+)]
+async fn terminate(process: &mut SagadProcess, within: Duration) -> (Option<i32>, Duration) {
+    let pid = process.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let sent = Instant::now();
+    while sent.elapsed() < within {
+        if let Some(status) = process.child.try_wait().unwrap() {
+            return (status.code(), sent.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("sagad did not exit within {within:?} of SIGTERM");
+}
+
+/// A subscribed participant and a watcher of a running saga hold streams that end only when
+/// they go away or the saga ends; the graceful drain waits for every open stream, so without
+/// ending them first every shutdown took the whole grace period.
+#[tokio::test]
+async fn sigterm_with_open_subscribe_and_watch_streams_exits_promptly_ending_them_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ledger");
+    let mut process = SagadProcess::spawn(&data, &["--shutdown-grace", "20s"]);
+    let channel = wait_until_serving(process.addr).await;
+    let mut coordinator = CoordinatorClient::new(channel);
+    let gsn = coordinator
+        .start_saga(start_request("watched", "order"))
+        .await
+        .unwrap()
+        .into_inner()
+        .gsn;
+    let mut commands = coordinator
+        .subscribe(pb::SubscribeRequest {
+            node_id: "inventory".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut changes = coordinator
+        .watch_saga(pb::WatchSagaRequest { gsn })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = changes.message().await.unwrap().unwrap();
+    assert_eq!(first.saga.unwrap().state, pb::SagaState::Running as i32);
+
+    let (code, took) = terminate(&mut process, Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM with a 20 s grace"
+    );
+    for (name, ended) in [
+        ("Subscribe", commands.message().await.map(|_| ())),
+        ("WatchSaga", changes.message().await.map(|_| ())),
+    ] {
+        let status = ended.expect_err(name);
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unavailable,
+            "{name}: {status:?}"
+        );
+    }
 }

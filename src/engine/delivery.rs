@@ -53,6 +53,9 @@ pub(crate) struct Delivery {
     /// Bumped whenever a node's route changes, so waiting deliveries try again at once.
     routes: watch::Sender<u64>,
     stopping: watch::Sender<bool>,
+    /// Set when shutdown begins: open Subscribe and WatchSaga streams end, as the server's
+    /// drain waits for every open stream and these would otherwise outlast any grace period.
+    streams_ending: watch::Sender<bool>,
     next_subscription: AtomicU64,
     /// A command sent on a stream and not answered within this time is sent again.
     resend_after: Duration,
@@ -78,6 +81,7 @@ impl Delivery {
             progress: Mutex::new(HashMap::new()),
             routes: watch::channel(0).0,
             stopping: watch::channel(false).0,
+            streams_ending: watch::channel(false).0,
             next_subscription: AtomicU64::new(1),
             resend_after,
             retry_base,
@@ -227,6 +231,20 @@ impl Delivery {
 
     pub(crate) fn stopping(&self) -> watch::Receiver<bool> {
         self.stopping.subscribe()
+    }
+
+    /// Ends the open streams (and any opened later), leaving delivery running.
+    pub(crate) fn end_streams(&self) {
+        self.streams_ending.send_replace(true);
+    }
+
+    /// Resolves once `end_streams` was called.
+    pub(crate) fn streams_ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut ending = self.streams_ending.subscribe();
+        async move {
+            // An error means the engine is gone, which ends the streams as well.
+            let _ = ending.wait_for(|ending| *ending).await;
+        }
     }
 
     /// Stops every delivery task; the outbox keeps their commands for the next start.

@@ -2,6 +2,7 @@
 //! the ledger so the latest registration wins across restarts), their Subscribe streams, and
 //! saga watchers.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use futures::Stream;
@@ -154,6 +155,19 @@ impl Engine {
                 id,
             },
         })
+    }
+
+    /// Shutdown begins: Subscribe and WatchSaga streams end now (see `streams_ended`), before
+    /// the server drains, while delivery and the ledger keep working for requests in flight.
+    pub fn end_streams(&self) {
+        self.shared.delivery.end_streams();
+    }
+
+    /// Resolves once shutdown began: a Subscribe or WatchSaga stream ends then, because the
+    /// server's drain waits for every open stream and these end only when their node goes
+    /// away or their saga ends.
+    pub fn streams_ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.shared.delivery.streams_ended()
     }
 
     /// WatchSaga: the saga now, then after every change, ending once it is terminal.

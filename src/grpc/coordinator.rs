@@ -24,6 +24,30 @@ impl CoordinatorService {
 
 type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// `stream`, ended with UNAVAILABLE once sagad begins shutting down (`Engine::streams_ended`):
+/// the server's graceful drain waits for every open stream, and Subscribe and WatchSaga end
+/// only when their node goes away or their saga ends. UNAVAILABLE tells the client to open the
+/// stream again, on this sagad once restarted or on another.
+fn until_shutdown<T: Send + 'static>(
+    stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    engine: &Engine,
+) -> ServerStream<T> {
+    let open = Some((Box::pin(stream), Box::pin(engine.streams_ended())));
+    Box::pin(futures::stream::unfold(open, |open| async move {
+        let (mut stream, mut ended) = open?;
+        tokio::select! {
+            biased;
+            () = &mut ended => Some((
+                Err(Status::unavailable(
+                    "sagad is shutting down; open the stream again once it is back",
+                )),
+                None,
+            )),
+            item = stream.next() => item.map(|item| (item, Some((stream, ended)))),
+        }
+    }))
+}
+
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn start_saga(
@@ -271,7 +295,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 saga: Some(convert::saga(&saga, false)),
             })
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(until_shutdown(stream, &self.engine)))
     }
 
     async fn register_node(
@@ -317,7 +341,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let stream = subscription
             .into_stream()
             .map(move |outgoing| Ok(outgoing.into_pb(Some(convert::timestamp(engine.now_ms())))));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(until_shutdown(stream, &self.engine)))
     }
 
     async fn ack(
