@@ -350,13 +350,28 @@ async fn deliver(
             Route::Pull(sender) => {
                 attempt = attempt.saturating_add(1);
                 let outgoing = send(attempt);
-                if Box::pin(sender.send(outgoing)).await.is_err() {
-                    // The stream ended between the lookup and the send: nothing was sent. Look
-                    // again shortly.
-                    attempt = attempt.saturating_sub(1);
-                    Duration::from_millis(50)
-                } else {
-                    delivery.resend_after
+                // The stream's buffer is full while its node does not read, and a node that
+                // went away without closing its stream may never read again: wait for room
+                // only until the command is answered (a ReportState arrives by another way),
+                // the node's route changes (it subscribed again) or sagad stops.
+                tokio::select! {
+                    sent = Box::pin(sender.send(outgoing)) => {
+                        if sent.is_err() {
+                            // The stream ended between the lookup and the send: nothing was
+                            // sent. Look again shortly.
+                            attempt = attempt.saturating_sub(1);
+                            Duration::from_millis(50)
+                        } else {
+                            delivery.resend_after
+                        }
+                    }
+                    () = acked.notified() => return,
+                    _ = routes.changed() => {
+                        // Nothing was sent; send on the new route at once.
+                        attempt = attempt.saturating_sub(1);
+                        continue;
+                    }
+                    _ = stopping.changed() => return,
                 }
             }
             Route::Nowhere => {
@@ -375,5 +390,76 @@ async fn deliver(
             _ = routes.changed() => {}
             _ = stopping.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::domain::ids::CoordinatorId;
+
+    /// A node that subscribed, stopped reading (its stream's buffer is full) and subscribed
+    /// again gets the command on its new stream: the delivery waiting for room on the old
+    /// one gives up when the route changes.
+    #[tokio::test]
+    async fn a_delivery_waiting_on_a_full_abandoned_stream_sends_on_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = store::Options::new(dir.path().join("ledger"));
+        // The ledger is opened off the async workers, as sagad does.
+        let store = tokio::task::spawn_blocking(move || store::Store::open(options))
+            .await
+            .unwrap()
+            .unwrap();
+        let engine = Engine::new(
+            store.clone(),
+            Arc::new(crate::clock::SystemClock),
+            Arc::new(crate::random::FixedRandom(0.5)),
+            crate::engine::Settings::new(CoordinatorId::parse("c1").unwrap()),
+        );
+        let delivery = &engine.shared.delivery;
+        let (_, _abandoned) = delivery.subscribe("inventory");
+        let Route::Pull(old) = delivery.route("inventory") else {
+            panic!("the node subscribed");
+        };
+        let filler = Outgoing {
+            command_id: "filler".to_owned(),
+            kind: Kind::Signal,
+            gsn: "c1-0000000000000001".to_owned(),
+            branch_id: String::new(),
+            action: String::new(),
+            reason: String::new(),
+            signal: 1,
+            business_type: "order".to_owned(),
+            payload: Vec::new(),
+            content_type: String::new(),
+            attempt: 0,
+        };
+        while old.try_send(filler.clone()).is_ok() {}
+        let command = Command {
+            kind: Kind::Signal,
+            gsn: "c1-0000000000000002".to_owned(),
+            branch_id: String::new(),
+            node_id: "inventory".to_owned(),
+            action: String::new(),
+            reason: String::new(),
+            signal: 1,
+            business_type: "order".to_owned(),
+            attempt: 0,
+        };
+        delivery.spawn(engine.clone(), 7, command, None);
+        // Let the delivery find the old stream full and wait on it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let (_, mut renewed) = delivery.subscribe("inventory");
+        let sent = tokio::time::timeout(Duration::from_secs(5), renewed.recv())
+            .await
+            .expect("the command reached the new stream")
+            .unwrap();
+        assert_eq!(sent.gsn, "c1-0000000000000002", "{sent:?}");
+        engine.stop();
+        store.close().await.unwrap();
     }
 }
