@@ -12,6 +12,7 @@
 
 use std::pin::Pin;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -28,6 +29,19 @@ const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 /// One is what a stream opened before the node's stream limit was known needs; a node that
 /// keeps refusing is failing, and the delivery's back-off takes over.
 const RESENDS_WHEN_REFUSED: u32 = 2;
+
+/// An idle connection is checked with an HTTP/2 PING this often, and dropped when the PING is
+/// not answered in time: a connection can die without a word (a node's host lost power, a
+/// firewall forgot the flow), and a dead one would otherwise stay current and cost the next
+/// call its whole timeout. The numbers are hyper's usual keepalive settings.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy)]
+struct Keepalive {
+    interval: Duration,
+    timeout: Duration,
+}
 
 /// Why a call did not reach the node or came back broken at the HTTP/2 level.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +65,7 @@ pub struct Peer {
     origin: Uri,
     authority: (String, u16),
     connect_timeout: Duration,
+    keepalive: Keepalive,
     state: Mutex<State>,
     /// Held while dialling so that concurrent calls to a node that is not connected wait for
     /// one connection instead of each opening their own.
@@ -91,6 +106,10 @@ impl Peer {
             origin,
             authority,
             connect_timeout,
+            keepalive: Keepalive {
+                interval: KEEPALIVE_INTERVAL,
+                timeout: KEEPALIVE_TIMEOUT,
+            },
             state: Mutex::new(State::default()),
             dialling: tokio::sync::Mutex::new(()),
         }
@@ -110,23 +129,24 @@ impl Peer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Forgets connection `dial` once a call found it broken, unless a newer one replaced it.
-    fn drop_connection(&self, dial: u64) {
+    /// Forgets connection `dial` once a call found it broken or got no answer on it, unless a
+    /// newer one replaced it. The next call dials again; calls still on it keep it.
+    pub fn drop_connection(&self, dial: u64) {
         let mut state = self.state();
         if state.current.as_ref().is_some_and(|(n, _)| *n == dial) {
             state.current = None;
         }
     }
 
-    /// A sender on a live connection, ready to open a stream.
-    async fn ready_sender(&self) -> Result<h2::client::SendRequest<Bytes>, Error> {
+    /// A sender on a live connection, ready to open a stream, with the connection's dial number.
+    async fn ready_sender(&self) -> Result<(u64, h2::client::SendRequest<Bytes>), Error> {
         let (current, failures_seen) = {
             let state = self.state();
             (state.current.clone(), state.failures)
         };
         if let Some((dial, sender)) = current {
             match sender.ready().await {
-                Ok(sender) => return Ok(sender),
+                Ok(sender) => return Ok((dial, sender)),
                 // The connection broke since the last call (the node restarted, say): the
                 // request has not left, so dial again once rather than fail the call.
                 Err(e) => {
@@ -142,13 +162,14 @@ impl Peer {
                 Claim::Dial(dial) => (dial, self.dial_as(dial).await?),
             }
         };
-        sender.ready().await.map_err(|source| {
+        let sender = sender.ready().await.map_err(|source| {
             self.drop_connection(dial);
             Error::Http2 {
                 endpoint: self.endpoint.clone(),
                 source,
             }
-        })
+        })?;
+        Ok((dial, sender))
     }
 
     /// Under the dial lock: the connection another call opened meanwhile, or the number of the
@@ -207,7 +228,7 @@ impl Peer {
         stream
             .set_nodelay(true)
             .map_err(|e| connect_error(e.to_string()))?;
-        let (sender, connection) = h2::client::Builder::new()
+        let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .enable_push(false)
@@ -215,9 +236,41 @@ impl Peer {
             .await
             .map_err(|e| connect_error(format!("HTTP/2 handshake: {e}")))?;
         let endpoint = self.endpoint.clone();
+        let ping_pong = connection.ping_pong();
+        let keepalive = self.keepalive;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%endpoint, error = %e, "connection to a node ended");
+            let silence = async move {
+                let Some(mut ping_pong) = ping_pong else {
+                    // Only taken once, here; without it the connection just runs.
+                    return std::future::pending().await;
+                };
+                loop {
+                    tokio::time::sleep(keepalive.interval).await;
+                    match tokio::time::timeout(
+                        keepalive.timeout,
+                        ping_pong.ping(h2::Ping::opaque()),
+                    )
+                    .await
+                    {
+                        Ok(Ok(_pong)) => {}
+                        Ok(Err(e)) => return e.to_string(),
+                        Err(_) => {
+                            return format!("no answer to a PING within {:?}", keepalive.timeout);
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                ended = &mut connection => {
+                    if let Err(e) = ended {
+                        tracing::debug!(%endpoint, error = %e, "connection to a node ended");
+                    }
+                }
+                // Dropping the connection fails the streams still on it and the sender's
+                // readiness, so the next call dials again.
+                reason = silence => {
+                    tracing::debug!(%endpoint, %reason, "connection to a node dropped");
+                }
             }
         });
         Ok(sender)
@@ -225,15 +278,18 @@ impl Peer {
 
     /// Sends one gRPC request as tonic built it and returns the response, its body read from
     /// the stream as the caller polls it.
+    /// The number of the connection the request was sent on goes to `sent_on`, so that a
+    /// caller that gives up waiting can drop that connection (`drop_connection`).
     pub async fn call(
         &self,
         request: http::Request<tonic::body::Body>,
+        sent_on: &AtomicU64,
     ) -> Result<http::Response<ResponseBody>, Error> {
         let (parts, mut body) = request.into_parts();
         let data = collect(&mut body).await.map_err(Error::Body)?;
         let mut refusals = 0;
         loop {
-            match self.exchange(head(&parts), data.clone()).await {
+            match self.exchange(head(&parts), data.clone(), sent_on).await {
                 // REFUSED_STREAM means the node did not process the request (RFC 9113, 8.7),
                 // typically a stream opened before the node's SETTINGS told its stream limit:
                 // send it again now instead of failing the send and waiting out a back-off.
@@ -255,8 +311,10 @@ impl Peer {
         &self,
         head: http::Request<()>,
         data: Bytes,
+        sent_on: &AtomicU64,
     ) -> Result<http::Response<ResponseBody>, Error> {
-        let mut sender = self.ready_sender().await?;
+        let (dial, mut sender) = self.ready_sender().await?;
+        sent_on.store(dial, Ordering::Relaxed);
         let broken = |source: h2::Error| Error::Http2 {
             endpoint: self.endpoint.clone(),
             source,
@@ -427,6 +485,36 @@ mod tests {
         server.await.unwrap();
     }
 
+    /// A connection whose node stopped answering without closing it (here: a peer that takes
+    /// the TCP connection and never speaks) is dropped once a keepalive PING goes unanswered,
+    /// so the next call dials again instead of waiting out its timeout on it.
+    #[tokio::test]
+    async fn a_connection_whose_pings_go_unanswered_is_dropped_and_dialled_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let silent = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                sockets.push(socket);
+            }
+        });
+        let mut peer = Peer::new(
+            &endpoint,
+            format!("{endpoint}/").parse().unwrap(),
+            Duration::from_secs(2),
+        );
+        peer.keepalive = Keepalive {
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(100),
+        };
+        let (first, _) = peer.ready_sender().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let (second, _) = peer.ready_sender().await.unwrap();
+        assert_ne!(first, second, "the silent connection was dialled again");
+        silent.abort();
+    }
+
     /// A call that found connection N broken forgets it only if it is still the current one:
     /// a slower call that saw an older connection break must not drop the newer one.
     #[tokio::test]
@@ -492,7 +580,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_stream_is_sent_again_at_once() {
         let (peer, server) = peer_and_server(vec![None, Some(())]).await;
-        let response = peer.call(request(&peer)).await.unwrap();
+        let response = peer.call(request(&peer), &AtomicU64::new(0)).await.unwrap();
         assert_eq!(response.status(), http::StatusCode::OK);
         drop(response);
         drop(peer);
@@ -508,7 +596,10 @@ mod tests {
     #[tokio::test]
     async fn a_node_that_keeps_refusing_fails_the_call_after_a_bounded_number_of_resends() {
         let (peer, server) = peer_and_server(vec![None; 10]).await;
-        let error = peer.call(request(&peer)).await.unwrap_err();
+        let error = peer
+            .call(request(&peer), &AtomicU64::new(0))
+            .await
+            .unwrap_err();
         assert!(
             matches!(&error, Error::Http2 { source, .. } if source.reason() == Some(h2::Reason::REFUSED_STREAM)),
             "{error}"

@@ -8,6 +8,7 @@ mod connection;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -123,6 +124,8 @@ pub struct Participants {
 struct Call {
     peer: Arc<connection::Peer>,
     deadline: Option<http::HeaderValue>,
+    /// The number of the connection the last request went out on (0: none yet).
+    sent_on: Arc<AtomicU64>,
 }
 
 impl tower_service::Service<http::Request<tonic::body::Body>> for Call {
@@ -147,7 +150,8 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for Call {
             );
         }
         let peer = self.peer.clone();
-        Box::pin(async move { peer.call(request).await })
+        let sent_on = self.sent_on.clone();
+        Box::pin(async move { peer.call(request, &sent_on).await })
     }
 }
 
@@ -213,7 +217,8 @@ impl Participants {
         }
     }
 
-    fn client(&self, endpoint: &str) -> Result<ParticipantClient<Call>, Error> {
+    /// A client for one call, and the `Call` under it (to learn its connection afterwards).
+    fn client(&self, endpoint: &str) -> Result<(ParticipantClient<Call>, Call), Error> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let peer = match peers.get(endpoint) {
             Some(peer) => peer.clone(),
@@ -238,8 +243,9 @@ impl Participants {
         let call = Call {
             peer,
             deadline: self.deadline.clone(),
+            sent_on: Arc::new(AtomicU64::new(0)),
         };
-        Ok(ParticipantClient::with_origin(call, origin))
+        Ok((ParticipantClient::with_origin(call.clone(), origin), call))
     }
 
     /// Forgets the connection of an endpoint that changed or misbehaves.
@@ -251,7 +257,7 @@ impl Participants {
     }
 
     pub async fn send(&self, endpoint: &str, outgoing: Outgoing) -> Result<Answer, Error> {
-        let mut client = self.client(endpoint)?;
+        let (mut client, sent) = self.client(endpoint)?;
         let call = async move {
             Ok(match outgoing.into_kind() {
                 pb::command::Kind::Execute(request) => {
@@ -272,9 +278,19 @@ impl Participants {
                 }
             })
         };
-        tokio::time::timeout(self.call_timeout, call)
-            .await
-            .map_err(|_| Error::Timeout(self.call_timeout))?
+        match tokio::time::timeout(self.call_timeout, call).await {
+            Ok(answered) => answered,
+            Err(_) => {
+                // The connection may be dead without a word (no RST, no FIN): drop it so the
+                // next call dials again rather than wait out its timeout on it too. Calls
+                // still on it keep it; a node that is merely slow costs one new connection.
+                let dial = sent.sent_on.load(Ordering::Relaxed);
+                if dial != 0 {
+                    sent.peer.drop_connection(dial);
+                }
+                Err(Error::Timeout(self.call_timeout))
+            }
+        }
     }
 }
 
@@ -299,6 +315,56 @@ mod tests {
         let uri = origin("http://inventory.internal").unwrap();
         let peer = connection::Peer::new("http://inventory.internal", uri, Duration::from_secs(1));
         assert_eq!(peer.address(), ("inventory.internal", 80), "http's port");
+    }
+
+    /// A node's connection that stopped answering (here: a peer that took the TCP connection
+    /// and never speaks) is given up when a call to it times out: the next call dials again
+    /// and reaches the node, which now answers on a new connection.
+    #[tokio::test]
+    async fn a_call_that_times_out_makes_the_next_call_dial_a_new_connection() {
+        #![allow(clippy::unwrap_used)]
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let node = tokio::spawn(async move {
+            // The first connection is taken and never answered.
+            let (silent, _) = listener.accept().await.unwrap();
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::handshake(socket).await.unwrap();
+            while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                let response = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .unwrap();
+                let mut send = respond.send_response(response, false).unwrap();
+                // An empty SignalResponse: no compression, length 0.
+                send.send_data(bytes::Bytes::from_static(&[0; 5]), false)
+                    .unwrap();
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                send.send_trailers(trailers).unwrap();
+            }
+            drop(silent);
+        });
+        let participants = Participants::new(Duration::from_millis(300));
+        let signal = || Outgoing {
+            command_id: "c1-0000000000000001:s1.1".to_owned(),
+            kind: crate::engine::commands::Kind::Signal,
+            gsn: "c1-0000000000000001".to_owned(),
+            branch_id: String::new(),
+            action: String::new(),
+            reason: String::new(),
+            signal: 1,
+            business_type: "order".to_owned(),
+            payload: Vec::new(),
+            content_type: String::new(),
+            attempt: 1,
+        };
+        let first = participants.send(&endpoint, signal()).await;
+        assert!(matches!(first, Err(Error::Timeout(_))), "{first:?}");
+        let second = participants.send(&endpoint, signal()).await;
+        assert_eq!(second.unwrap(), Answer::Acknowledged);
+        drop(participants);
+        node.abort();
     }
 
     #[test]
