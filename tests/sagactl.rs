@@ -85,3 +85,38 @@ async fn the_example_strategies_are_accepted_as_written() {
         assert!(out.contains("version 1"), "{file}: {out}");
     }
 }
+
+/// `sagactl list | head -1`: the reader goes away, and sagactl stops quietly instead of
+/// panicking on the closed pipe.
+#[tokio::test(flavor = "multi_thread")]
+async fn sagactl_stops_quietly_when_its_output_pipe_closes() {
+    let server = TestServer::start().await;
+    server
+        .coordinator()
+        .start_saga(common::start_request("piped-1", "order"))
+        .await
+        .unwrap();
+    for args in [
+        &["list"][..],
+        &["stuck"],
+        &["counters"],
+        &["strategy", "list"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = Command::new(env!("CARGO_BIN_EXE_sagactl"))
+            .args(["--addr", &server.addr.to_string()])
+            .args(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.stderr.is_empty(), "{args:?}");
+    }
+}

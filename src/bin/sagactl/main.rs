@@ -1,9 +1,19 @@
 //! sagactl: the operator's command line over sagad's own gRPC contracts.
-#![allow(clippy::print_stdout)] // A command-line tool's output is its stdout.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
+
+/// `println!` through `emit`: every line sagactl prints goes this way.
+macro_rules! outln {
+    () => {
+        $crate::emit("\n")
+    };
+    ($($arg:tt)*) => {
+        $crate::emit(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
 
 mod files;
 mod ops;
@@ -146,7 +156,7 @@ async fn list(
         .await
         .map_err(status_text)?
         .into_inner();
-    println!(
+    outln!(
         "{:<28} {:<16} {:<24} CREATED{}",
         "GSN",
         "STATE",
@@ -163,7 +173,7 @@ async fn list(
         } else {
             String::new()
         };
-        println!(
+        outln!(
             "{:<28} {:<16} {:<24} {}{reason}",
             saga.gsn,
             state_name(saga.state),
@@ -172,14 +182,32 @@ async fn list(
         );
     }
     for sequence in &response.unreadable_sequences {
-        println!(
+        outln!(
             "(the saga record at ledger sequence {sequence:016} cannot be read; see sagad's log)"
         );
     }
     if !response.next_page_token.is_empty() {
-        println!("(more: raise --limit)");
+        outln!("(more: raise --limit)");
     }
     Ok(())
+}
+
+/// Writes to stdout. A reader that closed the pipe has seen enough (`sagactl stuck | head -3`):
+/// sagactl stops there quietly, with success, instead of panicking in `println!` or paging on
+/// for nobody. Any other failure to write ends it with the reason.
+pub(crate) fn emit(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("sagactl: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }
 }
 
 pub(crate) fn status_text(status: tonic::Status) -> String {
@@ -205,24 +233,24 @@ fn time_text(ts: &Option<prost_types::Timestamp>) -> String {
 }
 
 fn print_saga(saga: &pb::Saga) {
-    println!("gsn:           {}", saga.gsn);
-    println!("state:         {}", state_name(saga.state));
-    println!("business type: {}", saga.business_type);
-    println!(
+    outln!("gsn:           {}", saga.gsn);
+    outln!("state:         {}", state_name(saga.state));
+    outln!("business type: {}", saga.business_type);
+    outln!(
         "mode:          {}",
         pb::SagaMode::try_from(saga.mode)
             .map(|m| m.as_str_name())
             .unwrap_or("?")
     );
-    println!("request id:    {}", saga.request_id);
-    println!("created:       {}", time_text(&saga.created_at));
-    println!("updated:       {}", time_text(&saga.updated_at));
-    println!("deadline:      {}", time_text(&saga.deadline));
+    outln!("request id:    {}", saga.request_id);
+    outln!("created:       {}", time_text(&saga.created_at));
+    outln!("updated:       {}", time_text(&saga.updated_at));
+    outln!("deadline:      {}", time_text(&saga.deadline));
     for (key, value) in &saga.labels {
-        println!("label:         {key}={value}");
+        outln!("label:         {key}={value}");
     }
     if !saga.payload.is_empty() {
-        println!(
+        outln!(
             "payload:       {} bytes ({})",
             saga.payload.len(),
             saga.content_type
@@ -282,7 +310,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .metadata()
                 .contains_key(sagad::grpc::REPLAYED_HEADER);
             let response = response.into_inner();
-            println!(
+            outln!(
                 "{}{}",
                 response.gsn,
                 if replayed {
@@ -346,7 +374,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .into_inner()
                 .saga
                 .ok_or("sagad answered without a saga")?;
-            println!(
+            outln!(
                 "{} is {} again: its failed reversals were sent again",
                 saga.gsn,
                 state_name(saga.state)
@@ -364,7 +392,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_text)?
                 .into_inner();
-            println!(
+            outln!(
                 "{:?}",
                 tonic_health::pb::health_check_response::ServingStatus::try_from(response.status)
                     .unwrap_or_default()

@@ -89,22 +89,22 @@ fn status_text_of(status: &pb::Status) -> String {
 /// details (S4): state, attempts, polls, last poll, and its timeline.
 pub fn print_progress(saga: &pb::Saga) {
     if saga.strategy_version != 0 {
-        println!("strategy:      version {}", saga.strategy_version);
+        outln!("strategy:      version {}", saga.strategy_version);
     }
     if saga.signal != pb::Signal::Unspecified as i32 {
-        println!("signal:        {}", signal_name(saga.signal));
+        outln!("signal:        {}", signal_name(saga.signal));
     }
     if !saga.reason.is_empty() {
-        println!("reason:        {}", saga.reason);
+        outln!("reason:        {}", saga.reason);
     }
     if saga.branches.is_empty() {
-        println!("branches:      none");
+        outln!("branches:      none");
         return;
     }
-    println!("branches:      {}", saga.branches.len());
+    outln!("branches:      {}", saga.branches.len());
     for branch in &saga.branches {
-        println!();
-        println!(
+        outln!();
+        outln!(
             "  {} on {}{}",
             branch.branch_id,
             branch.node_id,
@@ -114,8 +114,8 @@ pub fn print_progress(saga: &pb::Saga) {
                 format!(" (called by {})", branch.caller_node_id)
             }
         );
-        println!("    state:      {}", branch_state_name(branch.state));
-        println!(
+        outln!("    state:      {}", branch_state_name(branch.state));
+        outln!(
             "    actions:    {} / reversal {}",
             branch.forward_action,
             if branch.reversal_action.is_empty() {
@@ -125,15 +125,15 @@ pub fn print_progress(saga: &pb::Saga) {
             }
         );
         if branch.next_attempt_at.is_some() {
-            println!(
+            outln!(
                 "    attempts:   {} (next at {})",
                 branch.attempts,
                 time_text(&branch.next_attempt_at)
             );
         } else {
-            println!("    attempts:   {}", branch.attempts);
+            outln!("    attempts:   {}", branch.attempts);
         }
-        println!("    polls:      {}", branch.polls);
+        outln!("    polls:      {}", branch.polls);
         let last_poll = if branch.last_poll_outcome == pb::Outcome::Unspecified as i32 {
             "-".to_owned()
         } else {
@@ -143,21 +143,21 @@ pub fn print_progress(saga: &pb::Saga) {
                 time_text(&branch.last_poll_at)
             )
         };
-        println!("    last poll:  {last_poll}");
+        outln!("    last poll:  {last_poll}");
         if let Some(status) = &branch.last_status {
-            println!("    status:     {}", status_text_of(status));
+            outln!("    status:     {}", status_text_of(status));
         }
         if !branch.error_code.is_empty() {
-            println!("    error:      {}", branch.error_code);
+            outln!("    error:      {}", branch.error_code);
         }
-        println!("    created:    {}", time_text(&branch.created_at));
-        println!("    updated:    {}", time_text(&branch.updated_at));
-        println!("    timeline:");
+        outln!("    created:    {}", time_text(&branch.created_at));
+        outln!("    updated:    {}", time_text(&branch.updated_at));
+        outln!("    timeline:");
         if branch.timeline.is_empty() {
-            println!("      (empty)");
+            outln!("      (empty)");
         }
         for entry in &branch.timeline {
-            println!("      {}  {}", time_text(&entry.at), entry.what);
+            outln!("      {}  {}", time_text(&entry.at), entry.what);
         }
     }
 }
@@ -198,7 +198,7 @@ fn print_stuck_row(item: &pb::StuckItem, as_of: &Option<prost_types::Timestamp>)
         ),
         None => item.reason.clone(),
     };
-    println!(
+    outln!(
         "{:<18} {:<20} {:<16} {:<12} {:>8} {:>5}  {:<22} {:<10} {}",
         stuck_kind_name(item.kind),
         item.gsn,
@@ -224,9 +224,16 @@ pub async fn stuck(channel: Channel, limit: usize) -> Result<(), String> {
     let mut examined = 0u64;
     let mut not_shown = 0u32;
     let mut more = false;
-    println!(
+    outln!(
         "{:<18} {:<20} {:<16} {:<12} {:>8} {:>5}  {:<22} {:<10} REASON",
-        "KIND", "GSN", "WHAT", "NODE", "ATTEMPTS", "POLLS", "LAST POLL", "CHANGED"
+        "KIND",
+        "GSN",
+        "WHAT",
+        "NODE",
+        "ATTEMPTS",
+        "POLLS",
+        "LAST POLL",
+        "CHANGED"
     );
     loop {
         let page = client
@@ -255,16 +262,16 @@ pub async fn stuck(channel: Channel, limit: usize) -> Result<(), String> {
         page_token = page.next_page_token;
     }
     if shown == 0 && !more {
-        println!("(nothing is stuck: {examined} sagas examined, no failing delivery)");
+        outln!("(nothing is stuck: {examined} sagas examined, no failing delivery)");
     } else {
-        println!("({shown} shown; {examined} sagas examined)");
+        outln!("({shown} shown; {examined} sagas examined)");
     }
     if not_shown > 0 {
-        println!("({not_shown} more failing deliveries not shown)");
+        outln!("({not_shown} more failing deliveries not shown)");
     }
     if more {
         // The scan stopped at the limit, so what lies past it was not read.
-        println!("(the scan stopped at --limit {limit}; there may be more: raise it)");
+        outln!("(the scan stopped at --limit {limit}; there may be more: raise it)");
     }
     Ok(())
 }
@@ -276,14 +283,16 @@ pub async fn counters(channel: Channel) -> Result<(), String> {
         .await
         .map_err(status_text)?
         .into_inner();
-    println!("{:<26} {:>12}  MEANING", "COUNTER", "VALUE");
+    outln!("{:<26} {:>12}  MEANING", "COUNTER", "VALUE");
     for counter in &response.counters {
-        println!(
+        outln!(
             "{:<26} {:>12}  {}",
-            counter.name, counter.value, counter.description
+            counter.name,
+            counter.value,
+            counter.description
         );
     }
-    println!(
+    outln!(
         "(since sagad started; read at {})",
         time_text(&response.as_of)
     );

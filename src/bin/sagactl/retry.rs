@@ -67,7 +67,7 @@ pub async fn run(channel: Channel, command: Command) -> Result<(), String> {
                 .metadata()
                 .contains_key(sagad::grpc::REPLAYED_HEADER);
             let version = response.into_inner().config.map_or(0, |c| c.version);
-            println!(
+            outln!(
                 "stored retry configuration version {version}{}",
                 if replayed {
                     "  (replayed: this request_id was already answered)"
@@ -85,9 +85,9 @@ pub async fn run(channel: Channel, command: Command) -> Result<(), String> {
                 .config
                 .ok_or("sagad answered without a configuration")?;
             if config.version == 0 {
-                println!("# version 0: the built-in defaults (no configuration was stored)");
+                outln!("# version 0: the built-in defaults (no configuration was stored)");
             } else {
-                println!(
+                outln!(
                     "# version {}, stored {}",
                     config.version,
                     time_text(&config.updated_at)
@@ -95,7 +95,7 @@ pub async fn run(channel: Channel, command: Command) -> Result<(), String> {
             }
             let text = toml::to_string(&FileConfig::from_pb(&config))
                 .map_err(|e| format!("cannot show the configuration as TOML: {e}"))?;
-            print!("{text}");
+            crate::emit(&text);
         }
         Command::Check {
             original,
@@ -160,28 +160,28 @@ fn layer_name(value: i32) -> String {
 }
 
 fn print_check(response: &pb::CheckRetryResponse, request_id: &str, replayed: bool) {
-    println!("decision:       {}", decision_name(response.decision));
+    outln!("decision:       {}", decision_name(response.decision));
     if !response.retry_serial.is_empty() {
-        println!("retry serial:   {}", response.retry_serial);
+        outln!("retry serial:   {}", response.retry_serial);
     }
     if response.attempt != 0 {
-        println!("attempt:        {}", response.attempt);
+        outln!("attempt:        {}", response.attempt);
     }
     if let Some(after) = &response.retry_after {
-        println!("retry after:    {}", duration_text(after));
+        outln!("retry after:    {}", duration_text(after));
     }
     if response.layer != pb::RetryLayer::Unspecified as i32 {
-        println!("layer:          {}", layer_name(response.layer));
+        outln!("layer:          {}", layer_name(response.layer));
     }
     if !response.stored_response.is_empty() {
         match std::str::from_utf8(&response.stored_response) {
-            Ok(text) => println!("stored response: {text}"),
-            Err(_) => println!("stored response: {} bytes", response.stored_response.len()),
+            Ok(text) => outln!("stored response: {text}"),
+            Err(_) => outln!("stored response: {} bytes", response.stored_response.len()),
         }
     }
-    println!("config version: {}", response.config_version);
-    println!("reason:         {}", response.reason);
-    println!(
+    outln!("config version: {}", response.config_version);
+    outln!("reason:         {}", response.reason);
+    outln!(
         "request id:     {request_id}{}",
         if replayed {
             "  (replayed: this request_id was already answered)"
@@ -192,14 +192,18 @@ fn print_check(response: &pb::CheckRetryResponse, request_id: &str, replayed: bo
 }
 
 fn print_history(history: &pb::GetRetryHistoryResponse) {
-    println!("original:    {}", history.original_serial);
-    println!("transaction: {}", history.transaction_code);
-    println!(
+    outln!("original:    {}", history.original_serial);
+    outln!("transaction: {}", history.transaction_code);
+    outln!(
         "{:<8} {:<18} {:<32} {:<24} {:<8} DECIDED",
-        "ATTEMPT", "DECISION", "RETRY SERIAL", "ERROR", "CONFIG"
+        "ATTEMPT",
+        "DECISION",
+        "RETRY SERIAL",
+        "ERROR",
+        "CONFIG"
     );
     for attempt in &history.attempts {
-        println!(
+        outln!(
             "{:<8} {:<18} {:<32} {:<24} {:<8} {}",
             attempt.attempt,
             decision_name(attempt.decision),

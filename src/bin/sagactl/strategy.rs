@@ -6,13 +6,12 @@
 //! parsed here: sagad validates it, and every problem it finds is printed with its field.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Subcommand;
 
-use crate::files;
+use crate::{emit, files, status_text};
 use prost::Message;
 use sagad::grpc::pb;
 use sagad::grpc::pb::strategies_client::StrategiesClient;
@@ -70,9 +69,9 @@ pub async fn run(channel: Channel, command: Command) -> Result<(), String> {
                 let file = StrategyFile::from_pb(&strategy);
                 let text = toml::to_string_pretty(&file)
                     .map_err(|e| format!("cannot write the strategy as TOML: {e}"))?;
-                emit(&text)?;
+                emit(&text);
             } else {
-                emit(&describe(&strategy))?;
+                emit(&describe(&strategy));
             }
             Ok(())
         }
@@ -106,7 +105,7 @@ async fn put(
             "strategy {} version {} was already stored by request {request_id} (replayed; \
              nothing changed)\n",
             stored.business_type, stored.version
-        ))?;
+        ));
         // A file put, changed and put, then changed back has the first put's request id:
         // it is answered with the old version, which is then not the latest. Say so, rather
         // than let the operator believe it is live again. Only a note: the put itself has
@@ -131,16 +130,17 @@ async fn put(
         emit(&format!(
             "stored strategy {} version {} (request {request_id})\n",
             stored.business_type, stored.version
-        ))?;
+        ));
     }
-    emit(&describe(&stored))
+    emit(&describe(&stored));
+    Ok(())
 }
 
 async fn list(client: &mut StrategiesClient<Channel>) -> Result<(), String> {
     emit(&format!(
         "{:<32} {:>7} {:>5} {:<24} DESCRIPTION\n",
         "BUSINESS TYPE", "VERSION", "STEPS", "CREATED"
-    ))?;
+    ));
     let mut page_token = String::new();
     loop {
         let page = client
@@ -159,31 +159,13 @@ async fn list(client: &mut StrategiesClient<Channel>) -> Result<(), String> {
                 s.steps.len(),
                 time_text(s.created_at.as_ref()),
                 s.description.lines().next().unwrap_or("")
-            ))?;
+            ));
         }
         if page.next_page_token.is_empty() {
             return Ok(());
         }
         page_token = page.next_page_token;
     }
-}
-
-/// Writes to stdout. A closed pipe (`sagactl strategy list | head -3`) ends the output quietly
-/// rather than panicking, as a reader that has seen enough is no error.
-fn emit(text: &str) -> Result<(), String> {
-    let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(format!("cannot write to stdout: {e}")),
-    }
-}
-
-fn status_text(status: tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
 }
 
 /// A refused put, with one line per field violation, so every problem in the file can be
