@@ -86,6 +86,52 @@ async fn the_example_strategies_are_accepted_as_written() {
     }
 }
 
+/// ListSagas ends a page after examining 10,000 sagas, matches or not, and hands a token for
+/// the next; sagactl follows the tokens, so an old match behind many newer sagas is shown.
+#[tokio::test(flavor = "multi_thread")]
+async fn sagactl_list_follows_pages_past_ten_thousand_newer_sagas_that_do_not_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = sagad::config::Config::with_data(dir.path().join("ledger"));
+    config.durability = sagad::store::Durability::Relaxed;
+    let server =
+        TestServer::start_with(config, std::sync::Arc::new(sagad::clock::SystemClock)).await;
+    let old = server
+        .coordinator()
+        .start_saga(common::start_request("rare-1", "rare"))
+        .await
+        .unwrap()
+        .into_inner()
+        .gsn;
+    let newer: Vec<_> = (0..16)
+        .map(|worker| {
+            let mut coordinator = server.coordinator();
+            tokio::spawn(async move {
+                for n in (worker..10_050).step_by(16) {
+                    coordinator
+                        .start_saga(common::start_request(&format!("order-{n}"), "order"))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for worker in newer {
+        worker.await.unwrap();
+    }
+    let addr = server.addr.to_string();
+    let listed = sagactl(&addr, &["list", "--business-type", "rare"]);
+    assert!(listed.contains(&old), "{listed}");
+    assert!(!listed.contains("more"), "the list ended: {listed}");
+
+    let listed = sagactl(&addr, &["list", "--limit", "600"]);
+    assert_eq!(
+        listed.lines().filter(|l| l.contains("c1-")).count(),
+        600,
+        "more than one page of 500: {listed}"
+    );
+    assert!(listed.contains("stopped at --limit 600"), "{listed}");
+}
+
 /// `sagactl list | head -1`: the reader goes away, and sagactl stops quietly instead of
 /// panicking on the closed pipe.
 #[tokio::test(flavor = "multi_thread")]

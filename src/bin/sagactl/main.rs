@@ -70,7 +70,8 @@ enum Command {
         states: Vec<String>,
         #[arg(long, default_value = "")]
         business_type: String,
-        #[arg(long, default_value_t = 50)]
+        /// Show at most this many sagas
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
     },
     /// List what recovery is waiting on, and why: unknown outcomes being polled, reversals
@@ -84,7 +85,8 @@ enum Command {
     Counters,
     /// List the sagas that need an operator (a reversal failed past its retry budget), and why.
     Attention {
-        #[arg(long, default_value_t = 50)]
+        /// Show at most this many sagas
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
     },
     /// Re-drive a saga that needs attention: its failed reversals are sent again.
@@ -136,7 +138,13 @@ async fn connect(addr: &str) -> Result<Channel, String> {
         .map_err(|e| format!("cannot reach sagad at {addr}: {e}"))
 }
 
-/// One page of sagas, newest first; `reasons` adds why each is in its state.
+/// The most rows asked for in one ListSagas page; sagad refuses more.
+const MAX_PAGE_SIZE: u32 = 500;
+
+/// Sagas, newest first, page after page until `limit` are shown or the list ends; `reasons`
+/// adds why each is in its state. A page can come back short, even empty, with a token for the
+/// next: sagad ends a page after examining a bounded number of sagas, so an old match behind
+/// many newer non-matches is found only by following the tokens.
 async fn list(
     channel: Channel,
     states: Vec<i32>,
@@ -144,18 +152,7 @@ async fn list(
     limit: u32,
     reasons: bool,
 ) -> Result<(), String> {
-    let response = CoordinatorClient::new(channel)
-        .list_sagas(pb::ListSagasRequest {
-            states,
-            business_type,
-            page_size: limit,
-            page_token: String::new(),
-            newest_first: true,
-            full: false,
-        })
-        .await
-        .map_err(status_text)?
-        .into_inner();
+    let mut client = CoordinatorClient::new(channel);
     outln!(
         "{:<28} {:<16} {:<24} CREATED{}",
         "GSN",
@@ -167,27 +164,52 @@ async fn list(
             ""
         }
     );
-    for saga in &response.sagas {
-        let reason = if reasons {
-            format!("  {}", saga.reason)
-        } else {
-            String::new()
-        };
-        outln!(
-            "{:<28} {:<16} {:<24} {}{reason}",
-            saga.gsn,
-            state_name(saga.state),
-            saga.business_type,
-            time_text(&saga.created_at)
-        );
-    }
-    for sequence in &response.unreadable_sequences {
-        outln!(
-            "(the saga record at ledger sequence {sequence:016} cannot be read; see sagad's log)"
-        );
-    }
-    if !response.next_page_token.is_empty() {
-        outln!("(more: raise --limit)");
+    let mut shown = 0u32;
+    let mut page_token = String::new();
+    let more = loop {
+        let page = client
+            .list_sagas(pb::ListSagasRequest {
+                states: states.clone(),
+                business_type: business_type.clone(),
+                page_size: (limit - shown).min(MAX_PAGE_SIZE),
+                page_token,
+                newest_first: true,
+                full: false,
+            })
+            .await
+            .map_err(status_text)?
+            .into_inner();
+        for saga in &page.sagas {
+            let reason = if reasons {
+                format!("  {}", saga.reason)
+            } else {
+                String::new()
+            };
+            outln!(
+                "{:<28} {:<16} {:<24} {}{reason}",
+                saga.gsn,
+                state_name(saga.state),
+                saga.business_type,
+                time_text(&saga.created_at)
+            );
+        }
+        shown = shown.saturating_add(u32::try_from(page.sagas.len()).unwrap_or(u32::MAX));
+        for sequence in &page.unreadable_sequences {
+            outln!(
+                "(the saga record at ledger sequence {sequence:016} cannot be read; see sagad's log)"
+            );
+        }
+        if page.next_page_token.is_empty() {
+            break false;
+        }
+        if shown >= limit {
+            break true;
+        }
+        page_token = page.next_page_token;
+    };
+    if more {
+        // The list stopped at the limit, so what lies past it was not read.
+        outln!("(stopped at --limit {limit}; there may be more: raise it)");
     }
     Ok(())
 }
