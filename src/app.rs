@@ -27,7 +27,8 @@ pub enum Error {
     Ledger(#[from] store::Error),
     #[error("the listener has no local address: {0}")]
     Listener(std::io::Error),
-    #[error("the gRPC server failed: {0}")]
+    /// With its causes: a transport error's own text is only "transport error".
+    #[error("the gRPC server failed: {}", error_chain(.0))]
     Transport(#[from] tonic::transport::Error),
     #[error("reflection could not load the contracts: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -35,6 +36,18 @@ pub enum Error {
     Engine(#[from] crate::engine::Error),
     #[error("the server task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+/// `error` followed by each of its causes.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Idempotency records are collected this often, this many per ledger write.

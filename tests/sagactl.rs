@@ -86,6 +86,14 @@ async fn the_example_strategies_are_accepted_as_written() {
     }
 }
 
+/// sagactl's own output and exit status, whatever they are.
+fn run_sagactl(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sagactl"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// ListSagas ends a page after examining 10,000 sagas, matches or not, and hands a token for
 /// the next; sagactl follows the tokens, so an old match behind many newer sagas is shown.
 #[tokio::test(flavor = "multi_thread")]
@@ -130,6 +138,83 @@ async fn sagactl_list_follows_pages_past_ten_thousand_newer_sagas_that_do_not_ma
         "more than one page of 500: {listed}"
     );
     assert!(listed.contains("stopped at --limit 600"), "{listed}");
+}
+
+/// `--addr 127.0.0.1:50051`, without a scheme, is how people write it: it works.
+#[tokio::test(flavor = "multi_thread")]
+async fn sagactl_takes_an_address_without_a_scheme() {
+    let server = TestServer::start().await;
+    let output = run_sagactl(&["--addr", &server.addr.to_string(), "health"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// An unreachable sagad is named with the reason, not only "transport error".
+#[test]
+fn sagactl_says_why_it_cannot_reach_sagad() {
+    let addr = format!("http://127.0.0.1:{}", common::free_port());
+    let output = run_sagactl(&["--addr", &addr, "health"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&addr) && stderr.to_lowercase().contains("refused"),
+        "{stderr}"
+    );
+}
+
+/// Health is for scripts and probes: anything but SERVING is a failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn sagactl_health_fails_unless_sagad_is_serving() {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        run_sagactl(&["--addr", &format!("http://{addr}"), "health"])
+    })
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("NotServing"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not serving"));
+    server.abort();
+}
+
+/// A sagad that takes the connection but does not answer (it binds its port before it opens
+/// its ledger) makes sagactl fail after --rpc-timeout instead of hanging.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "times a real process from outside; sagad's clock is not involved"
+)]
+#[test]
+fn sagactl_gives_up_after_its_rpc_timeout_on_a_sagad_that_does_not_answer() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let started = std::time::Instant::now();
+    let output = run_sagactl(&[
+        "--addr",
+        &format!("http://{addr}"),
+        "--rpc-timeout",
+        "1s",
+        "list",
+    ]);
+    assert!(!output.status.success());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(listener);
 }
 
 /// `sagactl list | head -1`: the reader goes away, and sagactl stops quietly instead of

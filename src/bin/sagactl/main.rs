@@ -28,9 +28,13 @@ use tonic::transport::{Channel, Endpoint};
 #[derive(Debug, Parser)]
 #[command(name = "sagactl", version, about = "Operate a sagad saga coordinator")]
 struct Cli {
-    /// sagad's address
+    /// sagad's address; http:// is assumed when no scheme is given
     #[arg(long, env = "SAGAD_ADDR", default_value = "http://127.0.0.1:50051")]
     addr: String,
+    /// How long to wait for each answer from sagad, e.g. 30s (sagad takes connections while it
+    /// still opens its ledger, and answers only once that is done)
+    #[arg(long, env = "SAGACTL_RPC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    rpc_timeout: Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -128,14 +132,42 @@ fn main() -> ExitCode {
     }
 }
 
-async fn connect(addr: &str) -> Result<Channel, String> {
-    Endpoint::from_shared(addr.to_owned())
-        .map_err(|e| format!("bad --addr {addr:?}: {e}"))?
+/// `addr` with `http://` in front when it names no scheme: `--addr 127.0.0.1:50051` is the
+/// common way to write it, and without a scheme it would not parse as a URL.
+fn address_url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// An error with every cause under it: a transport error's own text is only "transport
+/// error", and the reason (connection refused, a bad address, ...) is in its sources.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+async fn connect(addr: &str, rpc_timeout: Duration) -> Result<Channel, String> {
+    let url = address_url(addr);
+    Endpoint::from_shared(url.clone())
+        .map_err(|e| format!("bad --addr {addr:?}: {}", error_chain(&e)))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
+        .timeout(rpc_timeout)
         .connect()
         .await
-        .map_err(|e| format!("cannot reach sagad at {addr}: {e}"))
+        .map_err(|e| format!("cannot reach sagad at {url}: {}", error_chain(&e)))
 }
 
 /// The most rows asked for in one ListSagas page; sagad refuses more.
@@ -233,7 +265,19 @@ pub(crate) fn emit(text: &str) {
 }
 
 pub(crate) fn status_text(status: tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+    // tonic's own text for the channel's --rpc-timeout firing, which names neither.
+    if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired" {
+        return "no answer from sagad within --rpc-timeout (it may still be starting: opening \
+                its ledger and recovering)"
+            .to_owned();
+    }
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    if let Some(source) = std::error::Error::source(&status) {
+        text.push_str(" (");
+        text.push_str(&error_chain(source));
+        text.push(')');
+    }
+    text
 }
 
 fn state_name(value: i32) -> String {
@@ -281,7 +325,7 @@ fn print_saga(saga: &pb::Saga) {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let channel = connect(&cli.addr).await?;
+    let channel = connect(&cli.addr, cli.rpc_timeout).await?;
     match cli.command {
         Command::Start {
             business_type,
@@ -414,12 +458,27 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(status_text)?
                 .into_inner();
-            outln!(
-                "{:?}",
+            let status =
                 tonic_health::pb::health_check_response::ServingStatus::try_from(response.status)
-                    .unwrap_or_default()
-            );
+                    .unwrap_or_default();
+            outln!("{status:?}");
+            // Scripts and probes go by the exit code: only SERVING is healthy.
+            if status != tonic_health::pb::health_check_response::ServingStatus::Serving {
+                return Err(format!("sagad is not serving ({status:?})"));
+            }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_without_a_scheme_is_taken_as_http() {
+        assert_eq!(address_url("127.0.0.1:50051"), "http://127.0.0.1:50051");
+        assert_eq!(address_url("http://h:1"), "http://h:1");
+        assert_eq!(address_url("https://h:1"), "https://h:1");
+    }
 }
