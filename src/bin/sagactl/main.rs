@@ -286,16 +286,22 @@ fn state_name(value: i32) -> String {
         .unwrap_or_else(|_| value.to_string())
 }
 
+/// The last second RFC 3339 can write (9999-12-31T23:59:59Z); humantime panics past it.
+const LAST_RFC3339_SECOND: i64 = 253_402_300_799;
+
 fn time_text(ts: &Option<prost_types::Timestamp>) -> String {
-    ts.as_ref()
-        .map(|t| {
-            humantime::format_rfc3339_millis(
-                std::time::UNIX_EPOCH
-                    + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32),
-            )
-            .to_string()
-        })
-        .unwrap_or_else(|| "-".to_owned())
+    let Some(t) = ts else {
+        return "-".to_owned();
+    };
+    match (u64::try_from(t.seconds), u32::try_from(t.nanos)) {
+        (Ok(seconds), Ok(nanos)) if t.seconds <= LAST_RFC3339_SECOND && nanos < 1_000_000_000 => {
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::new(seconds, nanos))
+                .to_string()
+        }
+        // Out of RFC 3339's range (a deadline set centuries ahead, or garbage): the raw
+        // value, rather than a panic or a made-up date.
+        _ => format!("{}.{:09}s since 1970 (Unix time)", t.seconds, t.nanos),
+    }
 }
 
 fn print_saga(saga: &pb::Saga) {
@@ -474,6 +480,23 @@ async fn run(cli: Cli) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(seconds: i64, nanos: i32) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp { seconds, nanos })
+    }
+
+    #[test]
+    fn a_time_past_year_9999_is_shown_as_raw_seconds_instead_of_panicking() {
+        assert_eq!(
+            time_text(&at(LAST_RFC3339_SECOND, 0)),
+            "9999-12-31T23:59:59.000Z"
+        );
+        let far = time_text(&at(LAST_RFC3339_SECOND + 1, 5));
+        assert_eq!(far, "253402300800.000000005s since 1970 (Unix time)");
+        assert!(time_text(&at(-1, 0)).contains("since 1970"), "before 1970");
+        assert!(time_text(&at(0, -1)).contains("since 1970"), "bad nanos");
+        assert_eq!(time_text(&None), "-");
+    }
 
     #[test]
     fn an_address_without_a_scheme_is_taken_as_http() {

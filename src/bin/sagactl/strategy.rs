@@ -542,14 +542,7 @@ impl StrategyFile {
 // ---- Human-readable output ----
 
 fn time_text(ts: Option<&prost_types::Timestamp>) -> String {
-    ts.map(|t| {
-        let since_epoch = Duration::new(
-            u64::try_from(t.seconds).unwrap_or(0),
-            u32::try_from(t.nanos).unwrap_or(0),
-        );
-        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + since_epoch).to_string()
-    })
-    .unwrap_or_else(|| "-".to_owned())
+    crate::time_text(&ts.cloned())
 }
 
 fn statuses_text(list: &[pb::StepStatus]) -> String {
