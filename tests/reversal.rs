@@ -1101,3 +1101,108 @@ async fn a_nodes_oversized_error_code_is_cut_to_its_bound_and_the_answer_still_c
         assert!(entry.what.chars().count() < 1_000, "{}", entry.what);
     }
 }
+
+/// The next command sagad sends `stream`, within the test's limit.
+async fn next_command(stream: &mut tonic::Streaming<pb::Command>) -> pb::Command {
+    tokio::time::timeout(LIMIT, stream.message())
+        .await
+        .expect("a command within the limit")
+        .expect("a command, not an error")
+        .expect("the stream is open")
+}
+
+/// A Subscribe stream for `node`, as a node that cannot be dialled holds one.
+async fn hold_stream(bank: &Bank, node: &str) -> tonic::Streaming<pb::Command> {
+    bank.client()
+        .subscribe(pb::SubscribeRequest {
+            node_id: node.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A Reverse has no timer: its outbox entry is the only thing that sends it again. A command
+/// id whose kind or send was edited on its way back (the Reverse acknowledged as a signal,
+/// reported as a poll's answer or as another send's) is refused with FAILED_PRECONDITION
+/// naming the id sagad sent, and takes nothing out of the outbox: the Reverse is sent again,
+/// and its answer under its own id ends the reversal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_edited_command_id_is_refused_and_leaves_the_reverse_pending() {
+    let bank = bank().await;
+    let gsn = bank.start("t-edited").await;
+    // "d" has no endpoint: its commands go to its Subscribe stream.
+    let mut stream = hold_stream(&bank, "d").await;
+    let branch = bank.register(&gsn, 1, "d").await;
+    bank.report(&gsn, &branch, pb::Outcome::Succeeded).await;
+    let asked = bank
+        .reverse("r-edited", &gsn, &branch, pb::ReversalType::External, 100)
+        .await
+        .into_inner();
+    assert_eq!(asked.signal, REPROCESS, "still reversing");
+    let reverse = next_command(&mut stream).await;
+    assert!(matches!(reverse.kind, Some(pb::command::Kind::Reverse(_))));
+    let (_, sent) = reverse.command_id.rsplit_once(':').unwrap();
+    let (number, send) = sent[1..].split_once('.').unwrap();
+    let report = |request_id: &str, command_id: String| pb::ReportStateRequest {
+        request_id: request_id.into(),
+        gsn: gsn.clone(),
+        branch_id: branch.clone(),
+        reporter_node_id: "d".into(),
+        outcome: pb::Outcome::Succeeded as i32,
+        command_id,
+        ..Default::default()
+    };
+    let mut client = bank.client();
+
+    let as_signal = client
+        .ack(pb::AckRequest {
+            request_id: "ack-edited".into(),
+            node_id: "d".into(),
+            command_id: format!("{gsn}:s{number}"),
+        })
+        .await
+        .unwrap_err();
+    let as_poll = client
+        .report_state(report("poll-edited", format!("{gsn}:q{number}")))
+        .await
+        .unwrap_err();
+    let next_send: u32 = send.parse::<u32>().unwrap() + 1;
+    let as_other_send = client
+        .report_state(report(
+            "send-edited",
+            format!("{gsn}:r{number}.{next_send}"),
+        ))
+        .await
+        .unwrap_err();
+    for refused in [as_signal, as_poll, as_other_send] {
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert!(
+            refused.message().contains(&reverse.command_id),
+            "names the id sagad sent: {}",
+            refused.message()
+        );
+    }
+    assert_eq!(
+        get(&bank.server.channel, &gsn).await.state,
+        pb::SagaState::Reversing as i32
+    );
+
+    drop(stream);
+    let mut stream = hold_stream(&bank, "d").await;
+    assert_eq!(
+        next_command(&mut stream).await.command_id,
+        reverse.command_id,
+        "the Reverse is still pending, and is sent again"
+    );
+    client
+        .report_state(report("reversed", reverse.command_id.clone()))
+        .await
+        .unwrap();
+    let saga = common::orders::wait_terminal(&bank.server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32);
+}

@@ -754,15 +754,32 @@ impl Engine {
                     // stop with nothing recorded) and attribute the wrong send here. One that
                     // is gone was answered already; the report is then judged as late.
                     if let Some(entry) = tx.outbox_entry(answering.outbox_id)? {
-                        let about = commands::decode_command(&entry.command)
-                            .map(|command| command.branch_id)
-                            .unwrap_or_else(|_| input.branch_id.clone());
+                        // An entry that does not decode can never be sent again, so nothing is
+                        // lost by letting the report take it out.
+                        let stored = commands::decode_command(&entry.command).ok();
+                        let about = stored
+                            .as_ref()
+                            .map_or(input.branch_id.as_str(), |c| c.branch_id.as_str());
                         if entry.gsn_sequence != gsn.sequence() || about != input.branch_id {
                             return Err(Error::FailedPrecondition(format!(
                                 "command_id {:?} is not a command about branch {:?} of saga {gsn}: \
                                  give the command_id of the Execute, Reverse or QueryStatus this \
                                  report answers",
                                 input.command_id, input.branch_id
+                            )));
+                        }
+                        // The kind and send in the id decide how the report is read (a
+                        // reversal's answer, a poll's, which send failed), so an id edited on
+                        // its way back must not take the entry out: a Reverse read as a poll
+                        // would leave the saga REVERSING with nothing left to resend it.
+                        if let Some(stored) = stored.filter(|c| {
+                            c.kind != answering.kind || c.send() != answering.attempt
+                        }) {
+                            return Err(Error::FailedPrecondition(format!(
+                                "command_id {:?} does not match the command sagad sent under that \
+                                 number, {:?}: report with the command_id exactly as received",
+                                input.command_id,
+                                command_id_of(&stored, answering.outbox_id)
                             )));
                         }
                         tx.delete_outbox(answering.outbox_id)?;
@@ -1053,7 +1070,23 @@ impl Engine {
                             entry.node_id
                         )));
                     }
-                    Some(_) => tx.delete_outbox(outbox_id)?,
+                    // The id claims a Signal; the entry under its number must be one. A Reverse
+                    // has no timer: its entry is all that sends it again, so taking it out on
+                    // an edited id would leave the saga REVERSING for ever. (An entry that does
+                    // not decode can never be sent, so nothing is lost by taking it out.)
+                    Some(entry) => {
+                        if let Ok(stored) = commands::decode_command(&entry.command)
+                            && stored.kind != Kind::Signal
+                        {
+                            return Err(Error::FailedPrecondition(format!(
+                                "command {command_id} is not what sagad sent under that number: \
+                                 it sent {}, which needs an outcome; acknowledge a Signal with \
+                                 its command_id exactly as received",
+                                command_id_of(&stored, outbox_id)
+                            )));
+                        }
+                        tx.delete_outbox(outbox_id)?;
+                    }
                 }
                 Ok((Vec::new(), ()))
             })
@@ -1119,6 +1152,11 @@ pub(crate) fn command_id(gsn: &str, kind: Kind, outbox_id: u64, attempt: u32) ->
     } else {
         format!("{gsn}:{letter}{outbox_id}.{attempt}")
     }
+}
+
+/// The id sagad sends `command`, stored under `outbox_id`, with.
+fn command_id_of(command: &Command, outbox_id: u64) -> String {
+    command_id(&command.gsn, command.kind, outbox_id, command.attempt)
 }
 
 /// What a command id names.
