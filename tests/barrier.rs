@@ -341,9 +341,10 @@ fn violations(status: &tonic::Status) -> Vec<String> {
 async fn invalid_guards_are_refused_naming_every_bad_field() {
     let server = TestServer::start().await;
     let mut client = server.idempotency();
-    // Each fits alone; composed into the scope or the reversal key it passes 128.
-    let long_gsn = "g".repeat(120);
+    // Fits alone; composed into the reversal key it passes 128.
     let long_branch = "b".repeat(120);
+    // What a participant might pass by mistake: the command's id, or its own order number.
+    let command_id = format!("{GSN}:e7.1");
     let cases: Vec<(pb::GuardRequest, Vec<&str>)> = vec![
         (request("", GSN, "reserve", FORWARD), vec!["node_id"]),
         (request("inventory", "", "reserve", FORWARD), vec!["gsn"]),
@@ -364,7 +365,11 @@ async fn invalid_guards_are_refused_naming_every_bad_field() {
             vec!["node_id"],
         ),
         (
-            request("inventory", &long_gsn, "reserve", FORWARD),
+            request("inventory", &command_id, "reserve", FORWARD),
+            vec!["gsn"],
+        ),
+        (
+            request("inventory", "order-42", "reserve", FORWARD),
             vec!["gsn"],
         ),
         (
@@ -378,14 +383,24 @@ async fn invalid_guards_are_refused_naming_every_bad_field() {
         assert_eq!(violations(&status), fields, "{bad:?}: {}", status.message());
     }
     let message = client
-        .guard(request("inventory", &long_gsn, "reserve", FORWARD))
+        .guard(request("inventory", GSN, &long_branch, FORWARD))
         .await
         .unwrap_err()
         .message()
         .to_owned();
     assert!(
-        message.contains("gsn") && message.contains("128"),
+        message.contains("branch_id") && message.contains("128"),
         "the message names the field and the limit: {message}"
+    );
+    let message = client
+        .guard(request("inventory", &command_id, "reserve", FORWARD))
+        .await
+        .unwrap_err()
+        .message()
+        .to_owned();
+    assert!(
+        message.contains("not a GSN") && message.contains("not its command_id"),
+        "the message says what a gsn is: {message}"
     );
 }
 

@@ -9,7 +9,7 @@
 //! reversal is only run after its forward action finished.
 
 use crate::domain::idempotency::{self, Answer, Lease, Record, RecordState, Terms};
-use crate::domain::ids::RequestId;
+use crate::domain::ids::{Gsn, RequestId};
 use crate::domain::{Millis, Violation};
 
 /// Which action of a branch a Guard call is about.
@@ -230,18 +230,21 @@ impl BranchKeys {
     /// each naming its field.
     pub fn parse(node_id: &str, gsn: &str, branch_id: &str) -> Result<BranchKeys, Vec<Violation>> {
         let mut violations = Vec::new();
-        let node_ok = check_node_id(node_id, &mut violations);
-        let gsn_ok = check_text("gsn", gsn, &mut violations);
+        check_node_id(node_id, &mut violations);
+        // A GSN, not any text: the scope is the branch's across its commands only if every
+        // command of the saga names it the same way, and collection reads the GSN back from it
+        // to keep the records while the saga runs. A participant that passed its command_id
+        // here would get a scope per command, and a reversal would find no forward record
+        // (a null compensation, leaving the effect in place). A GSN has at most 49 characters,
+        // so the scope, at most 120, always fits in 128.
+        if let Err(e) = Gsn::parse(gsn) {
+            violations.push(Violation::new(
+                "gsn",
+                format!("{e}: pass the gsn the command carried, not its command_id"),
+            ));
+        }
         let branch_ok = check_text("branch_id", branch_id, &mut violations);
         let scope = format!("{}{node_id}/{gsn}", Self::SCOPE_PREFIX);
-        if node_ok && gsn_ok {
-            check_composed(
-                "gsn",
-                &scope,
-                "the scope guard/<node_id>/<gsn>",
-                &mut violations,
-            );
-        }
         // The reversal suffix is the longer one, so it alone decides the limit.
         let reversal = format!("{branch_id}{}", Self::REVERSAL_SUFFIX);
         if branch_ok {
@@ -281,7 +284,7 @@ impl BranchKeys {
     }
 }
 
-fn check_node_id(node_id: &str, violations: &mut Vec<Violation>) -> bool {
+fn check_node_id(node_id: &str, violations: &mut Vec<Violation>) {
     let valid = !node_id.is_empty()
         && node_id.chars().count() <= BranchKeys::NODE_ID_MAX_LEN
         && node_id
@@ -296,7 +299,6 @@ fn check_node_id(node_id: &str, violations: &mut Vec<Violation>) -> bool {
             ),
         ));
     }
-    valid
 }
 
 /// Any printable text, as request ids are; length is judged on the composed key.
@@ -450,25 +452,44 @@ mod tests {
         let fields = |r: Result<BranchKeys, Vec<Violation>>| -> Vec<String> {
             r.unwrap_err().into_iter().map(|v| v.field).collect()
         };
+        const GSN: &str = "c1-0000000000000042";
         assert_eq!(
             fields(BranchKeys::parse("", "", "")),
             ["node_id", "gsn", "branch_id"]
         );
-        assert_eq!(fields(BranchKeys::parse("a/b", "g", "b")), ["node_id"]);
-        assert_eq!(fields(BranchKeys::parse("n", "g\n", "b")), ["gsn"]);
-        // guard/ + 64 + / + 58 = 129 characters: one too many, and the gsn is named.
-        let node = "n".repeat(64);
-        assert!(BranchKeys::parse(&node, &"g".repeat(57), "b").is_ok());
-        assert_eq!(
-            fields(BranchKeys::parse(&node, &"g".repeat(58), "b")),
-            ["gsn"]
-        );
+        assert_eq!(fields(BranchKeys::parse("a/b", GSN, "b")), ["node_id"]);
+        assert_eq!(fields(BranchKeys::parse("n", GSN, "b\n")), ["branch_id"]);
+        // The longest node id and the longest GSN still make a scope that fits.
+        let longest_gsn = format!("{}-0000000000000042", "c".repeat(32));
+        assert!(BranchKeys::parse(&"n".repeat(64), &longest_gsn, "b").is_ok());
         // 119 + "/reversal" = 128 is the longest branch id.
-        assert!(BranchKeys::parse("n", "g", &"b".repeat(119)).is_ok());
+        assert!(BranchKeys::parse("n", GSN, &"b".repeat(119)).is_ok());
         assert_eq!(
-            fields(BranchKeys::parse("n", "g", &"b".repeat(120))),
+            fields(BranchKeys::parse("n", GSN, &"b".repeat(120))),
             ["branch_id"]
         );
+    }
+
+    /// A command_id (or any other text) in place of the GSN would give each command of a
+    /// branch a scope of its own, so a reversal would never find its forward record.
+    #[test]
+    fn a_gsn_that_is_not_a_gsn_is_refused() {
+        for bad in [
+            "g",
+            "g\n",
+            "c1-0000000000000042:e7.1",
+            "c1-42",
+            "c1/x-0000000000000042",
+        ] {
+            let violations = BranchKeys::parse("n", bad, "b").unwrap_err();
+            assert_eq!(violations.len(), 1, "{bad:?}");
+            assert_eq!(violations[0].field, "gsn", "{bad:?}");
+            assert!(
+                violations[0].description.contains("not its command_id"),
+                "{}",
+                violations[0].description
+            );
+        }
     }
 
     /// One call a participant (or a confused one) may make for the branch.
