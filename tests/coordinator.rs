@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use common::{TestServer, start_request, violated_fields};
+use common::{TestServer, assert_refused, start_request, violated_fields};
 use sagad::clock::{ManualClock, SystemClock};
 use sagad::config::Config;
 use sagad::grpc::{REPLAYED_HEADER, pb};
@@ -290,6 +290,90 @@ async fn bad_start_requests_name_every_field_to_fix_and_write_nothing() {
         .unwrap_err();
     assert!(err.message().contains("at most 64"), "{}", err.message());
     assert_eq!(saga_count(&server).await, 0, "nothing was written");
+}
+
+/// A saga's timeout and deadline are bounded by the 366 days a strategy's saga_timeout may
+/// be: beyond that is INVALID_ARGUMENT naming the field, and nothing is stored (a deadline past
+/// 9999 would make every later GetSaga and ListSagas unprintable as JSON). A timeout under a
+/// millisecond is a 1 ms timeout, not the zero that is refused.
+#[tokio::test]
+async fn a_timeout_or_deadline_past_366_days_is_refused_and_one_under_a_millisecond_counts_as_one()
+{
+    const NOW_S: i64 = 1_800_000_000;
+    let clock = Arc::new(ManualClock::new(NOW_S as u64 * 1000));
+    let server = TestServer::start_with_clock(clock).await;
+    let mut client = server.coordinator();
+    let day = 24 * 3600;
+    let after = |seconds: i64, nanos: i32| prost_types::Duration { seconds, nanos };
+    let at = |seconds: i64| prost_types::Timestamp { seconds, nanos: 0 };
+    let cases = [
+        (
+            pb::StartSagaRequest {
+                timeout: Some(after(366 * day + 1, 0)),
+                ..start_request("long-timeout", "transfer")
+            },
+            "timeout",
+        ),
+        (
+            pb::StartSagaRequest {
+                timeout: Some(after(i64::MAX, 0)),
+                ..start_request("huge-timeout", "transfer")
+            },
+            "timeout",
+        ),
+        (
+            pb::StartSagaRequest {
+                deadline: Some(at(NOW_S + 367 * day)),
+                ..start_request("far-deadline", "transfer")
+            },
+            "deadline",
+        ),
+        (
+            pb::StartSagaRequest {
+                // 10000-01-01: past what a Timestamp can show.
+                deadline: Some(at(253_402_300_800)),
+                ..start_request("year-10000", "transfer")
+            },
+            "deadline",
+        ),
+    ];
+    for (request, field) in cases {
+        let err = client.start_saga(request).await.unwrap_err();
+        assert_refused(&err, field, "366 days");
+    }
+    assert_eq!(saga_count(&server).await, 0, "nothing was written");
+
+    let quick = client
+        .start_saga(pb::StartSagaRequest {
+            timeout: Some(after(0, 500_000)),
+            ..start_request("half-a-millisecond", "transfer")
+        })
+        .await
+        .expect("half a millisecond is a timeout, not zero")
+        .into_inner()
+        .saga
+        .unwrap();
+    let deadline = quick.deadline.unwrap();
+    assert_eq!(
+        (deadline.seconds, deadline.nanos),
+        (NOW_S, 1_000_000),
+        "1 ms after the start"
+    );
+    let err = client
+        .start_saga(pb::StartSagaRequest {
+            timeout: Some(after(0, 0)),
+            ..start_request("zero", "transfer")
+        })
+        .await
+        .unwrap_err();
+    assert_refused(&err, "timeout", "longer than zero");
+    client
+        .start_saga(pb::StartSagaRequest {
+            timeout: Some(after(366 * day, 0)),
+            ..start_request("a-year", "transfer")
+        })
+        .await
+        .expect("366 days is allowed");
 }
 
 #[tokio::test]

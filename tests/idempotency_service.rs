@@ -290,6 +290,35 @@ fn with_lease(mut request: pb::BeginRequest, seconds: i64, nanos: i32) -> pb::Be
     request
 }
 
+/// A lease under a millisecond is a lease of 1 ms, not one of 0 that has always expired: a
+/// concurrent Begin in the same millisecond is told IN_PROGRESS, not handed the work again.
+#[tokio::test]
+async fn a_lease_under_a_millisecond_is_one_millisecond_long() {
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let server = TestServer::start_with_clock(clock.clone()).await;
+    let mut client = server.idempotency();
+    let leased = || with_lease(begin("payments", "tx-short"), 0, 500_000);
+
+    let first = client.begin(leased()).await.unwrap().into_inner();
+    assert_eq!(first.outcome, pb::BeginOutcome::New as i32);
+    let second = client.begin(leased()).await.unwrap().into_inner();
+    assert_eq!(
+        second.outcome,
+        pb::BeginOutcome::InProgress as i32,
+        "the work is not handed out twice"
+    );
+    clock.advance_ms(1);
+    let taken = client.begin(leased()).await.unwrap().into_inner();
+    assert_eq!(taken.outcome, pb::BeginOutcome::New as i32);
+    assert_eq!(taken.record.unwrap().attempts, 2);
+
+    let zero = client
+        .begin(with_lease(begin("payments", "tx-zero"), 0, 0))
+        .await
+        .unwrap_err();
+    assert_refused(&zero, "processing_timeout", "longer than zero");
+}
+
 #[tokio::test]
 async fn a_later_begin_with_a_shorter_lease_does_not_take_over_the_holders_lease() {
     let clock = Arc::new(ManualClock::new(START_MS));

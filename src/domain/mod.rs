@@ -16,6 +16,14 @@ pub mod strategy_validation;
 /// Milliseconds since the Unix epoch: the only notion of time the domain knows.
 pub type Millis = u64;
 
+/// A duration a client gave, in whole milliseconds, a part of one counting as a whole one: a
+/// positive duration never becomes the 0 that means "none" or "at once" (a lease of 0 would
+/// let every Begin take over), and one just over a bound is never let under it. Saturates.
+pub fn millis_rounded_up(duration: std::time::Duration) -> Millis {
+    let part = u128::from(!duration.subsec_nanos().is_multiple_of(1_000_000));
+    u64::try_from(duration.as_millis().saturating_add(part)).unwrap_or(Millis::MAX)
+}
+
 /// One thing wrong with a request, named by its field: the edge turns a list of these into
 /// INVALID_ARGUMENT with one field violation each, so a caller can fix everything at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,5 +38,22 @@ impl Violation {
             field: field.into(),
             description: description.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_part_of_a_millisecond_counts_as_a_whole_one() {
+        assert_eq!(millis_rounded_up(Duration::ZERO), 0);
+        assert_eq!(millis_rounded_up(Duration::from_nanos(1)), 1);
+        assert_eq!(millis_rounded_up(Duration::from_micros(500)), 1);
+        assert_eq!(millis_rounded_up(Duration::from_millis(1)), 1);
+        assert_eq!(millis_rounded_up(Duration::from_nanos(1_000_001)), 2);
+        assert_eq!(millis_rounded_up(Duration::new(30, 0)), 30_000);
+        assert_eq!(millis_rounded_up(Duration::MAX), Millis::MAX);
     }
 }

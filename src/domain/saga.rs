@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::domain::branch::{Branch, Signal};
 use crate::domain::ids::{BusinessType, Gsn, RequestId};
 use crate::domain::strategy::StepStatus;
+use crate::domain::strategy_validation::MAX_TIMEOUT_MS;
 use crate::domain::{Millis, Violation};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -242,15 +243,35 @@ pub fn validate_start(
             ));
         }
     }
+    // Bounded as a strategy's saga_timeout is: a typo of a few zeros is caught instead of
+    // parking a saga for centuries, and every deadline stays a time a Timestamp can show.
+    let days = MAX_TIMEOUT_MS / 86_400_000;
     let deadline_ms = match request.deadline {
         Deadline::None => None,
         Deadline::At(at) if at <= now => {
             violations.push(Violation::new("deadline", "is not in the future"));
             None
         }
+        Deadline::At(at) if at - now > MAX_TIMEOUT_MS => {
+            violations.push(Violation::new(
+                "deadline",
+                format!(
+                    "is more than {days} days from now; a saga's deadline is at most {days} days \
+                     after its start"
+                ),
+            ));
+            None
+        }
         Deadline::At(at) => Some(at),
         Deadline::After(0) => {
             violations.push(Violation::new("timeout", "must be longer than zero"));
+            None
+        }
+        Deadline::After(after) if after > MAX_TIMEOUT_MS => {
+            violations.push(Violation::new(
+                "timeout",
+                format!("is {after} ms; at most {MAX_TIMEOUT_MS} ms ({days} days) are allowed"),
+            ));
             None
         }
         Deadline::After(after) => Some(now.saturating_add(after)),
@@ -343,6 +364,38 @@ mod tests {
             ["request_id", "business_type", "mode", "payload", "deadline"]
         );
         assert!(violations[3].description.contains("at most 16"));
+    }
+
+    #[test]
+    fn a_deadline_or_timeout_past_366_days_is_refused() {
+        let now = 1_000;
+        let at = |deadline| StartRequest {
+            deadline,
+            ..request()
+        };
+        for ok in [
+            Deadline::After(1),
+            Deadline::After(MAX_TIMEOUT_MS),
+            Deadline::At(now + 1),
+            Deadline::At(now + MAX_TIMEOUT_MS),
+        ] {
+            assert!(validate_start(at(ok), LIMITS, now).is_ok(), "{ok:?}");
+        }
+        for (bad, field) in [
+            (Deadline::After(MAX_TIMEOUT_MS + 1), "timeout"),
+            (Deadline::After(Millis::MAX), "timeout"),
+            (Deadline::At(now + MAX_TIMEOUT_MS + 1), "deadline"),
+            (Deadline::At(Millis::MAX), "deadline"),
+        ] {
+            let violations = validate_start(at(bad), LIMITS, now).unwrap_err();
+            assert_eq!(violations.len(), 1, "{bad:?}");
+            assert_eq!(violations[0].field, field, "{bad:?}");
+            assert!(
+                violations[0].description.contains("366 days"),
+                "{}",
+                violations[0].description
+            );
+        }
     }
 
     #[test]

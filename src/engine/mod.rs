@@ -461,7 +461,9 @@ impl Engine {
                 "must be longer than zero, or unset",
             ));
         }
-        let terms = self.terms(processing_lease.map(millis));
+        // Rounded up: a lease under 1 ms truncated to 0 would have expired at once, and every
+        // concurrent Begin would take the transaction over and run it again.
+        let terms = self.terms(processing_lease.map(crate::domain::millis_rounded_up));
         let now = self.clock.now_ms();
         self.store
             .write(move |tx| {

@@ -9,7 +9,13 @@ use crate::domain::saga::{Deadline, Saga, SagaMode, SagaState, StartRequest};
 use crate::domain::{Millis, Violation};
 use crate::grpc::pb;
 
+/// The last instant a protobuf Timestamp may hold, 9999-12-31T23:59:59.999Z, in milliseconds.
+const MAX_TIMESTAMP_MS: Millis = 253_402_300_799_999;
+
+/// Clamped to the Timestamp range: a later time (a deadline stored before deadlines were
+/// bounded) would make the whole answer unprintable as JSON (grpcurl, sagactl).
 pub fn timestamp(ms: Millis) -> Timestamp {
+    let ms = ms.min(MAX_TIMESTAMP_MS);
     Timestamp {
         seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
         nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
@@ -37,10 +43,6 @@ pub fn duration(field: &str, d: &PbDuration) -> Result<std::time::Duration, Viol
     let seconds = u64::try_from(d.seconds).unwrap_or(0);
     let nanos = u32::try_from(d.nanos).unwrap_or(0);
     Ok(std::time::Duration::new(seconds, nanos))
-}
-
-fn millis(duration: std::time::Duration) -> Millis {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 pub fn saga_state(state: SagaState) -> pb::SagaState {
@@ -132,7 +134,9 @@ pub fn start_request(request: pb::StartSagaRequest) -> Result<StartRequest, Vec<
             }
         },
         (None, Some(after)) => match duration("timeout", after) {
-            Ok(d) => Deadline::After(millis(d)),
+            // Rounded up, as every duration a client gives: 0.5 ms is a short timeout, not
+            // the zero that is refused.
+            Ok(d) => Deadline::After(crate::domain::millis_rounded_up(d)),
             Err(v) => {
                 violations.push(v);
                 Deadline::None
@@ -267,5 +271,18 @@ pub fn branch(branch: &Branch) -> pb::Branch {
                 what: t.what.clone(),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_time_past_the_timestamp_range_is_shown_as_its_last_instant() {
+        let last = timestamp(MAX_TIMESTAMP_MS);
+        assert_eq!((last.seconds, last.nanos), (253_402_300_799, 999_000_000));
+        assert_eq!(timestamp(Millis::MAX), last);
+        assert_eq!(timestamp(1_500).seconds, 1);
     }
 }

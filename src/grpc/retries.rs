@@ -139,7 +139,8 @@ fn duration_ms(
     violations: &mut Vec<Violation>,
 ) -> Option<Millis> {
     match convert::duration(field, value?) {
-        Ok(d) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        // Rounded up, as every duration a client gives, so a bound is never let under.
+        Ok(d) => Some(crate::domain::millis_rounded_up(d)),
         Err(v) => {
             violations.push(v);
             None
