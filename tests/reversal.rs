@@ -1206,3 +1206,59 @@ async fn an_edited_command_id_is_refused_and_leaves_the_reverse_pending() {
     let saga = common::orders::wait_terminal(&bank.server.channel, &gsn, LIMIT).await;
     assert_eq!(saga.state, pb::SagaState::Reversed as i32);
 }
+
+/// CompleteSaga, RequestReversal and ReprocessSaga answer with the saga as GetSaga shows it:
+/// its payload included, though the saga record itself holds none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn complete_reversal_and_reprocess_answer_with_the_sagas_payload() {
+    let bank = bank().await;
+    let payload = b"the saga's payload".to_vec();
+    let completed = bank.start_with("t-complete-payload", payload.clone()).await;
+    bank.outcall(&completed, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    let done = bank
+        .client()
+        .complete_saga(pb::CompleteSagaRequest {
+            request_id: "complete-payload".into(),
+            gsn: completed.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .saga
+        .unwrap();
+    assert_eq!(done.payload, payload, "CompleteSaga");
+
+    let reversed = bank.start_with("t-reverse-payload", payload.clone()).await;
+    let branch = bank
+        .outcall(&reversed, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    bank.node("a")
+        .script("credit-a", vec![Script::Fail("LOCKED")]);
+    let answer = bank
+        .reverse(
+            "r-payload",
+            &reversed,
+            &branch,
+            pb::ReversalType::External,
+            5_000,
+        )
+        .await
+        .into_inner();
+    let saga = answer.saga.unwrap();
+    assert_eq!(saga.state, pb::SagaState::NeedsAttention as i32);
+    assert_eq!(saga.payload, payload, "RequestReversal");
+    let reprocessed = bank
+        .client()
+        .reprocess_saga(pb::ReprocessSagaRequest {
+            request_id: "reprocess-payload".into(),
+            gsn: reversed.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .saga
+        .unwrap();
+    assert_eq!(reprocessed.payload, payload, "ReprocessSaga");
+    assert_eq!(reprocessed.branches.len(), 1);
+}

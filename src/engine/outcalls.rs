@@ -15,7 +15,7 @@ use crate::domain::outcalls::{self, Outcall, ReversalAsked};
 use crate::domain::saga::{Limits, ReversalType, Saga, SagaState, too_long};
 use crate::engine::sagas::{Applied, load_saga, outcall_refusal, store_transition};
 use crate::engine::{Answered, Engine, Error, convert, stored_record};
-use crate::store::{IdempotencyKey, IdempotencyNamespace, PayloadRecord};
+use crate::store::{IdempotencyKey, IdempotencyNamespace, PayloadRecord, WriteTx};
 
 /// RegisterOutcall as it arrives.
 #[derive(Debug, Clone)]
@@ -96,6 +96,18 @@ fn answer_for(saga: &Saga, asked: &ReversalAsked) -> Option<Signal> {
         SagaState::NeedsAttention => Some(Signal::Reprocess),
         SagaState::Running | SagaState::Reversing | SagaState::Completed => None,
     }
+}
+
+/// What RequestReversal's first write hands on: the reversal started (the transition stored,
+/// the request registered, the saga's payload), or the stored answer of a repeat.
+type Started = Result<(Applied, idempotency::Record, Vec<u8>), Answered>;
+
+/// The saga's payload (stored apart from its record, under branch id ""); empty if it has none.
+fn saga_payload(tx: &WriteTx<'_>, gsn: &Gsn) -> Result<Vec<u8>, Error> {
+    Ok(tx
+        .payload(gsn.sequence(), "")?
+        .map(|p| p.data)
+        .unwrap_or_default())
 }
 
 impl Engine {
@@ -199,10 +211,13 @@ impl Engine {
             .idempotent_write_with(method, &request_id, fingerprint, move |tx, now| {
                 let saga = load_saga(tx, &gsn)?;
                 let applied = store_transition(tx, step(saga, &gsn, now)?, now)?;
-                let saga = applied
+                let mut saga = applied
                     .saga
                     .clone()
                     .ok_or_else(|| Error::NotFound(format!("no saga has GSN {gsn}")))?;
+                // The answer shows the saga with its payload, as GetSaga does; the saga record
+                // holds none (it is stored once, apart).
+                saga.payload = saga_payload(tx, &gsn)?;
                 Ok((encode(&saga), applied))
             })
             .await?;
@@ -330,40 +345,43 @@ impl Engine {
         let answering = asked.clone();
         let started = self
             .store
-            .write(
-                move |tx| -> Result<Result<(Applied, idempotency::Record), Answered>, Error> {
-                    let existing = stored_record(tx, &start_key)?;
-                    let registered =
-                        match idempotency::on_lookup(existing.as_ref(), &fingerprint, terms, now) {
-                            Lookup::Register(registered) => registered,
-                            Lookup::Replay(done) => {
-                                return Ok(Err(Answered {
-                                    response: done.response,
-                                    replayed: true,
-                                }));
-                            }
-                            Lookup::InProgress(_) => {
-                                return Err(Error::InProgress {
-                                    request_id: start_key.key,
-                                });
-                            }
-                            Lookup::Mismatch => {
-                                return Err(Error::RequestIdReused {
-                                    request_id: start_key.key,
-                                });
-                            }
-                        };
-                    let saga = load_saga(tx, &gsn)?;
-                    let retry = engine.shared.retry_config(tx)?;
-                    let env = engine.env(&retry, now);
-                    let transition = outcalls::on_reversal_requested(saga, asked, env)
-                        .map_err(|r| outcall_refusal(r, &gsn))?;
-                    tx.put_idempotency(&start_key, &convert::idempotency_to_record(&registered))?;
-                    Ok(Ok((store_transition(tx, transition, now)?, registered)))
-                },
-            )
+            .write(move |tx| -> Result<Started, Error> {
+                let existing = stored_record(tx, &start_key)?;
+                let registered =
+                    match idempotency::on_lookup(existing.as_ref(), &fingerprint, terms, now) {
+                        Lookup::Register(registered) => registered,
+                        Lookup::Replay(done) => {
+                            return Ok(Err(Answered {
+                                response: done.response,
+                                replayed: true,
+                            }));
+                        }
+                        Lookup::InProgress(_) => {
+                            return Err(Error::InProgress {
+                                request_id: start_key.key,
+                            });
+                        }
+                        Lookup::Mismatch => {
+                            return Err(Error::RequestIdReused {
+                                request_id: start_key.key,
+                            });
+                        }
+                    };
+                let saga = load_saga(tx, &gsn)?;
+                let retry = engine.shared.retry_config(tx)?;
+                let env = engine.env(&retry, now);
+                let transition = outcalls::on_reversal_requested(saga, asked, env)
+                    .map_err(|r| outcall_refusal(r, &gsn))?;
+                tx.put_idempotency(&start_key, &convert::idempotency_to_record(&registered))?;
+                let payload = saga_payload(tx, &gsn)?;
+                Ok(Ok((
+                    store_transition(tx, transition, now)?,
+                    registered,
+                    payload,
+                )))
+            })
             .await??;
-        let (applied, registered) = match started {
+        let (applied, registered, payload) = match started {
             Ok(started) => started,
             Err(replayed) => return Ok(replayed),
         };
@@ -381,7 +399,8 @@ impl Engine {
         tokio::spawn(async move {
             engine
                 .conclude_reversal(
-                    saga, changes, wait, answering, gsn_text, key, registered, terms, encode,
+                    saga, payload, changes, wait, answering, gsn_text, key, registered, terms,
+                    encode,
                 )
                 .await
         })
@@ -399,6 +418,7 @@ impl Engine {
     async fn conclude_reversal<F>(
         &self,
         mut saga: Saga,
+        payload: Vec<u8>,
         mut changes: tokio::sync::watch::Receiver<Option<Arc<Saga>>>,
         wait: Duration,
         answering: ReversalAsked,
@@ -434,6 +454,9 @@ impl Engine {
         // of the request (S1: "try again later") learns the outcome once an operator has
         // reprocessed the saga.
         let answer = answer_for(&saga, &answering);
+        // The answer shows the saga with its payload, as GetSaga does; the sagas published to
+        // watchers carry none. It never changes, so the one read at the start serves.
+        saga.payload = payload;
         match answer.filter(|_| saga.state == SagaState::Reversed) {
             Some(signal) => {
                 let response = encode(signal, &saga);
