@@ -1262,3 +1262,42 @@ async fn complete_reversal_and_reprocess_answer_with_the_sagas_payload() {
     assert_eq!(reprocessed.payload, payload, "ReprocessSaga");
     assert_eq!(reprocessed.branches.len(), 1);
 }
+
+/// Every reversal serial RequestReversal recorded (its own, or request_id by default) is shown
+/// on the saga, in the order they arrived, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_reversal_serials_recorded_on_a_saga_are_shown_on_it() {
+    let bank = bank().await;
+    let gsn = bank.start("t-serials").await;
+    bank.outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    let mut client = bank.client();
+    let first = client
+        .request_reversal(pb::RequestReversalRequest {
+            reversal_serial: "REV-1".into(),
+            ..reversal_request("serials-1", &gsn)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.saga.unwrap().reversal_serials, ["REV-1"]);
+    for request_id in ["serials-2", "serials-2-again"] {
+        client
+            .request_reversal(pb::RequestReversalRequest {
+                reversal_serial: if request_id == "serials-2" {
+                    String::new()
+                } else {
+                    "REV-1".into()
+                },
+                ..reversal_request(request_id, &gsn)
+            })
+            .await
+            .unwrap();
+    }
+    let saga = get(&bank.server.channel, &gsn).await;
+    assert_eq!(
+        saga.reversal_serials,
+        ["REV-1", "serials-2"],
+        "a request without a serial is recorded by its request_id; a known serial once"
+    );
+}

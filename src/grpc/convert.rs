@@ -100,6 +100,13 @@ pub fn saga(saga: &Saga, full: bool) -> pb::Saga {
         },
         signal: signal_of(saga.signal) as i32,
         reason: saga.reason.clone(),
+        // Up to 100 serials of 128 characters: left out with the branches, so a listing stays
+        // small.
+        reversal_serials: if full {
+            saga.reversal_serials.clone()
+        } else {
+            Vec::new()
+        },
     }
 }
 

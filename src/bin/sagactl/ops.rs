@@ -97,6 +97,9 @@ pub fn print_progress(saga: &pb::Saga) {
     if !saga.reason.is_empty() {
         outln!("reason:        {}", saga.reason);
     }
+    if !saga.reversal_serials.is_empty() {
+        println!("serials:       {}", saga.reversal_serials.join(", "));
+    }
     if saga.branches.is_empty() {
         outln!("branches:      none");
         return;
