@@ -1301,3 +1301,35 @@ async fn the_reversal_serials_recorded_on_a_saga_are_shown_on_it() {
         "a request without a serial is recorded by its request_id; a known serial once"
     );
 }
+
+/// A status reported with parameters but no name is named after the outcome, as orchestrated
+/// sagas name it, and so survives the ledger: stored nameless, it read back as no status and
+/// its parameters were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_status_reported_without_a_name_keeps_its_parameters_under_the_outcomes_name() {
+    let bank = bank().await;
+    let gsn = bank.start("t-nameless").await;
+    let branch = bank.register(&gsn, 1, "a").await;
+    bank.client()
+        .report_state(pb::ReportStateRequest {
+            request_id: "nameless".into(),
+            gsn: gsn.clone(),
+            branch_id: branch.clone(),
+            reporter_node_id: "orders".into(),
+            outcome: pb::Outcome::Succeeded as i32,
+            status: Some(pb::Status {
+                name: String::new(),
+                parameters: [("result_code".to_owned(), "E12".to_owned())].into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let saga = get(&bank.server.channel, &gsn).await;
+    let status = common::orders::branch(&saga, &branch)
+        .last_status
+        .clone()
+        .expect("the status is kept");
+    assert_eq!(status.name, "SUCCEEDED");
+    assert_eq!(status.parameters["result_code"], "E12");
+}

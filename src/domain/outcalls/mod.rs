@@ -15,7 +15,7 @@
 //! outstanding, every node of the saga is told the signal.
 
 use crate::domain::Millis;
-use crate::domain::branch::{Branch, BranchState, Outcome, Report, Signal};
+use crate::domain::branch::{Branch, BranchState, Outcome, Report, Signal, Status};
 use crate::domain::orchestration::{
     self, Effect, Env, Timer, Transition, apply_reversal_answer, outcome_name, resend_reversal,
     signal_every_node, start_reversing,
@@ -198,8 +198,8 @@ pub fn on_outcall_reported(
                     }
                 }
             }
-            if report.status.is_some() {
-                branch.last_status = report.status.clone();
+            if let Some(status) = named_status(&report) {
+                branch.last_status = Some(status);
             }
             branch.note(
                 env.now,
@@ -229,6 +229,20 @@ pub fn on_outcall_reported(
     }
     saga.updated_ms = env.now;
     Ok(Transition { saga, effects })
+}
+
+/// The status a report gives its branch, named as orchestrated sagas name it: a status with
+/// parameters but no name is named after the outcome (a nameless status is stored as none, so
+/// its parameters would be lost), and one with neither is no status.
+fn named_status(report: &Report) -> Option<Status> {
+    let status = report.status.as_ref()?;
+    if !status.name.is_empty() {
+        return Some(status.clone());
+    }
+    (!status.parameters.is_empty()).then(|| Status {
+        name: outcome_name(report.outcome).to_owned(),
+        parameters: status.parameters.clone(),
+    })
 }
 
 /// Query the branch's node about it, and keep asking (S4).

@@ -455,3 +455,36 @@ fn a_contrary_report_after_completion_changes_no_branch() {
         assert!(t.effects.is_empty());
     }
 }
+
+#[test]
+fn a_reported_status_without_a_name_is_named_after_the_outcome_and_keeps_its_parameters() {
+    let registered = on_outcall_registered(saga(), outcall(1, "a"), NOW)
+        .unwrap()
+        .saga;
+    let id = branch_id(1, "a");
+    let with = |name: &str, parameters: &[(&str, &str)]| Report {
+        status: Some(Status {
+            name: name.into(),
+            parameters: parameters
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }),
+        ..report(Outcome::Succeeded)
+    };
+    let last_status = |report: Report| {
+        on_outcall_reported(registered.clone(), &id, report, false, env(NOW))
+            .unwrap()
+            .saga
+            .branch(&id)
+            .unwrap()
+            .last_status
+            .clone()
+    };
+    let nameless = last_status(with("", &[("result_code", "E12")])).unwrap();
+    assert_eq!(nameless.name, "SUCCEEDED");
+    assert_eq!(nameless.parameters["result_code"], "E12");
+    assert_eq!(last_status(with("PAID", &[])).unwrap().name, "PAID");
+    assert_eq!(last_status(with("", &[])), None, "an empty status is none");
+    assert_eq!(last_status(report(Outcome::Succeeded)), None);
+}
