@@ -285,3 +285,59 @@ async fn a_garbage_saga_record_is_listed_as_unreadable_and_hides_no_other_saga()
     assert_eq!(error.code(), tonic::Code::DataLoss, "{error:?}");
     server.stop().await.unwrap();
 }
+
+/// A strategy record sagad cannot read (damaged, or written by a newer sagad) is passed over
+/// by ListStrategies, on every page size: it no longer fails every page that reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_strategy_record_is_passed_over_by_list_strategies() {
+    use sagad::grpc::pb::strategies_client::StrategiesClient;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    for business_type in ["a-order", "b-order", "c-order"] {
+        put_strategy(
+            &server.channel,
+            pb::Strategy {
+                business_type: business_type.into(),
+                ..order_strategy(Duration::from_secs(30))
+            },
+        )
+        .await;
+    }
+    server.stop().await.unwrap();
+    // b-order's version 2, so the listing, which shows each type's latest, meets it.
+    let key = [&b"b-order\0"[..], &2u64.to_be_bytes()].concat();
+    write_raw(&ledger, "strategies", &key, GARBAGE);
+
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    let mut client = StrategiesClient::new(server.channel.clone());
+    for page_size in [0, 1] {
+        let mut listed = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = client
+                .list_strategies(pb::ListStrategiesRequest {
+                    page_size,
+                    page_token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            listed.extend(page.strategies.into_iter().map(|s| s.business_type));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        assert_eq!(listed, ["a-order", "c-order"], "page_size {page_size}");
+    }
+    let error = client
+        .get_strategy(pb::GetStrategyRequest {
+            business_type: "b-order".into(),
+            version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::DataLoss, "{error:?}");
+    server.stop().await.unwrap();
+}

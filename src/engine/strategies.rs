@@ -140,20 +140,47 @@ impl Engine {
         };
         // One more than a page tells whether another page follows, so the last page never
         // hands out a token that leads to an empty page.
-        let mut records = self
+        let mut strategies = self
             .store
-            .read(move |tx| {
-                tx.latest_strategies(after.as_deref())
-                    .take(page_size + 1)
-                    .collect::<Result<Vec<_>, store::Error>>()
+            .read(move |tx| -> Result<Vec<Strategy>, store::Error> {
+                let mut readable = Vec::new();
+                for record in tx.latest_strategies(after.as_deref()) {
+                    // One strategy this build cannot read (damaged, or written by a newer
+                    // sagad) must not fail every page that reaches it; StartSaga and
+                    // GetStrategy on its business type still say what is wrong.
+                    let read = record.and_then(|record| {
+                        let business_type = record.business_type.clone();
+                        strategy_from_record(record).map_err(|e| match e {
+                            store::Error::Corrupt { table, detail } => store::Error::Corrupt {
+                                table,
+                                detail: format!("strategy {business_type:?}: {detail}"),
+                            },
+                            other => other,
+                        })
+                    });
+                    match read {
+                        Ok(strategy) => readable.push(strategy),
+                        Err(
+                            e
+                            @ (store::Error::Corrupt { .. } | store::Error::UnknownVersion { .. }),
+                        ) => {
+                            tracing::warn!(
+                                error = %e,
+                                "a strategy does not decode; the listing passes over it"
+                            );
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    if readable.len() > page_size {
+                        break;
+                    }
+                }
+                Ok(readable)
             })
             .await??;
-        let more = records.len() > page_size;
-        records.truncate(page_size);
-        let strategies = records
-            .into_iter()
-            .map(strategy_from_record)
-            .collect::<Result<Vec<_>, _>>()?;
+        let more = strategies.len() > page_size;
+        strategies.truncate(page_size);
         let next_page_token = match strategies.last() {
             Some(last) if more => page_token::encode(&last.business_type),
             _ => String::new(),
