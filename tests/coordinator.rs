@@ -376,6 +376,46 @@ async fn a_timeout_or_deadline_past_366_days_is_refused_and_one_under_a_millisec
         .expect("366 days is allowed");
 }
 
+/// A page of ListSagas with `full` ends once its sagas come to about 2 MiB, so five sagas
+/// with 900 KiB payloads (4.5 MiB, past the 4 MiB a gRPC client receives by default) come in
+/// two pages, each readable; without payloads they fit one page.
+#[tokio::test]
+async fn a_full_listing_pages_by_size_as_well_as_by_count() {
+    let server = TestServer::start().await;
+    let mut client = server.coordinator();
+    let payload = vec![7u8; 900 * 1024];
+    for i in 0..5 {
+        client
+            .start_saga(pb::StartSagaRequest {
+                payload: payload.clone(),
+                ..start_request(&format!("big-{i}"), "transfer")
+            })
+            .await
+            .unwrap();
+    }
+    let mut pages = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_sagas(pb::ListSagasRequest {
+                full: true,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .expect("every page fits what a client receives")
+            .into_inner();
+        assert!(page.sagas.iter().all(|s| s.payload == payload));
+        pages.push(page.sagas.len());
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(pages, [3, 2], "the page stops once it passes 2 MiB");
+    assert_eq!(saga_count(&server).await, 5, "without payloads, one page");
+}
+
 #[tokio::test]
 async fn unknown_and_malformed_gsns_are_told_apart() {
     let server = TestServer::start().await;

@@ -27,6 +27,54 @@ use crate::store::{self, DueRecord, OutboxRecord, PayloadRecord, WriteTx};
 /// call never scans the whole ledger.
 const MAX_EXAMINED_PER_PAGE: usize = 10_000;
 
+/// A listing page stops once the sagas it holds would take about this many bytes to send, and
+/// hands back a token. Counting sagas alone, 50 with 100 KiB payloads passed the 4 MiB a gRPC
+/// client receives by default, and 500 with 1 MiB payloads built 500 MiB in one read job,
+/// holding the reader lock the writer needs meanwhile.
+const PAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// About how many bytes `saga` takes in an answer (`full`: with payload, branches and reversal
+/// serials): its texts plus a generous allowance for field tags, times and numbers. An
+/// estimate for the page budget, not an encoding.
+fn shown_bytes(saga: &Saga, full: bool) -> usize {
+    const FIELDS: usize = 128;
+    let labels: usize = saga.labels.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+    let basics = FIELDS
+        + saga.business_type.as_str().len()
+        + saga.content_type.len()
+        + saga.request_id.as_str().len()
+        + saga.reason.len()
+        + labels;
+    if !full {
+        return basics;
+    }
+    let serials: usize = saga.reversal_serials.iter().map(|s| s.len() + 4).sum();
+    let branches: usize = saga
+        .branches
+        .iter()
+        .map(|b| {
+            let status = b.last_status.as_ref().map_or(0, |s| {
+                s.name.len()
+                    + s.parameters
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len() + 8)
+                        .sum::<usize>()
+            });
+            let timeline: usize = b.timeline.iter().map(|t| t.what.len() + 24).sum();
+            FIELDS
+                + b.branch_id.len()
+                + b.node_id.len()
+                + b.caller_node_id.len()
+                + b.forward_action.len()
+                + b.reversal_action.len()
+                + b.error_code.len()
+                + status
+                + timeline
+        })
+        .sum();
+    basics + saga.payload.len() + serials + branches
+}
+
 /// What one stored transition hands to the async side.
 #[derive(Debug, Default)]
 pub(crate) struct Applied {
@@ -620,6 +668,7 @@ impl Engine {
                 let mut unreadable = Vec::new();
                 let mut last_examined = None;
                 let mut examined = 0usize;
+                let mut bytes = 0usize;
                 let mut exhausted = true;
                 for record in tx.scan_sagas(after, newest_first) {
                     examined += 1;
@@ -659,7 +708,10 @@ impl Engine {
                         };
                         let sequence = record.sequence;
                         match convert::saga_from_record(record, payload) {
-                            Ok(saga) => matched.push(saga),
+                            Ok(saga) => {
+                                bytes = bytes.saturating_add(shown_bytes(&saga, with_payloads));
+                                matched.push(saga);
+                            }
                             Err(error) => {
                                 tracing::warn!(
                                     sequence,
@@ -670,7 +722,12 @@ impl Engine {
                             }
                         }
                     }
-                    if matched.len() == page_size || examined >= MAX_EXAMINED_PER_PAGE {
+                    // Checked after a saga is taken, so a page holds at least one saga, even
+                    // one larger than the budget alone.
+                    if matched.len() == page_size
+                        || bytes >= PAGE_BYTES
+                        || examined >= MAX_EXAMINED_PER_PAGE
+                    {
                         exhausted = false;
                         break;
                     }
