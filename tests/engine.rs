@@ -379,7 +379,22 @@ async fn a_report_naming_another_branchs_command_is_refused_and_that_command_sta
     assert_precondition(refused, "branch \"charge\"");
     let mut stream = sent_again_on_a_new_stream(&server, "inventory", stream, &reserve).await;
 
-    let charge = payment.node.received.lock().unwrap()[0].0.clone();
+    // charge goes out beside reserve; under load it may reach the node a moment later.
+    let mut charge = None;
+    for _ in 0..(LIMIT.as_millis() / 20) {
+        charge = payment
+            .node
+            .received
+            .lock()
+            .unwrap()
+            .first()
+            .map(|r| r.0.clone());
+        if charge.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let charge = charge.expect("charge reached the payment node");
     let reserved = succeeded(
         &gsn,
         "reserve",

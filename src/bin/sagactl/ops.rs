@@ -98,7 +98,7 @@ pub fn print_progress(saga: &pb::Saga) {
         outln!("reason:        {}", saga.reason);
     }
     if !saga.reversal_serials.is_empty() {
-        println!("serials:       {}", saga.reversal_serials.join(", "));
+        outln!("serials:       {}", saga.reversal_serials.join(", "));
     }
     if saga.branches.is_empty() {
         outln!("branches:      none");
