@@ -331,6 +331,24 @@ impl Engine {
         self.clock.now_ms()
     }
 
+    /// Runs `work` — a ledger write and what must follow it once it is durable (handing its
+    /// commands to delivery, arming its step timeouts, publishing it to watchers, routing a
+    /// node) — on a task of its own, and awaits it. A caller's future may be dropped at any
+    /// await (hyper drops a handler when its client resets the stream, tonic when grpc-timeout
+    /// runs out), while a write it queued still runs; and nothing looks at the outbox again
+    /// until the next start. Run here, a write's follow-up cannot be lost with its caller.
+    pub(crate) async fn commit<T, W>(&self, work: W) -> Result<T, Error>
+    where
+        W: Future<Output = Result<T, Error>> + Send + 'static,
+        T: Send + 'static,
+    {
+        tokio::spawn(work).await.map_err(|e| {
+            Error::Store(store::Error::Storage(format!(
+                "the task of a ledger write and its follow-up failed: {e}"
+            )))
+        })?
+    }
+
     fn terms(&self, processing_lease_ms: Option<Millis>) -> Terms {
         Terms {
             retention_ms: millis(self.settings.idempotency_retention),
@@ -361,14 +379,15 @@ impl Engine {
     }
 
     /// As `idempotent_write`, with a side result `X` for the caller (not stored; `None` on a
-    /// replay, when `op` did not run).
-    pub(crate) async fn idempotent_write_with<F, X>(
+    /// replay, when `op` did not run). The future owns what it needs, so a caller with a
+    /// follow-up can hand it to `commit`; nothing is queued until it is first polled.
+    pub(crate) fn idempotent_write_with<F, X>(
         &self,
         method: &'static str,
         request_id: &RequestId,
         fingerprint: Vec<u8>,
         op: F,
-    ) -> Result<(Answered, Option<X>), Error>
+    ) -> impl Future<Output = Result<(Answered, Option<X>), Error>> + Send + 'static
     where
         F: FnOnce(&mut WriteTx<'_>, Millis) -> Result<(Vec<u8>, X), Error> + Send + 'static,
         X: Send + 'static,
@@ -380,49 +399,52 @@ impl Engine {
         };
         let terms = self.terms(None);
         let now = self.clock.now_ms();
-        self.store
-            .write(move |tx| {
-                let existing = stored_record(tx, &key)?;
-                let registered =
-                    match idempotency::on_lookup(existing.as_ref(), &fingerprint, terms, now) {
-                        Lookup::Register(registered) => registered,
-                        Lookup::Replay(done) => {
-                            let answered = Answered {
-                                response: done.response,
-                                replayed: true,
-                            };
-                            return Ok((answered, None));
-                        }
-                        Lookup::InProgress(_) => {
-                            return Err(Error::InProgress {
-                                request_id: key.key,
-                            });
-                        }
-                        Lookup::Mismatch => {
-                            return Err(Error::RequestIdReused {
-                                request_id: key.key,
-                            });
-                        }
+        let store = self.store.clone();
+        async move {
+            store
+                .write(move |tx| {
+                    let existing = stored_record(tx, &key)?;
+                    let registered =
+                        match idempotency::on_lookup(existing.as_ref(), &fingerprint, terms, now) {
+                            Lookup::Register(registered) => registered,
+                            Lookup::Replay(done) => {
+                                let answered = Answered {
+                                    response: done.response,
+                                    replayed: true,
+                                };
+                                return Ok((answered, None));
+                            }
+                            Lookup::InProgress(_) => {
+                                return Err(Error::InProgress {
+                                    request_id: key.key,
+                                });
+                            }
+                            Lookup::Mismatch => {
+                                return Err(Error::RequestIdReused {
+                                    request_id: key.key,
+                                });
+                            }
+                        };
+                    let (response, extra) = op(tx, now)?;
+                    let done = idempotency::finished(
+                        registered,
+                        Answer {
+                            result: "OK".to_owned(),
+                            response: response.clone(),
+                            content_type: String::new(),
+                        },
+                        terms,
+                        now,
+                    );
+                    tx.put_idempotency(&key, &convert::idempotency_to_record(&done))?;
+                    let answered = Answered {
+                        response,
+                        replayed: false,
                     };
-                let (response, extra) = op(tx, now)?;
-                let done = idempotency::finished(
-                    registered,
-                    Answer {
-                        result: "OK".to_owned(),
-                        response: response.clone(),
-                        content_type: String::new(),
-                    },
-                    terms,
-                    now,
-                );
-                tx.put_idempotency(&key, &convert::idempotency_to_record(&done))?;
-                let answered = Answered {
-                    response,
-                    replayed: false,
-                };
-                Ok((answered, Some(extra)))
-            })
-            .await?
+                    Ok((answered, Some(extra)))
+                })
+                .await?
+        }
     }
 
     fn participant_key(scope: &str, request_id: &str) -> Result<IdempotencyKey, Error> {

@@ -122,8 +122,8 @@ impl Engine {
         check_endpoint(endpoint)?;
         let node_id = node_id.to_owned();
         let endpoint = endpoint.to_owned();
-        let (answered, stored) = self
-            .idempotent_write_with("RegisterNode", &request_id, fingerprint, move |tx, now| {
+        let written =
+            self.idempotent_write_with("RegisterNode", &request_id, fingerprint, move |tx, now| {
                 let record = NodeRecord {
                     node_id,
                     endpoint,
@@ -131,15 +131,22 @@ impl Engine {
                 };
                 tx.put_node(&record)?;
                 Ok((encode(&record), record))
-            })
-            .await?;
-        if let Some(record) = stored {
-            tracing::info!(node = %record.node_id, endpoint = %record.endpoint, "node registered");
-            self.shared
-                .delivery
-                .set_endpoint(&record.node_id, &record.endpoint);
-        }
-        Ok(answered)
+            });
+        // Routed on the write's own task, so a caller that gives up mid-write does not leave
+        // the endpoint stored but unused until the next start.
+        let engine = self.clone();
+        self.commit(async move {
+            let (answered, stored) = written.await?;
+            if let Some(record) = stored {
+                tracing::info!(node = %record.node_id, endpoint = %record.endpoint, "node registered");
+                engine
+                    .shared
+                    .delivery
+                    .set_endpoint(&record.node_id, &record.endpoint);
+            }
+            Ok(answered)
+        })
+        .await
     }
 
     /// Subscribe: the node's commands on a stream, starting with every one still undelivered.

@@ -148,46 +148,57 @@ impl Engine {
         ) {
             return Err(Error::Invalid(vec![violation]));
         }
-        let (answered, applied) = self
-            .idempotent_write_with(
-                "RegisterOutcall",
-                &request_id,
-                fingerprint,
-                move |tx, now| {
-                    let saga = load_saga(tx, &gsn)?;
-                    let outcall = Outcall {
-                        caller_node_id: input.caller_node_id,
-                        callee_node_id: input.callee_node_id,
-                        forward_action: input.forward_action,
-                        reversal_action: input.reversal_action,
-                        order: input.order,
-                    };
-                    let branch_id = outcalls::branch_id(outcall.order, &outcall.callee_node_id);
-                    let transition = outcalls::on_outcall_registered(saga, outcall, now)
-                        .map_err(|r| outcall_refusal(r, &gsn))?;
-                    if !input.payload.is_empty() {
-                        tx.put_payload(
-                            gsn.sequence(),
-                            &branch_id,
-                            &PayloadRecord {
-                                data: input.payload,
-                                content_type: input.content_type,
-                            },
-                        )?;
-                    }
-                    let applied = store_transition(tx, transition, now)?;
-                    let saga = applied
-                        .saga
-                        .clone()
-                        .ok_or_else(|| Error::NotFound(format!("no saga has GSN {gsn}")))?;
-                    Ok((encode(&saga, &branch_id), applied))
-                },
-            )
-            .await?;
-        if let Some(applied) = applied {
-            self.after_commit(applied);
-        }
-        Ok(answered)
+        let written = self.idempotent_write_with(
+            "RegisterOutcall",
+            &request_id,
+            fingerprint,
+            move |tx, now| {
+                let saga = load_saga(tx, &gsn)?;
+                let outcall = Outcall {
+                    caller_node_id: input.caller_node_id,
+                    callee_node_id: input.callee_node_id,
+                    forward_action: input.forward_action,
+                    reversal_action: input.reversal_action,
+                    order: input.order,
+                };
+                let branch_id = outcalls::branch_id(outcall.order, &outcall.callee_node_id);
+                let transition = outcalls::on_outcall_registered(saga, outcall, now)
+                    .map_err(|r| outcall_refusal(r, &gsn))?;
+                if !input.payload.is_empty() {
+                    tx.put_payload(
+                        gsn.sequence(),
+                        &branch_id,
+                        &PayloadRecord {
+                            data: input.payload,
+                            content_type: input.content_type,
+                        },
+                    )?;
+                }
+                let applied = store_transition(tx, transition, now)?;
+                let saga = applied
+                    .saga
+                    .clone()
+                    .ok_or_else(|| Error::NotFound(format!("no saga has GSN {gsn}")))?;
+                Ok((encode(&saga, &branch_id), applied))
+            },
+        );
+        self.commit_saga_write(written).await
+    }
+
+    /// Awaits a saga write and its follow-up on a task of their own (`commit`).
+    async fn commit_saga_write<W>(&self, written: W) -> Result<Answered, Error>
+    where
+        W: Future<Output = Result<(Answered, Option<Applied>), Error>> + Send + 'static,
+    {
+        let engine = self.clone();
+        self.commit(async move {
+            let (answered, applied) = written.await?;
+            if let Some(applied) = applied {
+                engine.after_commit(applied);
+            }
+            Ok(answered)
+        })
+        .await
     }
 
     /// One idempotent request that moves a stored saga by `step` (a pure transition) and
@@ -207,8 +218,8 @@ impl Engine {
     {
         let request_id = Self::request_id(request_id)?;
         let gsn = self.gsn(gsn)?;
-        let (answered, applied) = self
-            .idempotent_write_with(method, &request_id, fingerprint, move |tx, now| {
+        let written =
+            self.idempotent_write_with(method, &request_id, fingerprint, move |tx, now| {
                 let saga = load_saga(tx, &gsn)?;
                 let applied = store_transition(tx, step(saga, &gsn, now)?, now)?;
                 let mut saga = applied
@@ -219,12 +230,8 @@ impl Engine {
                 // holds none (it is stored once, apart).
                 saga.payload = saga_payload(tx, &gsn)?;
                 Ok((encode(&saga), applied))
-            })
-            .await?;
-        if let Some(applied) = applied {
-            self.after_commit(applied);
-        }
-        Ok(answered)
+            });
+        self.commit_saga_write(written).await
     }
 
     pub async fn complete_saga<F>(
@@ -343,61 +350,59 @@ impl Engine {
         };
         let start_key = key.clone();
         let answering = asked.clone();
-        let started = self
-            .store
-            .write(move |tx| -> Result<Started, Error> {
-                let existing = stored_record(tx, &start_key)?;
-                let registered =
-                    match idempotency::on_lookup(existing.as_ref(), &fingerprint, terms, now) {
-                        Lookup::Register(registered) => registered,
-                        Lookup::Replay(done) => {
-                            return Ok(Err(Answered {
-                                response: done.response,
-                                replayed: true,
-                            }));
-                        }
-                        Lookup::InProgress(_) => {
-                            return Err(Error::InProgress {
-                                request_id: start_key.key,
-                            });
-                        }
-                        Lookup::Mismatch => {
-                            return Err(Error::RequestIdReused {
-                                request_id: start_key.key,
-                            });
-                        }
-                    };
-                let saga = load_saga(tx, &gsn)?;
-                let retry = engine.shared.retry_config(tx)?;
-                let env = engine.env(&retry, now);
-                let transition = outcalls::on_reversal_requested(saga, asked, env)
-                    .map_err(|r| outcall_refusal(r, &gsn))?;
-                tx.put_idempotency(&start_key, &convert::idempotency_to_record(&registered))?;
-                let payload = saga_payload(tx, &gsn)?;
-                Ok(Ok((
-                    store_transition(tx, transition, now)?,
-                    registered,
-                    payload,
-                )))
-            })
-            .await??;
-        let (applied, registered, payload) = match started {
-            Ok(started) => started,
-            Err(replayed) => return Ok(replayed),
+        let start = move |tx: &mut WriteTx<'_>| -> Result<Started, Error> {
+            let existing = stored_record(tx, &start_key)?;
+            let registered =
+                match idempotency::on_lookup(existing.as_ref(), &fingerprint, terms, now) {
+                    Lookup::Register(registered) => registered,
+                    Lookup::Replay(done) => {
+                        return Ok(Err(Answered {
+                            response: done.response,
+                            replayed: true,
+                        }));
+                    }
+                    Lookup::InProgress(_) => {
+                        return Err(Error::InProgress {
+                            request_id: start_key.key,
+                        });
+                    }
+                    Lookup::Mismatch => {
+                        return Err(Error::RequestIdReused {
+                            request_id: start_key.key,
+                        });
+                    }
+                };
+            let saga = load_saga(tx, &gsn)?;
+            let retry = engine.shared.retry_config(tx)?;
+            let env = engine.env(&retry, now);
+            let transition = outcalls::on_reversal_requested(saga, asked, env)
+                .map_err(|r| outcall_refusal(r, &gsn))?;
+            tx.put_idempotency(&start_key, &convert::idempotency_to_record(&registered))?;
+            let payload = saga_payload(tx, &gsn)?;
+            Ok(Ok((
+                store_transition(tx, transition, now)?,
+                registered,
+                payload,
+            )))
         };
-        let saga = applied
-            .saga
-            .clone()
-            .ok_or_else(|| Error::NotFound(format!("no saga has GSN {}", input.gsn)))?;
-        self.after_commit(applied);
-
-        // The rest runs on its own task: a caller whose deadline is shorter than `wait` drops
-        // this future, and its registration must still end as stored answer or be removed;
-        // left PROCESSING, every repeat would be refused as in progress for `wait` + 30 s.
-        let engine = self.clone();
         let gsn_text = input.gsn.clone();
-        tokio::spawn(async move {
-            engine
+        let concluding = self.clone();
+        // The registration, its follow-up and the wait for the answer run on a task of their
+        // own. A caller may give up mid-write, and the reversal's commands must still go out;
+        // and a caller whose deadline is shorter than `wait` must not leave its registration
+        // PROCESSING, which would refuse every repeat as in progress for `wait` + 30 s.
+        self.commit(async move {
+            let started = concluding.store.write(start).await??;
+            let (applied, registered, payload) = match started {
+                Ok(started) => started,
+                Err(replayed) => return Ok(replayed),
+            };
+            let saga = applied
+                .saga
+                .clone()
+                .ok_or_else(|| Error::NotFound(format!("no saga has GSN {gsn_text}")))?;
+            concluding.after_commit(applied);
+            concluding
                 .conclude_reversal(
                     saga, payload, changes, wait, answering, gsn_text, key, registered, terms,
                     encode,
@@ -405,11 +410,6 @@ impl Engine {
                 .await
         })
         .await
-        .map_err(|e| {
-            Error::Store(crate::store::Error::Storage(format!(
-                "the reversal's answer task failed: {e}"
-            )))
-        })?
     }
 
     /// Waits up to `wait` for the answer to `answering`, then stores it for the request's

@@ -528,7 +528,7 @@ impl Engine {
         let shared = self.shared.clone();
         let jitter = self.random.unit();
         let policy = self.settings.policy;
-        let (answered, started) = self
+        let written = self
             .idempotent_write_with("StartSaga", &request_id, fingerprint, move |tx, now| {
                 let start = validated.map_err(Error::Invalid)?;
                 let strategy = match start.mode {
@@ -586,13 +586,18 @@ impl Engine {
                 shown.payload = payload;
                 let (encoded, response) = answer(&shown);
                 Ok((encoded, (applied, response)))
-            })
-            .await?;
-        let response = started.map(|(applied, response)| {
-            self.after_commit(applied);
-            response
-        });
-        Ok((answered, response))
+            });
+        let engine = self.clone();
+        self.commit(async move {
+            let (answered, started) = written.await?;
+            // A replay has nothing to follow up: the first answer's task did.
+            let response = started.map(|(applied, response)| {
+                engine.after_commit(applied);
+                response
+            });
+            Ok((answered, response))
+        })
+        .await
     }
 
     pub(crate) fn parse_gsn(&self, text: &str) -> Result<Gsn, Error> {
@@ -788,7 +793,7 @@ impl Engine {
             )));
         }
         let engine = self.clone();
-        let (answered, applied) = self
+        let written = self
             .idempotent_write_with("ReportState", &request_id, fingerprint, move |tx, now| {
                 let saga = load_saga(tx, &gsn)?;
                 let Some(branch) = saga.branch(&input.branch_id) else {
@@ -848,15 +853,19 @@ impl Engine {
                 let applied = engine.apply_answer(tx, saga, &input.branch_id, kind, report, now)?;
                 let saga = applied.saga.clone().ok_or_else(|| not_found(&gsn))?;
                 Ok((encode(&saga, &input.branch_id), applied))
-            })
-            .await?;
-        if let Some(answering) = answering {
-            self.command_done(answering.outbox_id);
-        }
-        if let Some(applied) = applied {
-            self.after_commit(applied);
-        }
-        Ok(answered)
+            });
+        let engine = self.clone();
+        self.commit(async move {
+            let (answered, applied) = written.await?;
+            if let Some(answering) = answering {
+                engine.command_done(answering.outbox_id);
+            }
+            if let Some(applied) = applied {
+                engine.after_commit(applied);
+            }
+            Ok(answered)
+        })
+        .await
     }
 
     /// The strategy an orchestrated saga runs with; `None` for registered-outcall sagas.
@@ -967,7 +976,9 @@ impl Engine {
     }
 
     /// Applies a timer that came due in one write, which also removes it from the due index
-    /// when it is stored there (`key`). A timer that cannot be applied is dropped.
+    /// when it is stored there (`key`). A timer that cannot be applied is dropped. It runs on
+    /// the timer loop, which no caller can drop mid-write, so its follow-up needs no task of
+    /// its own (`commit`).
     async fn apply_timer(
         &self,
         key: Option<store::DueKey>,
@@ -1026,7 +1037,8 @@ impl Engine {
     }
 
     /// A pushed command was answered: the command is done, and the answer is applied, in one
-    /// write.
+    /// write. It runs on the command's delivery task, which no caller can drop mid-write, so
+    /// its follow-up needs no task of its own (`commit`).
     pub(crate) async fn command_answered(
         &self,
         outbox_id: u64,
@@ -1109,8 +1121,8 @@ impl Engine {
         }
         let outbox_id = command.outbox_id;
         let (node, command_id) = (node_id.to_owned(), command_id.to_owned());
-        let (answered, _) = self
-            .idempotent_write_with("Ack", &request_id, fingerprint, move |tx, _| {
+        let acknowledging =
+            self.idempotent_write_with("Ack", &request_id, fingerprint, move |tx, _| {
                 match tx.outbox_entry(outbox_id)? {
                     // Already acknowledged (or its saga removed): done either way.
                     None => {}
@@ -1146,10 +1158,14 @@ impl Engine {
                     }
                 }
                 Ok((Vec::new(), ()))
-            })
-            .await?;
-        self.command_done(outbox_id);
-        Ok(answered)
+            });
+        let engine = self.clone();
+        self.commit(async move {
+            let (answered, _) = acknowledging.await?;
+            engine.command_done(outbox_id);
+            Ok(answered)
+        })
+        .await
     }
 
     /// The payload sent with a command, read from the ledger (for commands resumed from the
