@@ -16,7 +16,9 @@ use common::orders::{get, order_strategy, put_strategy, register_node, start_ord
 use common::participant::{Node, PushParticipant, Script};
 use sagad::clock::{ManualClock, SystemClock};
 use sagad::config::Config;
-use sagad::domain::saga::{Deadline, SagaMode, StartRequest};
+use sagad::domain::branch::{Outcome, Report};
+use sagad::domain::saga::{Deadline, SagaMode, SagaState, StartRequest};
+use sagad::engine::{OutcallInput, ReportInput};
 use sagad::grpc::pb;
 use sagad::grpc::pb::coordinator_client::CoordinatorClient;
 use sagad::grpc::pb::operations_client::OperationsClient;
@@ -340,4 +342,97 @@ async fn a_garbage_strategy_record_is_passed_over_by_list_strategies() {
         .unwrap_err();
     assert_eq!(error.code(), tonic::Code::DataLoss, "{error:?}");
     server.stop().await.unwrap();
+}
+
+/// A timer whose transition needs a record that does not decode (here the payload its Reverse
+/// would carry) is dropped with nothing of the transition kept: stored in part, the saga would
+/// be REVERSING with its Reverse never made, stopped for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_whose_transition_meets_an_undecodable_payload_is_dropped_with_nothing_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let store = Store::open(Options::new(dir.path())).unwrap();
+    let engine = common::engine_on(&store, clock.clone(), None);
+    let (_, gsn) = engine
+        .start_saga(start("t-1", Deadline::After(60_000)), Vec::new(), |saga| {
+            (Vec::new(), saga.gsn.to_string())
+        })
+        .await
+        .unwrap();
+    let gsn = gsn.unwrap();
+    engine
+        .register_outcall(
+            OutcallInput {
+                request_id: "t-1-outcall".into(),
+                gsn: gsn.clone(),
+                caller_node_id: "shop".into(),
+                callee_node_id: "payment".into(),
+                forward_action: "charge".into(),
+                reversal_action: "refund".into(),
+                order: 1,
+                payload: b"the charge".to_vec(),
+                content_type: String::new(),
+            },
+            Vec::new(),
+            |_, _| Vec::new(),
+        )
+        .await
+        .unwrap();
+    let succeeded = Report {
+        outcome: Outcome::Succeeded,
+        status: None,
+        error_code: String::new(),
+        message: String::new(),
+        attempt: None,
+    };
+    engine
+        .report_state(
+            ReportInput {
+                request_id: "t-1-report".into(),
+                gsn: gsn.clone(),
+                branch_id: "1.payment".into(),
+                reporter_node_id: "shop".into(),
+                report: succeeded,
+                command_id: String::new(),
+            },
+            Vec::new(),
+            |_, _| Vec::new(),
+        )
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    // The outcall's own payload, which its Reverse would carry.
+    write_raw(
+        dir.path(),
+        "payloads",
+        &[&u64_key(1)[..], b"1.payment"].concat(),
+        GARBAGE,
+    );
+
+    let store = Store::open(Options::new(dir.path())).unwrap();
+    let engine = common::engine_on(&store, clock.clone(), None);
+    engine.start().await.unwrap();
+    clock.advance_ms(61_000);
+    let due = || store.read(|tx| tx.scan_due_until(u64::MAX).count());
+    for _ in 0..(LIMIT.as_millis() / 20) {
+        if due().await.unwrap() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        due().await.unwrap(),
+        0,
+        "the deadline came due and was dropped"
+    );
+    let saga = engine.get_saga(&gsn).await.unwrap();
+    assert_eq!(
+        saga.state,
+        SagaState::Running,
+        "the deadline's transition was taken back whole: {saga:#?}"
+    );
+    let outbox = store.read(|tx| tx.scan_outbox().count()).await.unwrap();
+    assert_eq!(outbox, 0, "no command of the transition was kept");
+    engine.stop();
+    store.close().await.unwrap();
 }

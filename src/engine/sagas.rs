@@ -403,20 +403,23 @@ pub(crate) fn outcall_refusal(refusal: outcalls::Refusal, gsn: &Gsn) -> Error {
 }
 
 /// Background work must not retry forever on what can never succeed: a passing ledger fault is
-/// passed on (the write rolls back and is tried again); anything else — a corrupt record, a
-/// refused answer — is logged and the work dropped (the write still removes the timer or
-/// command that caused it).
-fn keep_going<T: Default>(result: Result<T, Error>, what: &str, id: u64) -> Result<T, Error> {
-    match result {
-        Err(Error::Store(
-            e @ (store::Error::Io(_) | store::Error::Storage(_) | store::Error::Closed),
-        )) => Err(Error::Store(e)),
-        Err(e) => {
-            tracing::error!(id, error = %e, "{what}");
-            Ok(T::default())
+/// passed on (the work is tried again); anything else — a corrupt record, a refused answer — is
+/// logged and the work dropped.
+fn drop_unless_passing(error: Error, what: &str, id: u64) -> Result<(), Error> {
+    match error {
+        Error::Store(store::Error::Io(_) | store::Error::Storage(_) | store::Error::Closed) => {
+            Err(error)
         }
-        ok => ok,
+        error => {
+            tracing::error!(id, %error, "{what}");
+            Ok(())
+        }
     }
+}
+
+/// `drop_unless_passing` for work that yields a value: a dropped one yields the default.
+fn keep_going<T: Default>(result: Result<T, Error>, what: &str, id: u64) -> Result<T, Error> {
+    result.or_else(|error| drop_unless_passing(error, what, id).map(|()| T::default()))
 }
 
 fn refusal(refusal: Refusal, gsn: &Gsn) -> Error {
@@ -993,46 +996,54 @@ impl Engine {
                 if let Some(key) = key {
                     tx.cancel(key)?;
                 }
-                let fired = (|| {
-                    let timer = timer?;
-                    let Some(stored) = tx.saga(gsn_sequence)? else {
-                        return Ok(Applied::default());
-                    };
-                    let saga = convert::saga_from_record(stored, Vec::new())?;
-                    if saga.state.is_terminal() {
-                        return Ok(Applied::default());
-                    }
-                    let now = at_ms.max(engine.clock.now_ms());
-                    let retry = engine.shared.retry_config(tx)?;
-                    let Some(strategy) = engine.strategy_of(tx, &saga)? else {
-                        Metrics::bump(&engine.shared.metrics.timers_fired);
-                        let env = engine.env(&retry, now);
-                        return store_transition(
-                            tx,
-                            outcalls::on_outcall_timer(saga, &timer, env),
-                            now,
-                        );
-                    };
-                    let ctx = engine.context(&strategy, &retry, now);
+                let timer = timer?;
+                let Some(stored) = tx.saga(gsn_sequence)? else {
+                    return Ok(Applied::default());
+                };
+                let saga = convert::saga_from_record(stored, Vec::new())?;
+                if saga.state.is_terminal() {
+                    return Ok(Applied::default());
+                }
+                let now = at_ms.max(engine.clock.now_ms());
+                let retry = engine.shared.retry_config(tx)?;
+                let Some(strategy) = engine.strategy_of(tx, &saga)? else {
                     Metrics::bump(&engine.shared.metrics.timers_fired);
-                    let was_running = saga.state == SagaState::Running;
-                    let transition = orchestration::on_timer(saga, &timer, ctx);
-                    if matches!(timer, Timer::Poll { .. })
-                        && was_running
-                        && transition.saga.state != SagaState::Running
-                    {
-                        Metrics::bump(&engine.shared.metrics.escalations);
-                    }
-                    store_transition(tx, transition, now)
-                })();
-                keep_going(
-                    fired,
+                    let env = engine.env(&retry, now);
+                    return store_transition(
+                        tx,
+                        outcalls::on_outcall_timer(saga, &timer, env),
+                        now,
+                    );
+                };
+                let ctx = engine.context(&strategy, &retry, now);
+                Metrics::bump(&engine.shared.metrics.timers_fired);
+                let was_running = saga.state == SagaState::Running;
+                let transition = orchestration::on_timer(saga, &timer, ctx);
+                if matches!(timer, Timer::Poll { .. })
+                    && was_running
+                    && transition.saga.state != SagaState::Running
+                {
+                    Metrics::bump(&engine.shared.metrics.escalations);
+                }
+                store_transition(tx, transition, now)
+            })
+            .await?;
+        match applied {
+            Ok(applied) => self.after_commit(applied),
+            // The failed write was taken back whole: kept, a transition stored in part (the
+            // saga moved on, its commands not all in the outbox) would stop the saga for good.
+            // The timer alone goes, in a write of its own.
+            Err(error) => {
+                drop_unless_passing(
+                    error,
                     "a timer could not be applied; it is dropped",
                     gsn_sequence,
-                )
-            })
-            .await??;
-        self.after_commit(applied);
+                )?;
+                if let Some(key) = key {
+                    self.store.write(move |tx| tx.cancel(key)).await??;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1060,24 +1071,31 @@ impl Engine {
             .store
             .write(move |tx| -> Result<Applied, Error> {
                 tx.delete_outbox(outbox_id)?;
-                let applied = (|| {
-                    let gsn = Gsn::parse(&command.gsn).map_err(|e| store::Error::Corrupt {
-                        table: "outbox",
-                        detail: e.to_string(),
-                    })?;
-                    let saga = load_saga(tx, &gsn)?;
-                    let now = engine.clock.now_ms();
-                    report.attempt = command.send();
-                    engine.apply_answer(tx, saga, &command.branch_id, command.kind, report, now)
-                })();
-                keep_going(
-                    applied,
+                let gsn = Gsn::parse(&command.gsn).map_err(|e| store::Error::Corrupt {
+                    table: "outbox",
+                    detail: e.to_string(),
+                })?;
+                let saga = load_saga(tx, &gsn)?;
+                let now = engine.clock.now_ms();
+                report.attempt = command.send();
+                engine.apply_answer(tx, saga, &command.branch_id, command.kind, report, now)
+            })
+            .await?;
+        match applied {
+            Ok(applied) => self.after_commit(applied),
+            // As for a timer: nothing of the failed transition is kept, and the command alone
+            // leaves the outbox, its answer dropped.
+            Err(error) => {
+                drop_unless_passing(
+                    error,
                     "a node's answer could not be applied; it is dropped",
                     outbox_id,
-                )
-            })
-            .await??;
-        self.after_commit(applied);
+                )?;
+                self.store
+                    .write(move |tx| tx.delete_outbox(outbox_id))
+                    .await??;
+            }
+        }
         Ok(())
     }
 
