@@ -22,6 +22,7 @@ use common::participant::{Node, PushParticipant, Script};
 use sagad::clock::SystemClock;
 use sagad::config::Config;
 use sagad::grpc::pb;
+use sagad::grpc::pb::coordinator_client::CoordinatorClient;
 use sagad::grpc::pb::operations_client::OperationsClient;
 use sagad::grpc::pb::participant_server::{Participant, ParticipantServer};
 use tokio::net::TcpListener;
@@ -628,4 +629,127 @@ async fn operators_reach_list_stuck_and_get_counters_with_grpcurl() {
     ] {
         assert!(names.contains(&name), "{name} missing: {counters}");
     }
+}
+
+/// An outcall saga from `shop` with one outcall to `callee` per item of `callees`, reported as
+/// `outcome`.
+async fn outcall_saga(
+    channel: &Channel,
+    request_id: &str,
+    callees: &[&str],
+    outcome: pb::Outcome,
+) -> String {
+    let mut coordinator = CoordinatorClient::new(channel.clone());
+    let gsn = coordinator
+        .start_saga(common::start_request(request_id, "transfer"))
+        .await
+        .unwrap()
+        .into_inner()
+        .gsn;
+    for (order, callee) in (1..).zip(callees) {
+        let branch_id = coordinator
+            .register_outcall(pb::RegisterOutcallRequest {
+                request_id: format!("{request_id}-outcall-{order}"),
+                gsn: gsn.clone(),
+                caller_node_id: "shop".into(),
+                callee_node_id: (*callee).into(),
+                forward_action: "charge".into(),
+                reversal_action: "refund".into(),
+                order,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .branch_id;
+        coordinator
+            .report_state(pb::ReportStateRequest {
+                request_id: format!("{request_id}-report-{order}"),
+                gsn: gsn.clone(),
+                branch_id,
+                reporter_node_id: "shop".into(),
+                outcome: outcome as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    gsn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn counters_count_each_saga_outcome_and_each_delivered_command_once() {
+    let server = TestServer::start().await;
+    let channel = server.channel.clone();
+    let mut coordinator = CoordinatorClient::new(channel.clone());
+    let mut payment = coordinator
+        .subscribe(pb::SubscribeRequest {
+            node_id: "payment".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // One saga has no outcall, so no node to tell it completed; the other tells payment.
+    let alone = outcall_saga(&channel, "t-alone", &[], pb::Outcome::Succeeded).await;
+    let told = outcall_saga(&channel, "t-told", &["payment"], pb::Outcome::Succeeded).await;
+    for (request_id, gsn) in [("done-alone", &alone), ("done-told", &told)] {
+        coordinator
+            .complete_saga(pb::CompleteSagaRequest {
+                request_id: request_id.into(),
+                gsn: gsn.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let signal = tokio::time::timeout(LIMIT, payment.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(signal.kind, Some(pb::command::Kind::Signal(_))));
+    // The Ack, its retry, and another Ack of the command already acknowledged.
+    for request_id in ["ack-1", "ack-1", "ack-2"] {
+        coordinator
+            .ack(pb::AckRequest {
+                request_id: request_id.into(),
+                node_id: "payment".into(),
+                command_id: signal.command_id.clone(),
+            })
+            .await
+            .unwrap();
+    }
+
+    let counted = counters(&channel).await;
+    assert_eq!(counted["sagas_completed"], 2, "{counted:?}");
+    assert_eq!(
+        counted["commands_delivered"], 1,
+        "one command was acknowledged, three times: {counted:?}"
+    );
+    server.stop().await.unwrap();
+}
+
+/// An outcall saga that runs out of polls for an outcall no one reports escalates, as an
+/// orchestrated one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outcall_saga_that_runs_out_of_polls_counts_as_an_escalation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::with_data(dir.path().join("ledger"));
+    config.max_polls = 1;
+    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+    let channel = server.channel.clone();
+    // payment has no endpoint: its outcome stays unknown.
+    let gsn = outcall_saga(&channel, "t-unknown", &["payment"], pb::Outcome::Unknown).await;
+    let saga = wait_for("the saga to give up on payment", || {
+        let channel = channel.clone();
+        let gsn = gsn.clone();
+        async move {
+            let saga = get(&channel, &gsn).await;
+            (saga.state != pb::SagaState::Running as i32).then_some(saga)
+        }
+    })
+    .await;
+    assert_eq!(saga.state, pb::SagaState::Reversing as i32, "{saga:?}");
+    let counted = counters(&channel).await;
+    assert_eq!(counted["escalations"], 1, "{counted:?}");
+    server.stop().await.unwrap();
 }

@@ -250,3 +250,52 @@ fn a_rejected_unflushed_write_leaves_nothing() {
         store.close().await.unwrap();
     });
 }
+
+/// Writes are stamped in the order they ran, concurrent ones included, and a read knows the
+/// stamp of the last write it sees: every write stamped up to it is visible, so work told
+/// about writes by stamp can tell which are newer than what it read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_are_stamped_in_order_and_a_read_knows_the_last_write_it_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(options(&dir)).unwrap();
+    let writes = (1..=64u64).map(|sequence| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(move |tx| {
+                    tx.put_saga(&saga(sequence))?;
+                    Ok::<_, Error>((tx.stamp(), sequence))
+                })
+                .await
+                .unwrap()
+                .unwrap()
+        })
+    });
+    let mut stamped = Vec::new();
+    for write in writes {
+        stamped.push(write.await.unwrap());
+    }
+    let mut stamps: Vec<u64> = stamped.iter().map(|(stamp, _)| *stamp).collect();
+    stamps.sort_unstable();
+    stamps.dedup();
+    assert_eq!(stamps.len(), stamped.len(), "no two writes share a stamp");
+
+    let (seen_through, seen) = store
+        .read(|tx| {
+            let sagas = tx.sagas(None, false).map(|saga| saga.unwrap().sequence);
+            (tx.stamp(), sagas.collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+    let newest = stamped.iter().map(|(stamp, _)| *stamp).max().unwrap();
+    assert!(seen_through >= newest, "{seen_through} < {newest}");
+    assert_eq!(seen.len(), stamped.len(), "the read sees every write");
+
+    let later = store
+        .write(|tx| Ok::<_, Error>(tx.stamp()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(later > seen_through, "a later write is stamped higher");
+    store.close().await.unwrap();
+}

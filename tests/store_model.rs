@@ -730,7 +730,7 @@ fn run_step(tx: &mut sagad::store::WriteTx<'_>, step: &Resolved) -> Outcome {
             .map(Outcome::Collected),
         Resolved::PushOutbox(record) => tx.push_outbox(record).map(Outcome::OutboxId),
         Resolved::PutOutbox(id, record) => tx.put_outbox(*id, record).map(|()| Outcome::Done),
-        Resolved::DeleteOutbox(id) => tx.delete_outbox(*id).map(|()| Outcome::Done),
+        Resolved::DeleteOutbox(id) => tx.delete_outbox(*id).map(|_| Outcome::Done),
         Resolved::Schedule(at_ms, record) => tx.schedule(*at_ms, record).map(Outcome::DueKey),
         Resolved::Cancel(key) => tx.cancel(*key).map(|()| Outcome::Done),
         Resolved::CancelSagaTimers(sequence) => {

@@ -44,7 +44,8 @@ struct Subscription {
 
 pub(crate) struct Delivery {
     participants: Participants,
-    endpoints: Mutex<HashMap<String, String>>,
+    /// Each node's endpoint ("" for none), with the stamp of the write that stored it.
+    endpoints: Mutex<HashMap<String, (String, u64)>>,
     subscriptions: Mutex<HashMap<String, Subscription>>,
     /// Outbox ids with a delivery task; the notify wakes it when the command is acknowledged.
     pending: Mutex<HashMap<u64, Arc<Notify>>>,
@@ -93,16 +94,20 @@ impl Delivery {
         self.routes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    pub(crate) fn set_endpoint(&self, node_id: &str, endpoint: &str) {
+    /// Routes `node_id` to the endpoint a write with `stamp` stored. Registrations of one
+    /// node answered together have their follow-ups run in any order, so an older one that
+    /// comes after a newer one is ignored: routing follows the ledger. A removed endpoint
+    /// keeps its stamp for that.
+    pub(crate) fn set_endpoint(&self, node_id: &str, endpoint: &str, stamp: u64) {
         let previous = {
             let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-            if endpoint.is_empty() {
-                endpoints.remove(node_id)
-            } else {
-                endpoints.insert(node_id.to_owned(), endpoint.to_owned())
+            if endpoints.get(node_id).is_some_and(|(_, set)| *set > stamp) {
+                return;
             }
+            endpoints.insert(node_id.to_owned(), (endpoint.to_owned(), stamp))
         };
-        if let Some(previous) = previous
+        if let Some((previous, _)) = previous
+            && !previous.is_empty()
             && previous != endpoint
         {
             self.participants.forget(&previous);
@@ -144,8 +149,8 @@ impl Delivery {
             .unwrap_or_else(|p| p.into_inner())
             .get(node_id)
         {
-            Some(endpoint) => Route::Push(endpoint.clone()),
-            None => Route::Nowhere,
+            Some((endpoint, _)) if !endpoint.is_empty() => Route::Push(endpoint.clone()),
+            _ => Route::Nowhere,
         }
     }
 
@@ -328,8 +333,8 @@ async fn deliver(
                         match Box::pin(engine.command_answered(outbox_id, command.clone(), report))
                             .await
                         {
-                            Ok(()) => {
-                                engine.command_done(outbox_id);
+                            Ok(removed) => {
+                                engine.command_done(outbox_id, removed);
                                 return;
                             }
                             Err(Error::Store(store::Error::Closed)) => return,
@@ -461,5 +466,34 @@ mod tests {
         assert_eq!(sent.gsn, "c1-0000000000000002", "{sent:?}");
         engine.stop();
         store.close().await.unwrap();
+    }
+
+    fn pushed_to(delivery: &Delivery, node_id: &str) -> Option<String> {
+        match delivery.route(node_id) {
+            Route::Push(endpoint) => Some(endpoint),
+            Route::Pull(_) | Route::Nowhere => None,
+        }
+    }
+
+    #[test]
+    fn a_registration_routed_after_a_newer_one_of_the_same_node_is_ignored() {
+        let second = Duration::from_secs(1);
+        let delivery = Delivery::new(second, second, second, second);
+        delivery.set_endpoint("payment", "http://127.0.0.1:2", 8);
+        // The follow-up of an earlier registration answered in the same group, run late.
+        delivery.set_endpoint("payment", "http://127.0.0.1:1", 7);
+        assert_eq!(
+            pushed_to(&delivery, "payment").as_deref(),
+            Some("http://127.0.0.1:2")
+        );
+        // A newer registration without an endpoint removes it, and keeps its stamp.
+        delivery.set_endpoint("payment", "", 9);
+        delivery.set_endpoint("payment", "http://127.0.0.1:1", 7);
+        assert_eq!(pushed_to(&delivery, "payment"), None);
+        delivery.set_endpoint("payment", "http://127.0.0.1:3", 10);
+        assert_eq!(
+            pushed_to(&delivery, "payment").as_deref(),
+            Some("http://127.0.0.1:3")
+        );
     }
 }

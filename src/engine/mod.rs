@@ -243,14 +243,14 @@ impl Engine {
     pub async fn start(&self) -> Result<(), Error> {
         // A record that does not decode is logged and passed over rather than refusing to
         // start: every other saga would stop with it.
-        let nodes = self
+        let (stamp, nodes) = self
             .store
-            .read(|tx| tx.scan_nodes().collect::<Result<Vec<_>, _>>())
-            .await??;
-        for node in nodes.into_iter().filter_map(decoded) {
+            .read(|tx| (tx.stamp(), tx.scan_nodes().collect::<Result<Vec<_>, _>>()))
+            .await?;
+        for node in nodes?.into_iter().filter_map(decoded) {
             self.shared
                 .delivery
-                .set_endpoint(&node.node_id, &node.endpoint);
+                .set_endpoint(&node.node_id, &node.endpoint, stamp);
         }
         // An outbox entry that does not decode is kept, like one whose command does not: it
         // is read only here, and it is the one trace of the command for an operator.

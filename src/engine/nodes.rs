@@ -130,19 +130,19 @@ impl Engine {
                     updated_ms: now,
                 };
                 tx.put_node(&record)?;
-                Ok((encode(&record), record))
+                Ok((encode(&record), (tx.stamp(), record)))
             });
         // Routed on the write's own task, so a caller that gives up mid-write does not leave
         // the endpoint stored but unused until the next start.
         let engine = self.clone();
         self.commit(async move {
             let (answered, stored) = written.await?;
-            if let Some(record) = stored {
+            if let Some((stamp, record)) = stored {
                 tracing::info!(node = %record.node_id, endpoint = %record.endpoint, "node registered");
                 engine
                     .shared
                     .delivery
-                    .set_endpoint(&record.node_id, &record.endpoint);
+                    .set_endpoint(&record.node_id, &record.endpoint, stamp);
             }
             Ok(answered)
         })
@@ -184,28 +184,33 @@ impl Engine {
     ) -> Result<impl Stream<Item = Arc<Saga>> + Send + 'static, Error> {
         // Subscribe before the read, so no change stored between the two is missed; the GSN
         // names the sequence, so one read is enough. A GSN that names no saga leaves an
-        // unwatched entry, which the next sweep removes.
+        // unwatched entry, which the next sweep removes. The receiver keeps the version it
+        // subscribed at: a change published before the read is still seen as new, so a
+        // terminal state published meanwhile is never lost; the stamps tell it apart.
         let sequence = self.parse_gsn(gsn_text)?.sequence();
-        let mut changes = self.shared.watchers.subscribe(sequence);
-        let current = Arc::new(self.get_saga(gsn_text).await?);
-        let state = (Some(current), changes.clone(), false);
-        changes.borrow_and_update();
+        let changes = self.shared.watchers.subscribe(sequence);
+        let (read_stamp, current) = self.stamped_saga(gsn_text).await?;
+        let state = (Some(Arc::new(current)), changes, read_stamp, false);
         Ok(futures::stream::unfold(
             state,
-            |(pending, mut changes, done)| async move {
+            |(pending, mut changes, mut last, done)| async move {
                 if done {
                     return None;
                 }
                 if let Some(saga) = pending {
                     let terminal = saga.state.is_terminal();
-                    return Some((saga, (None, changes, terminal)));
+                    return Some((saga, (None, changes, last, terminal)));
                 }
                 loop {
                     changes.changed().await.ok()?;
                     let latest = changes.borrow_and_update().clone();
-                    if let Some(saga) = latest {
+                    // A state no newer than the last one shown (the read may have seen a write
+                    // whose publication comes after it) would take the watcher back.
+                    if let Some(published) = latest.filter(|p| p.stamp > last) {
+                        last = published.stamp;
+                        let saga = published.saga;
                         let terminal = saga.state.is_terminal();
-                        return Some((saga, (None, changes, terminal)));
+                        return Some((saga, (None, changes, last, terminal)));
                     }
                 }
             },

@@ -13,7 +13,8 @@ use crate::domain::ids::{Gsn, RequestId};
 use crate::domain::orchestration::{self, Transition};
 use crate::domain::outcalls::{self, Outcall, ReversalAsked};
 use crate::domain::saga::{Limits, ReversalType, Saga, SagaState, too_long};
-use crate::engine::sagas::{Applied, load_saga, outcall_refusal, store_transition};
+use crate::engine::sagas::{Applied, before, load_saga, outcall_refusal, store_transition};
+use crate::engine::watch::Changes;
 use crate::engine::{Answered, Engine, Error, convert, stored_record};
 use crate::store::{IdempotencyKey, IdempotencyNamespace, PayloadRecord, WriteTx};
 
@@ -162,6 +163,7 @@ impl Engine {
                     order: input.order,
                 };
                 let branch_id = outcalls::branch_id(outcall.order, &outcall.callee_node_id);
+                let from = before(&saga);
                 let transition = outcalls::on_outcall_registered(saga, outcall, now)
                     .map_err(|r| outcall_refusal(r, &gsn))?;
                 if !input.payload.is_empty() {
@@ -174,7 +176,7 @@ impl Engine {
                         },
                     )?;
                 }
-                let applied = store_transition(tx, transition, now)?;
+                let applied = store_transition(tx, from, transition, now)?;
                 let saga = applied
                     .saga
                     .clone()
@@ -221,7 +223,8 @@ impl Engine {
         let written =
             self.idempotent_write_with(method, &request_id, fingerprint, move |tx, now| {
                 let saga = load_saga(tx, &gsn)?;
-                let applied = store_transition(tx, step(saga, &gsn, now)?, now)?;
+                let from = before(&saga);
+                let applied = store_transition(tx, from, step(saga, &gsn, now)?, now)?;
                 let mut saga = applied
                     .saga
                     .clone()
@@ -373,6 +376,7 @@ impl Engine {
                     }
                 };
             let saga = load_saga(tx, &gsn)?;
+            let from = before(&saga);
             let retry = engine.shared.retry_config(tx)?;
             let env = engine.env(&retry, now);
             let transition = outcalls::on_reversal_requested(saga, asked, env)
@@ -380,7 +384,7 @@ impl Engine {
             tx.put_idempotency(&start_key, &convert::idempotency_to_record(&registered))?;
             let payload = saga_payload(tx, &gsn)?;
             Ok(Ok((
-                store_transition(tx, transition, now)?,
+                store_transition(tx, from, transition, now)?,
                 registered,
                 payload,
             )))
@@ -401,10 +405,19 @@ impl Engine {
                 .saga
                 .clone()
                 .ok_or_else(|| Error::NotFound(format!("no saga has GSN {gsn_text}")))?;
+            let stamp = applied.stamp;
             concluding.after_commit(applied);
             concluding
                 .conclude_reversal(
-                    saga, payload, changes, wait, answering, gsn_text, key, registered, terms,
+                    (stamp, saga),
+                    payload,
+                    changes,
+                    wait,
+                    answering,
+                    gsn_text,
+                    key,
+                    registered,
+                    terms,
                     encode,
                 )
                 .await
@@ -413,13 +426,14 @@ impl Engine {
     }
 
     /// Waits up to `wait` for the answer to `answering`, then stores it for the request's
-    /// repeats, or, if there is none yet, removes the request's registration.
+    /// repeats, or, if there is none yet, removes the request's registration. It starts from
+    /// the saga the registering write stored, with that write's stamp.
     #[allow(clippy::too_many_arguments)]
     async fn conclude_reversal<F>(
         &self,
-        mut saga: Saga,
+        (mut stamp, mut saga): (u64, Saga),
         payload: Vec<u8>,
-        mut changes: tokio::sync::watch::Receiver<Option<Arc<Saga>>>,
+        mut changes: Changes,
         wait: Duration,
         answering: ReversalAsked,
         gsn_text: String,
@@ -443,8 +457,11 @@ impl Engine {
                         saga = self.get_saga(&gsn_text).await?;
                         break;
                     }
-                    if let Some(latest) = changes.borrow_and_update().clone() {
-                        saga = (*latest).clone();
+                    // Only a state newer than the one known: follow-ups run in any order.
+                    let latest = changes.borrow_and_update().clone();
+                    if let Some(latest) = latest.filter(|p| p.stamp > stamp) {
+                        stamp = latest.stamp;
+                        saga = (*latest.saga).clone();
                     }
                 }
             }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::domain::Millis;
-use crate::domain::branch::Report;
+use crate::domain::branch::{Report, Signal};
 use crate::domain::ids::{Gsn, RequestId};
 use crate::domain::orchestration::{self, Context, Effect, Env, Refusal, Timer, Transition};
 use crate::domain::outcalls;
@@ -81,13 +81,18 @@ pub(crate) struct Applied {
     pub saga: Option<Saga>,
     /// New outbox entries, to deliver once the write is durable.
     pub deliveries: Vec<NewCommand>,
-    /// Set when the transition ended the saga (its signals went out).
+    /// Set when the transition ended the saga, for the counters (see `ended`).
     pub ended: Option<SagaState>,
+    /// The transition gave up on a node's silence past the poll budget.
+    pub escalated: bool,
     pub polls: u64,
     pub reversals: u64,
     /// Step timeouts that ride with the Execute commands they time (see `timers::SoftTimers`):
     /// armed in memory once the write is durable, never stored on their own.
     pub soft_timers: Vec<(Millis, Timer)>,
+    /// The write's place in the ledger's order (`WriteTx::stamp`), so a follow-up that runs
+    /// after a later write's never takes watchers back to the older state.
+    pub stamp: u64,
 }
 
 /// An outbox entry a write created, with the payload it carries (read in the same write, so
@@ -216,9 +221,38 @@ impl Shared {
     }
 }
 
-/// Stores a transition: the saga, and its effects as outbox entries and due timers.
+/// The state and signal of a saga before a transition (`None` for one just started).
+pub(crate) type Before = Option<(SagaState, Option<Signal>)>;
+
+pub(crate) fn before(saga: &Saga) -> Before {
+    Some((saga.state, saga.signal))
+}
+
+/// How a transition from `before` to `after` ended its saga, if it did, for the counters: it
+/// reached COMPLETED, REVERSED or NEEDS_ATTENTION from another state, whether or not a node
+/// was told (a saga without outcalls has none to tell). A REVERSED saga reopened because an
+/// outcall took effect after all was counted when first reversed: its signal says so.
+pub(crate) fn ended(before: Before, after: &Saga) -> Option<SagaState> {
+    let (state, signal) = before.unwrap_or((SagaState::Running, None));
+    if after.state == state {
+        return None;
+    }
+    let reversed_before = matches!(
+        signal,
+        Some(Signal::ReversalSuccess | Signal::ReversalFailure)
+    );
+    match after.state {
+        SagaState::Completed | SagaState::NeedsAttention => Some(after.state),
+        SagaState::Reversed if !reversed_before => Some(after.state),
+        SagaState::Reversed | SagaState::Running | SagaState::Reversing => None,
+    }
+}
+
+/// Stores a transition from `before`: the saga, and its effects as outbox entries and due
+/// timers.
 pub(crate) fn store_transition(
     tx: &mut WriteTx<'_>,
+    before: Before,
     transition: Transition,
     now: Millis,
 ) -> Result<Applied, Error> {
@@ -226,8 +260,7 @@ pub(crate) fn store_transition(
     tx.put_saga(&convert::saga_to_record(&saga))?;
     let mut deliveries = Vec::new();
     let gsn = saga.gsn.to_string();
-    let signalled = effects.iter().any(|e| matches!(e, Effect::Signal { .. }));
-    let ended = signalled.then_some(saga.state);
+    let ended = ended(before, &saga);
     let polls = effects
         .iter()
         .filter(|e| matches!(e, Effect::QueryStatus { .. }))
@@ -361,9 +394,11 @@ pub(crate) fn store_transition(
         saga: Some(saga),
         deliveries,
         ended,
+        escalated: false,
         polls,
         reversals,
         soft_timers,
+        stamp: tx.stamp(),
     })
 }
 
@@ -460,9 +495,13 @@ impl Engine {
     }
 
     /// A command was answered (pushed and answered, or acknowledged on a stream): its delivery
-    /// stops, and it counts as delivered.
-    pub(crate) fn command_done(&self, outbox_id: u64) {
-        Metrics::bump(&self.shared.metrics.commands_delivered);
+    /// stops. It counts as delivered only if the write that applied the answer `removed` it
+    /// from the outbox: a replayed request, or a second answer to a command (inline and by
+    /// ReportState), delivers nothing new.
+    pub(crate) fn command_done(&self, outbox_id: u64, removed: bool) {
+        if removed {
+            Metrics::bump(&self.shared.metrics.commands_delivered);
+        }
         self.shared.delivery.acknowledged(outbox_id);
     }
 
@@ -475,6 +514,9 @@ impl Engine {
         metrics
             .reversals_started
             .fetch_add(applied.reversals, Ordering::Relaxed);
+        if applied.escalated {
+            Metrics::bump(&metrics.escalations);
+        }
         match applied.ended {
             Some(SagaState::Completed) => Metrics::bump(&metrics.sagas_completed),
             Some(SagaState::Reversed) => Metrics::bump(&metrics.sagas_reversed),
@@ -500,7 +542,7 @@ impl Engine {
                 .spawn(self.clone(), new.outbox_id, new.command, new.payload);
         }
         if let Some(saga) = applied.saga {
-            self.shared.watchers.publish(saga);
+            self.shared.watchers.publish(saga, applied.stamp);
         }
     }
 
@@ -579,10 +621,10 @@ impl Engine {
                             retry: &retry,
                             jitter,
                         };
-                        store_transition(tx, orchestration::on_started(saga, ctx), now)?
+                        store_transition(tx, None, orchestration::on_started(saga, ctx), now)?
                     }
                     None => {
-                        store_transition(tx, outcalls::on_outcall_saga_started(saga), now)?
+                        store_transition(tx, None, outcalls::on_outcall_saga_started(saga), now)?
                     }
                 };
                 let mut shown = applied.saga.clone().ok_or_else(|| Error::FailedPrecondition("no saga".into()))?;
@@ -608,9 +650,14 @@ impl Engine {
     }
 
     pub async fn get_saga(&self, gsn_text: &str) -> Result<Saga, Error> {
+        Ok(self.stamped_saga(gsn_text).await?.1)
+    }
+
+    /// The saga, with the stamp of the last write the read saw (`ReadTx::stamp`).
+    pub(crate) async fn stamped_saga(&self, gsn_text: &str) -> Result<(u64, Saga), Error> {
         let gsn = self.parse_gsn(gsn_text)?;
         let sequence = gsn.sequence();
-        let (record, payload) = self
+        let (stamp, record, payload) = self
             .store
             .read(move |tx| -> Result<_, store::Error> {
                 let record = tx.saga(sequence)?;
@@ -621,7 +668,7 @@ impl Engine {
                         .unwrap_or_default(),
                     None => Vec::new(),
                 };
-                Ok((record, payload))
+                Ok((tx.stamp(), record, payload))
             })
             .await??;
         let found = record
@@ -629,7 +676,7 @@ impl Engine {
             .transpose()?;
         match found {
             // A sequence issued under another coordinator id is another saga.
-            Some(saga) if saga.gsn == gsn => Ok(saga),
+            Some(saga) if saga.gsn == gsn => Ok((stamp, saga)),
             _ => Err(not_found(&gsn)),
         }
     }
@@ -813,6 +860,8 @@ impl Engine {
                         input.reporter_node_id, input.branch_id, branch.node_id
                     )));
                 }
+                // Whether this write took the answered command out of the outbox.
+                let mut removed = false;
                 if let Some(answering) = answering {
                     // The command answered must be this branch's: an id of another branch's
                     // command would take that command out of the outbox (its delivery would
@@ -847,7 +896,7 @@ impl Engine {
                                 command_id_of(&stored, answering.outbox_id)
                             )));
                         }
-                        tx.delete_outbox(answering.outbox_id)?;
+                        removed = tx.delete_outbox(answering.outbox_id)?;
                     }
                 }
                 let kind = answering.map(|a| a.kind).unwrap_or(Kind::Execute);
@@ -855,15 +904,16 @@ impl Engine {
                 report.attempt = answering.and_then(|a| a.attempt);
                 let applied = engine.apply_answer(tx, saga, &input.branch_id, kind, report, now)?;
                 let saga = applied.saga.clone().ok_or_else(|| not_found(&gsn))?;
-                Ok((encode(&saga, &input.branch_id), applied))
+                Ok((encode(&saga, &input.branch_id), (applied, removed)))
             });
         let engine = self.clone();
         self.commit(async move {
             let (answered, applied) = written.await?;
             if let Some(answering) = answering {
-                engine.command_done(answering.outbox_id);
+                let removed = applied.as_ref().is_some_and(|(_, removed)| *removed);
+                engine.command_done(answering.outbox_id, removed);
             }
-            if let Some(applied) = applied {
+            if let Some((applied, _)) = applied {
                 engine.after_commit(applied);
             }
             Ok(answered)
@@ -897,6 +947,7 @@ impl Engine {
         now: Millis,
     ) -> Result<Applied, Error> {
         let gsn = saga.gsn.clone();
+        let from = before(&saga);
         if kind == Kind::QueryStatus {
             Metrics::bump(&self.shared.metrics.poll_answers);
         }
@@ -917,7 +968,7 @@ impl Engine {
                 }
                 Kind::Signal => return Ok(Applied::default()),
             };
-            return store_transition(tx, transition, now);
+            return store_transition(tx, from, transition, now);
         };
         let ctx = self.context(&strategy, &retry, now);
         let transition = match kind {
@@ -928,7 +979,7 @@ impl Engine {
             Kind::Reverse => orchestration::on_reversal_answered(saga, branch_id, report, ctx),
             Kind::Signal => return Ok(Applied::default()),
         };
-        store_transition(tx, transition, now)
+        store_transition(tx, from, transition, now)
     }
 
     /// A stored timer came due: it is removed and its transition stored in the same write.
@@ -1006,26 +1057,25 @@ impl Engine {
                 }
                 let now = at_ms.max(engine.clock.now_ms());
                 let retry = engine.shared.retry_config(tx)?;
-                let Some(strategy) = engine.strategy_of(tx, &saga)? else {
-                    Metrics::bump(&engine.shared.metrics.timers_fired);
-                    let env = engine.env(&retry, now);
-                    return store_transition(
-                        tx,
-                        outcalls::on_outcall_timer(saga, &timer, env),
-                        now,
-                    );
+                let from = before(&saga);
+                let transition = match engine.strategy_of(tx, &saga)? {
+                    Some(strategy) => {
+                        let ctx = engine.context(&strategy, &retry, now);
+                        orchestration::on_timer(saga, &timer, ctx)
+                    }
+                    None => outcalls::on_outcall_timer(saga, &timer, engine.env(&retry, now)),
                 };
-                let ctx = engine.context(&strategy, &retry, now);
                 Metrics::bump(&engine.shared.metrics.timers_fired);
-                let was_running = saga.state == SagaState::Running;
-                let transition = orchestration::on_timer(saga, &timer, ctx);
-                if matches!(timer, Timer::Poll { .. })
-                    && was_running
-                    && transition.saga.state != SagaState::Running
-                {
-                    Metrics::bump(&engine.shared.metrics.escalations);
-                }
-                store_transition(tx, transition, now)
+                // A poll that stops a running saga gave up on the node's silence, in either
+                // way of running a saga.
+                let escalated = matches!(timer, Timer::Poll { .. })
+                    && from.is_some_and(|(state, _)| state == SagaState::Running)
+                    && transition.saga.state != SagaState::Running;
+                let applied = store_transition(tx, from, transition, now)?;
+                Ok(Applied {
+                    escalated,
+                    ..applied
+                })
             })
             .await?;
         match applied {
@@ -1050,27 +1100,30 @@ impl Engine {
     /// A pushed command was answered: the command is done, and the answer is applied, in one
     /// write. It runs on the command's delivery task, which no caller can drop mid-write, so
     /// its follow-up needs no task of its own (`commit`).
+    /// Returns whether the write took the command out of the outbox (a ReportState may
+    /// have answered it first).
     pub(crate) async fn command_answered(
         &self,
         outbox_id: u64,
         command: Command,
         report: Option<Report>,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let Some(report) = report else {
             // An acknowledged signal changes nothing but the outbox. Losing this delete in a
             // crash only sends the signal again, which nodes de-duplicate by command id, so it
             // need not wait for (or cost) a flush of its own.
-            self.store
+            let removed = self
+                .store
                 .write_unflushed(move |tx| tx.delete_outbox(outbox_id))
                 .await??;
-            return Ok(());
+            return Ok(removed);
         };
         let mut report = report.clamped();
         let engine = self.clone();
         let applied = self
             .store
-            .write(move |tx| -> Result<Applied, Error> {
-                tx.delete_outbox(outbox_id)?;
+            .write(move |tx| -> Result<(Applied, bool), Error> {
+                let removed = tx.delete_outbox(outbox_id)?;
                 let gsn = Gsn::parse(&command.gsn).map_err(|e| store::Error::Corrupt {
                     table: "outbox",
                     detail: e.to_string(),
@@ -1078,11 +1131,16 @@ impl Engine {
                 let saga = load_saga(tx, &gsn)?;
                 let now = engine.clock.now_ms();
                 report.attempt = command.send();
-                engine.apply_answer(tx, saga, &command.branch_id, command.kind, report, now)
+                let applied =
+                    engine.apply_answer(tx, saga, &command.branch_id, command.kind, report, now)?;
+                Ok((applied, removed))
             })
             .await?;
         match applied {
-            Ok(applied) => self.after_commit(applied),
+            Ok((applied, removed)) => {
+                self.after_commit(applied);
+                Ok(removed)
+            }
             // As for a timer: nothing of the failed transition is kept, and the command alone
             // leaves the outbox, its answer dropped.
             Err(error) => {
@@ -1091,12 +1149,12 @@ impl Engine {
                     "a node's answer could not be applied; it is dropped",
                     outbox_id,
                 )?;
-                self.store
+                Ok(self
+                    .store
                     .write(move |tx| tx.delete_outbox(outbox_id))
-                    .await??;
+                    .await??)
             }
         }
-        Ok(())
     }
 
     /// Ack: a node acknowledges a command from its Subscribe stream that needs no report.
@@ -1141,9 +1199,9 @@ impl Engine {
         let (node, command_id) = (node_id.to_owned(), command_id.to_owned());
         let acknowledging =
             self.idempotent_write_with("Ack", &request_id, fingerprint, move |tx, _| {
-                match tx.outbox_entry(outbox_id)? {
+                let removed = match tx.outbox_entry(outbox_id)? {
                     // Already acknowledged (or its saga removed): done either way.
-                    None => {}
+                    None => false,
                     Some(entry) if entry.gsn_sequence != gsn.sequence() => {
                         return Err(Error::invalid(
                             "command_id",
@@ -1172,15 +1230,15 @@ impl Engine {
                                 command_id_of(&stored, outbox_id)
                             )));
                         }
-                        tx.delete_outbox(outbox_id)?;
+                        tx.delete_outbox(outbox_id)?
                     }
-                }
-                Ok((Vec::new(), ()))
+                };
+                Ok((Vec::new(), removed))
             });
         let engine = self.clone();
         self.commit(async move {
-            let (answered, _) = acknowledging.await?;
-            engine.command_done(outbox_id);
+            let (answered, removed) = acknowledging.await?;
+            engine.command_done(outbox_id, removed.unwrap_or(false));
             Ok(answered)
         })
         .await

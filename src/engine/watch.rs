@@ -11,13 +11,22 @@ use crate::domain::saga::Saga;
 /// The map is swept of unwatched sagas when it reaches this size.
 const SWEEP_AT: usize = 1024;
 
+/// A stored state of a saga, with the stamp of the write that stored it (`WriteTx::stamp`).
+#[derive(Debug, Clone)]
+pub(crate) struct Published {
+    pub stamp: u64,
+    pub saga: Arc<Saga>,
+}
+
+pub(crate) type Changes = watch::Receiver<Option<Published>>;
+
 #[derive(Default)]
 pub(crate) struct Watchers {
-    by_sequence: Mutex<HashMap<u64, watch::Sender<Option<Arc<Saga>>>>>,
+    by_sequence: Mutex<HashMap<u64, watch::Sender<Option<Published>>>>,
 }
 
 impl Watchers {
-    pub(crate) fn subscribe(&self, sequence: u64) -> watch::Receiver<Option<Arc<Saga>>> {
+    pub(crate) fn subscribe(&self, sequence: u64) -> Changes {
         let mut map = self.by_sequence.lock().unwrap_or_else(|p| p.into_inner());
         // Watchers of a saga that never changes again (it was already terminal, or the caller
         // went away) are swept here, so the map stays as small as what is being watched.
@@ -29,7 +38,10 @@ impl Watchers {
             .subscribe()
     }
 
-    pub(crate) fn publish(&self, saga: Saga) {
+    /// Publishes the state a write with `stamp` stored. Writes of one group are answered
+    /// together and their follow-ups run in any order, so an older state may come after a
+    /// newer one: it is dropped, and watchers never go back to it.
+    pub(crate) fn publish(&self, saga: Saga, stamp: u64) {
         let mut map = self.by_sequence.lock().unwrap_or_else(|p| p.into_inner());
         let sequence = saga.gsn.sequence();
         let Some(sender) = map.get(&sequence) else {
@@ -40,8 +52,17 @@ impl Watchers {
             return;
         }
         let terminal = saga.state.is_terminal();
-        sender.send_replace(Some(Arc::new(saga)));
-        if terminal {
+        let published = sender.send_if_modified(|current| {
+            if current.as_ref().is_some_and(|c| c.stamp >= stamp) {
+                return false;
+            }
+            *current = Some(Published {
+                stamp,
+                saga: Arc::new(saga),
+            });
+            true
+        });
+        if published && terminal {
             // Receivers keep the last value; nothing will change after a terminal state.
             map.remove(&sequence);
         }
@@ -51,6 +72,60 @@ impl Watchers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ids::{CoordinatorId, Gsn};
+    use crate::domain::saga::{Deadline, Limits, SagaMode, SagaState, StartRequest};
+
+    fn saga(sequence: u64, state: SagaState) -> Saga {
+        let start = crate::domain::saga::validate_start(
+            StartRequest {
+                request_id: "r-1".into(),
+                business_type: "order".into(),
+                mode: Some(SagaMode::Orchestrated),
+                payload: Vec::new(),
+                content_type: String::new(),
+                labels: Default::default(),
+                deadline: Deadline::None,
+            },
+            Limits {
+                max_payload_bytes: 1024,
+            },
+            1,
+        )
+        .unwrap();
+        let gsn = Gsn::new(CoordinatorId::parse("c1").unwrap(), sequence);
+        let mut saga = crate::domain::saga::on_started(start, gsn, 1);
+        saga.state = state;
+        saga
+    }
+
+    fn shown(changes: &Changes) -> Option<(u64, SagaState)> {
+        changes.borrow().as_ref().map(|p| (p.stamp, p.saga.state))
+    }
+
+    #[test]
+    fn a_state_published_after_a_newer_one_is_dropped() {
+        let watchers = Watchers::default();
+        let changes = watchers.subscribe(7);
+        watchers.publish(saga(7, SagaState::NeedsAttention), 12);
+        // The follow-up of an earlier write of the same group, run late.
+        watchers.publish(saga(7, SagaState::Reversing), 11);
+        assert_eq!(shown(&changes), Some((12, SagaState::NeedsAttention)));
+        watchers.publish(saga(7, SagaState::Reversing), 13);
+        assert_eq!(shown(&changes), Some((13, SagaState::Reversing)));
+    }
+
+    #[test]
+    fn a_terminal_state_ends_the_watch_even_if_an_older_one_follows() {
+        let watchers = Watchers::default();
+        let changes = watchers.subscribe(7);
+        watchers.publish(saga(7, SagaState::Reversed), 20);
+        assert!(
+            !watchers.by_sequence.lock().unwrap().contains_key(&7),
+            "nothing changes after a terminal state: the watch is over"
+        );
+        watchers.publish(saga(7, SagaState::Reversing), 19);
+        assert_eq!(shown(&changes), Some((20, SagaState::Reversed)));
+    }
 
     #[test]
     fn unwatched_sagas_are_swept() {

@@ -62,10 +62,22 @@ impl Intents {
     /// the group's intent (unless it is not needed, see the module comment), then each write.
     /// Returns the id of the group's intent, which a later flush must report before the intent
     /// goes. Readers are kept out meanwhile, so none sees half a group.
+    #[cfg(test)]
     pub(crate) fn apply(
         &mut self,
         tables: &Tables,
         overlay: &Overlay,
+    ) -> Result<Option<u64>, Error> {
+        self.apply_through(tables, overlay, 0)
+    }
+
+    /// `apply` for a group whose last job has stamp `through`: once the group is in sled,
+    /// reads see that stamp with it (`Tables::shared`).
+    pub(crate) fn apply_through(
+        &mut self,
+        tables: &Tables,
+        overlay: &Overlay,
+        through: u64,
     ) -> Result<Option<u64>, Error> {
         let writes = overlay.write_count();
         if writes == 0 {
@@ -84,10 +96,11 @@ impl Intents {
         } else {
             None
         };
-        let _readers_out = tables.exclusive();
+        let mut readers_out = tables.exclusive();
         let written = self.write_group(tables, overlay, record);
-        if let Err(error) = &written {
-            self.failed = Some(error.to_string());
+        match &written {
+            Ok(_) => *readers_out = (*readers_out).max(through),
+            Err(error) => self.failed = Some(error.to_string()),
         }
         written
     }

@@ -19,6 +19,8 @@
 //! - `read(f)` runs `f` on the reader thread. It sees the groups already applied to sled, each
 //!   whole, which may include one not yet flushed (only `write_unflushed` callers were answered
 //!   about it).
+//! - Each write job has a stamp (`WriteTx::stamp`), higher than every job run before it, and a
+//!   read knows the stamp of the last write it sees (`ReadTx::stamp`).
 
 mod codec;
 mod intents;
@@ -218,11 +220,13 @@ pub struct WriteTx<'a> {
     /// The group's buffered writes, journaled while this closure runs: its own are kept only if
     /// it returns `Ok`, and the group reaches sled whole, behind one intent record.
     overlay: &'a mut Overlay,
+    stamp: u64,
 }
 
 /// The view a `read` closure gets.
 pub struct ReadTx<'a> {
     tables: &'a Tables,
+    stamp: u64,
 }
 
 /// Meta keys of the counters; each is committed atomically with the write that used it, so a
@@ -283,6 +287,7 @@ impl Store {
             intents: intents::Intents::new(),
             to_flusher,
             flusher,
+            stamp: 0,
         };
         let mut threads = Threads {
             handles: Vec::with_capacity(2),
@@ -490,6 +495,12 @@ impl Drop for Threads {
 }
 
 impl WriteTx<'_> {
+    /// This write's place in the ledger's order: write jobs run one at a time, each stamped
+    /// higher than the one before it (since the ledger was opened). Work that follows writes
+    /// and may run out of their order (publishing a saga, routing a node) keeps the newest.
+    pub fn stamp(&self) -> u64 {
+        self.stamp
+    }
     /// Next GSN sequence number: 1, 2, 3, ... unique and increasing across restarts (the
     /// counter is committed with the write that used it; a rejected write consumes nothing).
     pub fn allocate_gsn_sequence(&mut self) -> Result<u64, Error> {
@@ -607,10 +618,15 @@ impl WriteTx<'_> {
     pub fn outbox_entry(&self, id: u64) -> Result<Option<OutboxRecord>, Error> {
         self.get(Table::Outbox, &codec::u64_key(id))
     }
-    pub fn delete_outbox(&mut self, id: u64) -> Result<(), Error> {
-        self.overlay
-            .delete(Table::Outbox, codec::u64_key(id).to_vec());
-        Ok(())
+    /// Returns whether there was an entry to remove.
+    pub fn delete_outbox(&mut self, id: u64) -> Result<bool, Error> {
+        let key = codec::u64_key(id).to_vec();
+        let present = match self.overlay.get(Table::Outbox, &key) {
+            Some(value) => value.is_some(),
+            None => self.tables.get_raw(Table::Outbox, &key)?.is_some(),
+        };
+        self.overlay.delete(Table::Outbox, key);
+        Ok(present)
     }
     /// The live keys of `table` that start with saga `sequence` (as `sequence BE ++ ...`),
     /// buffered ones included; the next sequence bounds them.
@@ -738,6 +754,12 @@ impl WriteTx<'_> {
 }
 
 impl ReadTx<'_> {
+    /// The stamp of the last write this read sees (`WriteTx::stamp`): it sees every write with
+    /// a stamp up to this one and none after, so whoever is told about writes by stamp can
+    /// tell which of them are newer than what it read.
+    pub fn stamp(&self) -> u64 {
+        self.stamp
+    }
     pub fn saga(&self, sequence: u64) -> Result<Option<SagaRecord>, Error> {
         self.tables.get(Table::Sagas, &codec::u64_key(sequence))
     }

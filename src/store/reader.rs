@@ -6,7 +6,8 @@ use super::{Error, ReadTx};
 use std::panic::{self, AssertUnwindSafe};
 use tokio::sync::{mpsc, oneshot};
 
-pub(crate) type Job = Box<dyn FnOnce(&Tables) + Send>;
+/// Runs with the stamp of the last write the read sees (`ReadTx::stamp`).
+pub(crate) type Job = Box<dyn FnOnce(&Tables, u64) + Send>;
 
 pub(crate) enum Message {
     Job(Job),
@@ -20,8 +21,8 @@ where
     F: FnOnce(&ReadTx<'_>) -> T + Send + 'static,
     T: Send + 'static,
 {
-    Box::new(move |tables: &Tables| {
-        let tx = ReadTx { tables };
+    Box::new(move |tables: &Tables, stamp: u64| {
+        let tx = ReadTx { tables, stamp };
         // A panicking closure answers its own caller with an error and leaves the thread alive.
         let answer = panic::catch_unwind(AssertUnwindSafe(|| f(&tx)))
             .map_err(|_panic| Error::Storage("read job panicked".into()));
@@ -33,8 +34,8 @@ pub(crate) fn run(tables: Tables, mut inbox: mpsc::Receiver<Message>) {
     while let Some(message) = inbox.blocking_recv() {
         match message {
             Message::Job(job) => {
-                let _no_group_half_written = tables.shared();
-                job(&tables)
+                let no_group_half_written = tables.shared();
+                job(&tables, *no_group_half_written)
             }
             Message::Close(done) => {
                 inbox.close();

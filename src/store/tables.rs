@@ -107,8 +107,10 @@ pub(crate) struct Tables {
     /// Intent records of groups being written (`intents.rs`).
     intents: sled::Tree,
     /// Held exclusively while a group's writes go into sled one by one, and shared by each
-    /// read job, so a read sees every write of a group or none.
-    groups: Arc<RwLock<()>>,
+    /// read job, so a read sees every write of a group or none. It holds the stamp of the last
+    /// write job whose group is in sled (`WriteTx::stamp`), changed under the same lock, so a
+    /// read knows exactly which writes it sees.
+    groups: Arc<RwLock<u64>>,
 }
 
 impl Tables {
@@ -146,12 +148,12 @@ impl Tables {
     /// Keeps readers out while a group is written. A panic while it is held (inside sled, in a
     /// group write) stops the writer; reads go on rather than fail, and may then see that
     /// group in part until the next open completes it from its intent.
-    pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+    pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, u64> {
         self.groups.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Keeps groups from being written while one read job runs.
-    pub(crate) fn shared(&self) -> RwLockReadGuard<'_, ()> {
+    pub(crate) fn shared(&self) -> RwLockReadGuard<'_, u64> {
         self.groups.read().unwrap_or_else(PoisonError::into_inner)
     }
 

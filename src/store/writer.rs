@@ -24,8 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 pub(crate) type Reply = Box<dyn FnOnce(Result<(), &Error>) + Send>;
 
 /// Runs one caller closure against the ledger and its group's overlay, leaving its writes in the
-/// overlay only if it succeeded.
-pub(crate) type Run = Box<dyn FnOnce(&Tables, &mut Overlay) -> Reply + Send>;
+/// overlay only if it succeeded; the number is the job's stamp (`WriteTx::stamp`).
+pub(crate) type Run = Box<dyn FnOnce(&Tables, &mut Overlay, u64) -> Reply + Send>;
 
 /// When a job's caller is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,9 +60,13 @@ where
     T: Send + 'static,
     E: Send + 'static,
 {
-    Box::new(move |tables: &Tables, overlay: &mut Overlay| {
+    Box::new(move |tables: &Tables, overlay: &mut Overlay, stamp: u64| {
         overlay.begin_job();
-        let mut tx = WriteTx { tables, overlay };
+        let mut tx = WriteTx {
+            tables,
+            overlay,
+            stamp,
+        };
         // A panicking closure must not take the writer (and every later write) down with it;
         // its buffered writes are taken back, as if it had returned `Err`.
         let ran = panic::catch_unwind(AssertUnwindSafe(|| f(&mut tx)));
@@ -126,6 +130,8 @@ pub(crate) struct Writer {
     pub(crate) to_flusher: std_mpsc::Sender<Applied>,
     /// Joined on close; it returns the result of the last, durable flush.
     pub(crate) flusher: JoinHandle<Result<(), Error>>,
+    /// The stamp of the last job run; jobs run one at a time, so stamps follow their order.
+    pub(crate) stamp: u64,
 }
 
 impl Writer {
@@ -153,7 +159,9 @@ impl Writer {
                     drop(job);
                 }
                 Message::Job(job) => {
-                    let reply = (job.run)(&self.tables, &mut group.overlay);
+                    self.stamp += 1;
+                    group.through = self.stamp;
+                    let reply = (job.run)(&self.tables, &mut group.overlay, self.stamp);
                     match job.answer {
                         Answer::WhenDurable => group.durable.push(reply),
                         Answer::WhenApplied => group.applied.push(reply),
@@ -192,7 +200,10 @@ impl Writer {
         // Jobs that only read or were rejected may still have read earlier groups' writes, so
         // they too are answered only after a flush.
         let wrote = !group.overlay.is_empty();
-        let (applied, intent) = match self.intents.apply(&self.tables, &group.overlay) {
+        let applied = self
+            .intents
+            .apply_through(&self.tables, &group.overlay, group.through);
+        let (applied, intent) = match applied {
             Ok(intent) => (Ok(()), intent),
             // The jobs get the error. A group that failed part-way is completed from its
             // intent at the next open (and no later group is written meanwhile), so its jobs'
@@ -245,6 +256,8 @@ struct Group {
     durable: Vec<Reply>,
     /// Answered once the group is applied.
     applied: Vec<Reply>,
+    /// The stamp of the group's last job.
+    through: u64,
 }
 
 impl Group {
@@ -571,6 +584,7 @@ mod tests {
             intents: Intents::new(),
             to_flusher,
             flusher: std::thread::spawn(|| Ok(())),
+            stamp: 0,
         };
         let (inbox, writer_inbox) = mpsc::channel(16);
         let running = std::thread::spawn(move || writer.run(writer_inbox));
