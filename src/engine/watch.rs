@@ -8,7 +8,8 @@ use tokio::sync::watch;
 
 use crate::domain::saga::Saga;
 
-/// The map is swept of unwatched sagas when it reaches this size.
+/// The map is swept of unwatched sagas once it reaches this size, and then each time it has
+/// doubled since the last sweep.
 const SWEEP_AT: usize = 1024;
 
 /// A stored state of a saga, with the stamp of the write that stored it (`WriteTx::stamp`).
@@ -22,18 +23,30 @@ pub(crate) type Changes = watch::Receiver<Option<Published>>;
 
 #[derive(Default)]
 pub(crate) struct Watchers {
-    by_sequence: Mutex<HashMap<u64, watch::Sender<Option<Published>>>>,
+    by_sequence: Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<u64, watch::Sender<Option<Published>>>,
+    /// How many entries the last sweep kept.
+    kept: usize,
 }
 
 impl Watchers {
     pub(crate) fn subscribe(&self, sequence: u64) -> Changes {
-        let mut map = self.by_sequence.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = self.by_sequence.lock().unwrap_or_else(|p| p.into_inner());
         // Watchers of a saga that never changes again (it was already terminal, or the caller
-        // went away) are swept here, so the map stays as small as what is being watched.
-        if map.len() >= SWEEP_AT {
-            map.retain(|_, sender| sender.receiver_count() > 0);
+        // went away) are swept here, so the map stays as small as what is being watched. Only
+        // once it has doubled since the last sweep: with many sagas watched, a sweep on every
+        // subscribe would scan them all each time, under the lock every publish takes.
+        if entries.map.len() >= SWEEP_AT.max(entries.kept.saturating_mul(2)) {
+            entries.map.retain(|_, sender| sender.receiver_count() > 0);
+            entries.kept = entries.map.len();
         }
-        map.entry(sequence)
+        entries
+            .map
+            .entry(sequence)
             .or_insert_with(|| watch::channel(None).0)
             .subscribe()
     }
@@ -42,7 +55,8 @@ impl Watchers {
     /// together and their follow-ups run in any order, so an older state may come after a
     /// newer one: it is dropped, and watchers never go back to it.
     pub(crate) fn publish(&self, saga: Saga, stamp: u64) {
-        let mut map = self.by_sequence.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = self.by_sequence.lock().unwrap_or_else(|p| p.into_inner());
+        let map = &mut entries.map;
         let sequence = saga.gsn.sequence();
         let Some(sender) = map.get(&sequence) else {
             return;
@@ -120,11 +134,32 @@ mod tests {
         let changes = watchers.subscribe(7);
         watchers.publish(saga(7, SagaState::Reversed), 20);
         assert!(
-            !watchers.by_sequence.lock().unwrap().contains_key(&7),
+            !watchers.by_sequence.lock().unwrap().map.contains_key(&7),
             "nothing changes after a terminal state: the watch is over"
         );
         watchers.publish(saga(7, SagaState::Reversing), 19);
         assert_eq!(shown(&changes), Some((20, SagaState::Reversed)));
+    }
+
+    #[test]
+    fn with_many_sagas_watched_the_map_is_swept_only_once_it_doubled() {
+        let watchers = Watchers::default();
+        let kept = |watchers: &Watchers| watchers.by_sequence.lock().unwrap().kept;
+        let watched: Vec<Changes> = (0..(SWEEP_AT as u64 * 3 / 2))
+            .map(|sequence| watchers.subscribe(sequence))
+            .collect();
+        assert_eq!(kept(&watchers), SWEEP_AT, "swept at the first threshold");
+        // Up to twice what the sweep kept, no subscribe scans the map.
+        for sequence in 0..(SWEEP_AT as u64 / 2) {
+            drop(watchers.subscribe(100_000 + sequence));
+        }
+        assert_eq!(kept(&watchers), SWEEP_AT, "no sweep before the map doubled");
+        drop(watchers.subscribe(200_000));
+        assert_eq!(
+            kept(&watchers),
+            watched.len(),
+            "swept once it doubled: only the watched sagas are kept"
+        );
     }
 
     #[test]
@@ -133,7 +168,7 @@ mod tests {
         for sequence in 0..(SWEEP_AT as u64 + 10) {
             drop(watchers.subscribe(sequence));
         }
-        let size = watchers.by_sequence.lock().unwrap().len();
+        let size = watchers.by_sequence.lock().unwrap().map.len();
         assert!(
             size < SWEEP_AT,
             "{size} entries kept for sagas no one watches"
@@ -143,7 +178,7 @@ mod tests {
             drop(watchers.subscribe(10_000 + sequence));
         }
         assert!(
-            watchers.by_sequence.lock().unwrap().contains_key(&7),
+            watchers.by_sequence.lock().unwrap().map.contains_key(&7),
             "a watched saga stays"
         );
         drop(kept);
