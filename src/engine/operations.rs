@@ -408,8 +408,6 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::domain::branch::{Branch, TimelineEntry};
-    use crate::domain::ids::{CoordinatorId, Gsn};
-    use crate::domain::saga::{Deadline, Limits, SagaMode, StartRequest};
 
     fn branch(id: &str, state: BranchState) -> Branch {
         Branch {
@@ -440,28 +438,7 @@ mod tests {
 
     /// Built through the domain's own start rules, so new saga fields need no change here.
     fn saga(state: SagaState, branches: Vec<Branch>) -> Saga {
-        let start = crate::domain::saga::validate_start(
-            StartRequest {
-                request_id: "r-1".into(),
-                business_type: "order".into(),
-                mode: Some(SagaMode::Orchestrated),
-                payload: Vec::new(),
-                content_type: String::new(),
-                labels: Default::default(),
-                deadline: Deadline::None,
-            },
-            Limits {
-                max_payload_bytes: 1024,
-            },
-            1,
-        )
-        .unwrap();
-        let mut saga = crate::domain::saga::on_started(
-            start,
-            Gsn::new(CoordinatorId::parse("c1").unwrap(), 7),
-            1,
-        );
-        saga.state = state;
+        let mut saga = crate::domain::saga::test_saga(7, state);
         saga.branches = branches;
         saga.reason = "step charge reported abnormal status DECLINED".into();
         saga

@@ -86,30 +86,10 @@ impl Watchers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::ids::{CoordinatorId, Gsn};
-    use crate::domain::saga::{Deadline, Limits, SagaMode, SagaState, StartRequest};
+    use crate::domain::saga::SagaState;
 
     fn saga(sequence: u64, state: SagaState) -> Saga {
-        let start = crate::domain::saga::validate_start(
-            StartRequest {
-                request_id: "r-1".into(),
-                business_type: "order".into(),
-                mode: Some(SagaMode::Orchestrated),
-                payload: Vec::new(),
-                content_type: String::new(),
-                labels: Default::default(),
-                deadline: Deadline::None,
-            },
-            Limits {
-                max_payload_bytes: 1024,
-            },
-            1,
-        )
-        .unwrap();
-        let gsn = Gsn::new(CoordinatorId::parse("c1").unwrap(), sequence);
-        let mut saga = crate::domain::saga::on_started(start, gsn, 1);
-        saga.state = state;
-        saga
+        crate::domain::saga::test_saga(sequence, state)
     }
 
     fn shown(changes: &Changes) -> Option<(u64, SagaState)> {
