@@ -34,6 +34,7 @@ pub enum StuckKind {
     DeliveryFailing,
     StepRetrying,
     UnreadableSaga,
+    Stalled,
 }
 
 /// One thing recovery is waiting on. Which fields are set depends on `kind` (see the
@@ -207,6 +208,24 @@ pub(crate) fn stuck_in(saga: &Saga, policy: &Policy) -> Vec<Stuck> {
             | BranchState::NotOccurred => {}
         }
     }
+    let out = saga.branches.iter().any(|b| {
+        matches!(
+            b.state,
+            BranchState::Triggered | BranchState::Unknown | BranchState::Reversing
+        )
+    });
+    if saga.state == SagaState::Running && saga.mode == SagaMode::Orchestrated && !out {
+        let mut item = Stuck::new(StuckKind::Stalled, saga);
+        item.reason = format!(
+            "running with no step out: the statuses reported so far fire no rule and end \
+             nothing; it moves when a step reports another status{}",
+            match saga.deadline_ms {
+                Some(_) => ", or is reversed at its deadline",
+                None => " (it has no deadline)",
+            }
+        );
+        items.push(item);
+    }
     if saga.state == SagaState::NeedsAttention {
         let failed: Vec<String> = saga
             .branches
@@ -222,20 +241,21 @@ pub(crate) fn stuck_in(saga: &Saga, policy: &Policy) -> Vec<Stuck> {
             })
             .collect();
         let mut item = Stuck::new(StuckKind::NeedsAttention, saga);
-        item.reason = format!(
-            "needs an operator: the reversal of {} failed and is not retried any more; the saga \
+        item.reason = if failed.is_empty() {
+            // Not a failed reversal: a step of a completed saga was undone by its node.
+            format!("needs an operator: {}", saga.reason)
+        } else {
+            format!(
+                "needs an operator: the reversal of {} failed and is not retried any more; the saga \
              was reversing because {}",
-            if failed.is_empty() {
-                "some branch".to_owned()
-            } else {
-                failed.join(", ")
-            },
-            if saga.reason.is_empty() {
-                "(no reason recorded)"
-            } else {
-                saga.reason.as_str()
-            }
-        );
+                failed.join(", "),
+                if saga.reason.is_empty() {
+                    "(no reason recorded)"
+                } else {
+                    saga.reason.as_str()
+                }
+            )
+        };
         items.push(item);
     }
     items
@@ -553,6 +573,38 @@ mod tests {
             "{}",
             items[0].reason
         );
+    }
+
+    #[test]
+    fn a_running_saga_with_no_step_out_is_listed_as_stalled() {
+        let items = stuck_in(
+            &saga(
+                SagaState::Running,
+                vec![
+                    branch("reserve", BranchState::Succeeded),
+                    branch("charge", BranchState::Succeeded),
+                ],
+            ),
+            &Policy::default(),
+        );
+        assert_eq!(items.len(), 1, "{items:?}");
+        assert_eq!(items[0].kind, StuckKind::Stalled);
+        assert!(
+            items[0].reason.contains("no deadline"),
+            "{}",
+            items[0].reason
+        );
+        let waiting = stuck_in(
+            &saga(
+                SagaState::Running,
+                vec![
+                    branch("reserve", BranchState::Succeeded),
+                    branch("charge", BranchState::Triggered),
+                ],
+            ),
+            &Policy::default(),
+        );
+        assert!(waiting.iter().all(|i| i.kind != StuckKind::Stalled));
     }
 
     #[test]

@@ -25,6 +25,7 @@ fn kind(kind: StuckKind) -> pb::StuckKind {
         StuckKind::DeliveryFailing => pb::StuckKind::DeliveryFailing,
         StuckKind::StepRetrying => pb::StuckKind::StepRetrying,
         StuckKind::UnreadableSaga => pb::StuckKind::UnreadableSaga,
+        StuckKind::Stalled => pb::StuckKind::Stalled,
     }
 }
 

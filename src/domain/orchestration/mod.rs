@@ -499,7 +499,7 @@ fn apply_forward_report(
             return effects;
         }
     }
-    effects.extend(finish_if_settled(saga, branch_id, &status.name, ctx));
+    effects.extend(finish_if_settled(saga, branch_id, ctx));
     effects
 }
 
@@ -515,14 +515,10 @@ fn end_reached(saga: &Saga, strategy: &Strategy) -> bool {
 
 /// After a running saga's step reported normally: the saga completes once an end status was
 /// reported and no step is still out (a parallel step that fails later must be able to reverse
-/// the saga, not find it COMPLETED); with nothing out, no rule left to fire and no end, it can
-/// never move again, so it is reversed rather than left RUNNING forever.
-fn finish_if_settled(
-    saga: &mut Saga,
-    branch_id: &str,
-    status: &str,
-    ctx: Context<'_>,
-) -> Vec<Effect> {
+/// the saga, not find it COMPLETED). With nothing out and no end it waits: a step may report
+/// further statuses (PICKED, then PACKED), and only its deadline ends the wait by itself
+/// (ListStuck shows such a saga as STALLED).
+fn finish_if_settled(saga: &mut Saga, branch_id: &str, ctx: Context<'_>) -> Vec<Effect> {
     let outstanding: Vec<String> = saga
         .branches
         .iter()
@@ -542,17 +538,7 @@ fn finish_if_settled(
     if ended {
         return complete(saga, ctx.now);
     }
-    let every_step: Vec<String> = ctx.strategy.steps.iter().map(|s| s.id.clone()).collect();
-    begin_reversal(
-        saga,
-        ctx,
-        &every_step,
-        format!(
-            "the saga stalled: step {branch_id} reported {status}, which fires no rule of \
-             strategy version {} and ends nothing, and no step is still out",
-            ctx.strategy.version
-        ),
-    )
+    Vec::new()
 }
 
 /// A forward report that arrives once the saga no longer runs changes no stage, but two
