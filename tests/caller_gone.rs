@@ -19,9 +19,8 @@ use common::participant::{Node, PushParticipant, Script};
 use futures::{FutureExt, StreamExt};
 use sagad::clock::{ManualClock, SystemClock};
 use sagad::config::Config;
-use sagad::domain::branch::{Outcome, Report};
 use sagad::domain::saga::{Deadline, ReversalType, Saga, SagaMode, SagaState, StartRequest};
-use sagad::engine::{Engine, OutcallInput, ReportInput, ReversalInput};
+use sagad::engine::{Engine, ReversalInput};
 use sagad::store::{Options, Store};
 
 const START_MS: u64 = 1_800_000_000_000;
@@ -158,56 +157,8 @@ async fn a_registration_whose_caller_gave_up_mid_write_still_routes_commands_to_
 
 /// An outcall saga with one outcall from `shop` to `payment`, reported SUCCEEDED.
 async fn outcall_saga(engine: &Engine, request_id: &str) -> (String, String) {
-    let (_, gsn) = engine
-        .start_saga(
-            start_request(request_id, "transfer", SagaMode::RegisteredOutcalls),
-            Vec::new(),
-            |saga| (Vec::new(), saga.gsn.to_string()),
-        )
-        .await
-        .unwrap();
-    let gsn = gsn.unwrap();
-    engine
-        .register_outcall(
-            OutcallInput {
-                request_id: format!("{request_id}-outcall"),
-                gsn: gsn.clone(),
-                caller_node_id: "shop".into(),
-                callee_node_id: "payment".into(),
-                forward_action: "charge".into(),
-                reversal_action: "refund".into(),
-                order: 1,
-                payload: Vec::new(),
-                content_type: String::new(),
-            },
-            Vec::new(),
-            |_, _| Vec::new(),
-        )
-        .await
-        .unwrap();
-    let branch_id = "1.payment".to_owned();
-    engine
-        .report_state(
-            ReportInput {
-                request_id: format!("{request_id}-report"),
-                gsn: gsn.clone(),
-                branch_id: branch_id.clone(),
-                reporter_node_id: "shop".into(),
-                report: Report {
-                    outcome: Outcome::Succeeded,
-                    status: None,
-                    error_code: String::new(),
-                    message: String::new(),
-                    attempt: None,
-                },
-                command_id: String::new(),
-            },
-            Vec::new(),
-            |_, _| Vec::new(),
-        )
-        .await
-        .unwrap();
-    (gsn, branch_id)
+    let start = start_request(request_id, "transfer", SagaMode::RegisteredOutcalls);
+    common::outcall_saga_on(engine, start, Vec::new()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

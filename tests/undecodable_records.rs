@@ -16,9 +16,7 @@ use common::orders::{get, order_strategy, put_strategy, register_node, start_ord
 use common::participant::{Node, PushParticipant, Script};
 use sagad::clock::{ManualClock, SystemClock};
 use sagad::config::Config;
-use sagad::domain::branch::{Outcome, Report};
 use sagad::domain::saga::{Deadline, SagaMode, SagaState, StartRequest};
-use sagad::engine::{OutcallInput, ReportInput};
 use sagad::grpc::pb;
 use sagad::grpc::pb::coordinator_client::CoordinatorClient;
 use sagad::grpc::pb::operations_client::OperationsClient;
@@ -353,53 +351,12 @@ async fn a_timer_whose_transition_meets_an_undecodable_payload_is_dropped_with_n
     let clock = Arc::new(ManualClock::new(START_MS));
     let store = Store::open(Options::new(dir.path())).unwrap();
     let engine = common::engine_on(&store, clock.clone(), None);
-    let (_, gsn) = engine
-        .start_saga(start("t-1", Deadline::After(60_000)), Vec::new(), |saga| {
-            (Vec::new(), saga.gsn.to_string())
-        })
-        .await
-        .unwrap();
-    let gsn = gsn.unwrap();
-    engine
-        .register_outcall(
-            OutcallInput {
-                request_id: "t-1-outcall".into(),
-                gsn: gsn.clone(),
-                caller_node_id: "shop".into(),
-                callee_node_id: "payment".into(),
-                forward_action: "charge".into(),
-                reversal_action: "refund".into(),
-                order: 1,
-                payload: b"the charge".to_vec(),
-                content_type: String::new(),
-            },
-            Vec::new(),
-            |_, _| Vec::new(),
-        )
-        .await
-        .unwrap();
-    let succeeded = Report {
-        outcome: Outcome::Succeeded,
-        status: None,
-        error_code: String::new(),
-        message: String::new(),
-        attempt: None,
-    };
-    engine
-        .report_state(
-            ReportInput {
-                request_id: "t-1-report".into(),
-                gsn: gsn.clone(),
-                branch_id: "1.payment".into(),
-                reporter_node_id: "shop".into(),
-                report: succeeded,
-                command_id: String::new(),
-            },
-            Vec::new(),
-            |_, _| Vec::new(),
-        )
-        .await
-        .unwrap();
+    let (gsn, _) = common::outcall_saga_on(
+        &engine,
+        start("t-1", Deadline::After(60_000)),
+        b"the charge".to_vec(),
+    )
+    .await;
     store.close().await.unwrap();
     // The outcall's own payload, which its Reverse would carry.
     write_raw(

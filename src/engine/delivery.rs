@@ -429,19 +429,7 @@ mod tests {
         let Route::Pull(old) = delivery.route("inventory") else {
             panic!("the node subscribed");
         };
-        let filler = Outgoing {
-            command_id: "filler".to_owned(),
-            kind: Kind::Signal,
-            gsn: "c1-0000000000000001".to_owned(),
-            branch_id: String::new(),
-            action: String::new(),
-            reason: String::new(),
-            signal: 1,
-            business_type: "order".to_owned(),
-            payload: Vec::new(),
-            content_type: String::new(),
-            attempt: 0,
-        };
+        let filler = Outgoing::test_signal("filler", "c1-0000000000000001");
         while old.try_send(filler.clone()).is_ok() {}
         let command = Command {
             kind: Kind::Signal,

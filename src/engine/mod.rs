@@ -183,6 +183,25 @@ pub(crate) fn stored_record(
         .transpose()
 }
 
+/// The record of one of sagad's own requests, finished with `response` (its encoded answer).
+pub(crate) fn answered_with(
+    registered: idempotency::Record,
+    response: Vec<u8>,
+    terms: Terms,
+    now: Millis,
+) -> idempotency::Record {
+    idempotency::finished(
+        registered,
+        Answer {
+            result: "OK".to_owned(),
+            response,
+            content_type: String::new(),
+        },
+        terms,
+        now,
+    )
+}
+
 /// The record of a scanned entry, or `None` (logged) for one that does not decode.
 fn decoded<T>(entry: Result<T, store::Undecodable>) -> Option<T> {
     match entry {
@@ -426,16 +445,7 @@ impl Engine {
                             }
                         };
                     let (response, extra) = op(tx, now)?;
-                    let done = idempotency::finished(
-                        registered,
-                        Answer {
-                            result: "OK".to_owned(),
-                            response: response.clone(),
-                            content_type: String::new(),
-                        },
-                        terms,
-                        now,
-                    );
+                    let done = answered_with(registered, response.clone(), terms, now);
                     tx.put_idempotency(&key, &convert::idempotency_to_record(&done))?;
                     let answered = Answered {
                         response,

@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use crate::domain::Violation;
 use crate::domain::branch::{BranchState, Signal};
-use crate::domain::idempotency::{self, Answer, Lookup, Terms};
+use crate::domain::idempotency::{self, Lookup, Terms};
 use crate::domain::ids::{Gsn, RequestId};
 use crate::domain::orchestration::{self, Transition};
 use crate::domain::outcalls::{self, Outcall, ReversalAsked};
 use crate::domain::saga::{Limits, ReversalType, Saga, SagaState, too_long};
 use crate::engine::sagas::{Applied, before, load_saga, outcall_refusal, store_transition};
 use crate::engine::watch::Changes;
-use crate::engine::{Answered, Engine, Error, convert, stored_record};
+use crate::engine::{Answered, Engine, Error, answered_with, convert, stored_record};
 use crate::store::{IdempotencyKey, IdempotencyNamespace, PayloadRecord, WriteTx};
 
 /// RegisterOutcall as it arrives.
@@ -477,16 +477,7 @@ impl Engine {
         match answer.filter(|_| saga.state == SagaState::Reversed) {
             Some(signal) => {
                 let response = encode(signal, &saga);
-                let done = idempotency::finished(
-                    registered,
-                    Answer {
-                        result: "OK".to_owned(),
-                        response: response.clone(),
-                        content_type: String::new(),
-                    },
-                    terms,
-                    now,
-                );
+                let done = answered_with(registered, response.clone(), terms, now);
                 self.store
                     .write(move |tx| {
                         tx.put_idempotency(&key, &convert::idempotency_to_record(&done))

@@ -56,6 +56,24 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// A COMPLETED signal about saga `gsn`, sent as `command_id`, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn test_signal(command_id: &str, gsn: &str) -> Outgoing {
+        Outgoing {
+            command_id: command_id.to_owned(),
+            kind: crate::engine::commands::Kind::Signal,
+            gsn: gsn.to_owned(),
+            branch_id: String::new(),
+            action: String::new(),
+            reason: String::new(),
+            signal: 1,
+            business_type: "order".to_owned(),
+            payload: Vec::new(),
+            content_type: String::new(),
+            attempt: 0,
+        }
+    }
+
     /// The same command as the Subscribe stream carries it.
     pub fn into_pb(self, sent_at: Option<prost_types::Timestamp>) -> pb::Command {
         let attempt = self.attempt;
@@ -347,17 +365,8 @@ mod tests {
         });
         let participants = Participants::new(Duration::from_millis(300));
         let signal = || Outgoing {
-            command_id: "c1-0000000000000001:s1.1".to_owned(),
-            kind: crate::engine::commands::Kind::Signal,
-            gsn: "c1-0000000000000001".to_owned(),
-            branch_id: String::new(),
-            action: String::new(),
-            reason: String::new(),
-            signal: 1,
-            business_type: "order".to_owned(),
-            payload: Vec::new(),
-            content_type: String::new(),
             attempt: 1,
+            ..Outgoing::test_signal("c1-0000000000000001:s1.1", "c1-0000000000000001")
         };
         let first = participants.send(&endpoint, signal()).await;
         assert!(matches!(first, Err(Error::Timeout(_))), "{first:?}");

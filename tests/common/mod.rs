@@ -63,6 +63,63 @@ pub fn engine_on(
     )
 }
 
+/// Starts `start` (a registered-outcall saga) on `engine`, registers one outcall from `shop` to
+/// `payment` (charge, reversed by refund) carrying `payload`, and reports it SUCCEEDED; returns
+/// the GSN and the outcall's branch id. Request ids follow `start.request_id`.
+pub async fn outcall_saga_on(
+    engine: &sagad::engine::Engine,
+    start: sagad::domain::saga::StartRequest,
+    payload: Vec<u8>,
+) -> (String, String) {
+    let request_id = start.request_id.clone();
+    let (_, gsn) = engine
+        .start_saga(start, Vec::new(), |saga| (Vec::new(), saga.gsn.to_string()))
+        .await
+        .expect("saga started");
+    let gsn = gsn.expect("a new saga");
+    engine
+        .register_outcall(
+            sagad::engine::OutcallInput {
+                request_id: format!("{request_id}-outcall"),
+                gsn: gsn.clone(),
+                caller_node_id: "shop".into(),
+                callee_node_id: "payment".into(),
+                forward_action: "charge".into(),
+                reversal_action: "refund".into(),
+                order: 1,
+                payload,
+                content_type: String::new(),
+            },
+            Vec::new(),
+            |_, _| Vec::new(),
+        )
+        .await
+        .expect("outcall registered");
+    let branch_id = "1.payment".to_owned();
+    engine
+        .report_state(
+            sagad::engine::ReportInput {
+                request_id: format!("{request_id}-report"),
+                gsn: gsn.clone(),
+                branch_id: branch_id.clone(),
+                reporter_node_id: "shop".into(),
+                report: sagad::domain::branch::Report {
+                    outcome: sagad::domain::branch::Outcome::Succeeded,
+                    status: None,
+                    error_code: String::new(),
+                    message: String::new(),
+                    attempt: None,
+                },
+                command_id: String::new(),
+            },
+            Vec::new(),
+            |_, _| Vec::new(),
+        )
+        .await
+        .expect("outcall reported");
+    (gsn, branch_id)
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub channel: Channel,
