@@ -10,7 +10,9 @@ use std::time::Duration;
 use common::{TestServer, assert_refused, engine_on};
 use sagad::clock::ManualClock;
 use sagad::grpc::pb;
+use sagad::grpc::pb::idempotency_client::IdempotencyClient;
 use tonic::Code;
+use tonic::transport::Channel;
 
 fn begin(scope: &str, request_id: &str) -> pb::BeginRequest {
     pb::BeginRequest {
@@ -283,6 +285,68 @@ async fn a_processing_lease_that_expired_is_handed_to_the_next_caller() {
     let taken = client.begin(leased).await.unwrap().into_inner();
     assert_eq!(taken.outcome, pb::BeginOutcome::New as i32);
     assert_eq!(taken.record.unwrap().attempts, 2);
+}
+
+/// An operator reading a stuck PROCESSING record sees which lease it holds and when the next
+/// Begin will take it over; a record without a lease, or a finished one, shows no takeover.
+#[tokio::test]
+async fn a_record_shows_its_lease_and_when_it_can_be_taken_over() {
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let server = TestServer::start_with_clock(clock.clone()).await;
+    let mut client = server.idempotency();
+    let leased = begun(
+        &mut client,
+        with_lease(begin("payments", "tx-leased"), 30, 0),
+    )
+    .await;
+    assert_eq!(
+        leased.processing_timeout,
+        Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0
+        })
+    );
+    let takeover = leased
+        .takeover_at
+        .expect("a PROCESSING record with a lease");
+    let updated = leased.updated_at.expect("always set");
+    assert_eq!(takeover.seconds - updated.seconds, 30);
+    assert_eq!(takeover.nanos, updated.nanos);
+
+    // A Begin with a shorter lease does not change the holder's, so neither moves.
+    clock.advance_ms(5_000);
+    let repeat = begun(
+        &mut client,
+        with_lease(begin("payments", "tx-leased"), 1, 0),
+    )
+    .await;
+    assert_eq!(repeat.takeover_at, Some(takeover));
+
+    let done = client
+        .finish(finish("payments", "tx-leased", b"ok"))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(
+        done.takeover_at, None,
+        "a finished record is never taken over"
+    );
+    assert!(done.processing_timeout.is_some());
+
+    let unleased = begun(&mut client, begin("payments", "tx-plain")).await;
+    assert_eq!(unleased.processing_timeout, None);
+    assert_eq!(unleased.takeover_at, None);
+}
+
+/// The record a Begin answers with.
+async fn begun(
+    client: &mut IdempotencyClient<Channel>,
+    request: pb::BeginRequest,
+) -> pb::IdempotencyRecord {
+    let answer = client.begin(request).await.unwrap().into_inner();
+    answer.record.expect("Begin answers with the record")
 }
 
 fn with_lease(mut request: pb::BeginRequest, seconds: i64, nanos: i32) -> pb::BeginRequest {

@@ -4,7 +4,7 @@
 use prost_types::{Duration as PbDuration, Timestamp};
 
 use crate::domain::branch::{Branch, BranchState, Outcome, Signal, Status};
-use crate::domain::idempotency::{Record, RecordState};
+use crate::domain::idempotency::{Lease, Record, RecordState};
 use crate::domain::saga::{Deadline, Saga, SagaMode, SagaState, StartRequest};
 use crate::domain::{Millis, Violation};
 use crate::grpc::pb;
@@ -19,6 +19,14 @@ pub fn timestamp(ms: Millis) -> Timestamp {
     Timestamp {
         seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
         nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// A whole number of milliseconds as a protobuf Duration.
+pub fn duration_pb(ms: Millis) -> PbDuration {
+    PbDuration {
+        seconds: i64::try_from(ms / 1_000).unwrap_or(i64::MAX),
+        nanos: i32::try_from((ms % 1_000) * 1_000_000).unwrap_or(0),
     }
 }
 
@@ -166,6 +174,10 @@ pub fn start_request(request: pb::StartSagaRequest) -> Result<StartRequest, Vec<
 }
 
 pub fn idempotency_record(scope: &str, request_id: &str, record: &Record) -> pb::IdempotencyRecord {
+    let lease_ms = match record.lease {
+        Lease::After(lease_ms) => Some(lease_ms),
+        Lease::Never | Lease::Unrecorded => None,
+    };
     pb::IdempotencyRecord {
         scope: scope.to_owned(),
         request_id: request_id.to_owned(),
@@ -180,6 +192,10 @@ pub fn idempotency_record(scope: &str, request_id: &str, record: &Record) -> pb:
         updated_at: Some(timestamp(record.updated_ms)),
         expires_at: (record.expires_ms != 0).then(|| timestamp(record.expires_ms)),
         attempts: record.attempts,
+        processing_timeout: lease_ms.map(duration_pb),
+        takeover_at: lease_ms
+            .filter(|_| record.state == RecordState::Processing)
+            .map(|lease| timestamp(record.updated_ms.saturating_add(lease))),
     }
 }
 

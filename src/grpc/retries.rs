@@ -126,13 +126,6 @@ impl pb::retries_server::Retries for RetriesService {
     }
 }
 
-fn duration_pb(ms: Millis) -> PbDuration {
-    PbDuration {
-        seconds: i64::try_from(ms / 1_000).unwrap_or(i64::MAX),
-        nanos: i32::try_from((ms % 1_000) * 1_000_000).unwrap_or(0),
-    }
-}
-
 fn duration_ms(
     field: &str,
     value: Option<&PbDuration>,
@@ -218,9 +211,9 @@ fn policy_to_pb(policy: &Policy) -> pb::RetryPolicy {
     pb::RetryPolicy {
         retryable_codes: policy.retryable_codes.clone(),
         max_retries: Some(policy.max_retries),
-        min_interval: Some(duration_pb(policy.min_interval_ms)),
+        min_interval: Some(convert::duration_pb(policy.min_interval_ms)),
         backoff_factor: Some(factor(policy.backoff_factor_milli)),
-        max_interval: Some(duration_pb(policy.max_interval_ms)),
+        max_interval: Some(convert::duration_pb(policy.max_interval_ms)),
     }
 }
 
@@ -228,9 +221,9 @@ fn overrides_to_pb(overrides: &Overrides) -> pb::RetryPolicy {
     pb::RetryPolicy {
         retryable_codes: overrides.retryable_codes.clone().unwrap_or_default(),
         max_retries: overrides.max_retries,
-        min_interval: overrides.min_interval_ms.map(duration_pb),
+        min_interval: overrides.min_interval_ms.map(convert::duration_pb),
         backoff_factor: overrides.backoff_factor_milli.map(factor),
-        max_interval: overrides.max_interval_ms.map(duration_pb),
+        max_interval: overrides.max_interval_ms.map(convert::duration_pb),
     }
 }
 
@@ -306,7 +299,7 @@ fn check_response(checked: &Checked) -> pb::CheckRetryResponse {
         }
         Decision::Exhausted { attempts, .. } => response.attempt = *attempts,
         Decision::TooSoon { retry_after_ms, .. } => {
-            response.retry_after = Some(duration_pb(*retry_after_ms));
+            response.retry_after = Some(convert::duration_pb(*retry_after_ms));
         }
         Decision::AlreadySucceeded {
             response: stored, ..
@@ -382,9 +375,9 @@ mod tests {
             defaults: Some(pb::RetryPolicy {
                 retryable_codes: vec!["TIMEOUT".into()],
                 max_retries: Some(2),
-                min_interval: Some(duration_pb(1_500)),
+                min_interval: Some(convert::duration_pb(1_500)),
                 backoff_factor: Some(1.5),
-                max_interval: Some(duration_pb(30_000)),
+                max_interval: Some(convert::duration_pb(30_000)),
             }),
             transactions: vec![pb::TransactionRetry {
                 transaction_code: "payments.charge".into(),
