@@ -137,6 +137,72 @@ async fn a_duplicate_reversal_runs_once_and_is_then_answered_from_its_record() {
     assert_eq!(repeat.response, b"released");
 }
 
+/// sagad resends a Reverse only to try again (a retry, or ReprocessSaga after an operator fixed
+/// the cause): a reversal Finished FAILED runs again, and one that then succeeds is final.
+#[tokio::test]
+async fn a_reversal_finished_failed_runs_again_when_sagad_resends_it() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+    let (_, forward) = guard(&mut client, "charge", FORWARD).await;
+    finish(&mut client, &forward, "SUCCEEDED", b"charged").await;
+
+    let (verdict, first) = guard(&mut client, "charge", REVERSAL).await;
+    assert_eq!(verdict, GuardVerdict::Proceed);
+    finish(&mut client, &first, "FAILED", b"issuer down").await;
+
+    let (verdict, second) = guard(&mut client, "charge", REVERSAL).await;
+    assert_eq!(
+        verdict,
+        GuardVerdict::Proceed,
+        "the failed reversal runs again"
+    );
+    assert_eq!(second.attempts, 2);
+    assert_eq!(second.state, RecordState::Processing as i32);
+    assert!(
+        second.response.is_empty(),
+        "the failed answer is not shown as this run's"
+    );
+    assert_eq!(
+        guard(&mut client, "charge", FORWARD).await.0,
+        GuardVerdict::Hanging,
+        "the forward action stays refused while its reversal runs again"
+    );
+    finish(&mut client, &second, "SUCCEEDED", b"refunded").await;
+
+    let (verdict, repeat) = guard(&mut client, "charge", REVERSAL).await;
+    assert_eq!(
+        verdict,
+        GuardVerdict::Duplicate,
+        "a succeeded reversal is final"
+    );
+    assert_eq!(repeat.response, b"refunded");
+}
+
+/// Begin in the barrier's scope would register a forward action without reading its
+/// reversal's record, so it could run after its compensation: only Guard registers there.
+#[tokio::test]
+async fn begin_in_a_barrier_scope_is_refused_and_cannot_bypass_a_tombstone() {
+    let server = TestServer::start().await;
+    let mut client = server.idempotency();
+    let (verdict, tombstone) = guard(&mut client, "reserve", REVERSAL).await;
+    assert_eq!(verdict, GuardVerdict::NullCompensation);
+    let status = client
+        .begin(pb::BeginRequest {
+            scope: tombstone.scope.clone(),
+            request_id: "reserve/forward".into(),
+            fingerprint: Vec::new(),
+            processing_timeout: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("Guard"), "{}", status.message());
+    assert_eq!(
+        guard(&mut client, "reserve", FORWARD).await.0,
+        GuardVerdict::Hanging
+    );
+}
+
 #[tokio::test]
 async fn a_reversal_before_its_forward_is_a_null_compensation_and_the_late_forward_is_hanging() {
     let server = TestServer::start().await;

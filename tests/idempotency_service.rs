@@ -417,7 +417,7 @@ async fn a_later_begin_with_a_shorter_lease_does_not_take_over_the_holders_lease
 }
 
 #[tokio::test]
-async fn a_guard_registration_is_never_taken_over_by_a_begin_with_a_lease() {
+async fn a_guard_registration_cannot_be_taken_over_by_a_begin_with_a_lease() {
     let clock = Arc::new(ManualClock::new(START_MS));
     let server = TestServer::start_with_clock(clock.clone()).await;
     let mut client = server.idempotency();
@@ -436,14 +436,27 @@ async fn a_guard_registration_is_never_taken_over_by_a_begin_with_a_lease() {
     let record = guarded.record.unwrap();
     clock.advance_ms(10_000);
 
+    // Begin has no say in the barrier's scope at all: refused, and the registration is kept.
     let asked = begin(&record.scope, &record.request_id);
-    let begun = client
+    let refused = client
         .begin(with_lease(asked, 0, 1_000_000))
         .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let kept = client
+        .get(pb::GetRecordRequest {
+            scope: record.scope.clone(),
+            request_id: record.request_id.clone(),
+        })
+        .await
         .unwrap()
-        .into_inner();
-    assert_eq!(begun.outcome, pb::BeginOutcome::InProgress as i32);
-    assert_eq!(begun.record.unwrap().attempts, 1);
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(
+        (kept.state, kept.attempts),
+        (pb::RecordState::Processing as i32, 1)
+    );
 }
 
 #[tokio::test]

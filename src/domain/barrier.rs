@@ -23,6 +23,10 @@ pub enum Action {
 /// the tombstone that makes a late forward action HANGING.
 pub const NULL_COMPENSATION: &str = "NULL_COMPENSATION";
 
+/// The result that marks a reversal as failed with nothing undone: the next Guard of that
+/// reversal runs it again.
+pub const REVERSAL_FAILED: &str = "FAILED";
+
 /// What the participant is told to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -144,6 +148,19 @@ fn on_reversal_guarded(
 ) -> Decision {
     if let Some(record) = reversal {
         return match record.state {
+            // A reversal Finished FAILED undid nothing (that is what the result must mean for a
+            // reversal), and sagad sends Reverse again only to try again: its retry policy's
+            // resend, or an operator's ReprocessSaga. Answering those from the failed record
+            // would fail every later attempt too, leaving the saga needing an operator who can
+            // do nothing about it.
+            RecordState::Done if record.result == REVERSAL_FAILED => Decision::Proceed {
+                action: Action::Reversal,
+                registered: Record {
+                    created_ms: record.created_ms,
+                    attempts: record.attempts.saturating_add(1),
+                    ..registered(terms, now)
+                },
+            },
             RecordState::Done => Decision::Duplicate {
                 action: Action::Reversal,
                 done: record.clone(),
@@ -225,6 +242,13 @@ impl BranchKeys {
     const SCOPE_PREFIX: &'static str = "guard/";
     const FORWARD_SUFFIX: &'static str = "/forward";
     const REVERSAL_SUFFIX: &'static str = "/reversal";
+
+    /// Whether `scope` is in the barrier's part of the table. Only Guard registers there: a
+    /// Begin in it would register a forward action without reading its reversal's record,
+    /// running it after its compensation.
+    pub fn is_barrier_scope(scope: &str) -> bool {
+        scope.starts_with(Self::SCOPE_PREFIX)
+    }
 
     /// Validates the three names and composes the keys; every problem is reported at once,
     /// each naming its field.
@@ -432,6 +456,32 @@ mod tests {
     }
 
     #[test]
+    fn a_reversal_finished_failed_runs_again_on_its_next_guard_and_still_refuses_the_forward() {
+        let forward = record(RecordState::Done, "SUCCEEDED");
+        let failed = Record {
+            attempts: 2,
+            ..record(RecordState::Done, REVERSAL_FAILED)
+        };
+        let again = on_guard(Action::Reversal, Some(&forward), Some(&failed), TERMS, NOW);
+        assert_eq!(again.verdict(), Verdict::Proceed);
+        let (whose, written) = again.write().expect("the reversal is registered again");
+        assert_eq!(whose, Action::Reversal);
+        assert_eq!(written.state, RecordState::Processing);
+        assert_eq!((written.result.as_str(), written.response.len()), ("", 0));
+        assert_eq!((written.created_ms, written.updated_ms), (10, NOW));
+        assert_eq!(written.attempts, 3);
+        assert_eq!(written.lease, Lease::Never);
+        let hanging = on_guard(Action::Forward, Some(&forward), Some(&failed), TERMS, NOW);
+        assert_eq!(hanging.verdict(), Verdict::Hanging);
+        // Any other result is final, the tombstone included.
+        for result in ["SUCCEEDED", NULL_COMPENSATION, "failed", "ERROR"] {
+            let done = record(RecordState::Done, result);
+            let repeat = on_guard(Action::Reversal, Some(&forward), Some(&done), TERMS, NOW);
+            assert_eq!(repeat.verdict(), Verdict::Duplicate, "{result}");
+        }
+    }
+
+    #[test]
     fn a_duplicate_shows_the_stored_response() {
         let mut done = record(RecordState::Done, "SUCCEEDED");
         done.response = b"reserved 3".to_vec();
@@ -509,16 +559,17 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the order of Guards and Finishes: each action is PROCEEDed at most once, a
-        /// forward is never PROCEEDed after any reversal verdict, and a reversal is PROCEEDed
-        /// only after its forward action was PROCEEDed and finished.
+        /// Whatever the order of Guards and Finishes: the forward action is PROCEEDed at most
+        /// once and never after any reversal verdict; a reversal is PROCEEDed only after its
+        /// forward action was PROCEEDed and finished, and again only after each earlier run of
+        /// it was Finished FAILED (never while one runs, never after one succeeded).
         #[test]
         fn the_barrier_never_runs_an_action_twice_or_out_of_order(
             calls in proptest::collection::vec(call(), 1..40)
         ) {
             let mut forward: Option<Record> = None;
             let mut reversal: Option<Record> = None;
-            let (mut forward_runs, mut reversal_runs) = (0, 0);
+            let (mut forward_runs, mut reversal_runs, mut reversal_failures) = (0, 0, 0);
             let mut reversal_judged = false;
             for (i, call) in calls.into_iter().enumerate() {
                 let now = 1_000 + i as Millis;
@@ -537,6 +588,10 @@ mod tests {
                                     forward.as_ref().map(|r| r.state),
                                     Some(RecordState::Done),
                                     "reversal while the forward runs"
+                                );
+                                prop_assert_eq!(
+                                    reversal_runs, reversal_failures,
+                                    "a reversal run again while one runs or after one succeeded"
                                 );
                                 reversal_runs += 1;
                             }
@@ -564,14 +619,19 @@ mod tests {
                             content_type: String::new(),
                         };
                         match idempotency::on_finish(slot.as_ref(), answer, TERMS, now) {
-                            idempotency::Finish::Store(done) => *slot = Some(done),
+                            idempotency::Finish::Store(done) => {
+                                if whose == Action::Reversal && result == REVERSAL_FAILED {
+                                    reversal_failures += 1;
+                                }
+                                *slot = Some(done);
+                            }
                             idempotency::Finish::AlreadyDone(_)
                             | idempotency::Finish::NotBegun
                             | idempotency::Finish::Conflict(_) => {}
                         }
                     }
                 }
-                prop_assert!(forward_runs <= 1 && reversal_runs <= 1);
+                prop_assert!(forward_runs <= 1 && reversal_runs <= reversal_failures + 1);
             }
         }
     }

@@ -476,6 +476,16 @@ impl Engine {
         processing_lease: Option<Duration>,
     ) -> Result<Begun, Error> {
         let key = Self::participant_key(scope, request_id)?;
+        if BranchKeys::is_barrier_scope(scope) {
+            return Err(Error::invalid(
+                "scope",
+                format!(
+                    "{scope:?} is a branch barrier scope (it starts with \"guard/\"): register a \
+                     guarded action with Idempotency.Guard, which also checks its reversal; \
+                     Finish and Get take this scope, Begin does not"
+                ),
+            ));
+        }
         if fingerprint.len() > Limits::MAX_FINGERPRINT_BYTES {
             return Err(Error::invalid(
                 "fingerprint",
