@@ -508,6 +508,129 @@ async fn a_retry_still_processing_or_succeeded_answers_for_its_original() {
     assert_eq!(done.stored_response, b"ok on retry 1");
 }
 
+/// A worker that Begins with a processing_timeout and dies holds the retry back only for that
+/// long: after it, CheckRetry allows the retry, as Begin would hand the work to a new caller.
+#[tokio::test]
+async fn a_worker_whose_processing_timeout_ran_out_no_longer_holds_the_retry_back() {
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let server = TestServer::start_with_clock(clock.clone()).await;
+    let mut participant = server.idempotency();
+    participant
+        .begin(pb::BeginRequest {
+            scope: "payments".into(),
+            request_id: "T-42".into(),
+            fingerprint: Vec::new(),
+            processing_timeout: Some(duration(30_000)),
+        })
+        .await
+        .unwrap();
+    let mut client = retries(&server);
+    let mut ask = check_request("r-1", "T-42", "payments.charge", "", "TIMEOUT");
+    ask.idempotency_scope = "payments".into();
+    let running = check(&mut client, ask.clone()).await;
+    assert_eq!(decision(&running), pb::RetryDecision::InProgress);
+
+    clock.advance_ms(30_000);
+    ask.request_id = "r-2".into();
+    let allowed = check(&mut client, ask).await;
+    assert_eq!(
+        decision(&allowed),
+        pb::RetryDecision::Allow,
+        "{}",
+        allowed.reason
+    );
+    assert_eq!(allowed.retry_serial, "T-42.r1");
+}
+
+/// An original may be 120 characters; the retry serial issued for it is longer, and asking
+/// about that serial again continues the original's history instead of being refused.
+#[tokio::test]
+async fn a_retry_serial_issued_for_a_longest_original_is_accepted_when_asked_again() {
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let server = TestServer::start_with_clock(clock.clone()).await;
+    let mut client = retries(&server);
+    let original = "T".repeat(120);
+    let first = check(
+        &mut client,
+        check_request("r-1", &original, "payments.charge", "", "TIMEOUT"),
+    )
+    .await;
+    assert_eq!(decision(&first), pb::RetryDecision::Allow);
+    assert_eq!(first.retry_serial.len(), 123);
+
+    clock.advance_ms(60_000);
+    let again = check(
+        &mut client,
+        check_request("r-2", &first.retry_serial, "payments.charge", "", "TIMEOUT"),
+    )
+    .await;
+    assert_eq!(
+        decision(&again),
+        pb::RetryDecision::Allow,
+        "{}",
+        again.reason
+    );
+    assert_eq!(again.retry_serial, format!("{original}.r2"));
+
+    // A new original over 120 characters is still refused, naming the field.
+    let status = client
+        .check_retry(check_request(
+            "r-3",
+            &"U".repeat(121),
+            "payments.charge",
+            "",
+            "TIMEOUT",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("original_serial"),
+        "{}",
+        status.message()
+    );
+}
+
+/// A serial shaped like one CheckRetry issues (`<original>.r<N>`) but never issued cannot
+/// start a history of its own: CheckRetry may issue that very serial for its original later,
+/// and the two transactions' records would then answer for each other.
+#[tokio::test]
+async fn a_serial_shaped_like_an_issued_retry_serial_is_refused_as_an_original() {
+    let server = TestServer::start().await;
+    let mut client = retries(&server);
+    let status = client
+        .check_retry(check_request(
+            "r-1",
+            "PAY-7.r1",
+            "payments.charge",
+            "",
+            "TIMEOUT",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("original_serial") && status.message().contains("PAY-7"),
+        "{}",
+        status.message()
+    );
+    // Not a retry suffix: allowed as an original.
+    for serial in ["PAY-7.r", "PAY-7.rx", "PAY-7.r01b", "PAY.r1.x"] {
+        let answer = check(
+            &mut client,
+            check_request(
+                &format!("r-{serial}"),
+                serial,
+                "payments.charge",
+                "",
+                "TIMEOUT",
+            ),
+        )
+        .await;
+        assert_eq!(decision(&answer), pb::RetryDecision::Allow, "{serial}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_checks_for_one_original_allow_exactly_max_retries_with_distinct_serials() {
     let clock = Arc::new(ManualClock::new(START_MS));

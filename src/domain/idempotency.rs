@@ -55,6 +55,21 @@ pub struct Record {
     pub lease: Lease,
 }
 
+impl Record {
+    /// Whether a PROCESSING record's holder is presumed gone at `now`: its lease ran out, so
+    /// the next Begin takes the transaction over. A record that kept no lease is judged by
+    /// `asker_lease_ms`, the lease of whoever asks (`None`: never expires).
+    pub fn lease_expired(&self, now: Millis, asker_lease_ms: Option<Millis>) -> bool {
+        let lease_ms = match self.lease {
+            Lease::After(lease_ms) => Some(lease_ms),
+            Lease::Never => None,
+            Lease::Unrecorded => asker_lease_ms,
+        };
+        self.state == RecordState::Processing
+            && lease_ms.is_some_and(|lease| now.saturating_sub(self.updated_ms) >= lease)
+    }
+}
+
 /// What a request finds when it looks up its serial number (S12, S16, S17).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
@@ -117,14 +132,7 @@ pub fn on_lookup(
     match record.state {
         RecordState::Done => Lookup::Replay(record.clone()),
         RecordState::Processing => {
-            let lease_ms = match record.lease {
-                Lease::After(lease_ms) => Some(lease_ms),
-                Lease::Never => None,
-                Lease::Unrecorded => terms.processing_lease_ms,
-            };
-            let lease_expired =
-                lease_ms.is_some_and(|lease| now.saturating_sub(record.updated_ms) >= lease);
-            if lease_expired {
+            if record.lease_expired(now, terms.processing_lease_ms) {
                 // The new holder's lease is the one its own Begin gave, as at a registration.
                 Lookup::Register(Record {
                     updated_ms: now,

@@ -17,7 +17,8 @@ pub use check::{
     retry_serial,
 };
 pub use validation::{
-    Draft, DraftPolicy, DraftTransaction, MAX_NAME_LEN, validate, validate_check,
+    Draft, DraftPolicy, DraftTransaction, MAX_NAME_LEN, check_new_original, validate,
+    validate_check,
 };
 
 use crate::domain::Millis;

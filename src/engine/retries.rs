@@ -3,13 +3,13 @@
 //! append to the retry check table, link the new retry serial), and reading histories. The
 //! rules themselves are `domain::retry`; this file only loads, stores and converts.
 
-use crate::domain::Violation;
 use crate::domain::idempotency::RecordState;
 use crate::domain::ids::RequestId;
 use crate::domain::retry::{
     self, Attempt, ChannelRetry, Check, Checked, Config, Decision, DecisionKind, Draft, History,
     Overrides, Policy, Recorded, Rules, TransactionRetry,
 };
+use crate::domain::{Millis, Violation};
 use crate::store::{
     self, ChannelRetryRecord, IdempotencyKey, IdempotencyNamespace, RetryAttemptRecord,
     RetryConfigRecord, RetryHistoryRecord, RetryPolicyRecord, TransactionRetryRecord, WriteTx,
@@ -113,11 +113,14 @@ impl Engine {
                 .retry_history(&original)?
                 .map(history_from_record)
                 .transpose()?;
+            if history.is_none() {
+                retry::check_new_original(&original).map_err(|v| Error::Invalid(vec![v]))?;
+            }
             let check = Check {
                 original_serial: original.clone(),
                 ..check
             };
-            let recorded = consult_participants(tx, &check, history.as_ref())?;
+            let recorded = consult_participants(tx, &check, history.as_ref(), now)?;
             let checked = retry::on_check(&config, history, &check, &recorded, now)
                 .map_err(|e| Error::FailedPrecondition(e.to_string()))?;
             tx.put_retry_history(&history_to_record(&checked.history))?;
@@ -179,6 +182,7 @@ fn consult_participants(
     tx: &WriteTx<'_>,
     check: &Check,
     history: Option<&History>,
+    now: Millis,
 ) -> Result<Vec<(String, Recorded)>, Error> {
     if check.idempotency_scope.is_empty() {
         return Ok(Vec::new());
@@ -194,6 +198,10 @@ fn consult_participants(
         };
         let state = match stored_record(tx, &key)? {
             None => Recorded::Unknown,
+            // A holder whose lease ran out is presumed gone, as Begin presumes it (the next
+            // Begin takes the transaction over): answering IN_PROGRESS would hold the retry
+            // back for as long as the record lives, in exactly the case CheckRetry is for.
+            Some(record) if record.lease_expired(now, None) => Recorded::Unknown,
             Some(record) => match record.state {
                 RecordState::Processing => Recorded::Processing,
                 RecordState::Done if record.result == SUCCEEDED => Recorded::Succeeded {

@@ -45,8 +45,17 @@ pub fn timestamp_ms(field: &str, ts: &Timestamp) -> Result<Millis, Violation> {
 }
 
 pub fn duration(field: &str, d: &PbDuration) -> Result<std::time::Duration, Violation> {
-    if d.seconds < 0 || !(0..1_000_000_000).contains(&d.nanos) {
+    if d.seconds < 0 || d.nanos < 0 {
         return Err(Violation::new(field, "must not be negative"));
+    }
+    if d.nanos >= 1_000_000_000 {
+        return Err(Violation::new(
+            field,
+            format!(
+                "has nanos {}; nanos must be 0 to 999,999,999 (whole seconds go in seconds)",
+                d.nanos
+            ),
+        ));
     }
     let seconds = u64::try_from(d.seconds).unwrap_or(0);
     let nanos = u32::try_from(d.nanos).unwrap_or(0);
@@ -307,5 +316,18 @@ mod tests {
         assert_eq!((last.seconds, last.nanos), (253_402_300_799, 999_000_000));
         assert_eq!(timestamp(Millis::MAX), last);
         assert_eq!(timestamp(1_500).seconds, 1);
+    }
+
+    #[test]
+    fn a_duration_out_of_range_is_refused_saying_which_part_to_fix() {
+        let of = |seconds, nanos| duration("d", &PbDuration { seconds, nanos });
+        assert!(of(-1, 0).unwrap_err().description.contains("negative"));
+        assert!(of(0, -1).unwrap_err().description.contains("negative"));
+        let too_many = of(0, 1_500_000_000).unwrap_err().description;
+        assert!(too_many.contains("0 to 999,999,999"), "{too_many}");
+        assert_eq!(
+            of(1, 999_999_999).unwrap(),
+            std::time::Duration::new(1, 999_999_999)
+        );
     }
 }

@@ -22,13 +22,13 @@ pub struct Check {
 /// What the participants' idempotence table (S3) holds for one serial.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recorded {
-    /// Nothing registered (or no scope given).
+    /// Nothing registered (or no scope given), or registered by a holder whose processing
+    /// lease ran out (a Begin would take it over).
     Unknown,
+    /// Registered and being processed by a holder still within its lease (or with none).
     Processing,
     /// Done with result "SUCCEEDED": the stored response answers every repeat.
-    Succeeded {
-        response: Vec<u8>,
-    },
+    Succeeded { response: Vec<u8> },
     /// Done with any other result: the attempt failed, so a retry may help.
     Failed,
 }

@@ -750,9 +750,31 @@ fn a_defaults_floor_above_the_builtin_cap_asks_for_a_cap() {
 }
 
 #[test]
+fn only_a_serial_that_fits_and_is_not_shaped_like_a_retry_serial_starts_a_history() {
+    assert!(check_new_original(&"a".repeat(MAX_SERIAL_LEN)).is_ok());
+    let long = check_new_original(&"a".repeat(MAX_SERIAL_LEN + 1)).unwrap_err();
+    assert_eq!(long.field, "original_serial");
+    for shaped in ["T-42.r1", "T-42.r100", "x.r0", "a.b.r12"] {
+        let refused = check_new_original(shaped).unwrap_err();
+        assert!(refused.description.contains("retry serial"), "{shaped}");
+    }
+    for plain in [
+        "T-42",
+        "T-42.r",
+        "T-42.rx",
+        "T-42.r1x",
+        "T-42.r1.x",
+        "r1",
+        ".R1",
+    ] {
+        assert!(check_new_original(plain).is_ok(), "{plain}");
+    }
+}
+
+#[test]
 fn check_validation_reports_every_field() {
     let bad = Check {
-        original_serial: "a".repeat(MAX_SERIAL_LEN + 1),
+        original_serial: "a".repeat(crate::domain::ids::RequestId::MAX_LEN + 1),
         transaction_code: String::new(),
         channel: "no spaces".into(),
         error_code: String::new(),

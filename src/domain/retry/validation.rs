@@ -341,18 +341,22 @@ fn check_interval_range(
     ));
 }
 
+/// What any serial CheckRetry is asked about must be: an original, or a retry serial it issued
+/// (up to 8 characters longer than an original may be). Whether it may start a history of its
+/// own is `check_new_original`'s question, answered once the ledger says it has none.
 fn check_serial(field: &str, text: &str, violations: &mut Vec<Violation>) {
     if text.is_empty() {
         violations.push(Violation::new(field, "is required"));
         return;
     }
     let len = text.chars().count();
-    if len > MAX_SERIAL_LEN {
+    if len > RequestId::MAX_LEN {
         violations.push(Violation::new(
             field,
             format!(
-                "is {len} characters long; at most {MAX_SERIAL_LEN} are allowed (retry serials \
-                 add a suffix like .r12 and must stay within 128)"
+                "is {len} characters long; an original serial has at most {MAX_SERIAL_LEN}, and \
+                 a retry serial CheckRetry issued at most {}",
+                RequestId::MAX_LEN
             ),
         ));
     } else if let Some(found) = text.chars().find(|c| c.is_control() || c.is_whitespace()) {
@@ -361,6 +365,38 @@ fn check_serial(field: &str, text: &str, violations: &mut Vec<Violation>) {
             format!("contains {found:?}; control characters and spaces are not allowed"),
         ));
     }
+}
+
+/// Whether `serial`, which has no history and is no retry serial CheckRetry issued, may start
+/// a history as an original. It must leave room for the retry suffix, and must not look like a
+/// retry serial itself: CheckRetry could later issue that very serial for another original,
+/// and the participants' records of the two transactions would then answer for each other.
+pub fn check_new_original(serial: &str) -> Result<(), Violation> {
+    let len = serial.chars().count();
+    if len > MAX_SERIAL_LEN {
+        return Err(Violation::new(
+            "original_serial",
+            format!(
+                "is {len} characters long; at most {MAX_SERIAL_LEN} are allowed for an original \
+                 (retry serials add a suffix like .r12 and must stay within {})",
+                RequestId::MAX_LEN
+            ),
+        ));
+    }
+    if let Some((original, _)) = serial
+        .rsplit_once(".r")
+        .filter(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(Violation::new(
+            "original_serial",
+            format!(
+                "{serial:?} has the shape of a retry serial CheckRetry issues, but it issued no \
+                 such serial (or its history has expired): ask about the original, {original:?}, \
+                 or give the transaction a serial that does not end in .r and digits"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Validates a CheckRetry request's fields, reporting every problem at once.
