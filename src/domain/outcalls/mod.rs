@@ -164,6 +164,26 @@ pub fn on_outcall_reported(
                 ),
             );
         }
+        // The participant guide's race: a poll found no trace of a forward action still on
+        // its way, so the node reversed it, and it then arrived and was refused. Every other
+        // node was told COMPLETED, so sagad cannot decide alone: an operator's ReprocessSaga
+        // reverses the other outcalls (as for orchestrated sagas).
+        BranchState::Succeeded
+            if saga_state == SagaState::Completed && report.outcome == Outcome::Reversed =>
+        {
+            branch.note(
+                env.now,
+                "reported REVERSED after the saga completed: undone by its node",
+            );
+            let node_id = branch.node_id.clone();
+            saga.state = SagaState::NeedsAttention;
+            saga.reason = format!(
+                "outcall {branch_id} was undone by node {node_id} after the saga completed; \
+                 ReprocessSaga reverses the saga's other outcalls"
+            );
+            saga.signal = Some(Signal::Reprocess);
+            effects.extend(signal_every_node(&saga, Signal::Reprocess));
+        }
         // Every node was told the saga completed, with every branch SUCCEEDED: a contrary
         // report cannot change that, only go on the branch's timeline for an operator.
         _ if saga_state == SagaState::Completed

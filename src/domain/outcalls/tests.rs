@@ -438,12 +438,7 @@ fn an_outcall_reported_succeeded_after_an_external_reversal_skipped_it_is_revers
 fn a_contrary_report_after_completion_changes_no_branch() {
     let s = three([Outcome::Succeeded, Outcome::Succeeded, Outcome::Succeeded]);
     let done = on_completed(s, NOW).unwrap().saga;
-    for outcome in [
-        Outcome::Failed,
-        Outcome::NotFound,
-        Outcome::Reversed,
-        Outcome::Unknown,
-    ] {
+    for outcome in [Outcome::Failed, Outcome::NotFound, Outcome::Unknown] {
         let t =
             on_outcall_reported(done.clone(), "2.b", report(outcome), false, env(NOW + 1)).unwrap();
         assert_eq!(t.saga.state, SagaState::Completed);
@@ -454,6 +449,41 @@ fn a_contrary_report_after_completion_changes_no_branch() {
         );
         assert!(t.effects.is_empty());
     }
+}
+
+/// The participant guide's race after completion: a node undid an outcall (its poll found no
+/// trace, then the late call was refused). The saga needs an operator, every node is told to
+/// wait, and ReprocessSaga reverses the other outcalls.
+#[test]
+fn an_outcall_undone_by_its_node_after_completion_needs_attention_and_reprocess_reverses_the_rest()
+{
+    let s = three([Outcome::Succeeded, Outcome::Succeeded, Outcome::Succeeded]);
+    let done = on_completed(s, NOW).unwrap().saga;
+    let t =
+        on_outcall_reported(done, "2.b", report(Outcome::Reversed), false, env(NOW + 1)).unwrap();
+    assert_eq!(t.saga.state, SagaState::NeedsAttention);
+    assert!(t.saga.reason.contains("2.b"), "{}", t.saga.reason);
+    assert!(
+        t.effects.iter().all(|e| matches!(
+            e,
+            Effect::Signal {
+                signal: Signal::Reprocess,
+                ..
+            }
+        )) && !t.effects.is_empty()
+    );
+    let again =
+        crate::domain::orchestration::on_reprocess(t.saga, NOW + 2).expect("it needs attention");
+    assert_eq!(again.saga.state, SagaState::Reversing);
+    let reversed: Vec<&str> = again
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Reverse { branch_id, .. } => Some(branch_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reversed.len(), 3, "{reversed:?}");
 }
 
 #[test]
