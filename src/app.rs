@@ -121,6 +121,7 @@ pub async fn serve_with(
                 max_polls: config.max_polls,
                 ..Policy::default()
             },
+            outcall_saga_timeout_ms: crate::domain::millis_rounded_up(config.outcall_saga_timeout),
             ..Settings::new(config.coordinator_id.clone())
         },
     );

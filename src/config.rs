@@ -91,6 +91,8 @@ pub struct Config {
     pub max_polls: u32,
     /// Finished sagas are removed this long after their last change; zero keeps them.
     pub saga_retention: Duration,
+    /// The deadline of a registered-outcall saga started without one; zero gives none.
+    pub outcall_saga_timeout: Duration,
 }
 
 impl Config {
@@ -112,6 +114,9 @@ impl Config {
             participant_timeout: Duration::from_secs(10),
             max_polls: 10,
             saga_retention: Duration::ZERO,
+            outcall_saga_timeout: Duration::from_millis(
+                crate::engine::DEFAULT_OUTCALL_SAGA_TIMEOUT_MS,
+            ),
         }
     }
 }
@@ -189,6 +194,12 @@ struct Flags {
     /// [env: SAGAD_SAGA_RETENTION] [default: 0]
     #[arg(long)]
     saga_retention: Option<String>,
+    /// The deadline a registered-outcall saga gets when StartSaga gives neither deadline nor
+    /// timeout, e.g. 2h (at least 1s, at most 366d); 0 gives none. Past it a saga still RUNNING
+    /// is reversed: its caller has not completed it and sagad has no steps of its own to time
+    /// out [env: SAGAD_OUTCALL_SAGA_TIMEOUT] [default: 24h]
+    #[arg(long)]
+    outcall_saga_timeout: Option<String>,
 }
 
 fn node(setting: &'static str, text: &str) -> Result<(String, String), Error> {
@@ -408,6 +419,27 @@ impl Config {
         if let Some((value, _)) = pick(flags.saga_retention, env, "SAGAD_SAGA_RETENTION")? {
             config.saga_retention = retention("saga-retention (SAGAD_SAGA_RETENTION)", &value)?;
         }
+        if let Some((value, _)) = pick(
+            flags.outcall_saga_timeout,
+            env,
+            "SAGAD_OUTCALL_SAGA_TIMEOUT",
+        )? {
+            const SETTING: &str = "outcall-saga-timeout (SAGAD_OUTCALL_SAGA_TIMEOUT)";
+            let timeout = duration(SETTING, &value)?;
+            // As StartSaga bounds a client's timeout, and whole seconds at least, since a
+            // shorter default would reverse sagas whose callers are still at work.
+            if !timeout.is_zero()
+                && !(Duration::from_secs(1)..=Duration::from_secs(366 * 24 * 3600))
+                    .contains(&timeout)
+            {
+                return Err(invalid(
+                    SETTING,
+                    &value,
+                    "must be 0 (no default deadline) or from 1s to 366d",
+                ));
+            }
+            config.outcall_saga_timeout = timeout;
+        }
         // A replayed StartSaga answers with the GSN its idempotency record keeps; if the saga
         // were removed first, that GSN would name nothing.
         if !config.saga_retention.is_zero()
@@ -548,6 +580,27 @@ mod tests {
             config.idempotency_retention.is_zero(),
             "no saga retention: nothing to be longer than"
         );
+    }
+
+    #[test]
+    fn outcall_sagas_get_a_default_deadline_of_a_day_which_can_be_changed_or_turned_off() {
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(
+            Config::load(["sagad"], &env(&[]))
+                .unwrap()
+                .outcall_saga_timeout,
+            day
+        );
+        let set = Config::load(["sagad"], &env(&[("SAGAD_OUTCALL_SAGA_TIMEOUT", "2h")])).unwrap();
+        assert_eq!(set.outcall_saga_timeout, Duration::from_secs(7200));
+        let off = Config::load(["sagad", "--outcall-saga-timeout", "0"], &env(&[])).unwrap();
+        assert!(off.outcall_saga_timeout.is_zero());
+        for bad in ["500ms", "367d", "soon"] {
+            let err = Config::load(["sagad", "--outcall-saga-timeout", bad], &env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("outcall-saga-timeout"), "{bad}: {err}");
+        }
     }
 
     #[test]

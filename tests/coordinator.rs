@@ -292,6 +292,56 @@ async fn bad_start_requests_name_every_field_to_fix_and_write_nothing() {
     assert_eq!(saga_count(&server).await, 0, "nothing was written");
 }
 
+/// A registered-outcall saga has no steps of sagad's own to time out: started without a
+/// deadline it gets the server's --outcall-saga-timeout, so a caller that dies before
+/// CompleteSaga does not leave what it booked in place for good. Its own deadline wins, and a
+/// server configured with 0 gives none.
+#[tokio::test]
+async fn an_outcall_saga_started_without_a_deadline_gets_the_configured_default() {
+    const NOW_S: i64 = 1_800_000_000;
+    let deadline_of = |saga: pb::Saga| saga.deadline.map(|d| (d.seconds, d.nanos));
+    let clock = Arc::new(ManualClock::new(NOW_S as u64 * 1000));
+    let server = TestServer::start_with_clock(clock.clone()).await;
+    let client = server.coordinator();
+    let started = |request: pb::StartSagaRequest| {
+        let mut client = client.clone();
+        async move {
+            let answer = client.start_saga(request).await.expect("started");
+            answer.into_inner().saga.expect("the saga")
+        }
+    };
+    let plain = started(start_request("no-deadline", "transfer")).await;
+    assert_eq!(
+        deadline_of(plain),
+        Some((NOW_S + 24 * 3600, 0)),
+        "a day by default"
+    );
+    let own = started(pb::StartSagaRequest {
+        timeout: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        ..start_request("own-timeout", "transfer")
+    })
+    .await;
+    assert_eq!(deadline_of(own), Some((NOW_S + 60, 0)));
+    drop(client);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = sagad::config::Config::with_data(dir.path().join("ledger"));
+    config.outcall_saga_timeout = std::time::Duration::ZERO;
+    let unbounded = TestServer::start_with(config, clock).await;
+    let saga = unbounded
+        .coordinator()
+        .start_saga(start_request("no-default", "transfer"))
+        .await
+        .expect("started")
+        .into_inner()
+        .saga
+        .expect("the saga");
+    assert_eq!(deadline_of(saga), None, "configured off");
+}
+
 /// A saga's timeout and deadline are bounded by the 366 days a strategy's saga_timeout may
 /// be: beyond that is INVALID_ARGUMENT naming the field, and nothing is stored (a deadline past
 /// 9999 would make every later GetSaga and ListSagas unprintable as JSON). A timeout under a

@@ -75,6 +75,10 @@ pub struct Answered {
     pub replayed: bool,
 }
 
+/// A day: longer than any call chain a caller makes before completing, short enough that
+/// what a dead caller booked does not stay for good.
+pub const DEFAULT_OUTCALL_SAGA_TIMEOUT_MS: Millis = 24 * 3_600_000;
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub coordinator_id: CoordinatorId,
@@ -89,6 +93,10 @@ pub struct Settings {
     /// Redelivery to an unreachable endpoint backs off from `redelivery_base` to `redelivery_cap`.
     pub redelivery_base: Duration,
     pub redelivery_cap: Duration,
+    /// The deadline a registered-outcall saga started without one gets, this long after its
+    /// start; 0 gives none. Such a saga has no steps of sagad's own to time out, so without
+    /// it a caller that died before CompleteSaga would leave what it booked in place forever.
+    pub outcall_saga_timeout_ms: Millis,
 }
 
 impl Settings {
@@ -104,6 +112,7 @@ impl Settings {
             resend_after: Duration::from_secs(5),
             redelivery_base: Duration::from_millis(200),
             redelivery_cap: Duration::from_secs(10),
+            outcall_saga_timeout_ms: DEFAULT_OUTCALL_SAGA_TIMEOUT_MS,
         }
     }
 }

@@ -573,6 +573,7 @@ impl Engine {
         let shared = self.shared.clone();
         let jitter = self.random.unit();
         let policy = self.settings.policy;
+        let outcall_saga_timeout_ms = self.settings.outcall_saga_timeout_ms;
         let written = self
             .idempotent_write_with("StartSaga", &request_id, fingerprint, move |tx, now| {
                 let start = validated.map_err(Error::Invalid)?;
@@ -594,11 +595,12 @@ impl Engine {
                 };
                 let sequence = tx.allocate_gsn_sequence()?;
                 let mut saga = saga::on_started(start, Gsn::new(coordinator, sequence), now);
-                if let Some(strategy) = &strategy
-                    && saga.deadline_ms.is_none()
-                    && strategy.saga_timeout_ms > 0
-                {
-                    saga.deadline_ms = Some(now.saturating_add(strategy.saga_timeout_ms));
+                let default_timeout_ms = match &strategy {
+                    Some(strategy) => strategy.saga_timeout_ms,
+                    None => outcall_saga_timeout_ms,
+                };
+                if saga.deadline_ms.is_none() && default_timeout_ms > 0 {
+                    saga.deadline_ms = Some(now.saturating_add(default_timeout_ms));
                 }
                 if !saga.payload.is_empty() {
                     tx.put_payload(
