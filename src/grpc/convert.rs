@@ -30,6 +30,8 @@ pub fn duration_pb(ms: Millis) -> PbDuration {
     }
 }
 
+/// A time as whole milliseconds, a part of one counting as a whole one: a deadline is then
+/// never passed before the instant the caller named.
 pub fn timestamp_ms(field: &str, ts: &Timestamp) -> Result<Millis, Violation> {
     if ts.seconds < 0 || !(0..1_000_000_000).contains(&ts.nanos) {
         return Err(Violation::new(
@@ -41,7 +43,7 @@ pub fn timestamp_ms(field: &str, ts: &Timestamp) -> Result<Millis, Violation> {
     let nanos = u64::try_from(ts.nanos).unwrap_or(0);
     Ok(seconds
         .saturating_mul(1000)
-        .saturating_add(nanos / 1_000_000))
+        .saturating_add(nanos.div_ceil(1_000_000)))
 }
 
 pub fn duration(field: &str, d: &PbDuration) -> Result<std::time::Duration, Violation> {
@@ -316,6 +318,16 @@ mod tests {
         assert_eq!((last.seconds, last.nanos), (253_402_300_799, 999_000_000));
         assert_eq!(timestamp(Millis::MAX), last);
         assert_eq!(timestamp(1_500).seconds, 1);
+    }
+
+    #[test]
+    fn a_timestamp_between_milliseconds_is_kept_as_the_next_one() {
+        let at = |seconds, nanos| timestamp_ms("t", &Timestamp { seconds, nanos });
+        assert_eq!(at(2, 0).unwrap(), 2_000);
+        assert_eq!(at(2, 1).unwrap(), 2_001);
+        assert_eq!(at(2, 1_000_000).unwrap(), 2_001);
+        assert_eq!(at(2, 999_999_999).unwrap(), 3_000);
+        assert!(at(-1, 0).is_err() && at(0, 1_000_000_000).is_err());
     }
 
     #[test]
