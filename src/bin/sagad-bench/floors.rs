@@ -17,10 +17,14 @@ use crate::machine;
 use crate::stats::percentile_ms;
 use crate::stopwatch::now;
 use crate::under_test::TempDir;
-use crate::{Durability, Error, fail};
+use crate::{Build, Durability, Error, fail};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EchoRun {
+    /// The sagad it went to: each build serves its own floor.
+    pub build: Build,
+    /// As `SagaRun::durability`.
+    pub durability: String,
     pub concurrency: usize,
     pub run: usize,
     pub calls: usize,
@@ -91,6 +95,8 @@ impl EchoRun {
     /// one side only of a 20-second run was often taken in another phase than the sagas. The
     /// rate is the mean of the halves' rates, so each side weighs the same whatever its length.
     pub fn bracketing(
+        build: Build,
+        durability: &str,
         concurrency: usize,
         run: usize,
         before: EchoHalf,
@@ -111,6 +117,8 @@ impl EchoRun {
         latencies.extend(after.latencies_us);
         latencies.sort_unstable();
         EchoRun {
+            build,
+            durability: durability.to_owned(),
             concurrency,
             run,
             calls: latencies.len(),

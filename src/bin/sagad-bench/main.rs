@@ -540,7 +540,14 @@ async fn point(
                 &measured_pids,
             )
             .await?;
-            Some(floors::EchoRun::bracketing(concurrency, run, before, after))
+            Some(floors::EchoRun::bracketing(
+                build,
+                label,
+                concurrency,
+                run,
+                before,
+                after,
+            ))
         }
     };
 

@@ -119,7 +119,29 @@ pub fn label(scenario: Scenario, build: Build) -> String {
     }
 }
 
+/// How the gRPC floor table names the sagad a row measured.
+fn build_name(build: Build) -> &'static str {
+    match build {
+        Build::Tested => "this build",
+        Build::Baseline => "baseline",
+    }
+}
+
 type Key = (Scenario, String, usize, Build);
+
+/// The gRPC floor's runs by (durability, C, build): each build serves its own floor, so one
+/// row over both would quote a median and a spread of neither; the build comes last so the
+/// two builds' rows of a configuration stand together.
+fn echo_groups(runs: &[EchoRun]) -> BTreeMap<(String, usize, Build), Vec<&EchoRun>> {
+    let mut groups: BTreeMap<_, Vec<&EchoRun>> = BTreeMap::new();
+    for run in runs {
+        groups
+            .entry((run.durability.clone(), run.concurrency, run.build))
+            .or_default()
+            .push(run);
+    }
+    groups
+}
 
 impl Report {
     fn groups(&self) -> BTreeMap<Key, Vec<&SagaRun>> {
@@ -289,30 +311,30 @@ impl Report {
 
     fn floors(&self, out: &mut String) {
         if !self.echo.is_empty() {
-            let mut echo: BTreeMap<usize, Vec<&EchoRun>> = BTreeMap::new();
-            for run in &self.echo {
-                echo.entry(run.concurrency).or_default().push(run);
-            }
             let _ = writeln!(
                 out,
                 "### gRPC floor: grpc.health.v1.Health/Check to the sagad under test, on the sagas' connections\n"
             );
             let _ = writeln!(
                 out,
-                "| C | echo RPC/s | echo p50 ms | echo p99 ms | other load (cores) |"
+                "| sagad | durability | C | echo RPC/s | echo p50 ms | echo p99 ms | other load (cores) |"
             );
-            let _ = writeln!(out, "|---:|---:|---:|---:|---:|");
-            for (c, runs) in &echo {
+            let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
+            for ((durability, c, build), runs) in &echo_groups(&self.echo) {
                 let _ = writeln!(
                     out,
-                    "| {c} | {} | {} | {} | {} |",
+                    "| {} | {durability} | {c} | {} | {} | {} | {} |",
+                    build_name(*build),
                     cell(runs.iter().map(|r| r.rpcs_per_s), 0),
                     cell(runs.iter().map(|r| r.p50_ms), 3),
                     cell(runs.iter().map(|r| r.p99_ms), 3),
                     optional(runs.iter().map(|r| r.other_cores), 2),
                 );
             }
-            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "\n- a row: every run of every scenario on that sagad, durability and C\n"
+            );
         }
         if !self.disk.is_empty() {
             let mut disk: BTreeMap<(String, usize), Vec<&DiskRun>> = BTreeMap::new();
@@ -359,5 +381,46 @@ mod tests {
         assert_eq!(number(-1234.0, 0), "-1,234");
         assert_eq!(cell([3.0, 1.0, 2.0], 0), "2 (1–3)");
         assert_eq!(cell([3.0], 1), "3.0");
+    }
+
+    fn echo(build: Build, durability: &str, concurrency: usize, rpcs_per_s: f64) -> EchoRun {
+        EchoRun {
+            build,
+            durability: durability.to_owned(),
+            concurrency,
+            run: 1,
+            calls: 100,
+            rpcs_per_s,
+            p50_ms: 0.1,
+            p99_ms: 0.2,
+            other_cores: None,
+        }
+    }
+
+    #[test]
+    fn echo_floor_rows_keep_builds_and_durabilities_apart() {
+        let runs = [
+            echo(Build::Tested, "durable", 4, 1.0),
+            echo(Build::Baseline, "durable", 4, 10.0),
+            echo(Build::Tested, "relaxed", 4, 100.0),
+            echo(Build::Tested, "durable", 4, 2.0),
+            echo(Build::Tested, "durable", 16, 1000.0),
+        ];
+        let rates: Vec<_> = echo_groups(&runs)
+            .into_iter()
+            .map(|((durability, c, build), rows)| {
+                let rates: Vec<f64> = rows.iter().map(|r| r.rpcs_per_s).collect();
+                (durability, c, build, rates)
+            })
+            .collect();
+        assert_eq!(
+            rates,
+            vec![
+                ("durable".to_owned(), 4, Build::Tested, vec![1.0, 2.0]),
+                ("durable".to_owned(), 4, Build::Baseline, vec![10.0]),
+                ("durable".to_owned(), 16, Build::Tested, vec![1000.0]),
+                ("relaxed".to_owned(), 4, Build::Tested, vec![100.0]),
+            ]
+        );
     }
 }
