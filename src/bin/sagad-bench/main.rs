@@ -306,21 +306,30 @@ async fn run(flags: Flags) -> Result<bool, Error> {
     if let Some(path) = &flags.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
-    let failures: usize = report.sagas.iter().map(|r| r.failures).sum();
-    if failures > 0 {
-        for run in report.sagas.iter().filter(|r| r.failures > 0) {
-            eprintln!(
-                "sagad-bench: {} / {} / C={} run {}: {} sagas failed; first: {}",
-                run.scenario.name(),
-                run.durability,
-                run.concurrency,
-                run.run,
-                run.failures,
-                run.first_failure.as_deref().unwrap_or("?")
-            );
+    let mut failed = false;
+    for run in &report.sagas {
+        for (phase, failures, first) in [
+            ("", run.failures, &run.first_failure),
+            (
+                " in the warm-up",
+                run.warmup_failures,
+                &run.warmup_first_failure,
+            ),
+        ] {
+            if failures > 0 {
+                failed = true;
+                eprintln!(
+                    "sagad-bench: {} / {} / C={} run {}: {failures} sagas failed{phase}; first: {}",
+                    report::label(run.scenario, run.build),
+                    run.durability,
+                    run.concurrency,
+                    run.run,
+                    first.as_deref().unwrap_or("?")
+                );
+            }
         }
     }
-    Ok(failures == 0)
+    Ok(!failed)
 }
 
 /// Waits for an idle machine before a measurement (see `--settle`), saying so if it is not.
@@ -473,16 +482,17 @@ async fn point(
         }
     }
     let mut started_sagas = 1;
-    if flags.warmup > 0 {
-        let warm = scenario::drive(
-            &channels,
-            saga("warmup"),
-            concurrency,
-            Amount::Sagas(flags.warmup),
-        )
-        .await?;
-        started_sagas += warm.latencies_us.len() + warm.failures;
-    }
+    // A saga that fails in the warm-up fails the bench like a measured one: it is the same
+    // path on the same sagad, and a wrong ending there says the results are of a broken run.
+    let mut warm = match flags.warmup {
+        0 => scenario::Load::default(),
+        sagas => {
+            let amount = Amount::Sagas(sagas);
+            scenario::drive(&channels, saga("warmup"), concurrency, amount).await?
+        }
+    };
+    unimplemented_midway(&mut warm, "warm-up")?;
+    started_sagas += warm.latencies_us.len() + warm.failures;
     let per_saga = scenario.participant_rpcs();
     drain(&counters, started_sagas as u64 * per_saga).await;
 
@@ -517,11 +527,7 @@ async fn point(
         None => Amount::Sagas(flags.sagas),
     };
     let mut load = scenario::drive(&channels, saga("run"), concurrency, amount).await?;
-    if let Some(why) = load.unimplemented.take() {
-        return Err(fail(format!(
-            "sagad answered UNIMPLEMENTED in the middle of a run: {why}"
-        )));
-    }
+    unimplemented_midway(&mut load, "run")?;
     let measured = load.latencies_us.len() + load.failures;
     started_sagas += measured;
     drain(&counters, started_sagas as u64 * per_saga).await;
@@ -608,9 +614,22 @@ async fn point(
             echo_rpcs_per_s: None,
             efficiency: None,
             first_failure: load.first_failure,
+            warmup_failures: warm.failures,
+            warmup_first_failure: warm.first_failure,
         }),
         echo,
     ))
+}
+
+/// The probe saga ran, so an UNIMPLEMENTED later in `phase` is sagad failing, not a scenario
+/// this build lacks.
+fn unimplemented_midway(load: &mut scenario::Load, phase: &str) -> Result<(), Error> {
+    match load.unimplemented.take() {
+        Some(why) => Err(fail(format!(
+            "sagad answered UNIMPLEMENTED in the middle of the {phase}: {why}"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// sagad's count of durable ledger flushes (Operations.GetCounters), if it exports one.

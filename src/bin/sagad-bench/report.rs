@@ -52,6 +52,9 @@ pub struct SagaRun {
     /// connections, measured half just before the sagas and half just after.
     pub efficiency: Option<f64>,
     pub first_failure: Option<String>,
+    /// Sagas of the warm-up that failed: not in `failures`, but they fail the bench too.
+    pub warmup_failures: usize,
+    pub warmup_first_failure: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -302,6 +305,18 @@ impl Report {
         }
         for (scenario, why) in &self.unavailable {
             let _ = writeln!(out, "- {scenario}: not available in this build ({why})");
+        }
+        for run in self.sagas.iter().filter(|r| r.warmup_failures > 0) {
+            let _ = writeln!(
+                out,
+                "- {} / {} / C={} run {}: {} sagas failed in the warm-up (not in the failures column); first: {}",
+                label(run.scenario, run.build),
+                run.durability,
+                run.concurrency,
+                run.run,
+                run.warmup_failures,
+                run.warmup_first_failure.as_deref().unwrap_or("?")
+            );
         }
         let _ = writeln!(out);
         self.against_baseline(&mut out, &groups);
