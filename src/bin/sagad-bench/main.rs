@@ -192,14 +192,25 @@ impl Bench {
         }
     }
 
-    /// The builds of one run, the baseline first in every other run, so a drift of the
-    /// machine during the run does not always favour the same build.
-    fn builds(&self, run: usize) -> Vec<Build> {
-        match (&self.flags.baseline, run % 2) {
-            (None, _) => vec![Build::Tested],
-            (Some(_), 1) => vec![Build::Tested, Build::Baseline],
-            (Some(_), _) => vec![Build::Baseline, Build::Tested],
-        }
+    fn builds(&self, run: usize, configuration: usize) -> Vec<Build> {
+        builds_in_order(self.flags.baseline.is_some(), run, configuration)
+    }
+}
+
+/// The builds of the `configuration`-th configuration (from 0) of `run` (from 1), in the
+/// order they run, so a drift of the machine favours neither build. Which goes first
+/// alternates from one configuration to the next and, for each configuration, from one run
+/// to the next. A single counter over every configuration of every run would not do: with an
+/// even number of configurations per run, each configuration would keep its order in every
+/// run. With an odd number of runs one build goes first once more per configuration, and
+/// the next configuration evens that out.
+fn builds_in_order(baseline: bool, run: usize, configuration: usize) -> Vec<Build> {
+    if !baseline {
+        vec![Build::Tested]
+    } else if (run + configuration) % 2 == 1 {
+        vec![Build::Tested, Build::Baseline]
+    } else {
+        vec![Build::Baseline, Build::Tested]
     }
 }
 
@@ -247,6 +258,7 @@ async fn run(flags: Flags) -> Result<bool, Error> {
     // Runs are the outer loop, so a slow drift of the machine (or a neighbour's build) spreads
     // over every configuration instead of landing on one.
     for run in 1..=flags.runs {
+        let mut configuration = 0;
         for &concurrency in &flags.concurrency {
             if !flags.no_floors {
                 for &durability in &flags.durability {
@@ -270,7 +282,9 @@ async fn run(flags: Flags) -> Result<bool, Error> {
             }
             for &mode in &modes {
                 for &scenario in &flags.scenarios {
-                    for build in bench.builds(run) {
+                    let builds = bench.builds(run, configuration);
+                    configuration += 1;
+                    for build in builds {
                         let which = report::label(scenario, build);
                         if report.unavailable.contains_key(&which) {
                             continue;
@@ -646,4 +660,54 @@ async fn ledger_flushes(
         .into_iter()
         .find(|counter| counter.name == "ledger_flushes")
         .map(|counter| counter.value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tested_first(run: usize, configuration: usize) -> bool {
+        builds_in_order(true, run, configuration).first() == Some(&Build::Tested)
+    }
+
+    #[test]
+    fn each_configuration_alternates_which_build_goes_first_from_run_to_run() {
+        // Two configurations per run: an even count, where one counter over all would not.
+        for configuration in 0..2 {
+            let firsts: Vec<bool> = (1..=4)
+                .map(|run| tested_first(run, configuration))
+                .collect();
+            assert_eq!(firsts.iter().filter(|&&t| t).count(), 2, "{firsts:?}");
+            assert!(firsts.windows(2).all(|w| w[0] != w[1]), "{firsts:?}");
+        }
+    }
+
+    #[test]
+    fn within_one_run_consecutive_configurations_alternate_which_build_goes_first() {
+        for run in 1..=3 {
+            for configuration in 0..3 {
+                assert_ne!(
+                    tested_first(run, configuration),
+                    tested_first(run, configuration + 1)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn with_an_odd_number_of_runs_each_build_still_goes_first_half_the_time() {
+        for (runs, configurations) in [(1, 2), (3, 4), (3, 2)] {
+            let tested = (1..=runs)
+                .flat_map(|run| (0..configurations).map(move |c| tested_first(run, c)))
+                .filter(|&t| t)
+                .count();
+            assert_eq!(tested * 2, runs * configurations, "--runs {runs}");
+        }
+    }
+
+    #[test]
+    fn without_a_baseline_only_the_tested_build_runs() {
+        assert_eq!(builds_in_order(false, 1, 0), vec![Build::Tested]);
+        assert_eq!(builds_in_order(false, 2, 1), vec![Build::Tested]);
+    }
 }
