@@ -45,16 +45,17 @@ pub struct EchoHalf {
 
 /// `calls` Health/Check calls at `concurrency` over `channels` (to the sagad under test), so
 /// the floor pays what a saga's RPCs pay: the same connections, the same server process and
-/// its tonic stack, but no saga work. `measured` are the processes whose CPU is not "other".
+/// its tonic stack, but no saga work. `measured` are the processes whose CPU is not "other",
+/// `None` when sagad's is not known: its CPU would count as other load, so none is reported.
 /// A run measures one half before its sagas and one after (`EchoRun::bracketing`).
 pub async fn echo(
     channels: &[Channel],
     concurrency: usize,
     calls: usize,
     ticks: u64,
-    measured: &[String],
+    measured: Option<&[String]>,
 ) -> Result<EchoHalf, Error> {
-    let window = machine::Window::open(measured, ticks);
+    let window = measured.map(|pids| machine::Window::open(pids, ticks));
     let next = Arc::new(AtomicUsize::new(0));
     let started = now();
     let mut workers = Vec::with_capacity(concurrency);
@@ -85,7 +86,9 @@ pub async fn echo(
     Ok(EchoHalf {
         latencies_us,
         elapsed_s: started.elapsed().as_secs_f64(),
-        other_cores: window.other_cores(measured),
+        other_cores: window
+            .zip(measured)
+            .and_then(|(w, pids)| w.other_cores(pids)),
     })
 }
 

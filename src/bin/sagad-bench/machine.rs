@@ -101,8 +101,15 @@ pub struct ProcessSample {
     pub cpu_seconds: f64,
     /// utime alone: the part an instruction count (callgrind) sees; the rest is the kernel's.
     pub user_seconds: f64,
-    /// VmHWM: the peak resident set since the process started.
+    /// VmHWM: the peak resident set since the process started or `reset_peak_rss`.
     pub peak_rss_bytes: u64,
+}
+
+/// Resets a process's VmHWM to its current resident set (`5` to /proc/<pid>/clear_refs,
+/// Linux 4.0+; it leaves the pages' referenced bits alone), so a later peak is of what came
+/// after. Needs the right to write that file: the process's own user, or root.
+pub fn reset_peak_rss(pid: u32) -> io::Result<()> {
+    fs::write(format!("/proc/{pid}/clear_refs"), "5")
 }
 
 /// Reads `/proc/<pid>/stat` and `/proc/<pid>/status` (`pid` "self" for this process).

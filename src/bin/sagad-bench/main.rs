@@ -109,7 +109,8 @@ struct Flags {
     /// one; it must be able to dial this machine's loopback participants.
     #[arg(long)]
     target: Option<String>,
-    /// With --target: its process id, to report its CPU and peak memory.
+    /// With --target: its process id, to report its CPU, its peak memory (reset before each
+    /// configuration) and the other processes' load.
     #[arg(long, requires = "target")]
     target_pid: Option<u32>,
     /// Client connections to sagad (and to the echo server), shared by the workers.
@@ -475,6 +476,21 @@ async fn point(
         })
     };
 
+    // A running target's VmHWM is its peak since it started, every earlier configuration's
+    // included; reset, it is this configuration's, as a fresh child's is.
+    let peak_rss_since_target_start = match (&child, pid) {
+        (None, Some(pid)) => match machine::reset_peak_rss(pid) {
+            Ok(()) => false,
+            Err(e) => {
+                eprintln!(
+                    "sagad-bench: cannot reset the target's peak RSS (/proc/{pid}/clear_refs: {e}); \
+                     the report gives its peak since it started"
+                );
+                true
+            }
+        },
+        _ => false,
+    };
     // One saga alone first: it tells a scenario this build cannot run apart from a failure.
     match saga("probe")
         .run(&mut CoordinatorClient::new(first.clone()), 0)
@@ -516,6 +532,8 @@ async fn point(
         .into_iter()
         .chain(["self".to_owned()])
         .collect();
+    // Without sagad's pid its CPU would count as "other": report nothing rather than that.
+    let known_pids = pid.map(|_| measured_pids.as_slice());
     // Half of the floor's calls before the sagas and half after (`EchoRun::bracketing`).
     let echo_before = if flags.no_floors {
         None
@@ -527,14 +545,14 @@ async fn point(
                 concurrency,
                 flags.echo_calls / 2,
                 bench.ticks,
-                &measured_pids,
+                known_pids,
             )
             .await?,
         )
     };
     let mut operations = OperationsClient::new(first.clone());
     let flushes_before = ledger_flushes(&mut operations).await;
-    let window = machine::Window::open(&measured_pids, bench.ticks);
+    let window = known_pids.map(|pids| machine::Window::open(pids, bench.ticks));
     let before = sample(bench, pid, &where_ledger, &counters);
     let amount = match flags.duration {
         Some(limit) => Amount::For(limit),
@@ -547,8 +565,9 @@ async fn point(
     drain(&counters, started_sagas as u64 * per_saga).await;
     let after = sample(bench, pid, &where_ledger, &counters);
     let flushes_after = ledger_flushes(&mut operations).await;
-    // Without sagad's pid its CPU would count as "other": report nothing rather than that.
-    let other_cores = pid.and_then(|_| window.other_cores(&measured_pids));
+    let other_cores = window
+        .zip(known_pids)
+        .and_then(|(w, pids)| w.other_cores(pids));
     let echo = match echo_before {
         None => None,
         Some(before) => {
@@ -557,7 +576,7 @@ async fn point(
                 concurrency,
                 flags.echo_calls - flags.echo_calls / 2,
                 bench.ticks,
-                &measured_pids,
+                known_pids,
             )
             .await?;
             Some(floors::EchoRun::bracketing(
@@ -612,6 +631,7 @@ async fn point(
             sagad_peak_rss_mib: after
                 .sagad
                 .map(|s| s.peak_rss_bytes as f64 / (1024.0 * 1024.0)),
+            peak_rss_since_target_start,
             ledger_bytes_per_saga: match (ledger_before, ledger_after) {
                 (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / started_sagas as f64),
                 _ => None,

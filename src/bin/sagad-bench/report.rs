@@ -39,7 +39,11 @@ pub struct SagaRun {
     pub sagad_user_cpu_ms_per_saga: Option<f64>,
     /// The bench process's CPU (client and participants) per saga.
     pub bench_cpu_ms_per_saga: Option<f64>,
+    /// VmHWM at the end of the measured phase: since this configuration's sagad started, or
+    /// since the bench reset a `--target`'s peak; since the target started where it could not.
     pub sagad_peak_rss_mib: Option<f64>,
+    /// The peak is the target's since it started, every earlier configuration's included.
+    pub peak_rss_since_target_start: bool,
     pub ledger_bytes_per_saga: Option<f64>,
     /// Device cache flushes per saga, whole device (an upper bound; see `machine`).
     pub device_flushes_per_saga: Option<f64>,
@@ -113,6 +117,18 @@ fn optional(values: impl IntoIterator<Item = Option<f64>>, decimals: usize) -> S
 
 /// Enough decimals to show a latency in ms without noise.
 const MS: usize = 2;
+
+/// Marks a peak RSS that is a `--target`'s since it started.
+const LIFETIME: &str = "†";
+
+fn peak_rss(runs: &[&SagaRun]) -> String {
+    let peak = optional(runs.iter().map(|r| r.sagad_peak_rss_mib), 1);
+    if runs.iter().any(|r| r.peak_rss_since_target_start) {
+        format!("{peak} {LIFETIME}")
+    } else {
+        peak
+    }
+}
 
 /// How a scenario's rows are named: the baseline's carry "(baseline)".
 pub fn label(scenario: Scenario, build: Build) -> String {
@@ -284,7 +300,7 @@ impl Report {
                 optional(runs.iter().map(|r| r.sagad_cpu_ms_per_saga), 3),
                 optional(runs.iter().map(|r| r.sagad_user_cpu_ms_per_saga), 3),
                 optional(runs.iter().map(|r| r.bench_cpu_ms_per_saga), 3),
-                optional(runs.iter().map(|r| r.sagad_peak_rss_mib), 1),
+                peak_rss(runs),
                 optional(runs.iter().map(|r| r.ledger_bytes_per_saga), 0),
                 optional(runs.iter().map(|r| r.ledger_flushes_per_saga), 3),
                 optional(runs.iter().map(|r| r.device_flushes_per_saga), 2),
@@ -301,6 +317,12 @@ impl Report {
                 "- RPCs/saga for {}: {}",
                 scenario.name(),
                 scenario.rpcs_explained()
+            );
+        }
+        if self.sagas.iter().any(|r| r.peak_rss_since_target_start) {
+            let _ = writeln!(
+                out,
+                "- {LIFETIME}: the target's peak RSS since it started, not this configuration's (the bench could not reset it through /proc/PID/clear_refs)"
             );
         }
         for (scenario, why) in &self.unavailable {
