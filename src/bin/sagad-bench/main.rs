@@ -157,13 +157,52 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(flags)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
+    let root = flags.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    // The run's futures own the temp folders and sagad children, and their Drops remove and
+    // kill them: dropping the run on SIGINT or SIGTERM cleans up where the default action
+    // (exit at once) would leave a sagad running and hundreds of MB of ledgers behind.
+    let ran = runtime.block_on(async {
+        tokio::select! {
+            ran = run(flags, root.clone()) => Ok(ran),
+            signal = interrupted() => Err(signal),
+        }
+    });
+    match ran {
+        Ok(Ok(true)) => ExitCode::SUCCESS,
+        Ok(Ok(false)) => ExitCode::FAILURE,
+        Ok(Err(e)) => {
             eprintln!("sagad-bench: {e}");
             ExitCode::FAILURE
         }
+        Err((name, code)) => {
+            // Tasks the run spawned (participants, load workers, the disk floor's writers)
+            // hold no sagad, but may still hold files in the folders: stop them first.
+            runtime.shutdown_timeout(Duration::from_secs(5));
+            under_test::remove_leftovers(&root);
+            eprintln!(
+                "sagad-bench: stopped by {name}; its sagad processes and temp folders are gone"
+            );
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM, with the signal's name and the exit code a shell
+/// gives a process it ended (128 + its number); never if they cannot be caught.
+async fn interrupted() -> (&'static str, u8) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        eprintln!(
+            "sagad-bench: cannot catch SIGINT and SIGTERM; if stopped by one, it leaves its temp folders and a sagad behind"
+        );
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => ("SIGINT", 130),
+        _ = term.recv() => ("SIGTERM", 143),
     }
 }
 
@@ -216,11 +255,10 @@ fn builds_in_order(baseline: bool, run: usize, configuration: usize) -> Vec<Buil
 }
 
 /// Runs the matrix, prints the report; `Ok(false)` if any saga failed.
-async fn run(flags: Flags) -> Result<bool, Error> {
+async fn run(flags: Flags, root: PathBuf) -> Result<bool, Error> {
     if flags.runs == 0 || flags.concurrency.contains(&0) {
         return Err(fail("--runs and every --concurrency must be at least 1"));
     }
-    let root = flags.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     let sagad = match (&flags.target, &flags.sagad) {
         (Some(_), _) => None,
         (None, Some(path)) => Some(path.clone()),

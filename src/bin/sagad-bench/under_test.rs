@@ -25,10 +25,15 @@ pub struct TempDir {
 
 static TEMP_DIRS: AtomicU64 = AtomicU64::new(0);
 
+/// What every temp folder of this process is named with.
+fn prefix() -> String {
+    format!("sagad-bench-{}-", std::process::id())
+}
+
 impl TempDir {
     pub fn new(root: &Path, what: &str) -> Result<TempDir, Error> {
         let n = TEMP_DIRS.fetch_add(1, Ordering::Relaxed);
-        let path = root.join(format!("sagad-bench-{}-{what}-{n}", std::process::id()));
+        let path = root.join(format!("{}{what}-{n}", prefix()));
         // A leftover of an earlier run with the same pid is ours to replace.
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path)?;
@@ -39,6 +44,20 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Removes this process's temp folders under `root` that are still there: after an
+/// interruption, a task stopped late may have written into one after its Drop removed it.
+pub fn remove_leftovers(root: &Path) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    let ours = prefix();
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&ours) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
     }
 }
 
