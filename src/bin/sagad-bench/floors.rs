@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use sagad::store::{self, PayloadRecord, Store};
 use serde::Serialize;
@@ -16,7 +17,7 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::machine;
 use crate::stats::percentile_ms;
 use crate::stopwatch::now;
-use crate::under_test::TempDir;
+use crate::under_test::{CALL_DEADLINE, TempDir};
 use crate::{Build, Durability, Error, fail};
 
 #[derive(Debug, Clone, Serialize)]
@@ -79,10 +80,25 @@ pub async fn echo(
             Ok::<_, Error>(latencies)
         }));
     }
-    let mut latencies_us = Vec::with_capacity(calls);
-    for worker in workers {
-        latencies_us.extend(worker.await??);
-    }
+    let aborts: Vec<_> = workers.iter().map(|w| w.abort_handle()).collect();
+    let joined = async {
+        let mut latencies_us = Vec::with_capacity(calls);
+        for worker in workers {
+            latencies_us.extend(worker.await??);
+        }
+        Ok::<_, Error>(latencies_us)
+    };
+    let latencies_us = match while_moving(&next, joined).await {
+        Some(joined) => joined?,
+        None => {
+            for abort in aborts {
+                abort.abort();
+            }
+            return Err(fail(format!(
+                "Health/Check: no answer within {CALL_DEADLINE:?}"
+            )));
+        }
+    };
     Ok(EchoHalf {
         latencies_us,
         elapsed_s: started.elapsed().as_secs_f64(),
@@ -90,6 +106,29 @@ pub async fn echo(
             .zip(measured)
             .and_then(|(w, pids)| w.other_cores(pids)),
     })
+}
+
+/// `work`, or `None` once `progress` (the calls started) has stood still for `CALL_DEADLINE`:
+/// a call that never comes back would hang the floor, and a timer armed for every call would
+/// add its cost to the floor measured; one look every quarter second costs nothing.
+async fn while_moving<T>(progress: &AtomicUsize, work: impl Future<Output = T>) -> Option<T> {
+    let mut work = std::pin::pin!(work);
+    let mut seen = progress.load(Ordering::Relaxed);
+    let mut moved = now();
+    loop {
+        tokio::select! {
+            done = &mut work => return Some(done),
+            () = tokio::time::sleep(Duration::from_millis(250)) => {
+                let current = progress.load(Ordering::Relaxed);
+                if current != seen {
+                    seen = current;
+                    moved = now();
+                } else if moved.elapsed() > CALL_DEADLINE {
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 impl EchoRun {

@@ -30,7 +30,7 @@ use crate::report::{Report, SagaRun};
 use crate::scenario::{Amount, Failure, Saga, Scenario};
 use crate::stats::percentile_ms;
 use crate::stopwatch::now;
-use crate::under_test::{Sagad, TempDir};
+use crate::under_test::{Sagad, TempDir, within};
 
 /// The bench is a tool: failures carry a message to print, nothing a caller matches on.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -589,7 +589,7 @@ async fn point(
         )
     };
     let mut operations = OperationsClient::new(first.clone());
-    let flushes_before = ledger_flushes(&mut operations).await;
+    let flushes_before = ledger_flushes(&mut operations).await?;
     let window = known_pids.map(|pids| machine::Window::open(pids, bench.ticks));
     let before = sample(bench, pid, &where_ledger, &counters);
     let amount = match flags.duration {
@@ -602,7 +602,7 @@ async fn point(
     started_sagas += measured;
     drain(&counters, started_sagas as u64 * per_saga).await;
     let after = sample(bench, pid, &where_ledger, &counters);
-    let flushes_after = ledger_flushes(&mut operations).await;
+    let flushes_after = ledger_flushes(&mut operations).await?;
     let other_cores = window
         .zip(known_pids)
         .and_then(|(w, pids)| w.other_cores(pids));
@@ -704,20 +704,22 @@ fn unimplemented_midway(load: &mut scenario::Load, phase: &str) -> Result<(), Er
     }
 }
 
-/// sagad's count of durable ledger flushes (Operations.GetCounters), if it exports one.
+/// sagad's count of durable ledger flushes (Operations.GetCounters), if it exports one; an
+/// error only if sagad does not answer at all.
 async fn ledger_flushes(
     operations: &mut OperationsClient<tonic::transport::Channel>,
-) -> Option<u64> {
-    let counters = operations
-        .get_counters(GetCountersRequest {})
-        .await
-        .ok()?
-        .into_inner()
-        .counters;
-    counters
-        .into_iter()
-        .find(|counter| counter.name == "ledger_flushes")
-        .map(|counter| counter.value)
+) -> Result<Option<u64>, Error> {
+    let counters = operations.get_counters(GetCountersRequest {});
+    let answer = within("GetCounters", counters).await?;
+    // An error status is a build without the counters (an older baseline): no figure.
+    Ok(answer.ok().and_then(|counters| {
+        counters
+            .into_inner()
+            .counters
+            .into_iter()
+            .find(|counter| counter.name == "ledger_flushes")
+            .map(|counter| counter.value)
+    }))
 }
 
 #[cfg(test)]

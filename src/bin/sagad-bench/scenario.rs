@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 
 use crate::participant::DECLINE_MARKER;
 use crate::stopwatch::now;
+use crate::under_test::within;
 use crate::{Error, fail};
 
 /// The business type of the bench's strategy.
@@ -137,23 +138,25 @@ pub fn strategy() -> pb::Strategy {
 /// Stores the strategy and points sagad at the participant nodes. `nonce` keeps request ids
 /// fresh when one sagad (`--target`) serves many runs.
 pub async fn set_up(channel: &Channel, nonce: &str, nodes: &[(&str, String)]) -> Result<(), Error> {
-    StrategiesClient::new(channel.clone())
-        .put_strategy(pb::PutStrategyRequest {
-            request_id: format!("bench-strategy-{nonce}"),
-            strategy: Some(strategy()),
-        })
-        .await
+    let mut strategies = StrategiesClient::new(channel.clone());
+    let put = strategies.put_strategy(pb::PutStrategyRequest {
+        request_id: format!("bench-strategy-{nonce}"),
+        strategy: Some(strategy()),
+    });
+    within("PutStrategy", put)
+        .await?
         .map_err(|s| fail(format!("PutStrategy failed: {s}")))?;
     let mut coordinator = CoordinatorClient::new(channel.clone());
     for (node_id, endpoint) in nodes {
-        coordinator
-            .register_node(pb::RegisterNodeRequest {
-                request_id: format!("bench-node-{node_id}-{nonce}"),
-                node_id: (*node_id).to_owned(),
-                endpoint: endpoint.clone(),
-            })
-            .await
-            .map_err(|s| fail(format!("RegisterNode {node_id} failed: {s}")))?;
+        let call = format!("RegisterNode {node_id}");
+        let register = coordinator.register_node(pb::RegisterNodeRequest {
+            request_id: format!("bench-node-{node_id}-{nonce}"),
+            node_id: (*node_id).to_owned(),
+            endpoint: endpoint.clone(),
+        });
+        within(&call, register)
+            .await?
+            .map_err(|s| fail(format!("{call} failed: {s}")))?;
     }
     Ok(())
 }

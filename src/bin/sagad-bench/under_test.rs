@@ -209,25 +209,41 @@ fn free_port() -> Result<u16, Error> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// How long one call of the bench's own (setup, counters, a connection) may go unanswered:
+/// on loopback an answer takes milliseconds, so one missing after this is a wedged sagad, and
+/// a bench that waited on it would wait forever. Saga calls have `--saga-timeout` instead.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// `answer`, or an error naming `call` if it has not come within `CALL_DEADLINE`.
+pub async fn within<T>(call: &str, answer: impl Future<Output = T>) -> Result<T, Error> {
+    tokio::time::timeout(CALL_DEADLINE, answer)
+        .await
+        .map_err(|_| fail(format!("{call}: no answer within {CALL_DEADLINE:?}")))
+}
+
 async fn serving(url: &str) -> bool {
     let Ok(channel) = connect(url).await else {
         return false;
     };
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
+    let mut health = HealthClient::new(channel);
+    let check = health.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    // Short, so a sagad that accepts but never answers still meets START_LIMIT.
+    tokio::time::timeout(Duration::from_secs(2), check)
         .await
-        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+        .is_ok_and(|answer| {
+            answer.is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+        })
 }
 
 /// One HTTP/2 connection with TCP_NODELAY, as sagad's own clients use.
 pub async fn connect(url: &str) -> Result<Channel, Error> {
-    Ok(Endpoint::from_shared(url.to_owned())?
+    let endpoint = Endpoint::from_shared(url.to_owned())?
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await?)
+        .connect_timeout(Duration::from_secs(2));
+    // connect_timeout bounds the TCP connect; this bounds the HTTP/2 handshake after it.
+    Ok(within(&format!("connecting to {url}"), endpoint.connect()).await??)
 }
 
 /// `count` separate connections to `url`.
