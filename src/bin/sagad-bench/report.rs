@@ -33,6 +33,9 @@ pub struct SagaRun {
     pub rpcs_per_saga: u32,
     /// Calls the participant servers received per saga, counted.
     pub participant_rpcs_per_saga: f64,
+    /// Participant calls of every saga started on this sagad (probe and warm-up too) that had
+    /// not come when the last drain ended: a run that may overstate what sagad did.
+    pub participant_rpcs_missing: u64,
     pub sagad_cpu_ms_per_saga: Option<f64>,
     /// Of it, user space: what a change to sagad's own code moves; the kernel's share (sockets,
     /// futexes, fdatasync) mostly does not.
@@ -59,6 +62,39 @@ pub struct SagaRun {
     /// Sagas of the warm-up that failed: not in `failures`, but they fail the bench too.
     pub warmup_failures: usize,
     pub warmup_first_failure: Option<String>,
+}
+
+impl SagaRun {
+    /// Which configuration and run it was, for the lines that single one out.
+    pub fn name(&self) -> String {
+        format!(
+            "{} / {} / C={} run {}",
+            label(self.scenario, self.build),
+            self.durability,
+            self.concurrency,
+            self.run
+        )
+    }
+
+    /// What the tables do not show of this run and a reader must know to trust it.
+    fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.participant_rpcs_missing > 0 {
+            notes.push(format!(
+                "{} participant calls short of {} per saga started when the drain ended",
+                self.participant_rpcs_missing,
+                self.scenario.participant_rpcs()
+            ));
+        }
+        if self.warmup_failures > 0 {
+            notes.push(format!(
+                "{} sagas failed in the warm-up (not in the failures column); first: {}",
+                self.warmup_failures,
+                self.warmup_first_failure.as_deref().unwrap_or("?")
+            ));
+        }
+        notes
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -328,17 +364,10 @@ impl Report {
         for (scenario, why) in &self.unavailable {
             let _ = writeln!(out, "- {scenario}: not available in this build ({why})");
         }
-        for run in self.sagas.iter().filter(|r| r.warmup_failures > 0) {
-            let _ = writeln!(
-                out,
-                "- {} / {} / C={} run {}: {} sagas failed in the warm-up (not in the failures column); first: {}",
-                label(run.scenario, run.build),
-                run.durability,
-                run.concurrency,
-                run.run,
-                run.warmup_failures,
-                run.warmup_first_failure.as_deref().unwrap_or("?")
-            );
+        for run in &self.sagas {
+            for note in run.notes() {
+                let _ = writeln!(out, "- {}: {note}", run.name());
+            }
         }
         let _ = writeln!(out);
         self.against_baseline(&mut out, &groups);
@@ -432,6 +461,64 @@ mod tests {
             p99_ms: 0.2,
             other_cores: None,
         }
+    }
+
+    fn clean_run() -> SagaRun {
+        SagaRun {
+            scenario: Scenario::Success,
+            durability: "durable".to_owned(),
+            build: Build::Baseline,
+            concurrency: 4,
+            run: 2,
+            sagas: 100,
+            failures: 0,
+            seconds: 1.0,
+            sagas_per_s: 100.0,
+            p50_ms: 1.0,
+            p99_ms: 2.0,
+            p999_ms: 3.0,
+            max_ms: 4.0,
+            rpcs_per_saga: 6,
+            participant_rpcs_per_saga: 4.0,
+            participant_rpcs_missing: 0,
+            sagad_cpu_ms_per_saga: None,
+            sagad_user_cpu_ms_per_saga: None,
+            bench_cpu_ms_per_saga: None,
+            sagad_peak_rss_mib: None,
+            peak_rss_since_target_start: false,
+            ledger_bytes_per_saga: None,
+            device_flushes_per_saga: None,
+            ledger_flushes_per_saga: None,
+            other_cores: None,
+            echo_rpcs_per_s: None,
+            efficiency: None,
+            first_failure: None,
+            warmup_failures: 0,
+            warmup_first_failure: None,
+        }
+    }
+
+    #[test]
+    fn a_clean_run_has_no_note() {
+        assert!(clean_run().notes().is_empty());
+    }
+
+    #[test]
+    fn missing_participant_calls_and_warm_up_failures_are_noted_under_the_table() {
+        let run = SagaRun {
+            participant_rpcs_missing: 3,
+            warmup_failures: 2,
+            warmup_first_failure: Some("saga 7 ended Reversed".to_owned()),
+            ..clean_run()
+        };
+        assert_eq!(run.name(), "success (baseline) / durable / C=4 run 2");
+        assert_eq!(
+            run.notes(),
+            vec![
+                "3 participant calls short of 4 per saga started when the drain ended",
+                "2 sagas failed in the warm-up (not in the failures column); first: saga 7 ended Reversed",
+            ]
+        );
     }
 
     #[test]
