@@ -151,8 +151,15 @@ pub async fn serve_with(
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // Nagle's algorithm stays on unless asked: with it, p99 latency at 64 in flight is ~7x worse.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // A peer that vanished without closing (a host lost, a NAT entry dropped) would otherwise
+    // hold its connection, and a Subscribe stream on it would be taken for a live node's.
+    let keepalive = (!config.keepalive.is_zero()).then_some(config.keepalive);
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(keepalive);
     let router = Server::builder()
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(keepalive)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -93,6 +93,9 @@ pub struct Config {
     pub saga_retention: Duration,
     /// The deadline of a registered-outcall saga started without one; zero gives none.
     pub outcall_saga_timeout: Duration,
+    /// How long a connection may stay silent before sagad checks it is still there (an HTTP/2
+    /// PING, answered within the same time, and TCP keepalive probes); zero never checks.
+    pub keepalive: Duration,
 }
 
 impl Config {
@@ -117,6 +120,7 @@ impl Config {
             outcall_saga_timeout: Duration::from_millis(
                 crate::engine::DEFAULT_OUTCALL_SAGA_TIMEOUT_MS,
             ),
+            keepalive: Duration::from_secs(30),
         }
     }
 }
@@ -200,6 +204,13 @@ struct Flags {
     /// out [env: SAGAD_OUTCALL_SAGA_TIMEOUT] [default: 24h]
     #[arg(long)]
     outcall_saga_timeout: Option<String>,
+    /// How long a client connection may stay silent before sagad checks that its peer is still
+    /// there: an HTTP/2 PING, which must be answered within the same time or the connection is
+    /// closed and its streams end (so a Subscribe stream whose node vanished without closing it
+    /// is not taken for a live one), and TCP keepalive probes. At least 1s, or 0 for never
+    /// [env: SAGAD_KEEPALIVE] [default: 30s]
+    #[arg(long)]
+    keepalive: Option<String>,
 }
 
 fn node(setting: &'static str, text: &str) -> Result<(String, String), Error> {
@@ -440,6 +451,15 @@ impl Config {
             }
             config.outcall_saga_timeout = timeout;
         }
+        if let Some((value, _)) = pick(flags.keepalive, env, "SAGAD_KEEPALIVE")? {
+            const SETTING: &str = "keepalive (SAGAD_KEEPALIVE)";
+            let keepalive = duration(SETTING, &value)?;
+            // Shorter checks would close connections of healthy clients that are only busy.
+            if !keepalive.is_zero() && keepalive < Duration::from_secs(1) {
+                return Err(invalid(SETTING, &value, "must be 0 (never) or at least 1s"));
+            }
+            config.keepalive = keepalive;
+        }
         // A replayed StartSaga answers with the GSN its idempotency record keeps; if the saga
         // were removed first, that GSN would name nothing.
         if !config.saga_retention.is_zero()
@@ -601,6 +621,29 @@ mod tests {
                 .to_string();
             assert!(err.contains("outcall-saga-timeout"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn connections_are_checked_after_30s_of_silence_unless_configured_otherwise() {
+        let load = |args: &[&str]| Config::load(args.iter().copied(), &env(&[]));
+        assert_eq!(load(&["sagad"]).unwrap().keepalive, Duration::from_secs(30));
+        assert_eq!(
+            load(&["sagad", "--keepalive", "2m"]).unwrap().keepalive,
+            Duration::from_secs(120)
+        );
+        assert!(
+            load(&["sagad", "--keepalive", "0"])
+                .unwrap()
+                .keepalive
+                .is_zero()
+        );
+        let err = load(&["sagad", "--keepalive", "10ms"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("keepalive") && err.contains("at least 1s"),
+            "{err}"
+        );
     }
 
     #[test]

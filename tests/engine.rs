@@ -4,12 +4,14 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestServer;
 use common::orders::{
-    Shop, branch, eventually, get, order_strategy, put_strategy, register_node, shop,
-    shop_without_shipping_endpoint, start_order, wait_terminal,
+    Shop, branch, eventually, get, one_more_order, order_strategy, put_strategy, register_node,
+    shop, shop_without_shipping_endpoint, shop_without_shipping_endpoint_on, start_order,
+    wait_terminal,
 };
 use common::participant::{Node, PushParticipant, Script, subscribe};
 use sagad::grpc::pb;
@@ -199,6 +201,76 @@ async fn a_node_on_a_subscribe_stream_gets_the_same_commands() {
         "the signal arrives on the stream too"
     );
     stream.abort();
+}
+
+/// A node whose Subscribe stream went silent without closing (its host lost, a NAT entry on
+/// the way dropped) is not taken for a live one: sagad's PING goes unanswered, it closes the
+/// connection, and the node's commands are listed as having no stream until it subscribes
+/// again, when they are sent on the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_whose_connection_went_silent_is_dropped_and_its_commands_wait_for_a_new_stream()
+ {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = sagad::config::Config::with_data(dir.path().join("ledger"));
+    config.keepalive = Duration::from_millis(300);
+    let server = TestServer::start_with(config, Arc::new(sagad::clock::SystemClock)).await;
+    let (server, inventory, payment) =
+        shop_without_shipping_endpoint_on(server, Duration::from_secs(10)).await;
+    let proxy = common::SilenceableProxy::start(server.addr).await;
+    let through_proxy = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connected through the proxy");
+    let shipping = Node::new("shipping");
+    shipping.script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
+    let first = subscribe(shipping.clone(), through_proxy);
+    let gsn = start_order(&server.channel, "o-silent-1", "order").await;
+    let saga = wait_terminal(&server.channel, &gsn, LIMIT).await;
+    assert_eq!(
+        saga.state,
+        pb::SagaState::Completed as i32,
+        "the stream works"
+    );
+
+    proxy.go_silent();
+    one_more_order(&inventory.node, &payment.node);
+    shipping.script("ship", vec![Script::Succeed("SHIPPED", vec![])]);
+    let gsn = start_order(&server.channel, "o-silent-2", "order").await;
+    let mut operations = OperationsClient::new(server.channel.clone());
+    let waits_for_a_stream = |items: &[pb::StuckItem]| {
+        items.iter().any(|item| {
+            item.kind == pb::StuckKind::DeliveryFailing as i32
+                && item.node_id == "shipping"
+                && item.last_error.contains("no Subscribe stream")
+        })
+    };
+    let step = Duration::from_millis(50);
+    for round in 0.. {
+        let stuck = operations
+            .list_stuck(pb::ListStuckRequest::default())
+            .await
+            .expect("ListStuck")
+            .into_inner();
+        if waits_for_a_stream(&stuck.items) {
+            break;
+        }
+        assert!(
+            step * round < LIMIT,
+            "the silent stream was not dropped: {:?}",
+            stuck.items
+        );
+        tokio::time::sleep(step).await;
+    }
+    let second = subscribe(shipping.clone(), server.channel.clone());
+    let saga = wait_terminal(&server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32);
+    assert_eq!(shipping.executions_of(&gsn, "ship"), 1);
+    first.abort();
+    second.abort();
+    // The ledger's folder outlives the server's last flush.
+    server.stop().await.expect("a clean stop");
+    drop(dir);
 }
 
 /// The next command on a Subscribe stream, within the test's limit.

@@ -298,3 +298,67 @@ pub async fn wait_until_serving(addr: SocketAddr) -> Channel {
 pub fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
+
+/// A TCP proxy in front of a server that can go silent without closing anything, as a
+/// connection does when its peer's host is lost or a NAT entry on the way is dropped.
+pub struct SilenceableProxy {
+    pub addr: SocketAddr,
+    silent: Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl SilenceableProxy {
+    pub async fn start(target: SocketAddr) -> SilenceableProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = silent.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(forward(client_read, server_write, flag.clone()));
+                tokio::spawn(forward(server_read, client_write, flag.clone()));
+            }
+        });
+        SilenceableProxy { addr, silent, task }
+    }
+
+    /// From now on no byte passes either way, and no connection is closed.
+    pub fn go_silent(&self) {
+        self.silent.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for SilenceableProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to` until either closes; once `silent`, holds both open and passes
+/// nothing more.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    silent: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if silent.load(std::sync::atomic::Ordering::SeqCst) {
+            let _held = (from, to);
+            return std::future::pending().await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}

@@ -184,15 +184,23 @@ pub async fn shop(step_timeout: Duration) -> Shop {
 pub async fn shop_without_shipping_endpoint(
     step_timeout: Duration,
 ) -> (TestServer, PushParticipant, PushParticipant) {
-    let server = TestServer::start().await;
+    shop_without_shipping_endpoint_on(TestServer::start().await, step_timeout).await
+}
+
+/// Scripts one more successful reserve and charge: each scripted answer serves one order.
+pub fn one_more_order(inventory: &Node, payment: &Node) {
+    inventory.script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
+    payment.script("charge", vec![Script::Succeed("PAID", vec![])]);
+}
+
+/// `shop_without_shipping_endpoint` on a server started as the test needs.
+pub async fn shop_without_shipping_endpoint_on(
+    server: TestServer,
+    step_timeout: Duration,
+) -> (TestServer, PushParticipant, PushParticipant) {
     let inventory = PushParticipant::start(Node::new("inventory")).await;
     let payment = PushParticipant::start(Node::new("payment")).await;
-    inventory
-        .node
-        .script("reserve", vec![Script::Succeed("RESERVED", vec![])]);
-    payment
-        .node
-        .script("charge", vec![Script::Succeed("PAID", vec![])]);
+    one_more_order(&inventory.node, &payment.node);
     put_strategy(&server.channel, order_strategy(step_timeout)).await;
     register_node(&server.channel, "inventory", &inventory.endpoint()).await;
     register_node(&server.channel, "payment", &payment.endpoint()).await;
