@@ -287,7 +287,8 @@ async fn a_garbage_saga_record_is_listed_as_unreadable_and_hides_no_other_saga()
 }
 
 /// A strategy record sagad cannot read (damaged, or written by a newer sagad) is passed over
-/// by ListStrategies, on every page size: it no longer fails every page that reaches it.
+/// by ListStrategies, on every page size, and named once: it no longer fails every page that
+/// reaches it, and an operator sees which business type to look at.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_garbage_strategy_record_is_passed_over_by_list_strategies() {
     use sagad::grpc::pb::strategies_client::StrategiesClient;
@@ -313,6 +314,7 @@ async fn a_garbage_strategy_record_is_passed_over_by_list_strategies() {
     let mut client = StrategiesClient::new(server.channel.clone());
     for page_size in [0, 1] {
         let mut listed = Vec::new();
+        let mut unreadable = Vec::new();
         let mut page_token = String::new();
         loop {
             let page = client
@@ -324,12 +326,14 @@ async fn a_garbage_strategy_record_is_passed_over_by_list_strategies() {
                 .unwrap()
                 .into_inner();
             listed.extend(page.strategies.into_iter().map(|s| s.business_type));
+            unreadable.extend(page.unreadable_business_types);
             if page.next_page_token.is_empty() {
                 break;
             }
             page_token = page.next_page_token;
         }
         assert_eq!(listed, ["a-order", "c-order"], "page_size {page_size}");
+        assert_eq!(unreadable, ["b-order"], "named once, page_size {page_size}");
     }
     let error = client
         .get_strategy(pb::GetStrategyRequest {

@@ -26,6 +26,8 @@ pub struct StrategyPage {
     pub strategies: Vec<Strategy>,
     /// Empty on the last page.
     pub next_page_token: String,
+    /// Business types in the page's range whose latest strategy does not decode, passed over.
+    pub unreadable_business_types: Vec<String>,
 }
 
 impl Engine {
@@ -140,47 +142,58 @@ impl Engine {
         };
         // One more than a page tells whether another page follows, so the last page never
         // hands out a token that leads to an empty page.
-        let mut strategies = self
+        let (mut strategies, mut unreadable) = self
             .store
-            .read(move |tx| -> Result<Vec<Strategy>, store::Error> {
-                let mut readable = Vec::new();
-                for record in tx.latest_strategies(after.as_deref()) {
-                    // One strategy this build cannot read (damaged, or written by a newer
-                    // sagad) must not fail every page that reaches it; StartSaga and
-                    // GetStrategy on its business type still say what is wrong.
-                    let read = record.and_then(|record| {
-                        let business_type = record.business_type.clone();
-                        strategy_from_record(record).map_err(|e| match e {
-                            store::Error::Corrupt { table, detail } => store::Error::Corrupt {
-                                table,
-                                detail: format!("strategy {business_type:?}: {detail}"),
-                            },
-                            other => other,
-                        })
-                    });
-                    match read {
-                        Ok(strategy) => readable.push(strategy),
-                        Err(
-                            e
-                            @ (store::Error::Corrupt { .. } | store::Error::UnknownVersion { .. }),
-                        ) => {
-                            tracing::warn!(
-                                error = %e,
-                                "a strategy does not decode; the listing passes over it"
-                            );
-                            continue;
+            .read(
+                move |tx| -> Result<(Vec<Strategy>, Vec<Passed>), store::Error> {
+                    let mut readable = Vec::new();
+                    // Each with how many readable strategies came before it.
+                    let mut unreadable = Vec::new();
+                    for scanned in tx.scan_latest_strategies(after.as_deref()) {
+                        // One strategy this build cannot read (damaged, or written by a newer
+                        // sagad) must not fail every page that reaches it; it is named in the
+                        // answer, and StartSaga and GetStrategy on its business type still say
+                        // what is wrong.
+                        let read = match scanned? {
+                            Ok(record) => {
+                                let business_type = record.business_type.clone();
+                                strategy_from_record(record).map_err(|e| (business_type, e))
+                            }
+                            Err(undecodable) => Err((
+                                undecodable.strategy_business_type(),
+                                store::Error::from(undecodable),
+                            )),
+                        };
+                        match read {
+                            Ok(strategy) => readable.push(strategy),
+                            Err((
+                                business_type,
+                                e @ (store::Error::Corrupt { .. }
+                                | store::Error::UnknownVersion { .. }),
+                            )) => {
+                                tracing::warn!(
+                                    business_type,
+                                    error = %e,
+                                    "a strategy does not decode; the listing passes over it"
+                                );
+                                unreadable.push((readable.len(), business_type));
+                            }
+                            Err((_, e)) => return Err(e),
                         }
-                        Err(e) => return Err(e),
+                        if readable.len() > page_size {
+                            break;
+                        }
                     }
-                    if readable.len() > page_size {
-                        break;
-                    }
-                }
-                Ok(readable)
-            })
+                    Ok((readable, unreadable))
+                },
+            )
             .await??;
         let more = strategies.len() > page_size;
         strategies.truncate(page_size);
+        // One met after the page's last strategy is met again by the next page.
+        if more {
+            unreadable.retain(|(before, _)| *before < page_size);
+        }
         let next_page_token = match strategies.last() {
             Some(last) if more => page_token::encode(&last.business_type),
             _ => String::new(),
@@ -188,9 +201,14 @@ impl Engine {
         Ok(StrategyPage {
             strategies,
             next_page_token,
+            unreadable_business_types: unreadable.into_iter().map(|(_, name)| name).collect(),
         })
     }
 }
+
+/// A business type whose latest strategy a listing passed over, with how many readable
+/// strategies the listing had met before it.
+type Passed = (usize, String);
 
 /// One version of a business type's strategy (`version` 0: the latest), read inside a ledger
 /// write; `None` if there is none. StartSaga calls it to pin the version a saga runs with.

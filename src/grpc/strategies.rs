@@ -106,6 +106,7 @@ impl pb::strategies_server::Strategies for StrategiesService {
         Ok(Response::new(pb::ListStrategiesResponse {
             strategies: page.strategies.iter().map(strategy_pb).collect(),
             next_page_token: page.next_page_token,
+            unreadable_business_types: page.unreadable_business_types,
         }))
     }
 }

@@ -563,6 +563,16 @@ pub(crate) fn strategy_group_prefix(bytes: &[u8]) -> Result<&[u8], Error> {
     }
 }
 
+/// The business type a strategy key names, as text (lossy: the key may be damaged); the whole
+/// key when it has no separator.
+pub(crate) fn strategy_business_type_of_key(key: &[u8]) -> String {
+    let name = match key.iter().position(|&b| b == STRATEGY_SEPARATOR) {
+        Some(separator) => &key[..separator],
+        None => key,
+    };
+    String::from_utf8_lossy(name).into_owned()
+}
+
 /// The first strategy key of any business type strictly after `after`. No business type has
 /// 0x00, so one that follows `after` also follows `after` cut at its first 0x00 and is not
 /// that cut itself; the cut plus 0x01 is therefore the bound in both cases.

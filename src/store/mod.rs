@@ -158,6 +158,11 @@ impl Undecodable {
     pub fn error(&self) -> &Error {
         &self.error
     }
+    /// For a strategy record: the business type its key names (or, for a key without one,
+    /// the whole key), shown as text for an operator.
+    pub fn strategy_business_type(&self) -> String {
+        codec::strategy_business_type_of_key(&self.key)
+    }
 }
 
 impl From<Undecodable> for Error {
@@ -954,14 +959,21 @@ impl ReadTx<'_> {
     }
     /// The latest version of each business type's strategy, ordered by business type,
     /// starting strictly after `after` when given.
-    pub fn latest_strategies(
+    pub fn scan_latest_strategies(
         &self,
         after: Option<&str>,
-    ) -> Box<dyn Iterator<Item = Result<StrategyRecord, Error>> + '_> {
+    ) -> Box<dyn Iterator<Item = Scanned<StrategyRecord>> + '_> {
         Box::new(strategies::LatestStrategies::new(
             self.tables.tree(Table::Strategies),
             after,
         ))
+    }
+    /// `scan_latest_strategies`, a record that does not decode given as its error.
+    pub fn latest_strategies(
+        &self,
+        after: Option<&str>,
+    ) -> Box<dyn Iterator<Item = Result<StrategyRecord, Error>> + '_> {
+        stop_at_undecodable(self.scan_latest_strategies(after))
     }
     pub fn node(&self, node_id: &str) -> Result<Option<NodeRecord>, Error> {
         self.tables.get(Table::Nodes, node_id.as_bytes())

@@ -1,10 +1,10 @@
 //! Scans of the `strategies` table that take more than one range: the latest version of each
 //! business type, in business-type order. Reads only; the keys' layout lives in `codec`.
 
-use super::Error;
 use super::codec;
 use super::records::StrategyRecord;
-use super::tables::storage_error;
+use super::tables::{Table, storage_error};
+use super::{Scanned, Undecodable};
 
 /// Walks the business types from a bound, one group of versions at a time: it finds the next
 /// group's first key, then reads that group's last key, so it never visits the older versions.
@@ -25,13 +25,19 @@ impl<'a> LatestStrategies<'a> {
 }
 
 impl Iterator for LatestStrategies<'_> {
-    type Item = Result<StrategyRecord, Error>;
+    type Item = Scanned<StrategyRecord>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        let undecodable = |key: &[u8], value: &[u8], error| Undecodable {
+            table: Table::Strategies,
+            key: key.to_vec(),
+            value: value.to_vec(),
+            error,
+        };
         loop {
             let from = self.from.take()?;
-            let first = match self.tree.range(from.as_slice()..).next()? {
-                Ok((key, _)) => key,
+            let (first, first_value) = match self.tree.range(from.as_slice()..).next()? {
+                Ok(entry) => entry,
                 Err(e) => return Some(Err(storage_error(e))),
             };
             let prefix = match codec::strategy_group_prefix(&first) {
@@ -41,14 +47,18 @@ impl Iterator for LatestStrategies<'_> {
                     let mut after = first.to_vec();
                     after.push(0);
                     self.from = Some(after);
-                    return Some(Err(e));
+                    return Some(Ok(Err(undecodable(&first, &first_value, e))));
                 }
             };
             let end = codec::strategy_prefix_end(prefix);
             let latest = self.tree.range(prefix..end.as_slice()).next_back();
             self.from = Some(end);
             match latest {
-                Some(Ok((_, value))) => return Some(codec::decode(&value)),
+                Some(Ok((key, value))) => {
+                    return Some(Ok(
+                        codec::decode(&value).map_err(|e| undecodable(&key, &value, e))
+                    ));
+                }
                 Some(Err(e)) => {
                     self.from = None;
                     return Some(Err(storage_error(e)));
@@ -104,16 +114,26 @@ mod tests {
             .unwrap();
         put(&strategy("c", 4));
 
-        let scanned: Vec<Result<(String, u64), String>> = LatestStrategies::new(tree, None)
-            .map(|s| {
-                s.map(|s| (s.business_type, s.version))
-                    .map_err(|e| e.to_string())
-            })
-            .collect();
+        let scanned: Vec<Result<(String, u64), (String, String)>> =
+            LatestStrategies::new(tree, None)
+                .map(|s| {
+                    s.expect("the ledger reads")
+                        .map(|s| (s.business_type, s.version))
+                        .map_err(|e| (e.strategy_business_type(), e.error().to_string()))
+                })
+                .collect();
         assert_eq!(scanned.len(), 4, "{scanned:?}");
         assert_eq!(scanned[0], Ok(("a".into(), 2)));
-        assert!(scanned[1].as_ref().is_err_and(|e| e.contains("separator")));
-        assert!(scanned[2].as_ref().is_err_and(|e| e.contains("corrupt")));
+        assert!(
+            scanned[1]
+                .as_ref()
+                .is_err_and(|(name, e)| name == "a\u{1}" && e.contains("separator"))
+        );
+        assert!(
+            scanned[2]
+                .as_ref()
+                .is_err_and(|(name, e)| name == "b" && e.contains("corrupt"))
+        );
         assert_eq!(scanned[3], Ok(("c".into(), 4)));
     }
 }

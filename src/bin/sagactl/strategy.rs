@@ -161,6 +161,11 @@ async fn list(client: &mut StrategiesClient<Channel>) -> Result<(), String> {
                 s.description.lines().next().unwrap_or("")
             ));
         }
+        for business_type in &page.unreadable_business_types {
+            emit(&format!(
+                "(the latest strategy of {business_type:?} cannot be read; see sagad's log)\n"
+            ));
+        }
         if page.next_page_token.is_empty() {
             return Ok(());
         }
