@@ -2,15 +2,15 @@
 //! still running are kept whatever their age.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sagad::clock::ManualClock;
-use sagad::domain::ids::CoordinatorId;
 use sagad::domain::saga::{Deadline, SagaMode, StartRequest};
-use sagad::engine::{Engine, Error, Settings};
-use sagad::random::FixedRandom;
+use sagad::engine::{Engine, Error};
 use sagad::store::{Options, Store};
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
@@ -31,12 +31,7 @@ fn start(request_id: &str) -> StartRequest {
 fn engine_on(dir: &tempfile::TempDir) -> (Store, Arc<ManualClock>, Engine) {
     let store = Store::open(Options::new(dir.path())).unwrap();
     let clock = Arc::new(ManualClock::new(1_800_000_000_000));
-    let engine = Engine::new(
-        store.clone(),
-        clock.clone(),
-        Arc::new(FixedRandom(0.5)),
-        Settings::new(CoordinatorId::parse("c1").unwrap()),
-    );
+    let engine = common::engine_on(&store, clock.clone(), None);
     (store, clock, engine)
 }
 
