@@ -68,11 +68,20 @@ fn describe(name: &str) -> &'static str {
         "escalations" => {
             "sagas reversed because a node never said what happened within the poll budget"
         }
-        "timers_fired" => "step timeouts, polls, reversal retries and deadlines that came due",
+        "timers_fired" => {
+            "step timeouts, polls, reversal retries and deadlines that came due (one whose \
+             write was taken back, e.g. over a payload that does not decode, counts too)"
+        }
         "reversals_started" => "reversal actions issued to nodes",
-        "sagas_completed" => "sagas that ended COMPLETED",
-        "sagas_reversed" => "sagas that ended REVERSED",
-        "sagas_needing_attention" => "sagas whose reversal failed past its budget",
+        "sagas_completed" => "times a saga ended COMPLETED",
+        "sagas_reversed" => {
+            "times a saga ended REVERSED (one reopened to reverse a late success counts again \
+             when it ends again)"
+        }
+        "sagas_needing_attention" => {
+            "times a saga went to NEEDS_ATTENTION: a reversal failed past its budget, or a node \
+             undid a step of a COMPLETED saga"
+        }
         "ledger_flushes" => {
             "flushes that made groups of ledger writes durable (one per group, shared by its writes)"
         }
