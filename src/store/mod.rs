@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
-use tables::{Overlay, Table, Tables, storage_error};
+use tables::{Overlay, Table, Tables, read_error};
 use tokio::sync::{mpsc, oneshot};
 
 /// What "acknowledged" promises; chosen per deployment.
@@ -182,7 +182,7 @@ fn scan<'t, T: 't>(
     decode: fn(&[u8], &[u8]) -> Result<T, Error>,
 ) -> Box<dyn Iterator<Item = Scanned<T>> + 't> {
     Box::new(entries.map(move |entry| {
-        let (key, value) = entry.map_err(storage_error)?;
+        let (key, value) = entry.map_err(read_error(table))?;
         Ok(decode(&key, &value).map_err(|error| Undecodable {
             table,
             key: key.to_vec(),
@@ -953,7 +953,9 @@ impl ReadTx<'_> {
         let end = codec::strategy_prefix_end(&prefix);
         let tree = self.tables.tree(Table::Strategies);
         match tree.range(prefix..end).next_back() {
-            Some(entry) => codec::decode(&entry.map_err(storage_error)?.1).map(Some),
+            Some(entry) => {
+                codec::decode(&entry.map_err(read_error(Table::Strategies))?.1).map(Some)
+            }
             None => Ok(None),
         }
     }
@@ -994,7 +996,7 @@ impl ReadTx<'_> {
         match self.tables.tree(Table::RetryConfig).last() {
             Ok(Some((_, value))) => codec::decode(&value).map(Some),
             Ok(None) => Ok(None),
-            Err(e) => Err(storage_error(e)),
+            Err(e) => Err(read_error(Table::RetryConfig)(e)),
         }
     }
     pub fn retry_history(

@@ -3,7 +3,7 @@
 
 use super::codec;
 use super::records::StrategyRecord;
-use super::tables::{Table, storage_error};
+use super::tables::{Table, read_error};
 use super::{Scanned, Undecodable};
 
 /// Walks the business types from a bound, one group of versions at a time: it finds the next
@@ -38,7 +38,7 @@ impl Iterator for LatestStrategies<'_> {
             let from = self.from.take()?;
             let (first, first_value) = match self.tree.range(from.as_slice()..).next()? {
                 Ok(entry) => entry,
-                Err(e) => return Some(Err(storage_error(e))),
+                Err(e) => return Some(Err(read_error(Table::Strategies)(e))),
             };
             let prefix = match codec::strategy_group_prefix(&first) {
                 Ok(prefix) => prefix,
@@ -61,7 +61,7 @@ impl Iterator for LatestStrategies<'_> {
                 }
                 Some(Err(e)) => {
                     self.from = None;
-                    return Some(Err(storage_error(e)));
+                    return Some(Err(read_error(Table::Strategies)(e)));
                 }
                 // Strategies are never deleted, but a group gone between the two reads is
                 // simply passed.

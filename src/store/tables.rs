@@ -98,6 +98,19 @@ pub(crate) fn storage_error(error: sled::Error) -> Error {
     }
 }
 
+/// `storage_error` for a read of `table`, where damaged data is that table's corrupt record:
+/// a request that needs it is answered DATA_LOSS, and background work drops it, where a
+/// storage fault would be answered INTERNAL and retried for ever.
+pub(crate) fn read_error(table: Table) -> impl Fn(sled::Error) -> Error {
+    move |error| match error {
+        corrupt @ sled::Error::Corruption { .. } => Error::Corrupt {
+            table: table.name(),
+            detail: corrupt.to_string(),
+        },
+        other => storage_error(other),
+    }
+}
+
 /// One handle on the database and its trees. The writer and the reader each hold a clone; the
 /// folder's lock is released only when both have dropped theirs.
 #[derive(Clone)]
@@ -162,7 +175,7 @@ impl Tables {
     }
 
     pub(crate) fn get_raw(&self, table: Table, key: &[u8]) -> Result<Option<sled::IVec>, Error> {
-        self.tree(table).get(key).map_err(storage_error)
+        self.tree(table).get(key).map_err(read_error(table))
     }
 
     pub(crate) fn get<R: Record>(&self, table: Table, key: &[u8]) -> Result<Option<R>, Error> {
@@ -211,18 +224,19 @@ impl Tables {
     }
 }
 
-fn next_stored(stored: &mut sled::Iter) -> Result<Option<sled::IVec>, Error> {
+fn next_stored(stored: &mut sled::Iter, table: Table) -> Result<Option<sled::IVec>, Error> {
     match stored.next() {
         Some(Ok((key, _))) => Ok(Some(key)),
-        Some(Err(e)) => Err(storage_error(e)),
+        Some(Err(e)) => Err(read_error(table)(e)),
         None => Ok(None),
     }
 }
 
 fn next_stored_entry(
     stored: &mut impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    table: Table,
 ) -> Result<Option<(sled::IVec, sled::IVec)>, Error> {
-    stored.next().transpose().map_err(storage_error)
+    stored.next().transpose().map_err(read_error(table))
 }
 
 /// A key and its value, copied out of the tree or the overlay.
@@ -341,7 +355,7 @@ impl Overlay {
             .range::<&[u8], _>((Bound::Included(start), upper));
         let buffered = self.writes[table.index()].range::<[u8], _>((Bound::Included(start), upper));
         let mut buffered = buffered.peekable();
-        let mut stored_key = next_stored(&mut stored)?;
+        let mut stored_key = next_stored(&mut stored, table)?;
         let mut keys = Vec::new();
         while keys.len() < limit {
             let buffered_key = buffered.peek().map(|&(key, _)| key.as_slice());
@@ -349,16 +363,16 @@ impl Overlay {
                 (None, None) => break,
                 (Some(from_tree), Some(from_overlay)) if from_tree < from_overlay => {
                     keys.push(from_tree.to_vec());
-                    stored_key = next_stored(&mut stored)?;
+                    stored_key = next_stored(&mut stored, table)?;
                 }
                 (Some(from_tree), None) => {
                     keys.push(from_tree.to_vec());
-                    stored_key = next_stored(&mut stored)?;
+                    stored_key = next_stored(&mut stored, table)?;
                 }
                 (from_tree, Some(from_overlay)) => {
                     // The overlay's entry wins over the tree's for the same key.
                     if from_tree == Some(from_overlay) {
-                        stored_key = next_stored(&mut stored)?;
+                        stored_key = next_stored(&mut stored, table)?;
                     }
                     if let Some((key, Some(_))) = buffered.next() {
                         keys.push(key.clone());
@@ -387,7 +401,7 @@ impl Overlay {
             .range::<[u8], _>((Bound::Included(start), upper))
             .rev()
             .peekable();
-        let mut stored_entry = next_stored_entry(&mut stored)?;
+        let mut stored_entry = next_stored_entry(&mut stored, table)?;
         loop {
             let buffered_key = buffered.peek().map(|&(key, _)| key.as_slice());
             let stored_key = stored_entry.as_ref().map(|(key, _)| key.as_ref());
@@ -401,7 +415,7 @@ impl Overlay {
                     // value it replaces.
                     let replaced = from_tree.is_some() && from_tree == buffered_key;
                     if replaced {
-                        stored_entry = next_stored_entry(&mut stored)?;
+                        stored_entry = next_stored_entry(&mut stored, table)?;
                     }
                     if let Some((key, Some(value))) = buffered.next() {
                         return Ok(Some((key.clone(), value.clone())));
@@ -418,6 +432,23 @@ mod tests {
     use proptest::collection::{btree_map, vec};
     use proptest::option;
     use proptest::prelude::*;
+
+    #[test]
+    fn damaged_data_read_from_a_table_is_a_corrupt_record_of_that_table() {
+        let damaged = read_error(Table::Payloads)(sled::Error::Corruption { at: None, bt: () });
+        assert!(
+            matches!(
+                &damaged,
+                Error::Corrupt {
+                    table: "payloads",
+                    ..
+                }
+            ),
+            "{damaged:?}"
+        );
+        let io = read_error(Table::Payloads)(sled::Error::Io(std::io::ErrorKind::Other.into()));
+        assert!(matches!(io, Error::Io(_)), "{io:?}");
+    }
 
     #[test]
     fn every_table_has_its_own_tree_at_its_index() {
