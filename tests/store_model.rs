@@ -957,7 +957,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         (Ok(Ok(outcomes)), Fate::Commit) | (Ok(Err(outcomes)), Fate::Reject) => {
                             outcomes
                         }
-                        (Err(sagad::store::Error::Storage(_)), Fate::Panic) => continue,
+                        (Err(sagad::store::Error::Panicked(_)), Fate::Panic) => continue,
                         (answer, _) => {
                             return Err(TestCaseError::fail(format!(
                                 "{fate:?} but the job answered {answer:?}"

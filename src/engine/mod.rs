@@ -371,9 +371,12 @@ impl Engine {
         T: Send + 'static,
     {
         tokio::spawn(work).await.map_err(|e| {
-            Error::Store(store::Error::Storage(format!(
-                "the task of a ledger write and its follow-up failed: {e}"
-            )))
+            let detail = format!("the task of a ledger write and its follow-up failed: {e}");
+            Error::Store(if e.is_panic() {
+                store::Error::Panicked(detail)
+            } else {
+                store::Error::Storage(detail)
+            })
         })?
     }
 

@@ -437,19 +437,24 @@ pub(crate) fn outcall_refusal(refusal: outcalls::Refusal, gsn: &Gsn) -> Error {
     }
 }
 
+/// Whether background work that failed with `error` may succeed if tried again: a ledger fault
+/// may pass, while a corrupt record, a refused answer or a panic (a bug) fails the same way
+/// every time.
+pub(crate) fn is_passing(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Store(store::Error::Io(_) | store::Error::Storage(_) | store::Error::Closed)
+    )
+}
+
 /// Background work must not retry forever on what can never succeed: a passing ledger fault is
-/// passed on (the work is tried again); anything else — a corrupt record, a refused answer — is
-/// logged and the work dropped.
+/// passed on (the work is tried again); anything else is logged and the work dropped.
 fn drop_unless_passing(error: Error, what: &str, id: u64) -> Result<(), Error> {
-    match error {
-        Error::Store(store::Error::Io(_) | store::Error::Storage(_) | store::Error::Closed) => {
-            Err(error)
-        }
-        error => {
-            tracing::error!(id, %error, "{what}");
-            Ok(())
-        }
+    if is_passing(&error) {
+        return Err(error);
     }
+    tracing::error!(id, %error, "{what}");
+    Ok(())
 }
 
 /// `drop_unless_passing` for work that yields a value: a dropped one yields the default.
@@ -1017,7 +1022,9 @@ impl Engine {
                     &saga, &branch_id, attempt,
                 ))
             })
-            .await?;
+            .await
+            .map_err(Error::from)
+            .and_then(|live| live);
         // Like a stored timer, one that cannot be read (a corrupt saga) is dropped, not tried
         // again every round; only a storage fault keeps it for the next.
         let live = keep_going(
@@ -1079,7 +1086,10 @@ impl Engine {
                     ..applied
                 })
             })
-            .await?;
+            .await
+            // A closure that panicked is judged like one that failed: dropped, not retried.
+            .map_err(Error::from)
+            .and_then(|applied| applied);
         match applied {
             Ok(applied) => self.after_commit(applied),
             // The failed write was taken back whole: kept, a transition stored in part (the
@@ -1137,7 +1147,9 @@ impl Engine {
                     engine.apply_answer(tx, saga, &command.branch_id, command.kind, report, now)?;
                 Ok((applied, removed))
             })
-            .await?;
+            .await
+            .map_err(Error::from)
+            .and_then(|applied| applied);
         match applied {
             Ok((applied, removed)) => {
                 self.after_commit(applied);
@@ -1370,6 +1382,12 @@ mod tests {
         let fault = Error::Store(store::Error::Storage("disk full".into()));
         assert!(keep_going::<bool>(Err(fault), "kept", 1).is_err());
         assert!(keep_going::<bool>(Ok(true), "live", 1).unwrap());
+    }
+
+    #[test]
+    fn background_work_whose_transition_panicked_is_dropped_not_retried() {
+        let panicked = Error::Store(store::Error::Panicked("a ledger write job panicked".into()));
+        assert!(!keep_going::<bool>(Err(panicked), "dropped", 1).unwrap());
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //!   about it).
 //! - Each write job has a stamp (`WriteTx::stamp`), higher than every job run before it, and a
 //!   read knows the stamp of the last write it sees (`ReadTx::stamp`).
+//! - A closure that panics answers `Error::Panicked`, a bug that running it again only repeats.
 
 mod codec;
 mod intents;
@@ -102,6 +103,9 @@ pub enum Error {
     Corrupt { table: &'static str, detail: String },
     #[error("the ledger is closed")]
     Closed,
+    /// A caller's closure panicked: a bug, which running it again only repeats.
+    #[error("{0}")]
+    Panicked(String),
 }
 
 /// Which namespace an idempotency key lives in, so participants can never collide with (or
@@ -472,6 +476,18 @@ fn sync_folder(path: &Path) -> io::Result<()> {
         let _ = File::open(parent).and_then(|dir| dir.sync_all());
     }
     Ok(())
+}
+
+/// The text a caller's panic carried, for the error its caller gets.
+fn panic_message(job: &str, panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str));
+    match text {
+        Some(text) => format!("a ledger {job} job panicked: {text}"),
+        None => format!("a ledger {job} job panicked"),
+    }
 }
 
 /// The key of a timer in the per-saga index: `sequence BE ++ due key`.

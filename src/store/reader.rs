@@ -25,7 +25,7 @@ where
         let tx = ReadTx { tables, stamp };
         // A panicking closure answers its own caller with an error and leaves the thread alive.
         let answer = panic::catch_unwind(AssertUnwindSafe(|| f(&tx)))
-            .map_err(|_panic| Error::Storage("read job panicked".into()));
+            .map_err(|panic| Error::Panicked(super::panic_message("read", &*panic)));
         let _ = reply_to.send(answer);
     })
 }

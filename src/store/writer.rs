@@ -68,12 +68,10 @@ where
             stamp,
         };
         // A panicking closure must not take the writer (and every later write) down with it;
-        // its buffered writes are taken back, as if it had returned `Err`.
+        // its buffered writes are taken back, as if it had returned `Err`. It is a bug, not a
+        // passing fault, so its caller is told so (`Error::Panicked`) and does not retry it.
         let ran = panic::catch_unwind(AssertUnwindSafe(|| f(&mut tx)));
-        let outcome = match ran {
-            Err(_panic) => Err(Error::Storage("write job panicked".into())),
-            Ok(result) => Ok(result),
-        };
+        let outcome = ran.map_err(|panic| Error::Panicked(super::panic_message("write", &*panic)));
         overlay.end_job(matches!(outcome, Ok(Ok(_))));
         let reply: Reply = Box::new(move |flushed: Result<(), &Error>| {
             let answer = match flushed {
@@ -106,6 +104,7 @@ fn replicate(error: &Error) -> Error {
             detail: detail.clone(),
         },
         Error::Closed => Error::Closed,
+        Error::Panicked(detail) => Error::Panicked(detail.clone()),
     }
 }
 

@@ -120,6 +120,18 @@ pub async fn outcall_saga_on(
     (gsn, branch_id)
 }
 
+/// How many timers of `store` are still due after waiting up to `limit` for none to be.
+pub async fn timers_due_after(store: &sagad::store::Store, limit: Duration) -> usize {
+    let due = || store.read(|tx| tx.scan_due_until(u64::MAX).count());
+    for _ in 0..(limit.as_millis() / 20) {
+        if due().await.expect("read the due index") == 0 {
+            return 0;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    due().await.expect("read the due index")
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub channel: Channel,
