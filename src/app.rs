@@ -36,6 +36,13 @@ pub enum Error {
     Engine(#[from] crate::engine::Error),
     #[error("the server task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// sagad stopped after its ledger could not be made durable; a restart recovers it from
+    /// what is on disk.
+    #[error(
+        "the ledger could not be made durable ({0}); sagad stopped: restart it, and it recovers \
+         the ledger from what is on disk"
+    )]
+    LedgerFault(String),
 }
 
 /// `error` followed by each of its causes.
@@ -183,17 +190,32 @@ pub async fn serve_with(
     }));
     tracing::info!(%addr, coordinator_id = %config.coordinator_id, data = %config.data.display(), durability = ?config.durability, "sagad is serving");
 
-    let served = tokio::select! {
-        served = &mut server => Some(served),
-        () = shutdown => None,
+    let stop = tokio::select! {
+        served = &mut server => Stop::Served(served),
+        () = shutdown => Stop::Asked,
+        detail = store.fatal_fault() => Stop::LedgerFault(detail),
     };
-    let result = match served {
+    let fault = match &stop {
+        Stop::LedgerFault(detail) => Some(detail.clone()),
+        Stop::Served(_) | Stop::Asked => None,
+    };
+    let result = match stop {
         // The server stopped by itself: that is a failure, not a shutdown.
-        Some(served) => served
+        Stop::Served(served) => served
             .map_err(Error::from)
             .and_then(|r| r.map_err(Error::from)),
-        None => {
-            tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests");
+        Stop::Asked | Stop::LedgerFault(_) => {
+            match &fault {
+                Some(detail) => tracing::error!(
+                    error = %detail,
+                    grace = ?config.shutdown_grace,
+                    "the ledger could not be made durable: sagad stops, so that a restart \
+                     recovers from what is on disk; draining in-flight requests"
+                ),
+                None => {
+                    tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests")
+                }
+            }
             set_health(&health_reporter, ServingStatus::NotServing).await;
             // Subscribe and WatchSaga streams end first: the drain waits for every open
             // stream, and these would otherwise hold it for the whole grace period.
@@ -218,9 +240,24 @@ pub async fn serve_with(
         saga_collector.abort();
     }
     engine.stop();
-    store.close().await?;
+    let closed = store.close().await;
+    if let Some(detail) = fault {
+        // Whatever the drain and the close said, the cause to report is the fault.
+        return Err(Error::LedgerFault(detail));
+    }
+    closed?;
     tracing::info!("sagad stopped; the ledger is closed");
     result
+}
+
+/// Why serving ended.
+enum Stop {
+    /// The server ended by itself.
+    Served(Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>),
+    /// The shutdown future resolved.
+    Asked,
+    /// The ledger had a fatal fault (`Store::fatal_fault`).
+    LedgerFault(String),
 }
 
 /// Removes finished sagas past their retention, catching up on each tick.

@@ -1,5 +1,6 @@
 //! The sagad binary: configuration (exit 64 when it is bad), logs to stderr, bind, then
-//! `app::serve` until SIGINT or SIGTERM. Everything else lives in the library.
+//! `app::serve` until SIGINT or SIGTERM, or until the ledger cannot be made durable (exit 74,
+//! for a supervisor to restart it). Everything else lives in the library.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -16,6 +17,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// sysexits' EX_USAGE: the configuration is wrong, so restarting will not help.
 const EXIT_BAD_CONFIG: u8 = 64;
+/// sysexits' EX_IOERR: the ledger could not be made durable; a restart recovers it from what
+/// is on disk, so a supervisor should start sagad again.
+const EXIT_LEDGER_FAULT: u8 = 74;
 
 fn main() -> ExitCode {
     let config = match Config::load(std::env::args_os(), &ProcessEnvironment) {
@@ -52,6 +56,10 @@ fn main() -> ExitCode {
         };
         match app::serve(listener, config, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e @ app::Error::LedgerFault(_)) => {
+                eprintln!("sagad: {e}");
+                ExitCode::from(EXIT_LEDGER_FAULT)
+            }
             Err(e) => {
                 eprintln!("sagad: {e}");
                 ExitCode::FAILURE

@@ -1,5 +1,5 @@
 //! The sagad binary as an operator meets it: exit codes and one-line reasons when it cannot
-//! start, and a graceful drain on SIGTERM.
+//! start or its ledger fails, and a graceful drain on SIGTERM.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise; that is what unwrap is for here.
 
@@ -226,4 +226,48 @@ async fn sigterm_with_open_subscribe_and_watch_streams_exits_promptly_ending_the
             "{name}: {status:?}"
         );
     }
+}
+
+/// A ledger that cannot be made durable stops sagad with exit 74 and a line naming the cause, so
+/// that a supervisor restarts it and recovery works from what is on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_that_cannot_be_made_durable_exits_74_with_a_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ledger");
+    let port = common::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = sagad_command(&data, &addr.to_string(), &["--shutdown-grace", "1s"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let channel = wait_until_serving(addr).await;
+    // Every durable flush lists the blob folder: without it, the next one fails.
+    std::fs::remove_dir_all(data.join("blobs")).unwrap();
+    let refused = CoordinatorClient::new(channel)
+        .start_saga(start_request("after-fault", "order"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let mut exit = None;
+    for _ in 0..200 {
+        if let Some(status) = child.try_wait().unwrap() {
+            exit = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let Some(exit) = exit else {
+        let _ = child.kill();
+        panic!("sagad did not exit within 10 s of the fault");
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(exit.code(), Some(74), "{stderr}");
+    assert!(
+        stderr.lines().any(|line| {
+            line.starts_with("sagad: the ledger could not be made durable")
+                && line.contains("restart")
+        }),
+        "{stderr}"
+    );
 }

@@ -438,12 +438,17 @@ pub(crate) fn outcall_refusal(refusal: outcalls::Refusal, gsn: &Gsn) -> Error {
 }
 
 /// Whether background work that failed with `error` may succeed if tried again: a ledger fault
-/// may pass, while a corrupt record, a refused answer or a panic (a bug) fails the same way
-/// every time.
+/// may pass (and after a fatal one sagad stops, to try again after its restart), while a
+/// corrupt record, a refused answer or a panic (a bug) fails the same way every time.
 pub(crate) fn is_passing(error: &Error) -> bool {
     matches!(
         error,
-        Error::Store(store::Error::Io(_) | store::Error::Storage(_) | store::Error::Closed)
+        Error::Store(
+            store::Error::Io(_)
+                | store::Error::Storage(_)
+                | store::Error::Closed
+                | store::Error::Fatal(_)
+        )
     )
 }
 
@@ -1388,6 +1393,9 @@ mod tests {
     fn background_work_whose_transition_panicked_is_dropped_not_retried() {
         let panicked = Error::Store(store::Error::Panicked("a ledger write job panicked".into()));
         assert!(!keep_going::<bool>(Err(panicked), "dropped", 1).unwrap());
+        // After a fatal fault sagad stops; the work stays for the restart.
+        let fatal = Error::Store(store::Error::Fatal("fdatasync failed".into()));
+        assert!(keep_going::<bool>(Err(fatal), "kept", 1).is_err());
     }
 
     #[test]

@@ -47,6 +47,13 @@ pub fn from_engine(error: Error) -> Status {
         Error::Store(store::Error::Closed) => {
             Status::unavailable("sagad is shutting down; retry on another instance or later")
         }
+        Error::Store(e @ store::Error::Fatal(_)) => {
+            tracing::error!(error = %e, "refused: the ledger had a fatal fault");
+            Status::unavailable(
+                "sagad's ledger could not be made durable; sagad must be restarted, which \
+                 recovers from what is on disk: retry the request (same request_id) once it is back",
+            )
+        }
         Error::Store(e @ (store::Error::Corrupt { .. } | store::Error::UnknownVersion { .. })) => {
             tracing::error!(error = %e, "a stored record cannot be read");
             Status::data_loss(

@@ -14,8 +14,10 @@
 
 use super::Error;
 use super::codec;
+use super::fault::{Fault, PanicWatch};
 use super::tables::{Overlay, Table, Tables, storage_error};
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// Format of an intent's value: this byte, then per write `table u8, kind u8 (0 delete, 1 put),
 /// key length u32 LE, key`, and for a put `value length u32 LE, value`.
@@ -28,23 +30,28 @@ const TREE: &str = "intents";
 pub(crate) type Write = (Table, Vec<u8>, Option<Vec<u8>>);
 
 /// The writer's view of the intents tree; only the writer thread writes through it.
-#[derive(Debug, Default)]
 pub(crate) struct Intents {
     next_id: u64,
     /// Ids still in the tree, oldest first.
     live: VecDeque<u64>,
     /// The newest id a successful flush has covered.
     flushed_through: Option<u64>,
-    /// Set when a group failed part-way: its intent must outlive this run, so that the next
-    /// open completes it, and no later group may be written over its half (nor, once flushed,
-    /// remove its intent). sled itself refuses all writes after most such failures.
-    failed: Option<String>,
+    /// Set when a group failed part-way (or could not be made durable): its intent must
+    /// outlive this run, so that the next open completes it, and no later group may be written
+    /// over its half (nor, once flushed, remove its intent). sled itself refuses all writes
+    /// after most such failures.
+    fault: Arc<Fault>,
 }
 
 impl Intents {
     /// Starts after `recover` emptied the tree, so ids can start from zero again.
-    pub(crate) fn new() -> Intents {
-        Intents::default()
+    pub(crate) fn new(fault: Arc<Fault>) -> Intents {
+        Intents {
+            next_id: 0,
+            live: VecDeque::new(),
+            flushed_through: None,
+            fault,
+        }
     }
 
     /// A flush covered every intent up to `id` (its group's writes are durable).
@@ -79,15 +86,12 @@ impl Intents {
         overlay: &Overlay,
         through: u64,
     ) -> Result<Option<u64>, Error> {
+        // Checked even for a group that writes nothing: its jobs may have read the half of a
+        // failed group, and must not be answered from it.
+        self.fault.check()?;
         let writes = overlay.write_count();
         if writes == 0 {
             return Ok(None);
-        }
-        if let Some(failure) = &self.failed {
-            return Err(Error::Storage(format!(
-                "an earlier write group failed part-way ({failure}); no more writes until sagad \
-                 restarts and completes it"
-            )));
         }
         // Encoded before anything is written, so a write that cannot be encoded is refused
         // with nothing half done.
@@ -97,12 +101,21 @@ impl Intents {
             None
         };
         let mut readers_out = tables.exclusive();
+        // Dropped before `readers_out`: a panic inside sled is recorded before readers get in.
+        let panic_watch = PanicWatch {
+            fault: &self.fault.clone(),
+            doing: "writing a group to the ledger",
+        };
         let written = self.write_group(tables, overlay, record);
-        match &written {
-            Ok(_) => *readers_out = (*readers_out).max(through),
-            Err(error) => self.failed = Some(error.to_string()),
+        drop(panic_watch);
+        match written {
+            Ok(id) => {
+                *readers_out = (*readers_out).max(through);
+                Ok(id)
+            }
+            // Recorded while readers are still kept out, so none sees the half written.
+            Err(error) => Err(self.fault.fail(&error)),
         }
-        written
     }
 
     /// A group needs an intent unless it is a lone write and no intent will be left once the
@@ -144,7 +157,7 @@ impl Intents {
     /// After the last flush, at close: every intent is durable, so none needs to outlive this
     /// run (the next open would only replay writes that are already there).
     pub(crate) fn close(&mut self, tables: &Tables) -> Result<(), Error> {
-        if self.failed.is_some() {
+        if self.fault.check().is_err() {
             // The failed group's intent is for the next open to complete.
             return Ok(());
         }
@@ -321,7 +334,7 @@ mod tests {
     fn fresh() -> (tempfile::TempDir, Tables, Intents) {
         let dir = tempfile::tempdir().unwrap();
         let tables = open(dir.path());
-        (dir, tables, Intents::new())
+        (dir, tables, Intents::new(Arc::default()))
     }
 
     fn assert_saga(tables: &Tables, expected: &[u8]) {
@@ -514,7 +527,7 @@ mod tests {
                 }
             })
         };
-        let mut intents = Intents::new();
+        let mut intents = Intents::new(Arc::default());
         for round in 0..500u32 {
             let value = round.to_be_bytes();
             let group = overlay_of(&[
@@ -533,10 +546,10 @@ mod tests {
     fn after_a_group_fails_part_way_no_later_group_is_written() {
         let (_dir, tables, mut intents) = fresh();
         intents.apply(&tables, &group(b"1")).unwrap();
-        intents.failed = Some("disk gone".into());
+        intents.fault.fail(&Error::Storage("disk gone".into()));
         let refused = intents.apply(&tables, &group(b"2"));
         assert!(
-            matches!(&refused, Err(Error::Storage(detail)) if detail.contains("disk gone")),
+            matches!(&refused, Err(Error::Fatal(detail)) if detail.contains("disk gone")),
             "{refused:?}"
         );
         assert_saga(&tables, b"1");

@@ -22,8 +22,13 @@
 //! - Each write job has a stamp (`WriteTx::stamp`), higher than every job run before it, and a
 //!   read knows the stamp of the last write it sees (`ReadTx::stamp`).
 //! - A closure that panics answers `Error::Panicked`, a bug that running it again only repeats.
+//! - Once a group could not be made durable (a failed flush or sync), reached sled only in part,
+//!   or the flusher thread died, the ledger is failed for good: that group's callers and every
+//!   later `write` and `read` get `Error::Fatal`, and `fatal_fault` resolves. Only a restart
+//!   brings it back, completing the ledger from what is on disk.
 
 mod codec;
+mod fault;
 mod intents;
 mod reader;
 pub mod records;
@@ -106,6 +111,16 @@ pub enum Error {
     /// A caller's closure panicked: a bug, which running it again only repeats.
     #[error("{0}")]
     Panicked(String),
+    /// A group of writes could not be made durable, or reached sled only in part. Nothing
+    /// later can be trusted to be durable (Linux reports a failed writeback once, so the next
+    /// flush may pass with the data lost), and what sled holds may not be what is on disk, so
+    /// from then on every write and read is refused; a restart recovers from what is on disk
+    /// (`Store::fatal_fault`).
+    #[error(
+        "the ledger could not be made durable ({0}); sagad refuses all work until it is \
+         restarted, which recovers the ledger from what is on disk"
+    )]
+    Fatal(String),
 }
 
 /// Which namespace an idempotency key lives in, so participants can never collide with (or
@@ -217,6 +232,7 @@ struct Inner {
     writer: mpsc::Sender<writer::Message>,
     reader: mpsc::Sender<reader::Message>,
     flushes: Arc<AtomicU64>,
+    fault: Arc<fault::Fault>,
     /// Declared last so it drops last: by then the senders above are gone, so both threads see
     /// their inbox close, finish, and can be joined.
     _join_on_drop: Threads,
@@ -274,6 +290,7 @@ impl Store {
         }
 
         let flushes = Arc::new(AtomicU64::new(0));
+        let fault = Arc::new(fault::Fault::default());
         let max_group = options.max_group.max(1);
         let (writer_inbox, writer_rx) = mpsc::channel(max_group.saturating_mul(2));
         let (reader_inbox, reader_rx) = mpsc::channel(READ_QUEUE);
@@ -286,6 +303,7 @@ impl Store {
             writer: writer_inbox.downgrade(),
             dirty: false,
             unflushed_intent: None,
+            fault: fault.clone(),
         };
         let flusher = thread::Builder::new()
             .name("sagad-ledger-flusher".into())
@@ -293,10 +311,11 @@ impl Store {
         let writer = writer::Writer {
             tables: tables.clone(),
             max_group,
-            intents: intents::Intents::new(),
+            intents: intents::Intents::new(fault.clone()),
             to_flusher,
             flusher,
             stamp: 0,
+            fault: fault.clone(),
         };
         let mut threads = Threads {
             handles: Vec::with_capacity(2),
@@ -306,9 +325,10 @@ impl Store {
                 .name("sagad-ledger-writer".into())
                 .spawn(move || writer.run(writer_rx))?,
         );
+        let reader_fault = fault.clone();
         let reader = thread::Builder::new()
             .name("sagad-ledger-reader".into())
-            .spawn(move || reader::run(tables, reader_rx));
+            .spawn(move || reader::run(tables, reader_fault, reader_rx));
         let reader = match reader {
             Ok(reader) => reader,
             Err(e) => {
@@ -323,6 +343,7 @@ impl Store {
                 writer: writer_inbox,
                 reader: reader_inbox,
                 flushes,
+                fault,
                 _join_on_drop: threads,
             }),
         })
@@ -408,6 +429,14 @@ impl Store {
             stopped.await.map_err(|_| Error::Closed)?;
         }
         flushed
+    }
+
+    /// Resolves, with its cause, once the ledger has had a fatal fault (`Error::Fatal`): a
+    /// group that could not be made durable or was written only in part. From then on every
+    /// write and read is refused, and only a restart, which completes the ledger from what is
+    /// on disk, brings it back; whoever runs the ledger should stop.
+    pub fn fatal_fault(&self) -> impl Future<Output = String> + Send + 'static {
+        self.inner.fault.reported()
     }
 
     /// How many durable flushes the writer has made since open (for benchmarks and tests).

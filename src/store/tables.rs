@@ -159,8 +159,8 @@ impl Tables {
     }
 
     /// Keeps readers out while a group is written. A panic while it is held (inside sled, in a
-    /// group write) stops the writer; reads go on rather than fail, and may then see that
-    /// group in part until the next open completes it from its intent.
+    /// group write) stops the writer, which records a fatal fault as it unwinds, so reads are
+    /// refused rather than shown that group in part; the next open completes it from its intent.
     pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, u64> {
         self.groups.write().unwrap_or_else(PoisonError::into_inner)
     }

@@ -4,6 +4,7 @@
 //! jobs run while the previous group is being flushed, and a group grows while the disk is
 //! busy. They are the only code that writes to sled, and neither runs on a tokio worker.
 
+use super::fault::Fault;
 use super::intents::Intents;
 use super::tables::{Overlay, Tables, storage_error};
 use super::{Durability, Error, WriteTx};
@@ -23,9 +24,17 @@ use tokio::sync::{mpsc, oneshot};
 /// Answers one job once its group's flush is known: `Ok` if it made the data durable.
 pub(crate) type Reply = Box<dyn FnOnce(Result<(), &Error>) + Send>;
 
-/// Runs one caller closure against the ledger and its group's overlay, leaving its writes in the
-/// overlay only if it succeeded; the number is the job's stamp (`WriteTx::stamp`).
-pub(crate) type Run = Box<dyn FnOnce(&Tables, &mut Overlay, u64) -> Reply + Send>;
+/// Where a job runs: the ledger, its group's overlay and the job's stamp (`WriteTx::stamp`).
+pub(crate) struct Slot<'a> {
+    pub(crate) tables: &'a Tables,
+    pub(crate) overlay: &'a mut Overlay,
+    pub(crate) stamp: u64,
+}
+
+/// Runs one caller closure in its slot, leaving its writes in the overlay only if it succeeded,
+/// and returns how to answer it once its group's flush is known. Given an error instead, the
+/// closure is not run and its caller gets that error at once (`None`).
+pub(crate) type Run = Box<dyn FnOnce(Result<Slot<'_>, Error>) -> Option<Reply> + Send>;
 
 /// When a job's caller is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +58,9 @@ pub(crate) enum Message {
     Flushed {
         through: Option<u64>,
     },
+    /// The flusher thread ended while the writer still needed it (it panicked): no write can
+    /// be made durable any more.
+    FlusherGone,
     /// Finish what is queued ahead, flush durably, release the database and answer.
     Close(oneshot::Sender<Result<(), Error>>),
 }
@@ -60,7 +72,18 @@ where
     T: Send + 'static,
     E: Send + 'static,
 {
-    Box::new(move |tables: &Tables, overlay: &mut Overlay, stamp: u64| {
+    Box::new(move |slot: Result<Slot<'_>, Error>| {
+        let Slot {
+            tables,
+            overlay,
+            stamp,
+        } = match slot {
+            Ok(slot) => slot,
+            Err(refused) => {
+                let _ = reply_to.send(Err(refused));
+                return None;
+            }
+        };
         overlay.begin_job();
         let mut tx = WriteTx {
             tables,
@@ -81,8 +104,13 @@ where
             // The caller may have stopped waiting; the write stands either way.
             let _ = reply_to.send(answer);
         });
-        reply
+        Some(reply)
     })
+}
+
+/// Why no write can be made durable once a ledger thread is gone.
+fn stopped(thread: &str) -> Error {
+    Error::Storage(format!("the ledger {thread} thread stopped"))
 }
 
 /// A copy of a flush failure for each job of the group (`io::Error` is not `Clone`).
@@ -105,6 +133,7 @@ fn replicate(error: &Error) -> Error {
         },
         Error::Closed => Error::Closed,
         Error::Panicked(detail) => Error::Panicked(detail.clone()),
+        Error::Fatal(detail) => Error::Fatal(detail.clone()),
     }
 }
 
@@ -122,6 +151,20 @@ pub(crate) struct Applied {
     close: bool,
 }
 
+impl Drop for Applied {
+    /// A group dropped unanswered (the flusher died with it, or could not be handed it) can
+    /// never be made durable: its callers are told at once, not left waiting.
+    fn drop(&mut self) {
+        if self.replies.is_empty() {
+            return;
+        }
+        let lost = Error::Fatal("the ledger flusher stopped before this write was flushed".into());
+        for reply in self.replies.drain(..) {
+            reply(Err(&lost));
+        }
+    }
+}
+
 pub(crate) struct Writer {
     pub(crate) tables: Tables,
     pub(crate) max_group: usize,
@@ -131,17 +174,24 @@ pub(crate) struct Writer {
     pub(crate) flusher: JoinHandle<Result<(), Error>>,
     /// The stamp of the last job run; jobs run one at a time, so stamps follow their order.
     pub(crate) stamp: u64,
+    /// Once set, every job is refused unrun.
+    pub(crate) fault: Arc<Fault>,
 }
 
 impl Writer {
     pub(crate) fn run(mut self, mut inbox: mpsc::Receiver<Message>) {
+        // A panic (inside sled, say) ends this thread: recorded as a fatal fault, reads are
+        // refused too and sagad stops for a restart, rather than serve with no writer.
+        let _farewell = Farewell {
+            thread: "writer",
+            fault: self.fault.clone(),
+            writer: None,
+        };
         let max_group = self.max_group.max(1);
         let mut group = Group::default();
         // While the flusher works on a group, the next one is built; it is handed over when
         // the flusher says it is done (or the group is full), so one flush covers all of it.
         let mut flusher_busy = false;
-        // Once the flusher is gone no write can be made durable, so none is taken any more.
-        let mut flusher_gone = false;
         loop {
             let Some(message) = inbox.blocking_recv() else {
                 // Every handle is gone without `close`: still leave nothing unflushed.
@@ -152,24 +202,38 @@ impl Writer {
                 return;
             };
             match message {
-                Message::Job(job) if flusher_gone => {
-                    // Dropped unrun, which answers its caller `Closed` at once; kept, it would
-                    // wait in a group no flush will ever take.
-                    drop(job);
-                }
-                Message::Job(job) => {
-                    self.stamp += 1;
-                    group.through = self.stamp;
-                    let reply = (job.run)(&self.tables, &mut group.overlay, self.stamp);
-                    match job.answer {
-                        Answer::WhenDurable => group.durable.push(reply),
-                        Answer::WhenApplied => group.applied.push(reply),
+                Message::Job(job) => match self.fault.check() {
+                    // After a fatal fault nothing is run, not even a job that only reads: it
+                    // would answer from writes that may never become durable.
+                    Err(refused) => {
+                        let _ = (job.run)(Err(refused));
                     }
-                }
+                    Ok(()) => {
+                        self.stamp += 1;
+                        group.through = self.stamp;
+                        let slot = Slot {
+                            tables: &self.tables,
+                            overlay: &mut group.overlay,
+                            stamp: self.stamp,
+                        };
+                        if let Some(reply) = (job.run)(Ok(slot)) {
+                            match job.answer {
+                                Answer::WhenDurable => group.durable.push(reply),
+                                Answer::WhenApplied => group.applied.push(reply),
+                            }
+                        }
+                    }
+                },
                 Message::Flushed { through } => {
                     if let Some(intent) = through {
                         self.intents.flushed(intent);
                     }
+                    flusher_busy = false;
+                }
+                Message::FlusherGone => {
+                    self.fault.fail(&stopped("flusher"));
+                    // Nothing will say it is done any more: the group waiting for it goes now,
+                    // and is answered with the fault.
                     flusher_busy = false;
                 }
                 Message::Close(done) => {
@@ -183,10 +247,9 @@ impl Writer {
             if group.jobs() > 0 && (!flusher_busy || group.jobs() >= max_group) {
                 let batch = self.apply(&mut group, false);
                 if self.to_flusher.send(batch).is_err() {
-                    // The flusher is gone, so no flush can be promised: its replies were
-                    // dropped with the batch, and their callers see `Closed`.
-                    tracing::error!("the ledger flusher stopped; writes are refused");
-                    flusher_gone = true;
+                    // The flusher is gone, so no flush can be promised: the batch, dropped,
+                    // answered its callers, and every later job is refused.
+                    self.fault.fail(&stopped("flusher"));
                 }
                 flusher_busy = true;
             }
@@ -204,9 +267,9 @@ impl Writer {
             .apply_through(&self.tables, &group.overlay, group.through);
         let (applied, intent) = match applied {
             Ok(intent) => (Ok(()), intent),
-            // The jobs get the error. A group that failed part-way is completed from its
-            // intent at the next open (and no later group is written meanwhile), so its jobs'
-            // outcome is not known, as after a failed flush.
+            // The jobs get the error. A group that failed part-way is a fatal fault
+            // (`Intents::apply_through`): it is completed from its intent at the next open, so
+            // its jobs' outcome is not known, as after a failed flush.
             Err(error) => (Err(error), None),
         };
         group.overlay.clear();
@@ -226,7 +289,8 @@ impl Writer {
 
     /// Hands the last group over, waits for the final durable flush, and releases this
     /// thread's handle on the database before returning, so a caller can reopen the folder
-    /// as soon as `close` answers.
+    /// as soon as `close` answers. After a fatal fault it answers that fault, and leaves every
+    /// intent for the next open to replay.
     fn finish(mut self, group: &mut Group) -> Result<(), Error> {
         let batch = self.apply(group, true);
         let Writer {
@@ -234,6 +298,7 @@ impl Writer {
             to_flusher,
             flusher,
             mut intents,
+            fault,
             ..
         } = self;
         let sent = to_flusher.send(batch);
@@ -241,8 +306,10 @@ impl Writer {
         let flushed = flusher
             .join()
             .unwrap_or_else(|_| Err(Error::Storage("the ledger flusher panicked".into())));
-        sent.map_err(|_| Error::Storage("the ledger flusher stopped".into()))?;
-        flushed?;
+        if sent.is_err() {
+            return Err(fault.fail(&stopped("flusher")));
+        }
+        flushed.map_err(|error| fault.fail(&error))?;
         intents.close(&tables)
     }
 }
@@ -277,16 +344,45 @@ pub(crate) struct Flusher {
     pub(crate) dirty: bool,
     /// The newest intent of the groups received and not yet flushed.
     pub(crate) unflushed_intent: Option<u64>,
+    /// Set by a failed flush; once set, nothing is flushed or answered `Ok` again.
+    pub(crate) fault: Arc<Fault>,
+}
+
+/// Reports the death of a ledger thread (a panic in sled or in a sync) as a fatal fault, and
+/// tells the writer when it is the flusher: the writer would otherwise wait for its word, and
+/// every caller with it.
+struct Farewell {
+    thread: &'static str,
+    fault: Arc<Fault>,
+    writer: Option<mpsc::WeakSender<Message>>,
+}
+
+impl Drop for Farewell {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        self.fault.fail(&stopped(self.thread));
+        if let Some(writer) = self.writer.as_ref().and_then(mpsc::WeakSender::upgrade) {
+            // Refused at once when the writer has closed its inbox or is gone.
+            let _ = writer.blocking_send(Message::FlusherGone);
+        }
+    }
 }
 
 impl Flusher {
     /// Flushes what the writer applied, in order, answering each group after the flush that
     /// covers it; returns the result of the final flush.
     pub(crate) fn run(mut self, inbox: std_mpsc::Receiver<Applied>) -> Result<(), Error> {
+        let _farewell = Farewell {
+            thread: "flusher",
+            fault: self.fault.clone(),
+            writer: Some(self.writer.clone()),
+        };
         loop {
             let Ok(first) = inbox.recv() else {
                 // The writer went away without a last group: still leave nothing unflushed.
-                return self.flush(Durability::Durable);
+                return self.checked_flush(Durability::Durable);
             };
             // Groups that queued up during the last flush share the next one.
             let mut batches = vec![first];
@@ -301,22 +397,24 @@ impl Flusher {
             let wanted = batches.iter().any(|batch| batch.wants_flush);
             let mut through = None;
             let flushed = if close {
-                self.flush(Durability::Durable)
+                self.checked_flush(Durability::Durable)
             } else if self.dirty && wanted {
-                let flushed = self.flush(self.durability);
+                let flushed = self.checked_flush(self.durability);
                 if flushed.is_ok() {
                     through = self.unflushed_intent.take();
                 }
                 flushed
             } else {
-                Ok(())
+                // Even a group that needs no flush is not answered `Ok` after a fault: it may
+                // have read writes that will never be durable.
+                self.fault.check()
             };
-            for batch in batches {
+            for mut batch in batches {
                 let outcome = match (&batch.applied, &flushed) {
                     (Err(error), _) | (Ok(()), Err(error)) => Err(error),
                     (Ok(()), Ok(())) => Ok(()),
                 };
-                for reply in batch.replies {
+                for reply in std::mem::take(&mut batch.replies) {
                     reply(outcome);
                 }
             }
@@ -331,13 +429,19 @@ impl Flusher {
         }
     }
 
-    fn flush(&mut self, durability: Durability) -> Result<(), Error> {
+    /// Flushes unless a fault came first. A flush that fails is a fatal fault: Linux reports a
+    /// failed writeback once, so a later flush could pass with this one's data lost.
+    fn checked_flush(&mut self, durability: Durability) -> Result<(), Error> {
+        self.fault.check()?;
         let result = self.flush_inner(durability);
         self.dirty = result.is_err();
-        if result.is_ok() {
-            self.flushes.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                self.flushes.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) => Err(self.fault.fail(&error)),
         }
-        result
     }
 
     fn flush_inner(&mut self, durability: Durability) -> Result<(), Error> {
@@ -370,6 +474,9 @@ pub(crate) struct FileSync {
     /// How often each blob was synced, so tests can tell a sync that was skipped.
     #[cfg(test)]
     blob_syncs: HashMap<u64, u32>,
+    /// Makes the next sync panic, as a bug in it or in what it calls would.
+    #[cfg(test)]
+    panic_on_sync: bool,
 }
 
 /// When the blob folder was last listed, and its modification time just before.
@@ -410,10 +517,14 @@ impl FileSync {
             listed: None,
             #[cfg(test)]
             blob_syncs: HashMap::new(),
+            #[cfg(test)]
+            panic_on_sync: false,
         }
     }
 
     fn sync(&mut self) -> io::Result<()> {
+        #[cfg(test)]
+        assert!(!self.panic_on_sync, "injected: the sync panicked");
         self.data_file.sync_data()?;
         // The folder's time and `at` are both taken before the listing, so a blob created
         // while it runs changes the folder after `folder_mtime` and is found by the next one.
@@ -477,6 +588,7 @@ impl FileSync {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tables::Table;
     use super::*;
 
     fn secs(n: u64) -> SystemTime {
@@ -577,13 +689,15 @@ mod tests {
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let (to_flusher, flusher_inbox) = std_mpsc::channel();
         drop(flusher_inbox);
+        let fault = Arc::new(Fault::default());
         let writer = Writer {
             tables: Tables::open(db).unwrap(),
             max_group: 512,
-            intents: Intents::new(),
+            intents: Intents::new(fault.clone()),
             to_flusher,
             flusher: std::thread::spawn(|| Ok(())),
             stamp: 0,
+            fault,
         };
         let (inbox, writer_inbox) = mpsc::channel(16);
         let running = std::thread::spawn(move || writer.run(writer_inbox));
@@ -611,5 +725,86 @@ mod tests {
         );
         drop(inbox);
         running.join().unwrap();
+    }
+
+    /// A writer and its flusher over a fresh ledger in `dir`, syncing with `sync`, as
+    /// `Store::open` starts them.
+    fn start(
+        dir: &std::path::Path,
+        sync: impl FnOnce(&std::path::Path) -> FileSync,
+    ) -> (mpsc::Sender<Message>, JoinHandle<()>) {
+        let db = sled::Config::new().path(dir).open().unwrap();
+        let tables = Tables::open(db).unwrap();
+        let fault = Arc::new(Fault::default());
+        let (inbox, writer_inbox) = mpsc::channel(16);
+        let (to_flusher, flusher_inbox) = std_mpsc::channel();
+        let flusher = Flusher {
+            tables: tables.clone(),
+            durability: Durability::Durable,
+            sync: sync(dir),
+            flushes: Arc::default(),
+            writer: inbox.downgrade(),
+            dirty: false,
+            unflushed_intent: None,
+            fault: fault.clone(),
+        };
+        let flusher = std::thread::spawn(move || flusher.run(flusher_inbox));
+        let writer = Writer {
+            tables,
+            max_group: 512,
+            intents: Intents::new(fault.clone()),
+            to_flusher,
+            flusher,
+            stamp: 0,
+            fault,
+        };
+        (inbox, std::thread::spawn(move || writer.run(writer_inbox)))
+    }
+
+    /// Sends a job that writes one key, and waits at most 5 s for its answer.
+    async fn put(
+        inbox: &mpsc::Sender<Message>,
+        key: &'static [u8],
+    ) -> Result<Result<Result<(), Error>, Error>, tokio::time::error::Elapsed> {
+        let (reply_to, reply) = oneshot::channel();
+        let run = job(
+            move |tx: &mut WriteTx<'_>| -> Result<(), Error> {
+                tx.overlay.put(Table::Meta, key.to_vec(), b"1".to_vec());
+                Ok(())
+            },
+            reply_to,
+        );
+        let sent = inbox.send(Message::Job(Job {
+            run,
+            answer: Answer::WhenDurable,
+        }));
+        let _ = sent.await;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            reply.await.unwrap_or(Err(Error::Closed))
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flusher_that_dies_mid_flush_fails_its_waiting_writers_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inbox, writer) = start(dir.path(), |dir| {
+            let mut sync = FileSync::new(File::open(dir.join("db")).unwrap(), dir.join("blobs"));
+            sync.panic_on_sync = true;
+            sync
+        });
+        let first = put(&inbox, b"a").await;
+        assert!(
+            matches!(first, Ok(Err(_) | Ok(Err(_)))),
+            "the write whose flush panicked is not answered Ok: {first:?}"
+        );
+        // The writer heard nothing more from the flusher; it must not wait for it.
+        let second = put(&inbox, b"b").await;
+        assert!(
+            matches!(second, Ok(Err(Error::Fatal(_)))),
+            "a later write is refused at once as a fatal fault: {second:?}"
+        );
+        drop(inbox);
+        writer.join().unwrap();
     }
 }
