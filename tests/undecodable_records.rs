@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::TestServer;
 use common::orders::{get, order_strategy, put_strategy, register_node, start_order};
 use common::participant::{Node, PushParticipant, Script};
-use sagad::clock::{ManualClock, SystemClock};
+use sagad::clock::{Clock, ManualClock, SystemClock};
 use sagad::config::Config;
 use sagad::domain::saga::{Deadline, SagaMode, SagaState, StartRequest};
 use sagad::grpc::pb;
@@ -45,6 +45,24 @@ fn u64_key(n: u64) -> [u8; 8] {
 /// `at_ms BE ++ id BE`, as the due index keys its timers.
 fn due_key(at_ms: u64, id: u64) -> Vec<u8> {
     [at_ms.to_be_bytes(), id.to_be_bytes()].concat()
+}
+
+/// Starts three registered-outcall sagas on a sagad over `ledger`, then stops it; returns their
+/// GSNs and the middle one's sequence, for a test to spoil one of its records.
+async fn three_sagas(ledger: &Path) -> (Vec<String>, u64) {
+    let server = TestServer::start_with(Config::with_data(ledger), Arc::new(SystemClock)).await;
+    let mut gsns = Vec::new();
+    for i in 1..=3 {
+        let started = CoordinatorClient::new(server.channel.clone())
+            .start_saga(common::start_request(&format!("t-{i}"), "transfer"))
+            .await
+            .unwrap()
+            .into_inner();
+        gsns.push(started.gsn);
+    }
+    server.stop().await.unwrap();
+    let middle = gsns[1].rsplit('-').next().unwrap().parse().unwrap();
+    (gsns, middle)
 }
 
 fn start(request_id: &str, deadline: Deadline) -> StartRequest {
@@ -222,18 +240,7 @@ async fn a_garbage_saga_record_does_not_stop_retention_removing_other_finished_s
 async fn a_garbage_saga_record_is_listed_as_unreadable_and_hides_no_other_saga() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = dir.path().join("ledger");
-    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
-    let mut gsns = Vec::new();
-    for i in 1..=3 {
-        let started = CoordinatorClient::new(server.channel.clone())
-            .start_saga(common::start_request(&format!("t-{i}"), "transfer"))
-            .await
-            .unwrap()
-            .into_inner();
-        gsns.push(started.gsn);
-    }
-    server.stop().await.unwrap();
-    let spoiled_sequence: u64 = gsns[1].rsplit('-').next().unwrap().parse().unwrap();
+    let (gsns, spoiled_sequence) = three_sagas(&ledger).await;
     write_raw(&ledger, "sagas", &u64_key(spoiled_sequence), GARBAGE);
 
     let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
@@ -387,6 +394,90 @@ async fn a_timer_whose_transition_meets_an_undecodable_payload_is_dropped_with_n
     );
     let outbox = store.read(|tx| tx.scan_outbox().count()).await.unwrap();
     assert_eq!(outbox, 0, "no command of the transition was kept");
+    engine.stop();
+    store.close().await.unwrap();
+}
+
+/// With `full`, a saga whose payload does not decode is passed over and named among the
+/// unreadable sequences, as a saga record that does not decode is: it no longer fails the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_whose_payload_does_not_decode_is_listed_as_unreadable_and_hides_no_other_saga() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let (gsns, spoiled_sequence) = three_sagas(&ledger).await;
+    // The saga's own payload is stored under its sequence and branch id "".
+    write_raw(&ledger, "payloads", &u64_key(spoiled_sequence), GARBAGE);
+
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    let mut coordinator = CoordinatorClient::new(server.channel.clone());
+    let page = coordinator
+        .list_sagas(pb::ListSagasRequest {
+            full: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let listed: Vec<(String, Vec<u8>)> =
+        page.sagas.into_iter().map(|s| (s.gsn, s.payload)).collect();
+    let payload = br#"{"order":42}"#.to_vec();
+    assert_eq!(
+        listed,
+        [
+            (gsns[0].clone(), payload.clone()),
+            (gsns[2].clone(), payload)
+        ],
+        "the sagas on either side are listed with their payloads"
+    );
+    assert_eq!(page.unreadable_sequences, [spoiled_sequence]);
+    // Without payloads the saga is readable, and listed.
+    let page = coordinator
+        .list_sagas(pb::ListSagasRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.sagas.len(), 3);
+    assert!(page.unreadable_sequences.is_empty());
+    server.stop().await.unwrap();
+}
+
+/// A command resumed from the outbox whose payload does not decode is not read again every
+/// second for ever: its delivery stops, its outbox entry is kept, and operators see it among the
+/// deliveries in flight with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_payload_does_not_decode_stops_its_delivery_and_is_shown_to_operators() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    put_strategy(&server.channel, order_strategy(Duration::from_secs(30))).await;
+    // No node has an endpoint, so the saga's Executes wait in the outbox.
+    let gsn = start_order(&server.channel, "o-spoiled", "order spoiled").await;
+    server.stop().await.unwrap();
+    let sequence: u64 = gsn.rsplit('-').next().unwrap().parse().unwrap();
+    write_raw(&ledger, "payloads", &u64_key(sequence), GARBAGE);
+
+    let store = Store::open(Options::new(&ledger)).unwrap();
+    // Now, so that the step timeouts re-armed from the outbox are not yet due.
+    let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+    let engine = common::engine_on(&store, clock, None);
+    engine.start().await.unwrap();
+    let outbox = store.read(|tx| tx.scan_outbox().count()).await.unwrap();
+    assert!(outbox > 0, "the saga's commands wait in the outbox");
+    let mut given_up = Vec::new();
+    for _ in 0..(LIMIT.as_millis() / 20) {
+        given_up = engine
+            .deliveries_in_flight()
+            .into_iter()
+            .filter(|flight| flight.gsn == gsn && flight.last_error.contains("payload"))
+            .collect();
+        if given_up.len() == outbox {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(given_up.len(), outbox, "{given_up:?}");
+    let kept = store.read(|tx| tx.scan_outbox().count()).await.unwrap();
+    assert_eq!(kept, outbox, "the entries stay for an operator");
     engine.stop();
     store.close().await.unwrap();
 }

@@ -13,7 +13,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::engine::commands::{Command, Kind};
 use crate::engine::metrics::Metrics;
-use crate::engine::sagas::command_id;
+use crate::engine::sagas::{command_id, is_passing};
 use crate::engine::{Engine, Error};
 use crate::store;
 use crate::transport::{Answer, Outgoing, Participants};
@@ -227,6 +227,16 @@ impl Delivery {
         }
     }
 
+    /// A command that can never be sent: its delivery stops, and operators still see it
+    /// among the deliveries in flight, with `why`, until it is answered or sagad restarts.
+    fn give_up(&self, outbox_id: u64, command: &Command, why: String) {
+        self.record_attempt(outbox_id, command, 0, why);
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&outbox_id);
+    }
+
     fn is_pending(&self, outbox_id: u64) -> bool {
         self.pending
             .lock()
@@ -286,9 +296,20 @@ async fn deliver(
             match Box::pin(engine.payload_of(&command)).await {
                 Ok(payload) => break payload,
                 Err(Error::Store(store::Error::Closed)) => return,
-                Err(e) => {
+                Err(e) if is_passing(&e) => {
                     tracing::warn!(outbox_id, error = %e, "reading a command's payload failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                // Read again every second it would fail the same way for ever. Like an outbox
+                // entry that does not decode, the entry is kept for an operator.
+                Err(e) => {
+                    tracing::error!(outbox_id, gsn = %command.gsn, error = %e, "a command's payload cannot be read; its delivery stops and its outbox entry is kept for an operator");
+                    delivery.give_up(
+                        outbox_id,
+                        &command,
+                        format!("its payload cannot be read: {e}"),
+                    );
+                    return;
                 }
             }
         },

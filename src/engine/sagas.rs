@@ -766,15 +766,23 @@ impl Engine {
                     let type_matches =
                         business_type.is_empty() || record.business_type == business_type;
                     if state_matches && type_matches {
-                        let payload = if with_payloads {
-                            tx.payload(record.sequence, "")?
-                                .map(|p| p.data)
-                                .unwrap_or_default()
-                        } else {
-                            Vec::new()
-                        };
                         let sequence = record.sequence;
-                        match convert::saga_from_record(record, payload) {
+                        // A payload that does not decode makes its saga unreadable, as GetSaga
+                        // finds it, rather than failing the whole page.
+                        let payload = if with_payloads {
+                            match tx.payload(sequence, "") {
+                                Ok(payload) => Ok(payload.map(|p| p.data).unwrap_or_default()),
+                                Err(
+                                    error @ (store::Error::Corrupt { .. }
+                                    | store::Error::UnknownVersion { .. }),
+                                ) => Err(error),
+                                Err(other) => return Err(other),
+                            }
+                        } else {
+                            Ok(Vec::new())
+                        };
+                        match payload.and_then(|payload| convert::saga_from_record(record, payload))
+                        {
                             Ok(saga) => {
                                 bytes = bytes.saturating_add(shown_bytes(&saga, with_payloads));
                                 matched.push(saga);
