@@ -17,8 +17,9 @@
 //! - `write_unflushed(f)` is `write` for a write whose loss in a crash is harmless: it is
 //!   answered once applied, and neither waits for nor causes a flush.
 //! - `read(f)` runs `f` on the reader thread. It sees the groups already applied to sled, each
-//!   whole, which may include one not yet flushed (only `write_unflushed` callers were answered
-//!   about it).
+//!   whole, which may include one not yet flushed: for up to one flush, a read can show a write
+//!   whose caller has not been answered yet and which a crash would lose (its caller is then
+//!   never told it was durable).
 //! - Each write job has a stamp (`WriteTx::stamp`), higher than every job run before it, and a
 //!   read knows the stamp of the last write it sees (`ReadTx::stamp`).
 //! - A closure that panics answers `Error::Panicked`, a bug that running it again only repeats.
