@@ -481,3 +481,49 @@ async fn a_command_whose_payload_does_not_decode_stops_its_delivery_and_is_shown
     engine.stop();
     store.close().await.unwrap();
 }
+
+/// A finished saga can leave a command out (a resend its node never took). Once retention has
+/// removed the saga, that command is dropped when it is resumed, instead of reaching its node
+/// without the saga's payload for a saga nobody can look up any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_saga_retention_removed_is_dropped_not_sent_without_its_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    put_strategy(&server.channel, order_strategy(Duration::from_secs(30))).await;
+    // No node has an endpoint, so the saga's Executes wait in the outbox.
+    let gsn = start_order(&server.channel, "o-removed", "order removed").await;
+    server.stop().await.unwrap();
+    let sequence: u64 = gsn.rsplit('-').next().unwrap().parse().unwrap();
+
+    let store = Store::open(Options::new(&ledger)).unwrap();
+    let outbox = store.read(|tx| tx.scan_outbox().count()).await.unwrap();
+    assert!(outbox > 0, "the saga's commands wait in the outbox");
+    // What retention's write does to a saga past its retention.
+    store
+        .write(move |tx| tx.delete_saga(sequence))
+        .await
+        .unwrap()
+        .unwrap();
+    let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+    let engine = common::engine_on(&store, clock, None);
+    engine.start().await.unwrap();
+    let mut left = outbox;
+    for _ in 0..(LIMIT.as_millis() / 20) {
+        left = store.read(|tx| tx.scan_outbox().count()).await.unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, 0, "the removed saga's commands are dropped");
+    assert!(
+        engine
+            .deliveries_in_flight()
+            .iter()
+            .all(|flight| flight.gsn != gsn),
+        "and no longer delivered"
+    );
+    engine.stop();
+    store.close().await.unwrap();
+}

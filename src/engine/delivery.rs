@@ -294,7 +294,14 @@ async fn deliver(
         None if !carries_payload => store::PayloadRecord::default(),
         None => loop {
             match Box::pin(engine.payload_of(&command)).await {
-                Ok(payload) => break payload,
+                Ok(Some(payload)) => break payload,
+                Ok(None) => {
+                    tracing::warn!(outbox_id, gsn = %command.gsn, node_id = %command.node_id, "the command's saga was removed by retention; the command is dropped, not sent without its payload");
+                    if let Err(e) = engine.drop_command_of_removed_saga(outbox_id).await {
+                        tracing::warn!(outbox_id, error = %e, "dropping the command failed; it is looked at again at the next start");
+                    }
+                    return;
+                }
                 Err(Error::Store(store::Error::Closed)) => return,
                 Err(e) if is_passing(&e) => {
                     tracing::warn!(outbox_id, error = %e, "reading a command's payload failed; retrying");

@@ -1272,15 +1272,35 @@ impl Engine {
     }
 
     /// The payload sent with a command, read from the ledger (for commands resumed from the
-    /// outbox; a new command gets it from the write that created it).
-    pub(crate) async fn payload_of(&self, command: &Command) -> Result<PayloadRecord, Error> {
+    /// outbox; a new command gets it from the write that created it). `None` when the saga is
+    /// no longer in the ledger: retention removed it, finished, with the command still out.
+    pub(crate) async fn payload_of(
+        &self,
+        command: &Command,
+    ) -> Result<Option<PayloadRecord>, Error> {
         let gsn = Gsn::parse(&command.gsn).map_err(|e| Error::invalid("gsn", e.to_string()))?;
         let sequence = gsn.sequence();
         let branch_id = command.branch_id.clone();
         Ok(self
             .store
-            .read(move |tx| command_payload(&branch_id, |of| tx.payload(sequence, of)))
+            .read(move |tx| {
+                // A record that does not decode is still there: its payload is read as usual.
+                if matches!(tx.saga(sequence), Ok(None)) {
+                    return Ok(None);
+                }
+                command_payload(&branch_id, |of| tx.payload(sequence, of)).map(Some)
+            })
             .await??)
+    }
+
+    /// Takes out of the outbox a command whose saga retention removed: it would reach its node
+    /// without the saga's payload, for a saga that ended long ago.
+    pub(crate) async fn drop_command_of_removed_saga(&self, outbox_id: u64) -> Result<(), Error> {
+        self.store
+            .write(move |tx| tx.delete_outbox(outbox_id).map(|_| ()))
+            .await??;
+        self.shared.delivery.acknowledged(outbox_id);
+        Ok(())
     }
 }
 
