@@ -133,17 +133,21 @@ impl Inventory {
 
     /// Call 1 of 3. Trouble reaching sagad is passed on as an error, so sagad sends the command
     /// again later rather than hear an answer nobody guarded.
+    /// `command_id` is the command's own: for a Reverse it lets a reversal that failed run
+    /// again when sagad sends a new Reverse, but not for a redelivery of the same one.
     async fn guard(
         &self,
         gsn: &str,
         branch_id: &str,
         action: BranchAction,
+        command_id: &str,
     ) -> Result<(GuardVerdict, pb::IdempotencyRecord), Status> {
         let request = pb::GuardRequest {
             node_id: self.node_id.clone(),
             gsn: gsn.into(),
             branch_id: branch_id.into(),
             action: action as i32,
+            command_id: command_id.into(),
         };
         let response = self.barrier.clone().guard(request).await?.into_inner();
         let verdict = GuardVerdict::try_from(response.verdict).unwrap_or_default();
@@ -169,7 +173,7 @@ impl Inventory {
 
     async fn execute(&self, r: &pb::ExecuteRequest) -> Result<pb::ExecuteResponse, Status> {
         let (verdict, record) = self
-            .guard(&r.gsn, &r.branch_id, BranchAction::Forward)
+            .guard(&r.gsn, &r.branch_id, BranchAction::Forward, &r.command_id)
             .await?;
         match verdict {
             GuardVerdict::Proceed => {
@@ -217,7 +221,7 @@ impl Inventory {
 
     async fn reverse(&self, r: &pb::ReverseRequest) -> Result<pb::ReverseResponse, Status> {
         let (verdict, record) = self
-            .guard(&r.gsn, &r.branch_id, BranchAction::Reversal)
+            .guard(&r.gsn, &r.branch_id, BranchAction::Reversal, &r.command_id)
             .await?;
         match verdict {
             GuardVerdict::Proceed => {

@@ -26,7 +26,28 @@ fn request(node: &str, gsn: &str, branch: &str, action: BranchAction) -> pb::Gua
         gsn: gsn.into(),
         branch_id: branch.into(),
         action: action as i32,
+        command_id: String::new(),
     }
+}
+
+/// A Guard of `branch`'s reversal for the Reverse sent as `command_id`.
+async fn guard_reverse(
+    client: &mut IdempotencyClient<Channel>,
+    branch: &str,
+    command_id: &str,
+) -> (GuardVerdict, pb::IdempotencyRecord) {
+    let response = client
+        .guard(pb::GuardRequest {
+            command_id: command_id.into(),
+            ..request("inventory", GSN, branch, REVERSAL)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        GuardVerdict::try_from(response.verdict).unwrap(),
+        response.record.unwrap(),
+    )
 }
 
 async fn guard(
@@ -137,24 +158,33 @@ async fn a_duplicate_reversal_runs_once_and_is_then_answered_from_its_record() {
     assert_eq!(repeat.response, b"released");
 }
 
-/// sagad resends a Reverse only to try again (a retry, or ReprocessSaga after an operator fixed
-/// the cause): a reversal Finished FAILED runs again, and one that then succeeds is final.
+/// A new Reverse (another command id: a retry, or ReprocessSaga after an operator fixed the
+/// cause) runs a reversal Finished FAILED again; a redelivery of the Reverse that failed keeps
+/// its id and is answered from the failed record, so a slow reversal is not run again outside
+/// the retry policy; one that then succeeds is final.
 #[tokio::test]
-async fn a_reversal_finished_failed_runs_again_when_sagad_resends_it() {
+async fn a_reversal_finished_failed_runs_again_for_a_new_reverse_not_for_a_redelivery() {
     let server = TestServer::start().await;
     let mut client = server.idempotency();
     let (_, forward) = guard(&mut client, "charge", FORWARD).await;
     finish(&mut client, &forward, "SUCCEEDED", b"charged").await;
+    const FIRST: &str = "c1-0000000000000007:r4.1";
+    const RETRY: &str = "c1-0000000000000007:r9.2";
 
-    let (verdict, first) = guard(&mut client, "charge", REVERSAL).await;
+    let (verdict, first) = guard_reverse(&mut client, "charge", FIRST).await;
     assert_eq!(verdict, GuardVerdict::Proceed);
     finish(&mut client, &first, "FAILED", b"issuer down").await;
+    for redelivered in [FIRST, ""] {
+        let (verdict, shown) = guard_reverse(&mut client, "charge", redelivered).await;
+        assert_eq!(verdict, GuardVerdict::Duplicate, "{redelivered:?}");
+        assert_eq!(shown.response, b"issuer down");
+    }
 
-    let (verdict, second) = guard(&mut client, "charge", REVERSAL).await;
+    let (verdict, second) = guard_reverse(&mut client, "charge", RETRY).await;
     assert_eq!(
         verdict,
         GuardVerdict::Proceed,
-        "the failed reversal runs again"
+        "a new Reverse runs it again"
     );
     assert_eq!(second.attempts, 2);
     assert_eq!(second.state, RecordState::Processing as i32);
@@ -163,13 +193,17 @@ async fn a_reversal_finished_failed_runs_again_when_sagad_resends_it() {
         "the failed answer is not shown as this run's"
     );
     assert_eq!(
+        guard_reverse(&mut client, "charge", RETRY).await.0,
+        GuardVerdict::InProgress
+    );
+    assert_eq!(
         guard(&mut client, "charge", FORWARD).await.0,
         GuardVerdict::Hanging,
         "the forward action stays refused while its reversal runs again"
     );
     finish(&mut client, &second, "SUCCEEDED", b"refunded").await;
 
-    let (verdict, repeat) = guard(&mut client, "charge", REVERSAL).await;
+    let (verdict, repeat) = guard_reverse(&mut client, "charge", "c1-0000000000000007:r11.3").await;
     assert_eq!(
         verdict,
         GuardVerdict::Duplicate,
@@ -515,7 +549,7 @@ async fn barrier_records_outlive_their_retention_while_their_saga_has_not_ended(
     let mut forwards = Vec::new();
     for gsn in [live, unknown] {
         let guarded = engine
-            .guard("bank", gsn, "1.bank", Action::Forward)
+            .guard("bank", gsn, "1.bank", Action::Forward, "")
             .await
             .unwrap();
         assert_eq!(guarded.verdict, Verdict::Proceed);
@@ -541,7 +575,7 @@ async fn barrier_records_outlive_their_retention_while_their_saga_has_not_ended(
         "the record of a saga sagad does not know goes"
     );
     let reversal = engine
-        .guard("bank", live, "1.bank", Action::Reversal)
+        .guard("bank", live, "1.bank", Action::Reversal, "")
         .await
         .unwrap();
     assert_eq!(

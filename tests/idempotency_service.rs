@@ -428,6 +428,7 @@ async fn a_guard_registration_cannot_be_taken_over_by_a_begin_with_a_lease() {
             gsn: "c1-0000000000000007".into(),
             branch_id: "reserve".into(),
             action: pb::BranchAction::Forward as i32,
+            command_id: String::new(),
         })
         .await
         .unwrap()

@@ -23,8 +23,8 @@ pub enum Action {
 /// the tombstone that makes a late forward action HANGING.
 pub const NULL_COMPENSATION: &str = "NULL_COMPENSATION";
 
-/// The result that marks a reversal as failed with nothing undone: the next Guard of that
-/// reversal runs it again.
+/// The result that marks a reversal as failed with nothing undone: a Guard of that reversal
+/// for a new Reverse (another command id) runs it again.
 pub const REVERSAL_FAILED: &str = "FAILED";
 
 /// What the participant is told to do.
@@ -96,16 +96,22 @@ impl Decision {
 /// The barrier never takes over a PROCESSING registration (`terms.processing_lease_ms` is not
 /// consulted): running an action twice is exactly what it exists to prevent, so only the
 /// participant's Finish, or the record's retention, ends a registration.
+///
+/// `sent_as` is the command id of the Reverse being guarded, exactly as sagad sent it ("" when
+/// the participant did not give it). A reversal run is registered under it, so that a
+/// reversal Finished FAILED runs again only for a new Reverse (a new send: a retry, or
+/// ReprocessSaga), never for a redelivery of the Reverse that failed, which keeps its id.
 pub fn on_guard(
     asked: Action,
     forward: Option<&Record>,
     reversal: Option<&Record>,
+    sent_as: &str,
     terms: Terms,
     now: Millis,
 ) -> Decision {
     match asked {
         Action::Forward => on_forward_guarded(forward, reversal, terms, now),
-        Action::Reversal => on_reversal_guarded(forward, reversal, terms, now),
+        Action::Reversal => on_reversal_guarded(forward, reversal, sent_as, terms, now),
     }
 }
 
@@ -143,24 +149,33 @@ fn on_forward_guarded(
 fn on_reversal_guarded(
     forward: Option<&Record>,
     reversal: Option<&Record>,
+    sent_as: &str,
     terms: Terms,
     now: Millis,
 ) -> Decision {
     if let Some(record) = reversal {
         return match record.state {
             // A reversal Finished FAILED undid nothing (that is what the result must mean for a
-            // reversal), and sagad sends Reverse again only to try again: its retry policy's
-            // resend, or an operator's ReprocessSaga. Answering those from the failed record
-            // would fail every later attempt too, leaving the saga needing an operator who can
-            // do nothing about it.
-            RecordState::Done if record.result == REVERSAL_FAILED => Decision::Proceed {
-                action: Action::Reversal,
-                registered: Record {
-                    created_ms: record.created_ms,
-                    attempts: record.attempts.saturating_add(1),
-                    ..registered(terms, now)
-                },
-            },
+            // reversal). A new Reverse (another command id) is sagad trying again: its retry
+            // policy's resend, or an operator's ReprocessSaga; answering it from the failed
+            // record would fail every later attempt too, leaving the saga needing an operator
+            // who can do nothing about it. A redelivery of the Reverse that failed keeps its
+            // id and is answered from the record, or a slow reversal would run again on every
+            // redelivery, outside the retry policy.
+            RecordState::Done
+                if record.result == REVERSAL_FAILED
+                    && !sent_as.is_empty()
+                    && record.fingerprint != sent_as.as_bytes() =>
+            {
+                Decision::Proceed {
+                    action: Action::Reversal,
+                    registered: Record {
+                        created_ms: record.created_ms,
+                        attempts: record.attempts.saturating_add(1),
+                        ..registered_as(sent_as, terms, now)
+                    },
+                }
+            }
             RecordState::Done => Decision::Duplicate {
                 action: Action::Reversal,
                 done: record.clone(),
@@ -195,9 +210,18 @@ fn on_reversal_guarded(
             },
             RecordState::Done => Decision::Proceed {
                 action: Action::Reversal,
-                registered: registered(terms, now),
+                registered: registered_as(sent_as, terms, now),
             },
         },
+    }
+}
+
+/// A reversal's registration, keeping the command id it runs for where Begin's records keep
+/// a request digest (the barrier's records have none, and no Begin ever reads them).
+fn registered_as(sent_as: &str, terms: Terms, now: Millis) -> Record {
+    Record {
+        fingerprint: sent_as.as_bytes().to_vec(),
+        ..registered(terms, now)
     }
 }
 
@@ -427,7 +451,7 @@ mod tests {
             let row = format!("{asked:?} forward={fwd:?} reversal={rev:?}");
             let forward = held(fwd, "SUCCEEDED");
             let reversal = held(rev, "rev-done");
-            let decision = on_guard(asked, forward.as_ref(), reversal.as_ref(), TERMS, NOW);
+            let decision = on_guard(asked, forward.as_ref(), reversal.as_ref(), "", TERMS, NOW);
             assert_eq!(decision.verdict(), verdict, "{row}");
             let (whose, shown) = decision.shown();
             assert_eq!(
@@ -445,7 +469,7 @@ mod tests {
     #[test]
     fn written_records_are_new_and_expire_after_the_retention() {
         for asked in [Action::Forward, Action::Reversal] {
-            let decision = on_guard(asked, None, None, TERMS, NOW);
+            let decision = on_guard(asked, None, None, "", TERMS, NOW);
             let (_, written) = decision.write().expect("a fresh branch writes a record");
             assert_eq!(
                 (written.created_ms, written.updated_ms, written.expires_ms),
@@ -456,28 +480,63 @@ mod tests {
     }
 
     #[test]
-    fn a_reversal_finished_failed_runs_again_on_its_next_guard_and_still_refuses_the_forward() {
+    fn a_reversal_finished_failed_runs_again_only_for_a_new_reverse() {
         let forward = record(RecordState::Done, "SUCCEEDED");
         let failed = Record {
             attempts: 2,
+            fingerprint: b"c1-0000000000000007:r12.1".to_vec(),
             ..record(RecordState::Done, REVERSAL_FAILED)
         };
-        let again = on_guard(Action::Reversal, Some(&forward), Some(&failed), TERMS, NOW);
-        assert_eq!(again.verdict(), Verdict::Proceed);
+        let guard = |sent_as: &str, reversal: &Record| {
+            on_guard(
+                Action::Reversal,
+                Some(&forward),
+                Some(reversal),
+                sent_as,
+                TERMS,
+                NOW,
+            )
+        };
+        let again = guard("c1-0000000000000007:r15.2", &failed);
+        assert_eq!(
+            again.verdict(),
+            Verdict::Proceed,
+            "a new send runs it again"
+        );
         let (whose, written) = again.write().expect("the reversal is registered again");
         assert_eq!(whose, Action::Reversal);
         assert_eq!(written.state, RecordState::Processing);
         assert_eq!((written.result.as_str(), written.response.len()), ("", 0));
         assert_eq!((written.created_ms, written.updated_ms), (10, NOW));
         assert_eq!(written.attempts, 3);
+        assert_eq!(written.fingerprint, b"c1-0000000000000007:r15.2");
         assert_eq!(written.lease, Lease::Never);
-        let hanging = on_guard(Action::Forward, Some(&forward), Some(&failed), TERMS, NOW);
+        // A redelivery of the Reverse that failed, or a Guard that does not say which Reverse
+        // it guards, is answered from the failed record.
+        for sent_as in ["c1-0000000000000007:r12.1", ""] {
+            assert_eq!(
+                guard(sent_as, &failed).verdict(),
+                Verdict::Duplicate,
+                "{sent_as:?}"
+            );
+        }
+        let hanging = on_guard(
+            Action::Forward,
+            Some(&forward),
+            Some(&failed),
+            "",
+            TERMS,
+            NOW,
+        );
         assert_eq!(hanging.verdict(), Verdict::Hanging);
         // Any other result is final, the tombstone included.
         for result in ["SUCCEEDED", NULL_COMPENSATION, "failed", "ERROR"] {
             let done = record(RecordState::Done, result);
-            let repeat = on_guard(Action::Reversal, Some(&forward), Some(&done), TERMS, NOW);
-            assert_eq!(repeat.verdict(), Verdict::Duplicate, "{result}");
+            assert_eq!(
+                guard("another", &done).verdict(),
+                Verdict::Duplicate,
+                "{result}"
+            );
         }
     }
 
@@ -485,7 +544,7 @@ mod tests {
     fn a_duplicate_shows_the_stored_response() {
         let mut done = record(RecordState::Done, "SUCCEEDED");
         done.response = b"reserved 3".to_vec();
-        let decision = on_guard(Action::Forward, Some(&done), None, TERMS, NOW);
+        let decision = on_guard(Action::Forward, Some(&done), None, "", TERMS, NOW);
         assert_eq!(decision.shown().1.response, b"reserved 3");
     }
 
@@ -545,14 +604,16 @@ mod tests {
     /// One call a participant (or a confused one) may make for the branch.
     #[derive(Debug, Clone)]
     enum Call {
-        Guard(Action),
+        /// A Guard for the action, sent as one of a few command ids ("" for none given).
+        Guard(Action, &'static str),
         Finish(Action, &'static str),
     }
 
     fn call() -> impl Strategy<Value = Call> {
         let action = prop_oneof![Just(Action::Forward), Just(Action::Reversal)];
+        let sent_as = prop_oneof![Just(""), Just("g:r1.1"), Just("g:r2.2"), Just("g:r3.1")];
         prop_oneof![
-            action.clone().prop_map(Call::Guard),
+            (action.clone(), sent_as).prop_map(|(a, id)| Call::Guard(a, id)),
             (action, prop_oneof![Just("SUCCEEDED"), Just("FAILED")])
                 .prop_map(|(a, r)| Call::Finish(a, r)),
         ]
@@ -562,7 +623,8 @@ mod tests {
         /// Whatever the order of Guards and Finishes: the forward action is PROCEEDed at most
         /// once and never after any reversal verdict; a reversal is PROCEEDed only after its
         /// forward action was PROCEEDed and finished, and again only after each earlier run of
-        /// it was Finished FAILED (never while one runs, never after one succeeded).
+        /// it was Finished FAILED (never while one runs, never after one succeeded), and only
+        /// for a Guard that names a Reverse other than the one whose run failed.
         #[test]
         fn the_barrier_never_runs_an_action_twice_or_out_of_order(
             calls in proptest::collection::vec(call(), 1..40)
@@ -570,13 +632,20 @@ mod tests {
             let mut forward: Option<Record> = None;
             let mut reversal: Option<Record> = None;
             let (mut forward_runs, mut reversal_runs, mut reversal_failures) = (0, 0, 0);
+            let mut last_run_sent_as = "";
             let mut reversal_judged = false;
             for (i, call) in calls.into_iter().enumerate() {
                 let now = 1_000 + i as Millis;
                 match call {
-                    Call::Guard(asked) => {
-                        let decision =
-                            on_guard(asked, forward.as_ref(), reversal.as_ref(), TERMS, now);
+                    Call::Guard(asked, sent_as) => {
+                        let decision = on_guard(
+                            asked,
+                            forward.as_ref(),
+                            reversal.as_ref(),
+                            sent_as,
+                            TERMS,
+                            now,
+                        );
                         match (asked, decision.verdict()) {
                             (Action::Forward, Verdict::Proceed) => {
                                 prop_assert!(!reversal_judged, "forward run after a reversal verdict");
@@ -593,6 +662,13 @@ mod tests {
                                     reversal_runs, reversal_failures,
                                     "a reversal run again while one runs or after one succeeded"
                                 );
+                                if reversal_runs > 0 {
+                                    prop_assert!(
+                                        !sent_as.is_empty() && sent_as != last_run_sent_as,
+                                        "a failed reversal run again for a redelivery"
+                                    );
+                                }
+                                last_run_sent_as = sent_as;
                                 reversal_runs += 1;
                             }
                             (Action::Forward, _) | (Action::Reversal, _) => {}

@@ -32,6 +32,10 @@ fn guard_key(scope: &str, request_id: &str) -> IdempotencyKey {
     }
 }
 
+/// Command ids sagad issues are `<gsn>:<kind><outbox id>.<send>`, under 80 characters; this
+/// leaves room and bounds what a barrier record keeps.
+const MAX_COMMAND_ID_CHARS: usize = 256;
+
 impl Engine {
     /// The branch barrier: judges `action` of branch `branch_id` of saga `gsn` on node
     /// `node_id`, and registers what the verdict calls for, durably, before answering.
@@ -41,8 +45,22 @@ impl Engine {
         gsn: &str,
         branch_id: &str,
         action: Action,
+        command_id: &str,
     ) -> Result<Guarded, Error> {
         let keys = BranchKeys::parse(node_id, gsn, branch_id).map_err(Error::Invalid)?;
+        if command_id.chars().count() > MAX_COMMAND_ID_CHARS
+            || command_id.chars().any(char::is_control)
+        {
+            return Err(Error::invalid(
+                "command_id",
+                format!(
+                    "is not a command id sagad sends (at most {MAX_COMMAND_ID_CHARS} characters, \
+                     no control characters): give the Reverse's command_id exactly as received, \
+                     or leave it empty"
+                ),
+            ));
+        }
+        let sent_as = command_id.to_owned();
         let terms = self.terms(None);
         let now = self.clock.now_ms();
         let guarded = self
@@ -51,8 +69,14 @@ impl Engine {
                 let key_of = |whose: Action| guard_key(&keys.scope, keys.request_id(whose));
                 let forward = stored_record(tx, &key_of(Action::Forward))?;
                 let reversal = stored_record(tx, &key_of(Action::Reversal))?;
-                let decision =
-                    barrier::on_guard(action, forward.as_ref(), reversal.as_ref(), terms, now);
+                let decision = barrier::on_guard(
+                    action,
+                    forward.as_ref(),
+                    reversal.as_ref(),
+                    &sent_as,
+                    terms,
+                    now,
+                );
                 if let Some((whose, record)) = decision.write() {
                     tx.put_idempotency(&key_of(whose), &convert::idempotency_to_record(record))?;
                 }

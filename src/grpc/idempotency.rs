@@ -127,7 +127,13 @@ impl pb::idempotency_server::Idempotency for IdempotencyService {
         };
         let guarded = self
             .engine
-            .guard(&request.node_id, &request.gsn, &request.branch_id, action)
+            .guard(
+                &request.node_id,
+                &request.gsn,
+                &request.branch_id,
+                action,
+                &request.command_id,
+            )
             .await
             .map_err(status::from_engine)?;
         let verdict = match guarded.verdict {
