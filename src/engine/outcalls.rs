@@ -12,7 +12,7 @@ use crate::domain::idempotency::{self, Lookup, Terms};
 use crate::domain::ids::{Gsn, RequestId};
 use crate::domain::orchestration::{self, Transition};
 use crate::domain::outcalls::{self, Outcall, ReversalAsked};
-use crate::domain::saga::{Limits, ReversalType, Saga, SagaState, too_long};
+use crate::domain::saga::{Limits, ReversalType, Saga, SagaMode, SagaState, too_long};
 use crate::engine::sagas::{Applied, before, load_saga, outcall_refusal, store_transition};
 use crate::engine::watch::Changes;
 use crate::engine::{Answered, Engine, Error, answered_with, convert, stored_record};
@@ -215,7 +215,7 @@ impl Engine {
         encode: F,
     ) -> Result<Answered, Error>
     where
-        S: FnOnce(Saga, &Gsn, u64) -> Result<Transition, Error> + Send + 'static,
+        S: FnOnce(Saga, &Gsn, u64, &WriteTx<'_>) -> Result<Transition, Error> + Send + 'static,
         F: FnOnce(&Saga) -> Vec<u8> + Send + 'static,
     {
         let request_id = Self::request_id(request_id)?;
@@ -224,7 +224,8 @@ impl Engine {
             self.idempotent_write_with(method, &request_id, fingerprint, move |tx, now| {
                 let saga = load_saga(tx, &gsn)?;
                 let from = before(&saga);
-                let applied = store_transition(tx, from, step(saga, &gsn, now)?, now)?;
+                let transition = step(saga, &gsn, now, tx)?;
+                let applied = store_transition(tx, from, transition, now)?;
                 let mut saga = applied
                     .saga
                     .clone()
@@ -247,7 +248,7 @@ impl Engine {
     where
         F: FnOnce(&Saga) -> Vec<u8> + Send + 'static,
     {
-        let step = |saga: Saga, gsn: &Gsn, now: u64| {
+        let step = |saga: Saga, gsn: &Gsn, now: u64, _: &WriteTx<'_>| {
             outcalls::on_completed(saga, now).map_err(|r| outcall_refusal(r, gsn))
         };
         self.saga_request("CompleteSaga", request_id, gsn, fingerprint, step, encode)
@@ -264,9 +265,17 @@ impl Engine {
     where
         F: FnOnce(&Saga) -> Vec<u8> + Send + 'static,
     {
-        let step = |saga: Saga, gsn: &Gsn, now: u64| {
+        let engine = self.clone();
+        let step = move |saga: Saga, gsn: &Gsn, now: u64, tx: &WriteTx<'_>| {
             let state = saga.state;
-            let transition = orchestration::on_reprocess(saga, now).ok_or_else(|| {
+            let reprocessed = match saga.mode {
+                SagaMode::Orchestrated => orchestration::on_reprocess(saga, now),
+                SagaMode::RegisteredOutcalls => {
+                    let retry = engine.shared.retry_config(tx)?;
+                    outcalls::on_outcall_reprocess(saga, engine.env(&retry, now))
+                }
+            };
+            let transition = reprocessed.ok_or_else(|| {
                 Error::FailedPrecondition(format!(
                     "saga {gsn} is {}; only a saga in NEEDS_ATTENTION is reprocessed",
                     convert::saga_state_name(state)

@@ -175,6 +175,8 @@ pub fn on_outcall_reported(
                 env.now,
                 "reported REVERSED after the saga completed: undone by its node",
             );
+            // The node says so; ReprocessSaga then reverses only the others.
+            branch.state = BranchState::Reversed;
             let node_id = branch.node_id.clone();
             saga.state = SagaState::NeedsAttention;
             saga.reason = format!(
@@ -323,6 +325,29 @@ pub fn on_reversal_requested(
     // Already reversing or ended: the reversal under way answers this request too.
     saga.updated_ms = env.now;
     Ok(Transition { saga, effects })
+}
+
+/// An operator re-drives an outcall saga that needs attention. One whose failed reversals wait
+/// gets them sent again with a fresh budget (as an orchestrated saga); one that completed and
+/// then had an outcall undone by its node is reversed internally, one outcall at a time from
+/// the highest order down, as every internal reversal of an outcall saga is.
+pub fn on_outcall_reprocess(mut saga: Saga, env: Env<'_>) -> Option<Transition> {
+    if saga.state != SagaState::NeedsAttention {
+        return None;
+    }
+    if saga
+        .branches
+        .iter()
+        .any(|b| b.state == BranchState::ReversalFailed)
+    {
+        return crate::domain::orchestration::on_reprocess(saga, env.now);
+    }
+    saga.state = SagaState::Reversing;
+    saga.reversal_type = Some(ReversalType::Internal);
+    saga.reversal_target.clear();
+    let effects = advance(&mut saga, env);
+    saga.updated_ms = env.now;
+    Some(Transition { saga, effects })
 }
 
 /// Moves the reversal on: the highest-order branch that needs something gets it; when nothing

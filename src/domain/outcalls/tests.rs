@@ -472,18 +472,21 @@ fn an_outcall_undone_by_its_node_after_completion_needs_attention_and_reprocess_
             }
         )) && !t.effects.is_empty()
     );
-    let again =
-        crate::domain::orchestration::on_reprocess(t.saga, NOW + 2).expect("it needs attention");
+    assert_eq!(
+        t.saga.branch("2.b").map(|b| b.state),
+        Some(BranchState::Reversed),
+        "its node undid it"
+    );
+    // One at a time from the highest order down, passing over the one already undone.
+    let again = on_outcall_reprocess(t.saga, env(NOW + 2)).expect("it needs attention");
     assert_eq!(again.saga.state, SagaState::Reversing);
-    let reversed: Vec<&str> = again
-        .effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Reverse { branch_id, .. } => Some(branch_id.as_str()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(reversed.len(), 3, "{reversed:?}");
+    assert_eq!(reverses(&again.effects), ["3.c"]);
+    let next =
+        on_outcall_reversal_answered(again.saga, "3.c", report(Outcome::Succeeded), env(NOW + 3));
+    assert_eq!(reverses(&next.effects), ["1.a"]);
+    let done =
+        on_outcall_reversal_answered(next.saga, "1.a", report(Outcome::Succeeded), env(NOW + 4));
+    assert_eq!(done.saga.state, SagaState::Reversed);
 }
 
 #[test]
