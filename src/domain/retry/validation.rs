@@ -383,16 +383,16 @@ pub fn check_new_original(serial: &str) -> Result<(), Violation> {
             ),
         ));
     }
-    if let Some((original, _)) = serial
-        .rsplit_once(".r")
-        .filter(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    {
+    // Exactly the shape issued: `.r`, then an attempt number from 1, without leading zeros.
+    if let Some((original, _)) = serial.rsplit_once(".r").filter(|(_, n)| {
+        !n.is_empty() && !n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit())
+    }) {
         return Err(Violation::new(
             "original_serial",
             format!(
                 "{serial:?} has the shape of a retry serial CheckRetry issues, but it issued no \
                  such serial (or its history has expired): ask about the original, {original:?}, \
-                 or give the transaction a serial that does not end in .r and digits"
+                 or give the transaction a serial that does not end in .r and a number"
             ),
         ));
     }
