@@ -133,7 +133,7 @@ pub async fn serve_with(
         },
     );
     engine.register_configured_nodes(&config.nodes).await?;
-    engine.start().await?;
+    engine.start().await.map_err(|e| ledger_fault(e.into()))?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&health_reporter, ServingStatus::Serving).await;
@@ -245,9 +245,22 @@ pub async fn serve_with(
         // Whatever the drain and the close said, the cause to report is the fault.
         return Err(Error::LedgerFault(detail));
     }
-    closed?;
+    closed.map_err(|e| ledger_fault(e.into()))?;
     tracing::info!("sagad stopped; the ledger is closed");
     result
+}
+
+/// A fatal ledger fault met on a path where serving ends early (start-up, or the close after a
+/// shutdown asked for) is reported as one, so that `main` exits 74 for a supervisor to restart
+/// sagad, as it does for a fault met while serving.
+fn ledger_fault(error: Error) -> Error {
+    match error {
+        Error::Ledger(store::Error::Fatal(detail))
+        | Error::Engine(crate::engine::Error::Store(store::Error::Fatal(detail))) => {
+            Error::LedgerFault(detail)
+        }
+        other => other,
+    }
 }
 
 /// Why serving ended.
@@ -294,5 +307,25 @@ async fn collect_expired_forever(engine: Engine) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fatal_ledger_fault_met_at_start_or_close_is_reported_as_a_ledger_fault() {
+        let fatal = || store::Error::Fatal("fdatasync failed".into());
+        for error in [
+            Error::Ledger(fatal()),
+            Error::Engine(crate::engine::Error::Store(fatal())),
+        ] {
+            assert!(
+                matches!(ledger_fault(error), Error::LedgerFault(d) if d == "fdatasync failed")
+            );
+        }
+        let other = ledger_fault(Error::Ledger(store::Error::Closed));
+        assert!(matches!(other, Error::Ledger(store::Error::Closed)));
     }
 }
