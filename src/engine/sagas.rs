@@ -1284,8 +1284,9 @@ impl Engine {
         Ok(self
             .store
             .read(move |tx| {
-                // A record that does not decode is still there: its payload is read as usual.
-                if matches!(tx.saga(sequence), Ok(None)) {
+                // Only whether it is there: a record that does not decode still is, and a
+                // restart resumes every waiting command through here.
+                if !tx.has_saga(sequence)? {
                     return Ok(None);
                 }
                 command_payload(&branch_id, |of| tx.payload(sequence, of)).map(Some)

@@ -814,6 +814,14 @@ impl ReadTx<'_> {
     pub fn saga(&self, sequence: u64) -> Result<Option<SagaRecord>, Error> {
         self.tables.get(Table::Sagas, &codec::u64_key(sequence))
     }
+    /// Whether the ledger holds a saga record under `sequence`, readable or not, without
+    /// decoding it.
+    pub fn has_saga(&self, sequence: u64) -> Result<bool, Error> {
+        Ok(self
+            .tables
+            .get_raw(Table::Sagas, &codec::u64_key(sequence))?
+            .is_some())
+    }
     /// Sagas in sequence order (or reverse), starting strictly after `after` when given.
     pub fn scan_sagas(
         &self,
