@@ -125,6 +125,20 @@ mod tests {
     use crate::store::{Options, PayloadRecord, SagaRecord, Store};
     use std::collections::BTreeMap;
 
+    /// The ledger's folder opened with sled alone, to look at what a closed Store left. sled's
+    /// I/O threads may hold the folder's lock a moment after close (see `open_db`).
+    fn reopened_raw(path: &std::path::Path) -> sled::Db {
+        (0..100)
+            .find_map(|_| {
+                let opened = sled::Config::new().path(path).open().ok();
+                if opened.is_none() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                opened
+            })
+            .expect("the folder's lock is released")
+    }
+
     fn saga(sequence: u64) -> SagaRecord {
         SagaRecord {
             coordinator_id: "c1".into(),
@@ -209,16 +223,7 @@ mod tests {
             rt.block_on(store.close()).unwrap();
         }
 
-        // sled's I/O threads may hold the folder's lock a moment after close (see `open_db`).
-        let db = (0..100)
-            .find_map(|_| {
-                let opened = sled::Config::new().path(&path).open().ok();
-                if opened.is_none() {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                opened
-            })
-            .unwrap();
+        let db = reopened_raw(&path);
         let stored = db.open_tree("sagas").unwrap().get(1u64.to_be_bytes());
         assert_eq!(
             stored.unwrap().unwrap()[0],
@@ -262,15 +267,7 @@ mod tests {
                 && message.contains("newer sagad"),
             "{message}"
         );
-        let db = (0..100)
-            .find_map(|_| {
-                let opened = sled::Config::new().path(&path).open().ok();
-                if opened.is_none() {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                opened
-            })
-            .unwrap();
+        let db = reopened_raw(&path);
         let names = db.tree_names();
         assert!(
             !names.iter().any(|name| name.as_ref() == b"sagas"),
