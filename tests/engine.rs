@@ -275,23 +275,12 @@ async fn a_subscriber_whose_connection_went_silent_is_dropped_and_its_commands_w
 
 /// The next command on a Subscribe stream, within the test's limit.
 async fn next_command(stream: &mut tonic::Streaming<pb::Command>) -> pb::Command {
-    tokio::time::timeout(LIMIT, stream.message())
-        .await
-        .expect("a command within the limit")
-        .expect("a command, not an error")
-        .expect("the stream is open")
+    common::next_command(stream, LIMIT).await
 }
 
 /// A Subscribe stream held for `node`, as a node that cannot be dialled holds one.
 async fn hold_stream(server: &TestServer, node: &str) -> tonic::Streaming<pb::Command> {
-    server
-        .coordinator()
-        .subscribe(pb::SubscribeRequest {
-            node_id: node.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    common::hold_stream(&server.channel, node).await
 }
 
 /// The next Signal command on a stream, skipping any other command sent again meanwhile.

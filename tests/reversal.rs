@@ -1104,22 +1104,12 @@ async fn a_nodes_oversized_error_code_is_cut_to_its_bound_and_the_answer_still_c
 
 /// The next command sagad sends `stream`, within the test's limit.
 async fn next_command(stream: &mut tonic::Streaming<pb::Command>) -> pb::Command {
-    tokio::time::timeout(LIMIT, stream.message())
-        .await
-        .expect("a command within the limit")
-        .expect("a command, not an error")
-        .expect("the stream is open")
+    common::next_command(stream, LIMIT).await
 }
 
 /// A Subscribe stream for `node`, as a node that cannot be dialled holds one.
 async fn hold_stream(bank: &Bank, node: &str) -> tonic::Streaming<pb::Command> {
-    bank.client()
-        .subscribe(pb::SubscribeRequest {
-            node_id: node.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    common::hold_stream(&bank.server.channel, node).await
 }
 
 /// A Reverse has no timer: its outbox entry is the only thing that sends it again. A command

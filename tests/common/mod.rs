@@ -374,3 +374,26 @@ async fn forward(
         }
     }
 }
+
+/// A Subscribe stream held for `node` on `channel`, as a node that cannot be dialled holds one.
+pub async fn hold_stream(channel: &Channel, node: &str) -> tonic::Streaming<pb::Command> {
+    CoordinatorClient::new(channel.clone())
+        .subscribe(pb::SubscribeRequest {
+            node_id: node.into(),
+        })
+        .await
+        .expect("Subscribe")
+        .into_inner()
+}
+
+/// The next command sagad sends on `stream`, within `limit`.
+pub async fn next_command(
+    stream: &mut tonic::Streaming<pb::Command>,
+    limit: Duration,
+) -> pb::Command {
+    tokio::time::timeout(limit, stream.message())
+        .await
+        .expect("a command within the limit")
+        .expect("a command, not an error")
+        .expect("the stream is open")
+}
