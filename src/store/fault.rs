@@ -55,6 +55,13 @@ impl Fault {
         self.refusal().map_or(Ok(()), Err)
     }
 
+    /// What a caller is told when a ledger thread dropped its job unanswered: the fault if
+    /// the thread died of one (so the caller stops, as for any fault), else `Closed` (the
+    /// ledger was closed).
+    pub(crate) fn gone(&self) -> Error {
+        self.refusal().unwrap_or(Error::Closed)
+    }
+
     fn refusal(&self) -> Option<Error> {
         self.state
             .borrow()

@@ -317,6 +317,8 @@ impl Store {
             flusher,
             stamp: 0,
             fault: fault.clone(),
+            #[cfg(test)]
+            panic_on_apply: false,
         };
         let mut threads = Threads {
             handles: Vec::with_capacity(2),
@@ -388,13 +390,14 @@ impl Store {
             run: writer::job(f, reply_to),
             answer,
         });
+        let fault = &self.inner.fault;
         self.inner
             .writer
             .send(job)
             .await
-            .map_err(|_| Error::Closed)?;
-        // A dropped reply means the writer stopped (closed) before running the job.
-        reply.await.map_err(|_| Error::Closed)?
+            .map_err(|_| fault.gone())?;
+        // A dropped reply means the writer stopped (closed, or died) before answering the job.
+        reply.await.map_err(|_| fault.gone())?
     }
 
     pub async fn read<T, F>(&self, f: F) -> Result<T, Error>
@@ -404,12 +407,13 @@ impl Store {
     {
         let (reply_to, reply) = oneshot::channel();
         let job = reader::Message::Job(reader::job(f, reply_to));
+        let fault = &self.inner.fault;
         self.inner
             .reader
             .send(job)
             .await
-            .map_err(|_| Error::Closed)?;
-        reply.await.map_err(|_| Error::Closed)?
+            .map_err(|_| fault.gone())?;
+        reply.await.map_err(|_| fault.gone())?
     }
 
     /// Finishes queued writes, makes everything durable and stops the threads. Later calls
@@ -417,12 +421,13 @@ impl Store {
     pub async fn close(&self) -> Result<(), Error> {
         let (done_to, done) = oneshot::channel();
         let close = writer::Message::Close(done_to);
+        let fault = &self.inner.fault;
         self.inner
             .writer
             .send(close)
             .await
-            .map_err(|_| Error::Closed)?;
-        let flushed = done.await.map_err(|_| Error::Closed)?;
+            .map_err(|_| fault.gone())?;
+        let flushed = done.await.map_err(|_| fault.gone())?;
         // The reader holds the other handle on the database: stopping it releases the folder.
         let (stopped_to, stopped) = oneshot::channel();
         let stop = reader::Message::Close(stopped_to);

@@ -176,19 +176,24 @@ pub(crate) struct Writer {
     pub(crate) stamp: u64,
     /// Once set, every job is refused unrun.
     pub(crate) fault: Arc<Fault>,
+    /// Makes the next group's write to sled panic, as a bug in sled would.
+    #[cfg(test)]
+    pub(crate) panic_on_apply: bool,
 }
 
 impl Writer {
     pub(crate) fn run(mut self, mut inbox: mpsc::Receiver<Message>) {
+        let max_group = self.max_group.max(1);
+        let mut group = Group::default();
         // A panic (inside sled, say) ends this thread: recorded as a fatal fault, reads are
         // refused too and sagad stops for a restart, rather than serve with no writer.
+        // Declared after `group` so that it is dropped first: the fault is recorded before the
+        // group's callers find their answers gone, and they are told the fault, not `Closed`.
         let _farewell = Farewell {
             thread: "writer",
             fault: self.fault.clone(),
             writer: None,
         };
-        let max_group = self.max_group.max(1);
-        let mut group = Group::default();
         // While the flusher works on a group, the next one is built; it is handed over when
         // the flusher says it is done (or the group is full), so one flush covers all of it.
         let mut flusher_busy = false;
@@ -262,6 +267,8 @@ impl Writer {
         // Jobs that only read or were rejected may still have read earlier groups' writes, so
         // they too are answered only after a flush.
         let wrote = !group.overlay.is_empty();
+        #[cfg(test)]
+        assert!(!self.panic_on_apply, "injected: the write to sled panicked");
         let applied = self
             .intents
             .apply_through(&self.tables, &group.overlay, group.through);
@@ -698,6 +705,7 @@ mod tests {
             flusher: std::thread::spawn(|| Ok(())),
             stamp: 0,
             fault,
+            panic_on_apply: false,
         };
         let (inbox, writer_inbox) = mpsc::channel(16);
         let running = std::thread::spawn(move || writer.run(writer_inbox));
@@ -728,11 +736,12 @@ mod tests {
     }
 
     /// A writer and its flusher over a fresh ledger in `dir`, syncing with `sync`, as
-    /// `Store::open` starts them.
+    /// `Store::open` starts them; the writer panics on its first group if `panic_on_apply`.
     fn start(
         dir: &std::path::Path,
         sync: impl FnOnce(&std::path::Path) -> FileSync,
-    ) -> (mpsc::Sender<Message>, JoinHandle<()>) {
+        panic_on_apply: bool,
+    ) -> (mpsc::Sender<Message>, JoinHandle<()>, Arc<Fault>) {
         let db = sled::Config::new().path(dir).open().unwrap();
         let tables = Tables::open(db).unwrap();
         let fault = Arc::new(Fault::default());
@@ -756,9 +765,11 @@ mod tests {
             to_flusher,
             flusher,
             stamp: 0,
-            fault,
+            fault: fault.clone(),
+            panic_on_apply,
         };
-        (inbox, std::thread::spawn(move || writer.run(writer_inbox)))
+        let running = std::thread::spawn(move || writer.run(writer_inbox));
+        (inbox, running, fault)
     }
 
     /// Sends a job that writes one key, and waits at most 5 s for its answer.
@@ -788,11 +799,16 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flusher_that_dies_mid_flush_fails_its_waiting_writers_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let (inbox, writer) = start(dir.path(), |dir| {
-            let mut sync = FileSync::new(File::open(dir.join("db")).unwrap(), dir.join("blobs"));
-            sync.panic_on_sync = true;
-            sync
-        });
+        let (inbox, writer, _) = start(
+            dir.path(),
+            |dir| {
+                let mut sync =
+                    FileSync::new(File::open(dir.join("db")).unwrap(), dir.join("blobs"));
+                sync.panic_on_sync = true;
+                sync
+            },
+            false,
+        );
         let first = put(&inbox, b"a").await;
         assert!(
             matches!(first, Ok(Err(_) | Ok(Err(_)))),
@@ -806,5 +822,61 @@ mod tests {
         );
         drop(inbox);
         writer.join().unwrap();
+    }
+
+    /// Dropped with the answer of a job the writer never answered; records whether the fault
+    /// was known by then.
+    struct Witness {
+        fault: Arc<Fault>,
+        saw_fault: Arc<std::sync::Mutex<Option<bool>>>,
+    }
+
+    impl Drop for Witness {
+        fn drop(&mut self) {
+            *self.saw_fault.lock().unwrap() = Some(self.fault.check().is_err());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_that_dies_mid_group_records_the_fatal_fault_before_its_callers_hear() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inbox, writer, fault) = start(
+            dir.path(),
+            |dir| FileSync::new(File::open(dir.join("db")).unwrap(), dir.join("blobs")),
+            true,
+        );
+        let saw_fault = Arc::default();
+        let witness = Witness {
+            fault: fault.clone(),
+            saw_fault: Arc::clone(&saw_fault),
+        };
+        let run: Run = Box::new(move |_slot| {
+            let reply: Reply = Box::new(move |_flushed| drop(witness));
+            Some(reply)
+        });
+        inbox
+            .send(Message::Job(Job {
+                run,
+                answer: Answer::WhenDurable,
+            }))
+            .await
+            .unwrap();
+        let joined = tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .unwrap();
+        assert!(joined.is_err(), "the writer thread panicked");
+        // The caller's answer went with the dying thread; by then the fault must be recorded,
+        // so that `Store` tells the caller to stop (UNAVAILABLE, restart), not `Closed`.
+        assert_eq!(*saw_fault.lock().unwrap(), Some(true));
+        assert!(
+            matches!(fault.gone(), Error::Fatal(m) if m.contains("writer")),
+            "{:?}",
+            fault.gone()
+        );
+        let later = put(&inbox, b"b").await;
+        assert!(
+            matches!(later, Ok(Err(Error::Closed))),
+            "no writer is left to answer: {later:?}"
+        );
     }
 }
