@@ -133,8 +133,9 @@ impl Inventory {
 
     /// Call 1 of 3. Trouble reaching sagad is passed on as an error, so sagad sends the command
     /// again later rather than hear an answer nobody guarded.
-    /// `command_id` is the command's own: for a Reverse it lets a reversal that failed run
-    /// again when sagad sends a new Reverse, but not for a redelivery of the same one.
+    /// `command_id` is the command's own: it lets an action that failed run again when sagad
+    /// sends a new command for it (a retry, or ReprocessSaga), but not for a redelivery of the
+    /// same one.
     async fn guard(
         &self,
         gsn: &str,

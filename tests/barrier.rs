@@ -36,10 +36,20 @@ async fn guard_reverse(
     branch: &str,
     command_id: &str,
 ) -> (GuardVerdict, pb::IdempotencyRecord) {
+    guard_as(client, branch, REVERSAL, command_id).await
+}
+
+/// A Guard of `branch`'s `action` for the command sent as `command_id`.
+async fn guard_as(
+    client: &mut IdempotencyClient<Channel>,
+    branch: &str,
+    action: BranchAction,
+    command_id: &str,
+) -> (GuardVerdict, pb::IdempotencyRecord) {
     let response = client
         .guard(pb::GuardRequest {
             command_id: command_id.into(),
-            ..request("inventory", GSN, branch, REVERSAL)
+            ..request("inventory", GSN, branch, action)
         })
         .await
         .unwrap()
@@ -122,18 +132,36 @@ async fn a_duplicate_forward_while_the_first_runs_is_in_progress() {
     assert_eq!(record.request_id, "reserve/forward");
 }
 
+/// A forward action Finished FAILED did nothing: a new Execute (sagad's retry of the step)
+/// runs it again, while a redelivery of the Execute that failed, or a Guard that does not say
+/// which Execute it guards, is answered from the failed record.
 #[tokio::test]
-async fn a_forward_finished_failed_is_answered_failed_to_every_repeat() {
+async fn a_forward_finished_failed_runs_again_for_a_new_execute_not_for_a_redelivery() {
     let server = TestServer::start().await;
     let mut client = server.idempotency();
-    let (_, record) = guard(&mut client, "reserve", FORWARD).await;
+    let first_send = format!("{GSN}:e3.1");
+    let (_, record) = guard_as(&mut client, "reserve", FORWARD, &first_send).await;
     finish(&mut client, &record, "FAILED", b"out of stock").await;
-    let (verdict, repeat) = guard(&mut client, "reserve", FORWARD).await;
-    assert_eq!(verdict, GuardVerdict::Duplicate);
+    for sent_as in [first_send.as_str(), ""] {
+        let (verdict, repeat) = guard_as(&mut client, "reserve", FORWARD, sent_as).await;
+        assert_eq!(verdict, GuardVerdict::Duplicate, "{sent_as:?}");
+        assert_eq!(
+            (repeat.result.as_str(), repeat.response.as_slice()),
+            ("FAILED", b"out of stock".as_slice())
+        );
+    }
+    let retry = format!("{GSN}:e9.2");
+    let (verdict, again) = guard_as(&mut client, "reserve", FORWARD, &retry).await;
+    assert_eq!(verdict, GuardVerdict::Proceed);
     assert_eq!(
-        (repeat.result.as_str(), repeat.response.as_slice()),
-        ("FAILED", b"out of stock".as_slice())
+        (again.state, again.attempts),
+        (RecordState::Processing as i32, 2)
     );
+    finish(&mut client, &again, "SUCCEEDED", b"reserved 3").await;
+    // Succeeded is final, whatever command asks.
+    let (verdict, done) = guard_as(&mut client, "reserve", FORWARD, &format!("{GSN}:e10.3")).await;
+    assert_eq!(verdict, GuardVerdict::Duplicate);
+    assert_eq!(done.response, b"reserved 3");
 }
 
 #[tokio::test]

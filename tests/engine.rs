@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use common::TestServer;
 use common::orders::{
-    Shop, branch, eventually, get, one_more_order, order_strategy, put_strategy, register_node,
-    shop, shop_without_shipping_endpoint, shop_without_shipping_endpoint_on, start_order,
-    wait_terminal,
+    Shop, branch, eventually, get, one_more_order, order_strategy, put_retry_config, put_strategy,
+    register_node, shop, shop_without_shipping_endpoint, shop_without_shipping_endpoint_on,
+    start_order, wait_terminal,
 };
 use common::participant::{Node, PushParticipant, Script, subscribe};
 use sagad::grpc::pb;
@@ -777,25 +777,6 @@ fn millis(ms: u64) -> Option<prost_types::Duration> {
         seconds: (ms / 1000) as i64,
         nanos: ((ms % 1000) * 1_000_000) as i32,
     })
-}
-
-async fn put_retry_config(channel: &tonic::transport::Channel, request_id: &str, codes: &[&str]) {
-    pb::retries_client::RetriesClient::new(channel.clone())
-        .put_retry_config(pb::PutRetryConfigRequest {
-            request_id: request_id.into(),
-            config: Some(pb::RetryConfig {
-                defaults: Some(pb::RetryPolicy {
-                    retryable_codes: codes.iter().map(|c| c.to_string()).collect(),
-                    max_retries: Some(3),
-                    min_interval: millis(50),
-                    backoff_factor: Some(2.0),
-                    max_interval: millis(200),
-                }),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -23,9 +23,9 @@ pub enum Action {
 /// the tombstone that makes a late forward action HANGING.
 pub const NULL_COMPENSATION: &str = "NULL_COMPENSATION";
 
-/// The result that marks a reversal as failed with nothing undone: a Guard of that reversal
-/// for a new Reverse (another command id) runs it again.
-pub const REVERSAL_FAILED: &str = "FAILED";
+/// The result that marks an action as failed with nothing done (or, for a reversal, nothing
+/// undone): a Guard of that action for a new command (another command id) runs it again.
+pub const FAILED: &str = "FAILED";
 
 /// What the participant is told to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,10 +97,11 @@ impl Decision {
 /// consulted): running an action twice is exactly what it exists to prevent, so only the
 /// participant's Finish, or the record's retention, ends a registration.
 ///
-/// `sent_as` is the command id of the Reverse being guarded, exactly as sagad sent it ("" when
-/// the participant did not give it). A reversal run is registered under it, so that a
-/// reversal Finished FAILED runs again only for a new Reverse (a new send: a retry, or
-/// ReprocessSaga), never for a redelivery of the Reverse that failed, which keeps its id.
+/// `sent_as` is the command id of the Execute or Reverse being guarded, exactly as sagad sent
+/// it ("" when the participant did not give it). A run is registered under it, so that an
+/// action Finished FAILED runs again only for a new command (a new send: a retry, or for a
+/// reversal ReprocessSaga), never for a redelivery of the command that failed, which keeps
+/// its id.
 pub fn on_guard(
     asked: Action,
     forward: Option<&Record>,
@@ -110,7 +111,7 @@ pub fn on_guard(
     now: Millis,
 ) -> Decision {
     match asked {
-        Action::Forward => on_forward_guarded(forward, reversal, terms, now),
+        Action::Forward => on_forward_guarded(forward, reversal, sent_as, terms, now),
         Action::Reversal => on_reversal_guarded(forward, reversal, sent_as, terms, now),
     }
 }
@@ -118,6 +119,7 @@ pub fn on_guard(
 fn on_forward_guarded(
     forward: Option<&Record>,
     reversal: Option<&Record>,
+    sent_as: &str,
     terms: Terms,
     now: Millis,
 ) -> Decision {
@@ -131,9 +133,16 @@ fn on_forward_guarded(
     match forward {
         None => Decision::Proceed {
             action: Action::Forward,
-            registered: registered(terms, now),
+            registered: registered_as(sent_as, terms, now),
         },
         Some(record) => match record.state {
+            // A forward action Finished FAILED did nothing. A new Execute is sagad's retry
+            // policy sending the step again (it judged the error_code retryable); answering it
+            // from the failed record would spend every retry without running the action once.
+            RecordState::Done if runs_again(record, sent_as) => Decision::Proceed {
+                action: Action::Forward,
+                registered: registered_again(record, sent_as, terms, now),
+            },
             RecordState::Done => Decision::Duplicate {
                 action: Action::Forward,
                 done: record.clone(),
@@ -162,20 +171,10 @@ fn on_reversal_guarded(
             // who can do nothing about it. A redelivery of the Reverse that failed keeps its
             // id and is answered from the record, or a slow reversal would run again on every
             // redelivery, outside the retry policy.
-            RecordState::Done
-                if record.result == REVERSAL_FAILED
-                    && !sent_as.is_empty()
-                    && record.fingerprint != sent_as.as_bytes() =>
-            {
-                Decision::Proceed {
-                    action: Action::Reversal,
-                    registered: Record {
-                        created_ms: record.created_ms,
-                        attempts: record.attempts.saturating_add(1),
-                        ..registered_as(sent_as, terms, now)
-                    },
-                }
-            }
+            RecordState::Done if runs_again(record, sent_as) => Decision::Proceed {
+                action: Action::Reversal,
+                registered: registered_again(record, sent_as, terms, now),
+            },
             RecordState::Done => Decision::Duplicate {
                 action: Action::Reversal,
                 done: record.clone(),
@@ -216,8 +215,26 @@ fn on_reversal_guarded(
     }
 }
 
-/// A reversal's registration, keeping the command id it runs for where Begin's records keep
-/// a request digest (the barrier's records have none, and no Begin ever reads them).
+/// Whether a finished action runs again for the command `sent_as`: only one Finished FAILED
+/// (nothing took effect), and only for a command other than the one it last ran for. A Guard
+/// that does not say which command it guards cannot tell a resend from a redelivery, so for
+/// it FAILED is final.
+fn runs_again(record: &Record, sent_as: &str) -> bool {
+    record.result == FAILED && !sent_as.is_empty() && record.fingerprint != sent_as.as_bytes()
+}
+
+/// The registration of a run after a failed one: the record keeps its first registration's
+/// time and counts the run.
+fn registered_again(failed: &Record, sent_as: &str, terms: Terms, now: Millis) -> Record {
+    Record {
+        created_ms: failed.created_ms,
+        attempts: failed.attempts.saturating_add(1),
+        ..registered_as(sent_as, terms, now)
+    }
+}
+
+/// A run's registration, keeping the command id it runs for where Begin's records keep a
+/// request digest (the barrier's records have none, and no Begin ever reads them).
 fn registered_as(sent_as: &str, terms: Terms, now: Millis) -> Record {
     Record {
         fingerprint: sent_as.as_bytes().to_vec(),
@@ -485,7 +502,7 @@ mod tests {
         let failed = Record {
             attempts: 2,
             fingerprint: b"c1-0000000000000007:r12.1".to_vec(),
-            ..record(RecordState::Done, REVERSAL_FAILED)
+            ..record(RecordState::Done, FAILED)
         };
         let guard = |sent_as: &str, reversal: &Record| {
             on_guard(
@@ -538,6 +555,65 @@ mod tests {
                 "{result}"
             );
         }
+    }
+
+    #[test]
+    fn a_forward_action_finished_failed_runs_again_only_for_a_new_execute() {
+        let failed = Record {
+            fingerprint: b"c1-0000000000000007:e3.1".to_vec(),
+            ..record(RecordState::Done, FAILED)
+        };
+        let guard = |sent_as: &str, forward: &Record, reversal: Option<&Record>| {
+            on_guard(
+                Action::Forward,
+                Some(forward),
+                reversal,
+                sent_as,
+                TERMS,
+                NOW,
+            )
+        };
+        let again = guard("c1-0000000000000007:e9.2", &failed, None);
+        assert_eq!(
+            again.verdict(),
+            Verdict::Proceed,
+            "sagad's retry runs it again"
+        );
+        let (whose, written) = again
+            .write()
+            .expect("the forward action is registered again");
+        assert_eq!(whose, Action::Forward);
+        assert_eq!(written.state, RecordState::Processing);
+        assert_eq!((written.created_ms, written.updated_ms), (10, NOW));
+        assert_eq!(written.attempts, 2);
+        assert_eq!(written.fingerprint, b"c1-0000000000000007:e9.2");
+        // A redelivery of the Execute that failed, or a Guard that does not say which Execute
+        // it guards, is answered from the failed record.
+        for sent_as in ["c1-0000000000000007:e3.1", ""] {
+            assert_eq!(
+                guard(sent_as, &failed, None).verdict(),
+                Verdict::Duplicate,
+                "{sent_as:?}"
+            );
+        }
+        // Once its reversal was asked for, nothing runs it again: it would never be undone.
+        let reversal = record(RecordState::Done, "SUCCEEDED");
+        assert_eq!(
+            guard("c1-0000000000000007:e9.2", &failed, Some(&reversal)).verdict(),
+            Verdict::Hanging
+        );
+        // Any other result is final.
+        for result in ["SUCCEEDED", "DECLINED", "failed"] {
+            let done = record(RecordState::Done, result);
+            assert_eq!(
+                guard("another", &done, None).verdict(),
+                Verdict::Duplicate,
+                "{result}"
+            );
+        }
+        // A first run keeps the command it ran for, so its redelivery is told apart later.
+        let first = on_guard(Action::Forward, None, None, "g:e1.1", TERMS, NOW);
+        assert_eq!(first.write().unwrap().1.fingerprint, b"g:e1.1");
     }
 
     #[test]
@@ -611,7 +687,7 @@ mod tests {
 
     fn call() -> impl Strategy<Value = Call> {
         let action = prop_oneof![Just(Action::Forward), Just(Action::Reversal)];
-        let sent_as = prop_oneof![Just(""), Just("g:r1.1"), Just("g:r2.2"), Just("g:r3.1")];
+        let sent_as = prop_oneof![Just(""), Just("g:1"), Just("g:2"), Just("g:3")];
         prop_oneof![
             (action.clone(), sent_as).prop_map(|(a, id)| Call::Guard(a, id)),
             (action, prop_oneof![Just("SUCCEEDED"), Just("FAILED")])
@@ -620,20 +696,24 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the order of Guards and Finishes: the forward action is PROCEEDed at most
-        /// once and never after any reversal verdict; a reversal is PROCEEDed only after its
-        /// forward action was PROCEEDed and finished, and again only after each earlier run of
-        /// it was Finished FAILED (never while one runs, never after one succeeded), and only
-        /// for a Guard that names a Reverse other than the one whose run failed.
+        /// Whatever the order of Guards and Finishes: each action is PROCEEDed again only
+        /// after each earlier run of it was Finished FAILED (never while one runs, never after
+        /// one succeeded), and only for a Guard that names a command other than the one whose
+        /// run failed; the forward action is never PROCEEDed once its reversal has a record; a
+        /// reversal is PROCEEDed only after its forward action ran and finished.
         #[test]
         fn the_barrier_never_runs_an_action_twice_or_out_of_order(
             calls in proptest::collection::vec(call(), 1..40)
         ) {
             let mut forward: Option<Record> = None;
             let mut reversal: Option<Record> = None;
-            let (mut forward_runs, mut reversal_runs, mut reversal_failures) = (0, 0, 0);
-            let mut last_run_sent_as = "";
-            let mut reversal_judged = false;
+            let (mut forward_runs, mut forward_failures) = (0, 0);
+            let (mut reversal_runs, mut reversal_failures) = (0, 0);
+            let (mut last_forward_sent_as, mut last_reversal_sent_as) = ("", "");
+            // Set once a reversal has a record (registered, run or tombstoned). A Reverse that
+            // only waited for the running forward action leaves none, and the forward action
+            // may then still run again after a failure: the reversal, asked again, follows it.
+            let mut reversal_recorded = false;
             for (i, call) in calls.into_iter().enumerate() {
                 let now = 1_000 + i as Millis;
                 match call {
@@ -648,11 +728,22 @@ mod tests {
                         );
                         match (asked, decision.verdict()) {
                             (Action::Forward, Verdict::Proceed) => {
-                                prop_assert!(!reversal_judged, "forward run after a reversal verdict");
+                                prop_assert!(!reversal_recorded, "forward run after its reversal was recorded");
+                                prop_assert_eq!(
+                                    forward_runs, forward_failures,
+                                    "a forward run again while one runs or after one succeeded"
+                                );
+                                if forward_runs > 0 {
+                                    prop_assert!(
+                                        !sent_as.is_empty() && sent_as != last_forward_sent_as,
+                                        "a failed forward run again for a redelivery"
+                                    );
+                                }
+                                last_forward_sent_as = sent_as;
                                 forward_runs += 1;
                             }
                             (Action::Reversal, Verdict::Proceed) => {
-                                prop_assert!(forward_runs == 1, "reversal of a forward that never ran");
+                                prop_assert!(forward_runs >= 1, "reversal of a forward that never ran");
                                 prop_assert_eq!(
                                     forward.as_ref().map(|r| r.state),
                                     Some(RecordState::Done),
@@ -664,17 +755,17 @@ mod tests {
                                 );
                                 if reversal_runs > 0 {
                                     prop_assert!(
-                                        !sent_as.is_empty() && sent_as != last_run_sent_as,
+                                        !sent_as.is_empty() && sent_as != last_reversal_sent_as,
                                         "a failed reversal run again for a redelivery"
                                     );
                                 }
-                                last_run_sent_as = sent_as;
+                                last_reversal_sent_as = sent_as;
                                 reversal_runs += 1;
                             }
                             (Action::Forward, _) | (Action::Reversal, _) => {}
                         }
-                        if asked == Action::Reversal {
-                            reversal_judged = true;
+                        if decision.shown().0 == Action::Reversal {
+                            reversal_recorded = true;
                         }
                         if let Some((whose, written)) = decision.write() {
                             let slot = match whose {
@@ -696,8 +787,11 @@ mod tests {
                         };
                         match idempotency::on_finish(slot.as_ref(), answer, TERMS, now) {
                             idempotency::Finish::Store(done) => {
-                                if whose == Action::Reversal && result == REVERSAL_FAILED {
-                                    reversal_failures += 1;
+                                if result == FAILED {
+                                    match whose {
+                                        Action::Forward => forward_failures += 1,
+                                        Action::Reversal => reversal_failures += 1,
+                                    }
                                 }
                                 *slot = Some(done);
                             }
@@ -707,7 +801,9 @@ mod tests {
                         }
                     }
                 }
-                prop_assert!(forward_runs <= 1 && reversal_runs <= reversal_failures + 1);
+                prop_assert!(
+                    forward_runs <= forward_failures + 1 && reversal_runs <= reversal_failures + 1
+                );
             }
         }
     }

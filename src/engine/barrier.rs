@@ -55,7 +55,7 @@ impl Engine {
                 "command_id",
                 format!(
                     "is not a command id sagad sends (at most {MAX_COMMAND_ID_CHARS} characters, \
-                     no control characters): give the Reverse's command_id exactly as received, \
+                     no control characters): give the command's command_id exactly as received, \
                      or leave it empty"
                 ),
             ));

@@ -206,3 +206,30 @@ pub async fn shop_without_shipping_endpoint_on(
     register_node(&server.channel, "payment", &payment.endpoint()).await;
     (server, inventory, payment)
 }
+
+/// Makes `codes` retryable for every step, with fast resends (50 ms, then doubling to 200 ms)
+/// and at most 3 retries, so retry paths run in test time.
+pub async fn put_retry_config(channel: &Channel, request_id: &str, codes: &[&str]) {
+    let millis = |ms: i32| {
+        Some(prost_types::Duration {
+            seconds: 0,
+            nanos: ms * 1_000_000,
+        })
+    };
+    pb::retries_client::RetriesClient::new(channel.clone())
+        .put_retry_config(pb::PutRetryConfigRequest {
+            request_id: request_id.into(),
+            config: Some(pb::RetryConfig {
+                defaults: Some(pb::RetryPolicy {
+                    retryable_codes: codes.iter().map(|c| c.to_string()).collect(),
+                    max_retries: Some(3),
+                    min_interval: millis(50),
+                    backoff_factor: Some(2.0),
+                    max_interval: millis(200),
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("put retry config");
+}
