@@ -419,9 +419,14 @@ async fn answer_command(
     };
     let report = match answered {
         Ok(report) => pb::ReportStateRequest {
-            // One report per delivery attempt: a resent command may get a later answer, which
-            // sagad would refuse under a request_id already used for another body.
-            request_id: format!("report/{}/{}", command.command_id, command.attempt),
+            // One id per distinct report: a repeat of the same answer is then a replay, while a
+            // later, different answer (the outcome after PROCESSING) is not refused as an id
+            // reused with another body.
+            request_id: format!(
+                "report/{}/{}",
+                command.command_id,
+                report.outcome().as_str_name()
+            ),
             reporter_node_id: inventory.node_id.clone(),
             command_id: command.command_id,
             ..report
