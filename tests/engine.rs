@@ -732,6 +732,13 @@ async fn reports_for_unknown_sagas_or_untriggered_steps_are_refused() {
         tonic::Code::FailedPrecondition,
         "payment cannot report inventory's step"
     );
+    // A step has no caller, so the refusal names its node alone.
+    assert!(
+        err.message().contains("it belongs to node \"inventory\"")
+            && !err.message().contains("caller"),
+        "{}",
+        err.message()
+    );
     let mut missing_outcome = report("e", &gsn, "reserve", "inventory");
     missing_outcome.outcome = 0;
     assert_eq!(

@@ -679,6 +679,45 @@ async fn outcall_misuse_gets_the_right_codes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_report_by_neither_the_callee_nor_the_caller_is_refused_naming_both() {
+    let bank = bank().await;
+    let gsn = bank.start("t-stranger").await;
+    let branch = bank.register(&gsn, 1, "a").await;
+    let refused = bank
+        .client()
+        .report_state(pb::ReportStateRequest {
+            request_id: "stranger-report".into(),
+            gsn: gsn.clone(),
+            branch_id: branch.clone(),
+            reporter_node_id: "b".into(),
+            outcome: pb::Outcome::Succeeded as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        refused.message()
+    );
+    assert!(
+        refused
+            .message()
+            .contains("only its node \"a\" or the outcall's caller \"orders\" can"),
+        "{}",
+        refused.message()
+    );
+    let saga = get(&bank.server.channel, &gsn).await;
+    let outcall = saga
+        .branches
+        .iter()
+        .find(|b| b.branch_id == branch)
+        .unwrap();
+    assert_eq!(outcall.state, pb::BranchState::Triggered as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_saga_needing_attention_is_reprocessed_by_an_operator() {
     let bank = bank().await;
     let gsn = bank.start("t-11").await;

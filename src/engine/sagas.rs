@@ -863,21 +863,37 @@ impl Engine {
             )));
         }
         let engine = self.clone();
-        let written = self
-            .idempotent_write_with("ReportState", &request_id, fingerprint, move |tx, now| {
+        let written =
+            self.idempotent_write_with("ReportState", &request_id, fingerprint, move |tx, now| {
                 let saga = load_saga(tx, &gsn)?;
                 let Some(branch) = saga.branch(&input.branch_id) else {
                     let strategy = engine.strategy_of(tx, &saga)?;
                     let refused = match strategy.as_deref().and_then(|s| s.step(&input.branch_id)) {
-                        Some(_) => Refusal::NotTriggered { branch_id: input.branch_id },
-                        None => Refusal::UnknownStep { branch_id: input.branch_id },
+                        Some(_) => Refusal::NotTriggered {
+                            branch_id: input.branch_id,
+                        },
+                        None => Refusal::UnknownStep {
+                            branch_id: input.branch_id,
+                        },
                     };
                     return Err(refusal(refused, &gsn));
                 };
-                if branch.node_id != input.reporter_node_id && branch.caller_node_id != input.reporter_node_id {
+                if branch.node_id != input.reporter_node_id
+                    && branch.caller_node_id != input.reporter_node_id
+                {
+                    // An outcall's caller may report it too: a refusal naming the callee
+                    // alone would send the reporter looking for the wrong node.
+                    let allowed = if branch.caller_node_id.is_empty() {
+                        format!("it belongs to node {:?}", branch.node_id)
+                    } else {
+                        format!(
+                            "only its node {:?} or the outcall's caller {:?} can",
+                            branch.node_id, branch.caller_node_id
+                        )
+                    };
                     return Err(Error::FailedPrecondition(format!(
-                        "node {:?} cannot report branch {:?} of saga {gsn}: it belongs to node {:?}",
-                        input.reporter_node_id, input.branch_id, branch.node_id
+                        "node {:?} cannot report branch {:?} of saga {gsn}: {allowed}",
+                        input.reporter_node_id, input.branch_id
                     )));
                 }
                 // Whether this write took the answered command out of the outbox.
@@ -906,9 +922,9 @@ impl Engine {
                         // reversal's answer, a poll's, which send failed), so an id edited on
                         // its way back must not take the entry out: a Reverse read as a poll
                         // would leave the saga REVERSING with nothing left to resend it.
-                        if let Some(stored) = stored.filter(|c| {
-                            c.kind != answering.kind || c.send() != answering.attempt
-                        }) {
+                        if let Some(stored) = stored
+                            .filter(|c| c.kind != answering.kind || c.send() != answering.attempt)
+                        {
                             return Err(Error::FailedPrecondition(format!(
                                 "command_id {:?} does not match the command sagad sent under that \
                                  number, {:?}: report with the command_id exactly as received",
