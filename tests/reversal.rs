@@ -177,6 +177,22 @@ impl Bank {
             .unwrap()
     }
 
+    /// Runs sagactl against this sagad; its stdout, once it succeeded.
+    fn sagactl(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sagactl"))
+            .arg("--addr")
+            .arg(format!("http://{}", self.server.addr))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "sagactl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     fn signals_everywhere(&self, gsn: &str) -> Vec<Vec<i32>> {
         let mut all = vec![self.caller.node.signals_for(gsn)];
         all.extend(self.nodes.iter().map(|n| n.node.signals_for(gsn)));
@@ -736,23 +752,9 @@ async fn a_saga_needing_attention_is_reprocessed_by_an_operator() {
         pb::SagaState::NeedsAttention as i32
     );
     // The operator's view: listed as needing attention, then re-driven.
-    let sagactl = |args: &[&str]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sagactl"))
-            .arg("--addr")
-            .arg(format!("http://{}", bank.server.addr))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "sagactl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
-    let listed = sagactl(&["attention"]);
+    let listed = bank.sagactl(&["attention"]);
     assert!(listed.contains(&gsn), "{listed}");
-    let reprocessed = sagactl(&["reprocess", &gsn]);
+    let reprocessed = bank.sagactl(&["reprocess", &gsn]);
     assert!(reprocessed.contains("REVERSING"), "{reprocessed}");
     assert!(eventually(LIMIT, || bank.node("a").reversals_of(&gsn, &branch) == 1).await);
     let saga = common::orders::wait_terminal(&bank.server.channel, &gsn, LIMIT).await;
@@ -764,6 +766,35 @@ async fn a_saga_needing_attention_is_reprocessed_by_an_operator() {
         .await;
     assert!(!again.metadata().contains_key(sagad::grpc::REPLAYED_HEADER));
     assert_eq!(again.into_inner().signal, SUCCESS);
+}
+
+/// The saga's reason names what started its reversal ("test" here), not what stopped it: an
+/// operator sent by it alone would look at the wrong node. `attention` names the node whose
+/// reversal failed and the error it gave, and labels the reason as the original one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sagactl_attention_names_the_node_whose_reversal_failed_and_its_error() {
+    let bank = bank().await;
+    let gsn = bank.start("t-attn").await;
+    let branch = bank
+        .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    bank.node("a")
+        .script("credit-a", vec![Script::Fail("LOCKED")]);
+    let answer = bank
+        .reverse("r-attn", &gsn, &branch, pb::ReversalType::External, 5_000)
+        .await
+        .into_inner();
+    assert_eq!(answer.signal, REPROCESS);
+    let listed = bank.sagactl(&["attention"]);
+    assert!(listed.contains(&gsn), "{listed}");
+    assert!(
+        listed.contains(&format!("credit-a of {branch} on node a, error LOCKED")),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("reversing because (original reason): test"),
+        "{listed}"
+    );
 }
 
 /// A caller whose own deadline is shorter than `wait` gives up on its RequestReversal; the

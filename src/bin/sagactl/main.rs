@@ -87,7 +87,9 @@ enum Command {
     },
     /// Show the engine's counters (polls, answers, escalations, deliveries, ...).
     Counters,
-    /// List the sagas that need an operator (a reversal failed past its retry budget), and why.
+    /// List the sagas that need an operator, and why: under each, the reversals that failed
+    /// past their retry budget (branch, node, error), then the saga's original reason for
+    /// reversing; or, for a completed saga whose step was undone by its node, that reason.
     Attention {
         /// Show at most this many sagas
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
@@ -173,28 +175,23 @@ async fn connect(addr: &str, rpc_timeout: Duration) -> Result<Channel, String> {
 /// The most rows asked for in one ListSagas page; sagad refuses more.
 const MAX_PAGE_SIZE: u32 = 500;
 
-/// Sagas, newest first, page after page until `limit` are shown or the list ends; `reasons`
-/// adds why each is in its state. A page can come back short, even empty, with a token for the
-/// next: sagad ends a page after examining a bounded number of sagas, so an old match behind
-/// many newer non-matches is found only by following the tokens.
+/// Sagas, newest first, page after page until `limit` are shown or the list ends; `attention`
+/// adds, under each saga, what an operator must look at. A page can come back short, even
+/// empty, with a token for the next: sagad ends a page after examining a bounded number of
+/// sagas, so an old match behind many newer non-matches is found only by following the tokens.
 async fn list(
     channel: Channel,
     states: Vec<i32>,
     business_type: String,
     limit: u32,
-    reasons: bool,
+    attention: bool,
 ) -> Result<(), String> {
     let mut client = CoordinatorClient::new(channel);
     outln!(
-        "{:<28} {:<16} {:<24} CREATED{}",
+        "{:<28} {:<16} {:<24} CREATED",
         "GSN",
         "STATE",
-        "BUSINESS TYPE",
-        if reasons {
-            "                   REASON"
-        } else {
-            ""
-        }
+        "BUSINESS TYPE"
     );
     let mut shown = 0u32;
     let mut page_token = String::new();
@@ -206,24 +203,26 @@ async fn list(
                 page_size: (limit - shown).min(MAX_PAGE_SIZE),
                 page_token,
                 newest_first: true,
-                full: false,
+                // The branches say which reversals failed; the saga's reason alone names what
+                // started the reversal, not what stopped it.
+                full: attention,
             })
             .await
             .map_err(status_text)?
             .into_inner();
         for saga in &page.sagas {
-            let reason = if reasons {
-                format!("  {}", saga.reason)
-            } else {
-                String::new()
-            };
             outln!(
-                "{:<28} {:<16} {:<24} {}{reason}",
+                "{:<28} {:<16} {:<24} {}",
                 saga.gsn,
                 state_name(saga.state),
                 saga.business_type,
                 time_text(&saga.created_at)
             );
+            if attention {
+                for line in ops::attention_lines(saga) {
+                    outln!("    {line}");
+                }
+            }
         }
         shown = shown.saturating_add(u32::try_from(page.sagas.len()).unwrap_or(u32::MAX));
         for sequence in &page.unreadable_sequences {

@@ -165,6 +165,52 @@ pub fn print_progress(saga: &pb::Saga) {
     }
 }
 
+/// What `sagactl attention` shows under a saga: first the branches whose reversal failed, on
+/// which node and with what error, since that node is where the operator must look; then the
+/// saga's reason, which was set when the reversal started and so names what the saga was
+/// undoing (e.g. a step that declined), not what stopped it.
+pub fn attention_lines(saga: &pb::Saga) -> Vec<String> {
+    let mut lines: Vec<String> = saga
+        .branches
+        .iter()
+        .filter(|b| b.state == pb::BranchState::ReversalFailed as i32)
+        .map(|b| {
+            let error = if b.error_code.is_empty() {
+                "no error code".to_owned()
+            } else {
+                format!("error {}", b.error_code)
+            };
+            let latest = match b.timeline.last() {
+                Some(entry) => format!("; latest: {}", entry.what),
+                None => String::new(),
+            };
+            format!(
+                "failed reversal: {} of {} on node {}, {error}{latest}",
+                if b.reversal_action.is_empty() {
+                    "-"
+                } else {
+                    &b.reversal_action
+                },
+                b.branch_id,
+                b.node_id
+            )
+        })
+        .collect();
+    let reason = if saga.reason.is_empty() {
+        "(none recorded)"
+    } else {
+        saga.reason.as_str()
+    };
+    if lines.is_empty() {
+        // No failed reversal: a step of a completed saga was undone by its node, and the
+        // reason says which.
+        lines.push(format!("reason: {reason}"));
+    } else {
+        lines.push(format!("reversing because (original reason): {reason}"));
+    }
+    lines
+}
+
 fn print_stuck_row(item: &pb::StuckItem, as_of: &Option<prost_types::Timestamp>) {
     let what = if item.kind == pb::StuckKind::DeliveryFailing as i32 {
         format!("{} #{}", item.command_kind, item.outbox_id)
@@ -300,4 +346,58 @@ pub async fn counters(channel: Channel) -> Result<(), String> {
         time_text(&response.as_of)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn branch(id: &str, node: &str, state: pb::BranchState, error_code: &str) -> pb::Branch {
+        pb::Branch {
+            branch_id: id.to_owned(),
+            node_id: node.to_owned(),
+            reversal_action: format!("undo-{id}"),
+            state: state as i32,
+            error_code: error_code.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn attention_names_the_node_whose_reversal_failed_before_the_original_reason() {
+        let mut locked = branch("charge", "bank", pb::BranchState::ReversalFailed, "LOCKED");
+        locked.timeline.push(pb::TimelineEntry {
+            at: None,
+            what: "reversal failed: not retryable; needs an operator".to_owned(),
+        });
+        let saga = pb::Saga {
+            reason: "step ship reported abnormal status DECLINED".to_owned(),
+            branches: vec![
+                branch("ship", "depot", pb::BranchState::Failed, "DECLINED"),
+                locked,
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            attention_lines(&saga),
+            [
+                "failed reversal: undo-charge of charge on node bank, error LOCKED; latest: \
+                 reversal failed: not retryable; needs an operator",
+                "reversing because (original reason): step ship reported abnormal status DECLINED",
+            ]
+        );
+    }
+
+    #[test]
+    fn attention_without_a_failed_reversal_shows_the_sagas_reason() {
+        let saga = pb::Saga {
+            reason: "step pay of the completed saga was undone by node bank".to_owned(),
+            branches: vec![branch("pay", "bank", pb::BranchState::Reversed, "")],
+            ..Default::default()
+        };
+        assert_eq!(
+            attention_lines(&saga),
+            ["reason: step pay of the completed saga was undone by node bank"]
+        );
+    }
 }
