@@ -187,16 +187,26 @@ pub(crate) fn stuck_in(saga: &Saga, policy: &Policy) -> Vec<Stuck> {
                 );
                 items.push(item);
             }
-            // A step waiting to be sent again after a retryable failure (S5).
-            BranchState::Triggered if branch.retry_at_ms.is_some() => {
+            // A step sent again after a retryable failure (S5): while its retry waits, and while
+            // that resend is out, since the resend clears `retry_at_ms` and only `attempts`
+            // still shows a send failed. A first send on its way is progress, not a wait.
+            BranchState::Triggered if branch.retry_at_ms.is_some() || branch.attempts > 1 => {
                 item.kind = StuckKind::StepRetrying;
                 item.next_attempt_ms = branch.retry_at_ms;
                 item.last_error = error_text(&branch.error_code, &branch.message);
-                item.reason = format!(
-                    "forward action {} on node {} failed ({}) after {} sends; sent again by the \
-                     retry policy",
-                    branch.forward_action, branch.node_id, item.last_error, branch.attempts,
-                );
+                item.reason = if branch.retry_at_ms.is_some() {
+                    format!(
+                        "forward action {} on node {} failed ({}) after {} sends; sent again by \
+                         the retry policy",
+                        branch.forward_action, branch.node_id, item.last_error, branch.attempts,
+                    )
+                } else {
+                    format!(
+                        "forward action {} on node {} failed ({}); send {} of it, made by the \
+                         retry policy, is on its way",
+                        branch.forward_action, branch.node_id, item.last_error, branch.attempts,
+                    )
+                };
                 items.push(item);
             }
             BranchState::Reversing
@@ -529,6 +539,25 @@ mod tests {
             items[0]
                 .reason
                 .contains("failed (UNAVAILABLE) after 1 sends"),
+            "{}",
+            items[0].reason
+        );
+    }
+
+    #[test]
+    fn a_step_stays_listed_as_retrying_while_its_resend_is_on_its_way() {
+        // The retry timer fired: the resend is out, so no next send is due yet.
+        let mut resent = branch("charge", BranchState::Triggered);
+        resent.error_code = "UNAVAILABLE".into();
+        resent.attempts = 2;
+        let items = stuck_in(&saga(SagaState::Running, vec![resent]), &Policy::default());
+        assert_eq!(items.len(), 1, "{items:?}");
+        assert_eq!(items[0].kind, StuckKind::StepRetrying);
+        assert_eq!(items[0].next_attempt_ms, None);
+        assert_eq!(items[0].attempts, 2);
+        assert_eq!(items[0].last_error, "UNAVAILABLE");
+        assert!(
+            items[0].reason.contains("send 2 of it") && items[0].reason.contains("on its way"),
             "{}",
             items[0].reason
         );
