@@ -207,11 +207,14 @@ struct Flags {
     /// How long a client connection may stay silent before sagad checks that its peer is still
     /// there: an HTTP/2 PING, which must be answered within the same time or the connection is
     /// closed and its streams end (so a Subscribe stream whose node vanished without closing it
-    /// is not taken for a live one), and TCP keepalive probes. At least 1s, or 0 for never
-    /// [env: SAGAD_KEEPALIVE] [default: 30s]
+    /// is not taken for a live one), and TCP keepalive probes. From 1s to 32767s (Linux's
+    /// limit for TCP keepalive), or 0 for never [env: SAGAD_KEEPALIVE] [default: 30s]
     #[arg(long)]
     keepalive: Option<String>,
 }
+
+/// The longest `--keepalive`: Linux's limit on TCP_KEEPIDLE (MAX_TCP_KEEPIDLE).
+const MAX_KEEPALIVE: Duration = Duration::from_secs(32_767);
 
 fn node(setting: &'static str, text: &str) -> Result<(String, String), Error> {
     let (id, url) = text.split_once('=').ok_or_else(|| {
@@ -458,6 +461,16 @@ impl Config {
             if !keepalive.is_zero() && keepalive < Duration::from_secs(1) {
                 return Err(invalid(SETTING, &value, "must be 0 (never) or at least 1s"));
             }
+            // It is also the TCP keepalive idle time, which Linux refuses past 32767 s; tonic
+            // then only warns, on every connection, and runs it without TCP keepalive.
+            if keepalive > MAX_KEEPALIVE {
+                return Err(invalid(
+                    SETTING,
+                    &value,
+                    "must be at most 32767s (9h 6m 7s), the longest TCP keepalive idle time \
+                     Linux accepts",
+                ));
+            }
             config.keepalive = keepalive;
         }
         // A replayed StartSaga answers with the GSN its idempotency record keeps; if the saga
@@ -644,6 +657,24 @@ mod tests {
             err.contains("keepalive") && err.contains("at least 1s"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_keepalive_longer_than_linux_takes_for_tcp_keepalive_is_refused_naming_the_limit() {
+        let load = |args: &[&str]| Config::load(args.iter().copied(), &env(&[]));
+        assert_eq!(
+            load(&["sagad", "--keepalive", "32767s"]).unwrap().keepalive,
+            Duration::from_secs(32_767)
+        );
+        for bad in ["32768s", "10h", "20000y"] {
+            let err = load(&["sagad", "--keepalive", bad]).unwrap_err();
+            assert!(matches!(err, Error::Invalid { .. }), "{bad}: exit 64");
+            let err = err.to_string();
+            assert!(
+                err.contains("keepalive") && err.contains("32767s"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]
