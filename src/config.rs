@@ -183,7 +183,7 @@ struct Flags {
     /// more [env: SAGAD_NODES, comma-separated]
     #[arg(long = "node")]
     nodes: Vec<String>,
-    /// How long a call to a participant may take before it is retried [env:
+    /// How long a call to a participant may take before it is retried (at most 24h) [env:
     /// SAGAD_PARTICIPANT_TIMEOUT] [default: 10s]
     #[arg(long)]
     participant_timeout: Option<String>,
@@ -215,6 +215,9 @@ struct Flags {
 
 /// The longest `--keepalive`: Linux's limit on TCP_KEEPIDLE (MAX_TCP_KEEPIDLE).
 const MAX_KEEPALIVE: Duration = Duration::from_secs(32_767);
+
+/// The longest `--participant-timeout`.
+const MAX_PARTICIPANT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 fn node(setting: &'static str, text: &str) -> Result<(String, String), Error> {
     let (id, url) = text.split_once('=').ok_or_else(|| {
@@ -411,12 +414,16 @@ impl Config {
         }
         if let Some((value, _)) = pick(flags.participant_timeout, env, "SAGAD_PARTICIPANT_TIMEOUT")?
         {
-            let timeout = duration("participant-timeout (SAGAD_PARTICIPANT_TIMEOUT)", &value)?;
-            if timeout.is_zero() {
+            const SETTING: &str = "participant-timeout (SAGAD_PARTICIPANT_TIMEOUT)";
+            let timeout = duration(SETTING, &value)?;
+            // Every call sends it as grpc-timeout, which tonic cannot write for a value of
+            // centuries (it panics); and a call still unanswered after a day is lost, not slow:
+            // step timeouts and polls are for work that takes longer.
+            if timeout.is_zero() || timeout > MAX_PARTICIPANT_TIMEOUT {
                 return Err(invalid(
-                    "participant-timeout (SAGAD_PARTICIPANT_TIMEOUT)",
+                    SETTING,
                     &value,
-                    "must be longer than zero",
+                    "must be longer than zero and at most 24h",
                 ));
             }
             config.participant_timeout = timeout;
@@ -672,6 +679,26 @@ mod tests {
             let err = err.to_string();
             assert!(
                 err.contains("keepalive") && err.contains("32767s"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_participant_timeout_over_a_day_is_refused_instead_of_panicking_at_the_first_call() {
+        let load = |args: &[&str]| Config::load(args.iter().copied(), &env(&[]));
+        assert_eq!(
+            load(&["sagad", "--participant-timeout", "24h"])
+                .unwrap()
+                .participant_timeout,
+            Duration::from_secs(24 * 3600)
+        );
+        for bad in ["0", "25h", "20000y"] {
+            let err = load(&["sagad", "--participant-timeout", bad]).unwrap_err();
+            assert!(matches!(err, Error::Invalid { .. }), "{bad}: exit 64");
+            let err = err.to_string();
+            assert!(
+                err.contains("participant-timeout") && err.contains("at most 24h"),
                 "{bad}: {err}"
             );
         }
