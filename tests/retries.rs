@@ -958,3 +958,33 @@ async fn sagactl_puts_the_example_gets_checks_and_shows_history() {
         "{shown}"
     );
 }
+
+/// A check that fails (here refused; in practice often a timeout after sagad recorded it) still
+/// names the request id sagactl made up, so the operator can repeat that very request instead
+/// of a new one that would decide, and use a retry, again.
+#[tokio::test(flavor = "multi_thread")]
+async fn sagactl_retry_check_names_its_request_id_when_the_call_fails() {
+    let server = TestServer::start().await;
+    let output = Command::new(env!("CARGO_BIN_EXE_sagactl"))
+        .args(["--addr", &format!("http://{}", server.addr)])
+        .args([
+            "retry",
+            "check",
+            "--original",
+            "T 1",
+            "--code",
+            "payments.charge",
+            "--error",
+            "TIMEOUT",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("InvalidArgument")
+            && stderr.contains("request id sagactl-retry-check-")
+            && stderr.contains("--request-id sagactl-retry-check-"),
+        "{stderr}"
+    );
+}

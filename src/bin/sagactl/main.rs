@@ -279,6 +279,17 @@ pub(crate) fn status_text(status: tonic::Status) -> String {
     text
 }
 
+/// A failed call's text with its request id: after a timeout or a lost connection the request
+/// may have been carried out, and only a repeat with the same id is answered from that record
+/// instead of being decided again.
+pub(crate) fn failed_request(status: tonic::Status, request_id: &str) -> String {
+    format!(
+        "{} (request id {request_id}: repeat with --request-id {request_id} to get the answer \
+         sagad recorded, if any)",
+        status_text(status)
+    )
+}
+
 fn state_name(value: i32) -> String {
     pb::SagaState::try_from(value)
         .map(|s| s.as_str_name().trim_start_matches("SAGA_STATE_").to_owned())

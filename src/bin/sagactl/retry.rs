@@ -12,7 +12,7 @@ use sagad::grpc::pb::retries_client::RetriesClient;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use crate::{status_text, time_text};
+use crate::{failed_request, status_text, time_text};
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -26,7 +26,9 @@ pub enum Command {
     },
     /// Show the configuration in force, as TOML that `retry put` accepts.
     Get,
-    /// Ask sagad whether a failed transaction may be retried now.
+    /// Ask sagad whether a failed transaction may be retried now, and record the decision: an
+    /// ALLOW issues a retry serial and uses one of the original's retries, so repeat a check
+    /// with the same --request-id (printed, also on failure) rather than running a new one.
     Check {
         /// The original transaction's serial number
         #[arg(long)]
@@ -56,13 +58,14 @@ pub async fn run(channel: Channel, command: Command) -> Result<(), String> {
     match command {
         Command::Put { file, request_id } => {
             let config = read_file(&file)?;
+            let request_id = request_id.unwrap_or_else(|| fresh_request_id("retry-put"));
             let response = client
                 .put_retry_config(pb::PutRetryConfigRequest {
-                    request_id: request_id.unwrap_or_else(|| fresh_request_id("retry-put")),
+                    request_id: request_id.clone(),
                     config: Some(config),
                 })
                 .await
-                .map_err(status_text)?;
+                .map_err(|status| failed_request(status, &request_id))?;
             let replayed = response
                 .metadata()
                 .contains_key(sagad::grpc::REPLAYED_HEADER);
@@ -116,7 +119,7 @@ pub async fn run(channel: Channel, command: Command) -> Result<(), String> {
                     idempotency_scope: scope,
                 })
                 .await
-                .map_err(status_text)?;
+                .map_err(|status| failed_request(status, &request_id))?;
             let replayed = response
                 .metadata()
                 .contains_key(sagad::grpc::REPLAYED_HEADER);
