@@ -82,8 +82,8 @@ enum Command {
     /// being retried, sagas needing attention, commands whose delivery fails.
     Stuck {
         /// Show at most this many rows
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
     },
     /// Show the engine's counters (polls, answers, escalations, deliveries, ...).
     Counters,

@@ -266,10 +266,10 @@ fn print_stuck_row(item: &pb::StuckItem, as_of: &Option<prost_types::Timestamp>)
 }
 
 /// `sagactl stuck`: follows ListStuck's pages until the scan ends or `limit` rows are shown.
-pub async fn stuck(channel: Channel, limit: usize) -> Result<(), String> {
+pub async fn stuck(channel: Channel, limit: u32) -> Result<(), String> {
     let mut client = OperationsClient::new(channel);
     let mut page_token = String::new();
-    let mut shown = 0usize;
+    let mut shown = 0u32;
     let mut examined = 0u64;
     let mut not_shown = 0u32;
     let mut more = false;
