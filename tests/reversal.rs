@@ -797,6 +797,52 @@ async fn sagactl_attention_names_the_node_whose_reversal_failed_and_its_error() 
     );
 }
 
+/// A reprocess whose answer was lost (a client timeout) is run again by the operator: with the
+/// default request id that is refused, since the saga no longer needs attention, and sagactl
+/// says it was most likely reprocessed already rather than leaving a bare FAILED_PRECONDITION.
+/// The first run names the reversal it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sagactl_reprocess_run_again_says_the_saga_was_probably_reprocessed_already() {
+    let bank = bank().await;
+    let gsn = bank.start("t-again").await;
+    let branch = bank
+        .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    // The reversal after the reprocess is slow, so the saga is still REVERSING for the rerun.
+    bank.node("a").script(
+        "credit-a",
+        vec![
+            Script::Fail("LOCKED"),
+            Script::SucceedLate("OK", Duration::from_millis(1_500)),
+        ],
+    );
+    let answer = bank
+        .reverse("r-again", &gsn, &branch, pb::ReversalType::External, 5_000)
+        .await
+        .into_inner();
+    assert_eq!(answer.signal, REPROCESS);
+    let first = bank.sagactl(&["reprocess", &gsn]);
+    assert!(
+        first.contains("REVERSING") && first.contains(&format!("{branch} on node a")),
+        "{first}"
+    );
+    assert!(!first.contains("failed reversals"), "{first}");
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_sagactl"))
+        .arg("--addr")
+        .arg(format!("http://{}", bank.server.addr))
+        .args(["reprocess", &gsn])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("FailedPrecondition") && stderr.contains("probably reprocessed already"),
+        "{stderr}"
+    );
+    let saga = common::orders::wait_terminal(&bank.server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32);
+}
+
 /// A caller whose own deadline is shorter than `wait` gives up on its RequestReversal; the
 /// reversal it started goes on, and its answer is still stored for the request, so a repeat
 /// gets it as soon as there is one instead of being told "in progress" for `wait` + 30 s.

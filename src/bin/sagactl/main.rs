@@ -95,11 +95,14 @@ enum Command {
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
     },
-    /// Re-drive a saga that needs attention: its failed reversals are sent again.
+    /// Re-drive a saga that needs attention: its failed reversals are sent again (a saga whose
+    /// completed step a node undid has its other steps reversed).
     Reprocess {
         gsn: String,
-        /// Idempotency key; by default one per attention episode of the saga, so repeating
-        /// the command is safe
+        /// Idempotency key. By default it is made from the saga's last change, which
+        /// reprocessing changes: a second run is refused (the saga no longer needs attention),
+        /// never applied twice, but is not answered from the first. To have a repeat after a
+        /// timeout replay the first answer, repeat the id printed with the failure
         #[arg(long)]
         request_id: Option<String>,
     },
@@ -290,6 +293,58 @@ pub(crate) fn failed_request(status: tonic::Status, request_id: &str) -> String 
     )
 }
 
+/// What a reprocess did, read from the saga it returned: which reversals are now out, or how
+/// the saga ended. An outcall saga whose completed outcall a node undid has its other outcalls
+/// reversed, not "failed reversals sent again".
+fn reprocessed_text(saga: &pb::Saga) -> String {
+    let state = state_name(saga.state);
+    if saga.state != pb::SagaState::Reversing as i32 {
+        return format!("{} is {state}", saga.gsn);
+    }
+    let out: Vec<String> = saga
+        .branches
+        .iter()
+        .filter(|b| b.state == pb::BranchState::Reversing as i32)
+        .map(|b| format!("{} on node {}", b.branch_id, b.node_id))
+        .collect();
+    if out.is_empty() {
+        format!("{} is {state}", saga.gsn)
+    } else {
+        format!(
+            "{} is {state}; reversal sent for {}",
+            saga.gsn,
+            out.join(", ")
+        )
+    }
+}
+
+/// ReprocessSaga's FAILED_PRECONDITION, with what the saga's state suggests: one REVERSING has
+/// most likely been reprocessed already, by an earlier run whose answer did not arrive or by
+/// another operator, since only a reprocess moves a saga out of NEEDS_ATTENTION.
+async fn not_reprocessed(
+    client: &mut CoordinatorClient<Channel>,
+    gsn: &str,
+    status: tonic::Status,
+) -> String {
+    let text = status_text(status);
+    let state = client
+        .get_saga(pb::GetSagaRequest {
+            gsn: gsn.to_owned(),
+        })
+        .await
+        .ok()
+        .and_then(|answer| answer.into_inner().saga)
+        .map(|saga| saga.state);
+    if state == Some(pb::SagaState::Reversing as i32) {
+        format!(
+            "{text} (it was probably reprocessed already, by an earlier run whose answer did not \
+             arrive or by another operator: `sagactl show {gsn}` shows its reversals)"
+        )
+    } else {
+        text
+    }
+}
+
 fn state_name(value: i32) -> String {
     pb::SagaState::try_from(value)
         .map(|s| s.as_str_name().trim_start_matches("SAGA_STATE_").to_owned())
@@ -449,18 +504,23 @@ async fn run(cli: Cli) -> Result<(), String> {
                     format!("reprocess-{gsn}-{}.{:09}", at.seconds, at.nanos)
                 }
             };
-            let saga = client
-                .reprocess_saga(pb::ReprocessSagaRequest { request_id, gsn })
-                .await
-                .map_err(status_text)?
-                .into_inner()
-                .saga
-                .ok_or("sagad answered without a saga")?;
-            outln!(
-                "{} is {} again: its failed reversals were sent again",
-                saga.gsn,
-                state_name(saga.state)
-            );
+            let answer = client
+                .reprocess_saga(pb::ReprocessSagaRequest {
+                    request_id: request_id.clone(),
+                    gsn: gsn.clone(),
+                })
+                .await;
+            let saga = match answer {
+                Ok(answer) => answer
+                    .into_inner()
+                    .saga
+                    .ok_or("sagad answered without a saga")?,
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                    return Err(not_reprocessed(&mut client, &gsn, status).await);
+                }
+                Err(status) => return Err(failed_request(status, &request_id)),
+            };
+            outln!("{}", reprocessed_text(&saga));
         }
         Command::Stuck { limit } => ops::stuck(channel, limit).await?,
         Command::Counters => ops::counters(channel).await?,
@@ -506,6 +566,31 @@ mod tests {
         assert!(time_text(&at(-1, 0)).contains("since 1970"), "before 1970");
         assert!(time_text(&at(0, -1)).contains("since 1970"), "bad nanos");
         assert_eq!(time_text(&None), "-");
+    }
+
+    #[test]
+    fn reprocess_says_which_reversals_it_sent_or_how_the_saga_ended() {
+        let branch = |id: &str, state: pb::BranchState| pb::Branch {
+            branch_id: id.to_owned(),
+            node_id: format!("{id}-node"),
+            state: state as i32,
+            ..Default::default()
+        };
+        let mut saga = pb::Saga {
+            gsn: "c1-0000000000000007".to_owned(),
+            state: pb::SagaState::Reversing as i32,
+            branches: vec![
+                branch("1.a", pb::BranchState::Reversed),
+                branch("2.b", pb::BranchState::Reversing),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            reprocessed_text(&saga),
+            "c1-0000000000000007 is REVERSING; reversal sent for 2.b on node 2.b-node"
+        );
+        saga.state = pb::SagaState::Reversed as i32;
+        assert_eq!(reprocessed_text(&saga), "c1-0000000000000007 is REVERSED");
     }
 
     #[test]
