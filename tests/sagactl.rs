@@ -251,3 +251,18 @@ async fn sagactl_stops_quietly_when_its_output_pipe_closes() {
         assert!(output.stderr.is_empty(), "{args:?}");
     }
 }
+
+/// `--limit 0` would read a page and show nothing; every listing refuses it before connecting.
+#[test]
+fn sagactl_listings_refuse_a_limit_of_zero() {
+    for listing in ["list", "attention", "stuck"] {
+        let output = run_sagactl(&["--addr", "127.0.0.1:1", listing, "--limit", "0"]);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{listing}: clap's usage error"
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--limit"), "{listing}: {stderr}");
+    }
+}
