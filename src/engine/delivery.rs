@@ -33,8 +33,27 @@ pub struct InFlight {
 /// How a node is reached right now.
 enum Route {
     Push(String),
-    Pull(mpsc::Sender<Outgoing>),
+    /// A Subscribe stream, with its subscription's id.
+    Pull(u64, mpsc::Sender<Outgoing>),
     Nowhere,
+}
+
+/// Which route a delivery used, to tell a change of its own node's route from another's.
+#[derive(Debug, PartialEq, Eq)]
+enum Used {
+    Push(String),
+    Pull(u64),
+    Nowhere,
+}
+
+impl Route {
+    fn used(&self) -> Used {
+        match self {
+            Route::Push(endpoint) => Used::Push(endpoint.clone()),
+            Route::Pull(id, _) => Used::Pull(*id),
+            Route::Nowhere => Used::Nowhere,
+        }
+    }
 }
 
 struct Subscription {
@@ -51,7 +70,8 @@ pub(crate) struct Delivery {
     pending: Mutex<HashMap<u64, Arc<Notify>>>,
     /// What operators see of each delivery in flight.
     progress: Mutex<HashMap<u64, InFlight>>,
-    /// Bumped whenever a node's route changes, so waiting deliveries try again at once.
+    /// Bumped whenever a node's route changes; a waiting delivery then looks whether its own
+    /// node's route changed (`route_changed`) and if so tries again at once.
     routes: watch::Sender<u64>,
     stopping: watch::Sender<bool>,
     /// Set when shutdown begins: open Subscribe and WatchSaga streams end, as the server's
@@ -140,7 +160,7 @@ impl Delivery {
         if let Some(subscription) = subscriptions.get(node_id)
             && !subscription.sender.is_closed()
         {
-            return Route::Pull(subscription.sender.clone());
+            return Route::Pull(subscription.id, subscription.sender.clone());
         }
         drop(subscriptions);
         match self
@@ -151,6 +171,24 @@ impl Delivery {
         {
             Some((endpoint, _)) if !endpoint.is_empty() => Route::Push(endpoint.clone()),
             _ => Route::Nowhere,
+        }
+    }
+
+    /// Resolves once `node_id` is reached another way than `used`. Every node's route change
+    /// wakes every delivery's receiver, but only its own node's may cut a delivery's wait short:
+    /// otherwise one node subscribing again would resend every command waiting on another
+    /// node's stream at once, and deliveries backing off from a node that is down would all
+    /// retry together on any registration.
+    async fn route_changed(&self, routes: &mut watch::Receiver<u64>, node_id: &str, used: &Used) {
+        loop {
+            if routes.changed().await.is_err() {
+                // The sender lives as long as this `Delivery`, so this is never reached while
+                // a delivery runs.
+                return std::future::pending().await;
+            }
+            if self.route(node_id).used() != *used {
+                return;
+            }
         }
     }
 
@@ -345,7 +383,9 @@ async fn deliver(
             }
         };
         routes.borrow_and_update();
-        let wait = match delivery.route(&command.node_id) {
+        let route = delivery.route(&command.node_id);
+        let used = route.used();
+        let wait = match route {
             // The call and the write are boxed so that this task stays small: tokio copies a
             // task's whole future when it spawns and when it finishes it, and with these two
             // inline it was 4 KB, copied for every command (docs/benchmarks.md).
@@ -380,7 +420,7 @@ async fn deliver(
                     }
                 }
             }
-            Route::Pull(sender) => {
+            Route::Pull(_, sender) => {
                 attempt = attempt.saturating_add(1);
                 let outgoing = send(attempt);
                 // The stream's buffer is full while its node does not read, and a node that
@@ -399,7 +439,7 @@ async fn deliver(
                         }
                     }
                     () = acked.notified() => return,
-                    _ = routes.changed() => {
+                    () = delivery.route_changed(&mut routes, &command.node_id, &used) => {
                         // Nothing was sent; send on the new route at once.
                         attempt = attempt.saturating_sub(1);
                         continue;
@@ -420,7 +460,7 @@ async fn deliver(
         tokio::select! {
             () = acked.notified() => return,
             () = tokio::time::sleep(wait) => {}
-            _ = routes.changed() => {}
+            () = delivery.route_changed(&mut routes, &command.node_id, &used) => {}
             _ = stopping.changed() => return,
         }
     }
@@ -434,11 +474,10 @@ mod tests {
     use super::*;
     use crate::domain::ids::CoordinatorId;
 
-    /// A node that subscribed, stopped reading (its stream's buffer is full) and subscribed
-    /// again gets the command on its new stream: the delivery waiting for room on the old
-    /// one gives up when the route changes.
-    #[tokio::test]
-    async fn a_delivery_waiting_on_a_full_abandoned_stream_sends_on_the_next_one() {
+    /// An engine on a fresh ledger; `settings` adjusts the defaults.
+    async fn engine(
+        settings: impl FnOnce(&mut crate::engine::Settings),
+    ) -> (tempfile::TempDir, store::Store, Engine) {
         let dir = tempfile::tempdir().unwrap();
         let options = store::Options::new(dir.path().join("ledger"));
         // The ledger is opened off the async workers, as sagad does.
@@ -446,30 +485,46 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        let mut chosen = crate::engine::Settings::new(CoordinatorId::parse("c1").unwrap());
+        settings(&mut chosen);
         let engine = Engine::new(
             store.clone(),
             Arc::new(crate::clock::SystemClock),
             Arc::new(crate::random::FixedRandom(0.5)),
-            crate::engine::Settings::new(CoordinatorId::parse("c1").unwrap()),
+            chosen,
         );
-        let delivery = &engine.shared.delivery;
-        let (_, _abandoned) = delivery.subscribe("inventory");
-        let Route::Pull(old) = delivery.route("inventory") else {
-            panic!("the node subscribed");
-        };
-        let filler = Outgoing::test_signal("filler", "c1-0000000000000001");
-        while old.try_send(filler.clone()).is_ok() {}
-        let command = Command {
+        (dir, store, engine)
+    }
+
+    /// A COMPLETED signal about saga `gsn` for `node_id`.
+    fn signal_to(node_id: &str, gsn: &str) -> Command {
+        Command {
             kind: Kind::Signal,
-            gsn: "c1-0000000000000002".to_owned(),
+            gsn: gsn.to_owned(),
             branch_id: String::new(),
-            node_id: "inventory".to_owned(),
+            node_id: node_id.to_owned(),
             action: String::new(),
             reason: String::new(),
             signal: 1,
             business_type: "order".to_owned(),
             attempt: 0,
+        }
+    }
+
+    /// A node that subscribed, stopped reading (its stream's buffer is full) and subscribed
+    /// again gets the command on its new stream: the delivery waiting for room on the old
+    /// one gives up when the route changes.
+    #[tokio::test]
+    async fn a_delivery_waiting_on_a_full_abandoned_stream_sends_on_the_next_one() {
+        let (_dir, store, engine) = engine(|_| {}).await;
+        let delivery = &engine.shared.delivery;
+        let (_, _abandoned) = delivery.subscribe("inventory");
+        let Route::Pull(_, old) = delivery.route("inventory") else {
+            panic!("the node subscribed");
         };
+        let filler = Outgoing::test_signal("filler", "c1-0000000000000001");
+        while old.try_send(filler.clone()).is_ok() {}
+        let command = signal_to("inventory", "c1-0000000000000002");
         delivery.spawn(engine.clone(), 7, command, None);
         // Let the delivery find the old stream full and wait on it.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -487,7 +542,7 @@ mod tests {
     fn pushed_to(delivery: &Delivery, node_id: &str) -> Option<String> {
         match delivery.route(node_id) {
             Route::Push(endpoint) => Some(endpoint),
-            Route::Pull(_) | Route::Nowhere => None,
+            Route::Pull(..) | Route::Nowhere => None,
         }
     }
 
@@ -511,5 +566,93 @@ mod tests {
             pushed_to(&delivery, "payment").as_deref(),
             Some("http://127.0.0.1:3")
         );
+    }
+
+    /// A command sent on node P's stream waits out `resend_after` before it is sent again, however
+    /// often other nodes subscribe or register meanwhile.
+    #[tokio::test]
+    async fn a_command_on_a_stream_is_not_resent_when_another_node_subscribes_or_registers() {
+        let (_dir, store, engine) = engine(|_| {}).await;
+        let delivery = &engine.shared.delivery;
+        let (_, mut stream) = delivery.subscribe("payment");
+        delivery.spawn(
+            engine.clone(),
+            7,
+            signal_to("payment", "c1-0000000000000001"),
+            None,
+        );
+        let first = tokio::time::timeout(Duration::from_secs(5), stream.recv())
+            .await
+            .expect("the command was sent")
+            .unwrap();
+        assert_eq!(first.attempt, 1);
+
+        for round in 0..5u64 {
+            let (_, _other) = delivery.subscribe("inventory");
+            delivery.set_endpoint("shipping", "http://127.0.0.1:9", round + 1);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            stream.try_recv().is_err(),
+            "sent again before resend_after on another node's route change"
+        );
+        engine.stop();
+        store.close().await.unwrap();
+    }
+
+    /// A push delivery backing off from its node that is down keeps backing off when another
+    /// node registers or subscribes: only its own node's new route makes it try at once.
+    #[tokio::test]
+    async fn a_push_delivery_backing_off_is_not_retried_when_another_node_registers() {
+        let (_dir, store, engine) = engine(|settings| {
+            settings.redelivery_base = Duration::from_secs(30);
+            settings.redelivery_cap = Duration::from_secs(30);
+        })
+        .await;
+        let delivery = &engine.shared.delivery;
+        let refused = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        delivery.set_endpoint("payment", &refused, 1);
+        delivery.spawn(
+            engine.clone(),
+            7,
+            signal_to("payment", "c1-0000000000000001"),
+            None,
+        );
+        let attempts = || {
+            delivery
+                .in_flight()
+                .iter()
+                .find(|f| f.outbox_id == 7 && !f.last_error.is_empty())
+                .map(|f| f.attempts)
+        };
+        for _ in 0..500 {
+            if attempts().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(attempts(), Some(1), "{:?}", delivery.in_flight());
+
+        for round in 0..5u64 {
+            delivery.set_endpoint("shipping", "http://127.0.0.1:9", round + 1);
+            let (_, _other) = delivery.subscribe("inventory");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(attempts(), Some(1), "{:?}", delivery.in_flight());
+
+        // Its own node's new endpoint is tried at once.
+        delivery.set_endpoint("payment", "http://127.0.0.1:9", 2);
+        for _ in 0..500 {
+            if attempts() == Some(2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(attempts(), Some(2), "{:?}", delivery.in_flight());
+        engine.stop();
+        store.close().await.unwrap();
     }
 }
