@@ -11,8 +11,8 @@
 //! of its own. gRPC itself (framing, codec, status, trailers) stays tonic's.
 
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -30,18 +30,27 @@ const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 /// keeps refusing is failing, and the delivery's back-off takes over.
 const RESENDS_WHEN_REFUSED: u32 = 2;
 
-/// An idle connection is checked with an HTTP/2 PING this often, and dropped when the PING is
-/// not answered in time: a connection can die without a word (a node's host lost power, a
-/// firewall forgot the flow), and a dead one would otherwise stay current and cost the next
-/// call its whole timeout. The numbers are hyper's usual keepalive settings.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// A connection on which no call started for a whole check of this length (so idle for
+/// between one and two of them) stops being current and closes once its last stream ends; the
+/// next call dials again. A connection can die without a word (a node's host lost power, a
+/// firewall forgot the flow), and one kept for a node that gets a command every few minutes
+/// would more likely be dead than not, costing the call its whole timeout. hyper's pool closes
+/// idle connections after 90 s for the same reason.
+///
+/// No HTTP/2 PING is sent instead: gRPC servers count a PING on a connection without calls
+/// (grpc-go and grpc-java, by default) or more often than every 5 minutes as abuse, and after
+/// a few close the connection with GOAWAY ENHANCE_YOUR_CALM ("too_many_pings"), failing any
+/// call on it. A call on a connection that died is caught by the call's deadline, which drops
+/// the connection (`Participants::send`).
+const IDLE_CHECK: Duration = Duration::from_secs(45);
 
-#[derive(Debug, Clone, Copy)]
-struct Keepalive {
-    interval: Duration,
-    timeout: Duration,
-}
+/// TCP keepalive on each dialled socket: the kernel probes an idle connection after
+/// `KEEPALIVE_TIME` and every `KEEPALIVE_INTERVAL` after that, and fails it after
+/// `KEEPALIVE_PROBES` unanswered ones, so a connection whose peer vanished ends (and the next
+/// call dials again) within about a minute without the node's gRPC stack seeing anything.
+const KEEPALIVE_TIME: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
 
 /// Why a call did not reach the node or came back broken at the HTTP/2 level.
 #[derive(Debug, thiserror::Error)]
@@ -65,8 +74,9 @@ pub struct Peer {
     origin: Uri,
     authority: (String, u16),
     connect_timeout: Duration,
-    keepalive: Keepalive,
-    state: Mutex<State>,
+    idle_check: Duration,
+    /// Shared with each connection's task, which takes an idle connection out of it.
+    state: Arc<Mutex<State>>,
     /// Held while dialling so that concurrent calls to a node that is not connected wait for
     /// one connection instead of each opening their own.
     dialling: tokio::sync::Mutex<()>,
@@ -81,6 +91,8 @@ struct State {
     /// Dials that failed so far, and why the last one did.
     failures: u64,
     last_failure: String,
+    /// Calls made so far; a connection's task sees by it whether the connection is idle.
+    calls: u64,
 }
 
 /// What a call that waited for the dial lock found.
@@ -106,11 +118,8 @@ impl Peer {
             origin,
             authority,
             connect_timeout,
-            keepalive: Keepalive {
-                interval: KEEPALIVE_INTERVAL,
-                timeout: KEEPALIVE_TIMEOUT,
-            },
-            state: Mutex::new(State::default()),
+            idle_check: IDLE_CHECK,
+            state: Arc::new(Mutex::new(State::default())),
             dialling: tokio::sync::Mutex::new(()),
         }
     }
@@ -126,22 +135,20 @@ impl Peer {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Forgets connection `dial` once a call found it broken or got no answer on it, unless a
     /// newer one replaced it. The next call dials again; calls still on it keep it.
     pub fn drop_connection(&self, dial: u64) {
-        let mut state = self.state();
-        if state.current.as_ref().is_some_and(|(n, _)| *n == dial) {
-            state.current = None;
-        }
+        forget(&mut self.state(), dial);
     }
 
     /// A sender on a live connection, ready to open a stream, with the connection's dial number.
     async fn ready_sender(&self) -> Result<(u64, h2::client::SendRequest<Bytes>), Error> {
         let (current, failures_seen) = {
-            let state = self.state();
+            let mut state = self.state();
+            state.calls = state.calls.wrapping_add(1);
             (state.current.clone(), state.failures)
         };
         if let Some((dial, sender)) = current {
@@ -194,7 +201,7 @@ impl Peer {
 
     /// Dials as dial number `dial`, and records the connection or why it failed.
     async fn dial_as(&self, dial: u64) -> Result<h2::client::SendRequest<Bytes>, Error> {
-        match self.dial().await {
+        match self.dial(dial).await {
             Ok(sender) => {
                 self.state().current = Some((dial, sender.clone()));
                 Ok(sender)
@@ -211,7 +218,7 @@ impl Peer {
         }
     }
 
-    async fn dial(&self) -> Result<h2::client::SendRequest<Bytes>, Error> {
+    async fn dial(&self, dial: u64) -> Result<h2::client::SendRequest<Bytes>, Error> {
         let connect_error = |detail: String| Error::Connect {
             endpoint: self.endpoint.clone(),
             detail,
@@ -228,6 +235,7 @@ impl Peer {
         stream
             .set_nodelay(true)
             .map_err(|e| connect_error(e.to_string()))?;
+        keep_alive(&stream).map_err(|e| connect_error(format!("TCP keepalive: {e}")))?;
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -236,41 +244,23 @@ impl Peer {
             .await
             .map_err(|e| connect_error(format!("HTTP/2 handshake: {e}")))?;
         let endpoint = self.endpoint.clone();
-        let ping_pong = connection.ping_pong();
-        let keepalive = self.keepalive;
+        let idle = idle(Arc::downgrade(&self.state), dial, self.idle_check);
         tokio::spawn(async move {
-            let silence = async move {
-                let Some(mut ping_pong) = ping_pong else {
-                    // Only taken once, here; without it the connection just runs.
-                    return std::future::pending().await;
-                };
-                loop {
-                    tokio::time::sleep(keepalive.interval).await;
-                    match tokio::time::timeout(
-                        keepalive.timeout,
-                        ping_pong.ping(h2::Ping::opaque()),
-                    )
-                    .await
-                    {
-                        Ok(Ok(_pong)) => {}
-                        Ok(Err(e)) => return e.to_string(),
-                        Err(_) => {
-                            return format!("no answer to a PING within {:?}", keepalive.timeout);
-                        }
-                    }
-                }
-            };
             tokio::select! {
                 ended = &mut connection => {
                     if let Err(e) = ended {
                         tracing::debug!(%endpoint, error = %e, "connection to a node ended");
                     }
+                    return;
                 }
-                // Dropping the connection fails the streams still on it and the sender's
-                // readiness, so the next call dials again.
-                reason = silence => {
-                    tracing::debug!(%endpoint, %reason, "connection to a node dropped");
+                () = idle => {
+                    tracing::debug!(%endpoint, "closing an idle connection to a node");
                 }
+            }
+            // No longer current, the connection sends GOAWAY and ends once the calls still on
+            // it are answered.
+            if let Err(e) = connection.await {
+                tracing::debug!(%endpoint, error = %e, "connection to a node ended");
             }
         });
         Ok(sender)
@@ -332,6 +322,52 @@ impl Peer {
             done: false,
         }))
     }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes connection `dial` out of `state` unless a newer one replaced it.
+fn forget(state: &mut State, dial: u64) {
+    if state.current.as_ref().is_some_and(|(n, _)| *n == dial) {
+        state.current = None;
+    }
+}
+
+/// Resolves once no call was made for a whole `check` after connection `dial` became
+/// current, having taken it out of `state`; never if it stopped being current first or the
+/// peer is gone (which drops its sender, so the connection ends by itself).
+async fn idle(state: Weak<Mutex<State>>, dial: u64, check: Duration) {
+    let mut seen = None;
+    loop {
+        tokio::time::sleep(check).await;
+        let Some(state) = state.upgrade() else {
+            return std::future::pending().await;
+        };
+        let current = {
+            let mut state = lock(&state);
+            let current = state.current.as_ref().is_some_and(|(n, _)| *n == dial);
+            if current && seen == Some(state.calls) {
+                forget(&mut state, dial);
+                return;
+            }
+            seen = Some(state.calls);
+            current
+        };
+        if !current {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Turns on TCP keepalive probes (see `KEEPALIVE_TIME`).
+fn keep_alive(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_TIME)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&probes)
 }
 
 /// A request's head as tonic built it, for one send (a refused stream is sent again).
@@ -485,18 +521,44 @@ mod tests {
         server.await.unwrap();
     }
 
-    /// A connection whose node stopped answering without closing it (here: a peer that takes
-    /// the TCP connection and never speaks) is dropped once a keepalive PING goes unanswered,
-    /// so the next call dials again instead of waiting out its timeout on it.
+    /// The HTTP/2 frame types in what a client sent on one connection, after its preface.
+    fn frame_types(mut sent: &[u8]) -> Vec<u8> {
+        sent = sent
+            .strip_prefix(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .unwrap();
+        let mut types = Vec::new();
+        while sent.len() >= 9 {
+            let length =
+                usize::from(sent[0]) << 16 | usize::from(sent[1]) << 8 | usize::from(sent[2]);
+            types.push(sent[3]);
+            sent = &sent[(9 + length).min(sent.len())..];
+        }
+        types
+    }
+
+    /// A connection with no call on it is never PINGed (gRPC servers take that for abuse and
+    /// close the connection) but closed once idle, and the next call dials a new one.
     #[tokio::test]
-    async fn a_connection_whose_pings_go_unanswered_is_dropped_and_dialled_again() {
+    async fn an_idle_connection_is_closed_without_a_ping_and_the_next_call_dials_again() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let silent = tokio::spawn(async move {
-            let mut sockets = Vec::new();
+        let (closed, mut connections) = tokio::sync::mpsc::unbounded_channel();
+        let node = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
             loop {
-                let (socket, _) = listener.accept().await.unwrap();
-                sockets.push(socket);
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    // An empty SETTINGS frame, and then only listening, until the client
+                    // closes the connection.
+                    socket
+                        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+                        .await
+                        .unwrap();
+                    let mut sent = Vec::new();
+                    socket.read_to_end(&mut sent).await.unwrap();
+                    let _ = closed.send(sent);
+                });
             }
         });
         let mut peer = Peer::new(
@@ -504,15 +566,48 @@ mod tests {
             format!("{endpoint}/").parse().unwrap(),
             Duration::from_secs(2),
         );
-        peer.keepalive = Keepalive {
-            interval: Duration::from_millis(50),
-            timeout: Duration::from_millis(100),
-        };
+        peer.idle_check = Duration::from_millis(50);
         let (first, _) = peer.ready_sender().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        let sent = tokio::time::timeout(Duration::from_secs(5), connections.recv())
+            .await
+            .expect("the idle connection was closed")
+            .unwrap();
+        let types = frame_types(&sent);
+        const PING: u8 = 6;
+        assert!(!types.contains(&PING), "frames sent: {types:?}");
         let (second, _) = peer.ready_sender().await.unwrap();
-        assert_ne!(first, second, "the silent connection was dialled again");
-        silent.abort();
+        assert_ne!(first, second, "the next call dialled again");
+        node.abort();
+    }
+
+    /// A connection that gets a call in every idle check stays current.
+    #[tokio::test]
+    async fn a_connection_in_use_is_not_closed_as_idle() {
+        let (mut peer, server) = peer_and_server(Vec::new()).await;
+        peer.idle_check = Duration::from_millis(100);
+        for _ in 0..20 {
+            let (dial, _) = peer.ready_sender().await.unwrap();
+            assert_eq!(dial, 1);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        drop(peer);
+        assert_eq!(server.await.unwrap(), 0);
+    }
+
+    /// The kernel probes a dialled connection that stays idle, so one whose peer vanished
+    /// fails instead of being kept.
+    #[tokio::test]
+    async fn a_dialled_socket_has_tcp_keepalive_probes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        keep_alive(&stream).unwrap();
+        let socket = socket2::SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_TIME);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
     }
 
     /// A call that found connection N broken forgets it only if it is still the current one:
