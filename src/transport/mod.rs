@@ -33,8 +33,16 @@ pub enum Answer {
 pub enum Error {
     #[error("bad endpoint {endpoint:?}: {detail}")]
     BadEndpoint { endpoint: String, detail: String },
+    /// A gRPC status the node sent.
     #[error("the node answered with an error: {0}")]
     Status(#[from] tonic::Status),
+    /// No connection to the node could be made: nothing reached it.
+    #[error("could not reach the node: {0}")]
+    Unreachable(String),
+    /// The call broke below gRPC (the connection failed, the node reset the stream) before
+    /// the node answered with a status.
+    #[error("the call broke before the node answered: {0}")]
+    Broken(String),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
 }
@@ -297,7 +305,7 @@ impl Participants {
             })
         };
         match tokio::time::timeout(self.call_timeout, call).await {
-            Ok(answered) => answered,
+            Ok(answered) => answered.map_err(ours),
             Err(_) => {
                 // The connection may be dead without a word (no RST, no FIN): drop it so the
                 // next call dials again rather than wait out its timeout on it too. Calls
@@ -308,6 +316,26 @@ impl Participants {
                 }
                 Err(Error::Timeout(self.call_timeout))
             }
+        }
+    }
+}
+
+/// A status tonic made of our own connection's error (code Unknown, with the error as its
+/// source) is told apart from one the node sent, so an operator does not read that the node
+/// answered when sagad never reached it.
+fn ours(error: Error) -> Error {
+    let Error::Status(status) = error else {
+        return error;
+    };
+    let Some(connection) = std::error::Error::source(&status)
+        .and_then(|source| source.downcast_ref::<connection::Error>())
+    else {
+        return Error::Status(status);
+    };
+    match connection {
+        connection::Error::Connect { .. } => Error::Unreachable(connection.to_string()),
+        connection::Error::Http2 { .. } | connection::Error::Body(_) => {
+            Error::Broken(connection.to_string())
         }
     }
 }
@@ -388,5 +416,67 @@ mod tests {
         }
         assert!(problem("http://").contains("http://127.0.0.1:7001"));
         assert!(problem("http://exa mple:1").contains("is not a URL"));
+    }
+
+    /// A node whose endpoint refuses connections was not reached, and the error says so
+    /// rather than that the node answered with an error.
+    #[tokio::test]
+    async fn a_node_whose_endpoint_refuses_connections_could_not_be_reached() {
+        #![allow(clippy::unwrap_used)]
+        let endpoint = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        let participants = Participants::new(Duration::from_secs(5));
+        let signal = Outgoing {
+            attempt: 1,
+            ..Outgoing::test_signal("c1-0000000000000001:s1.1", "c1-0000000000000001")
+        };
+        let error = participants.send(&endpoint, signal).await.unwrap_err();
+        assert!(matches!(error, Error::Unreachable(_)), "{error:?}");
+        let text = error.to_string();
+        assert!(
+            text.starts_with("could not reach the node: connecting to ")
+                && text.contains(&endpoint),
+            "{text}"
+        );
+    }
+
+    /// A status the node sends is still its answer.
+    #[tokio::test]
+    async fn a_status_the_node_sent_is_its_answer() {
+        #![allow(clippy::unwrap_used)]
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let node = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::handshake(socket).await.unwrap();
+            while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                let response = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "7")
+                    .header("grpc-message", "no")
+                    .body(())
+                    .unwrap();
+                respond.send_response(response, true).unwrap();
+            }
+        });
+        let participants = Participants::new(Duration::from_secs(5));
+        let signal = Outgoing {
+            attempt: 1,
+            ..Outgoing::test_signal("c1-0000000000000001:s1.1", "c1-0000000000000001")
+        };
+        let error = participants.send(&endpoint, signal).await.unwrap_err();
+        assert!(
+            matches!(&error, Error::Status(s) if s.code() == tonic::Code::PermissionDenied),
+            "{error:?}"
+        );
+        assert!(
+            error
+                .to_string()
+                .starts_with("the node answered with an error")
+        );
+        drop(participants);
+        node.abort();
     }
 }
