@@ -68,7 +68,10 @@ pub(crate) struct Delivery {
     subscriptions: Mutex<HashMap<String, Subscription>>,
     /// Outbox ids with a delivery task; the notify wakes it when the command is acknowledged.
     pending: Mutex<HashMap<u64, Arc<Notify>>>,
-    /// What operators see of each delivery in flight.
+    /// What operators see of each delivery in flight. Written only under the `pending` lock
+    /// (taken first), so an entry is added only while its delivery is pending: a task still
+    /// reporting a failed send after the command was answered would otherwise leave it listed
+    /// for ever.
     progress: Mutex<HashMap<u64, InFlight>>,
     /// Bumped whenever a node's route changes; a waiting delivery then looks whether its own
     /// node's route changed (`route_changed`) and if so tries again at once.
@@ -233,6 +236,10 @@ impl Delivery {
             crate::engine::commands::Kind::QueryStatus => "query_status",
             crate::engine::commands::Kind::Signal => "signal",
         };
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if !pending.contains_key(&outbox_id) {
+            return;
+        }
         self.progress
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -251,16 +258,12 @@ impl Delivery {
 
     /// The command was answered through ReportState or Ack: its delivery task stops.
     pub(crate) fn acknowledged(&self, outbox_id: u64) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         self.progress
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&outbox_id);
-        if let Some(notify) = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&outbox_id)
-        {
+        if let Some(notify) = pending.remove(&outbox_id) {
             notify.notify_one();
         }
     }
@@ -615,12 +618,14 @@ mod tests {
             format!("http://{}", listener.local_addr().unwrap())
         };
         delivery.set_endpoint("payment", &refused, 1);
-        delivery.spawn(
-            engine.clone(),
-            7,
-            signal_to("payment", "c1-0000000000000001"),
-            None,
-        );
+        // A QueryStatus, which needs no saga in the ledger to be sent again.
+        let query = Command {
+            kind: Kind::QueryStatus,
+            branch_id: "pay".to_owned(),
+            action: "charge".to_owned(),
+            ..signal_to("payment", "c1-0000000000000001")
+        };
+        delivery.spawn(engine.clone(), 7, query, None);
         let attempts = || {
             delivery
                 .in_flight()
@@ -654,5 +659,25 @@ mod tests {
         assert_eq!(attempts(), Some(2), "{:?}", delivery.in_flight());
         engine.stop();
         store.close().await.unwrap();
+    }
+
+    /// A delivery whose command is answered (ReportState) while its push call is still failing
+    /// leaves the list of deliveries in flight: the failure the task reports afterwards is
+    /// not recorded.
+    #[test]
+    fn a_delivery_answered_while_its_send_fails_is_not_listed_afterwards() {
+        let second = Duration::from_secs(1);
+        let delivery = Delivery::new(second, second, second, second);
+        delivery
+            .pending
+            .lock()
+            .unwrap()
+            .insert(7, Arc::new(Notify::new()));
+        let command = signal_to("payment", "c1-0000000000000001");
+        delivery.record_attempt(7, &command, 1, String::new());
+        assert_eq!(delivery.in_flight().len(), 1);
+        delivery.acknowledged(7);
+        delivery.record_attempt(7, &command, 1, "connection refused".to_owned());
+        assert_eq!(delivery.in_flight(), Vec::new());
     }
 }
