@@ -419,6 +419,9 @@ async fn deliver(
                         tracing::debug!(outbox_id, node = %command.node_id, attempt, error = %e, "delivery failed; will retry");
                         Metrics::bump(&engine.shared.metrics.delivery_failures);
                         delivery.record_attempt(outbox_id, &command, attempt, e.to_string());
+                        if Box::pin(dropped_with_its_saga(&engine, outbox_id, &command)).await {
+                            return;
+                        }
                         delivery.backoff(attempt, engine.random.unit())
                     }
                 }
@@ -451,6 +454,9 @@ async fn deliver(
                 }
             }
             Route::Nowhere => {
+                if Box::pin(dropped_with_its_saga(&engine, outbox_id, &command)).await {
+                    return;
+                }
                 delivery.record_attempt(
                     outbox_id,
                     &command,
@@ -465,6 +471,34 @@ async fn deliver(
             () = tokio::time::sleep(wait) => {}
             () = delivery.route_changed(&mut routes, &command.node_id, &used) => {}
             _ = stopping.changed() => return,
+        }
+    }
+}
+
+/// Drops a Signal whose saga retention removed, as start drops an Execute or Reverse of one
+/// (`drop_command_of_removed_saga`); true if it did. A Signal reads no payload, so without this
+/// one to a node that never comes back would be tried for ever after its saga is long gone.
+/// Looked at only after a round that could not deliver, so a delivered Signal costs no read.
+async fn dropped_with_its_saga(engine: &Engine, outbox_id: u64, command: &Command) -> bool {
+    if !matches!(command.kind, Kind::Signal) {
+        return false;
+    }
+    match engine.saga_of_command_exists(command).await {
+        Ok(true) => false,
+        Ok(false) => {
+            tracing::warn!(outbox_id, gsn = %command.gsn, node_id = %command.node_id, "the signal's saga was removed by retention before its node got it; the signal is dropped");
+            if let Err(e) = engine.drop_command_of_removed_saga(outbox_id).await {
+                tracing::warn!(outbox_id, error = %e, "dropping the signal failed; it is looked at again at the next start");
+                // Its task ends all the same: a signal about a saga no longer there would
+                // find it gone again.
+                engine.shared.delivery.acknowledged(outbox_id);
+            }
+            true
+        }
+        // Asked again after the next round.
+        Err(e) => {
+            tracing::debug!(outbox_id, error = %e, "could not look whether a signal's saga is still there");
+            false
         }
     }
 }
@@ -679,5 +713,30 @@ mod tests {
         delivery.acknowledged(7);
         delivery.record_attempt(7, &command, 1, "connection refused".to_owned());
         assert_eq!(delivery.in_flight(), Vec::new());
+    }
+
+    /// A Signal to a node that has no endpoint and no stream, of a saga retention removed, is
+    /// dropped from the outbox instead of being tried every `resend_after` for ever.
+    #[tokio::test]
+    async fn a_signal_of_a_removed_saga_to_a_node_that_is_nowhere_is_dropped() {
+        let (_dir, store, engine) = engine(|_| {}).await;
+        let delivery = &engine.shared.delivery;
+        // No saga c1-...01 is in the ledger: as after retention removed it.
+        delivery.spawn(
+            engine.clone(),
+            7,
+            signal_to("gone", "c1-0000000000000001"),
+            None,
+        );
+        for _ in 0..500 {
+            if !delivery.is_pending(7) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!delivery.is_pending(7));
+        assert_eq!(delivery.in_flight(), Vec::new());
+        engine.stop();
+        store.close().await.unwrap();
     }
 }

@@ -1310,6 +1310,13 @@ impl Engine {
             .await??)
     }
 
+    /// Whether the command's saga is still in the ledger (retention removes finished ones).
+    pub(crate) async fn saga_of_command_exists(&self, command: &Command) -> Result<bool, Error> {
+        let gsn = Gsn::parse(&command.gsn).map_err(|e| Error::invalid("gsn", e.to_string()))?;
+        let sequence = gsn.sequence();
+        Ok(self.store.read(move |tx| tx.has_saga(sequence)).await??)
+    }
+
     /// Takes out of the outbox a command whose saga retention removed: it would reach its node
     /// without the saga's payload, for a saga that ended long ago.
     pub(crate) async fn drop_command_of_removed_saga(&self, outbox_id: u64) -> Result<(), Error> {
