@@ -327,41 +327,15 @@ async fn deliver(
     let delivery = &engine.shared.delivery;
     let mut routes = delivery.routes.subscribe();
     let mut stopping = delivery.stopping.subscribe();
-    // Only Execute and Reverse carry the payload; the others go without a ledger read, and a
-    // new command brings its own.
-    let carries_payload = matches!(command.kind, Kind::Execute | Kind::Reverse);
-    let payload = match payload {
-        Some(payload) => payload,
-        None if !carries_payload => store::PayloadRecord::default(),
-        None => loop {
-            match Box::pin(engine.payload_of(&command)).await {
-                Ok(Some(payload)) => break payload,
-                Ok(None) => {
-                    tracing::warn!(outbox_id, gsn = %command.gsn, node_id = %command.node_id, "the command's saga was removed by retention; the command is dropped, not sent without its payload");
-                    if let Err(e) = engine.drop_command_of_removed_saga(outbox_id).await {
-                        tracing::warn!(outbox_id, error = %e, "dropping the command failed; it is looked at again at the next start");
-                    }
-                    return;
-                }
-                Err(Error::Store(store::Error::Closed)) => return,
-                Err(e) if is_passing(&e) => {
-                    tracing::warn!(outbox_id, error = %e, "reading a command's payload failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                // Read again every second it would fail the same way for ever. Like an outbox
-                // entry that does not decode, the entry is kept for an operator.
-                Err(e) => {
-                    tracing::error!(outbox_id, gsn = %command.gsn, error = %e, "a command's payload cannot be read; its delivery stops and its outbox entry is kept for an operator");
-                    delivery.give_up(
-                        outbox_id,
-                        &command,
-                        format!("its payload cannot be read: {e}"),
-                    );
-                    return;
-                }
-            }
-        },
+    // Only Execute and Reverse carry the payload. A new command brings its own for its first
+    // send, and a resumed one reads it at once, so that one whose payload cannot be read (or
+    // whose saga is gone) is shown to operators (or dropped) at start; after a round that got
+    // no answer it is read again for the next send rather than kept, up to 1 MiB per command
+    // for as long as its node is away.
+    let Some(first) = Box::pin(payload_to_send(&engine, outbox_id, &command, payload)).await else {
+        return;
     };
+    let mut payload = Some(first);
     let mut attempt = 0u32;
     loop {
         if *stopping.borrow() || !delivery.is_pending(outbox_id) {
@@ -369,7 +343,7 @@ async fn deliver(
         }
         // Counted when sent: a round in which the node cannot be reached sends nothing, so the
         // node's first real send is attempt 1 however long it was away.
-        let send = |attempt: u32| {
+        let send = |attempt: u32, payload: store::PayloadRecord| {
             delivery.record_attempt(outbox_id, &command, attempt, String::new());
             Outgoing {
                 command_id: command_id(&command.gsn, command.kind, outbox_id, command.attempt),
@@ -380,8 +354,8 @@ async fn deliver(
                 reason: command.reason.clone(),
                 signal: command.signal,
                 business_type: command.business_type.clone(),
-                payload: payload.data.clone(),
-                content_type: payload.content_type.clone(),
+                payload: payload.data,
+                content_type: payload.content_type,
                 attempt,
             }
         };
@@ -393,8 +367,18 @@ async fn deliver(
             // task's whole future when it spawns and when it finishes it, and with these two
             // inline it was 4 KB, copied for every command (docs/benchmarks.md).
             Route::Push(endpoint) => {
+                let Some(payload) = Box::pin(payload_to_send(
+                    &engine,
+                    outbox_id,
+                    &command,
+                    payload.take(),
+                ))
+                .await
+                else {
+                    return;
+                };
                 attempt = attempt.saturating_add(1);
-                let outgoing = send(attempt);
+                let outgoing = send(attempt, payload);
                 match Box::pin(delivery.participants.send(&endpoint, outgoing)).await {
                     Ok(answer) => {
                         let report = match answer {
@@ -419,7 +403,11 @@ async fn deliver(
                         tracing::debug!(outbox_id, node = %command.node_id, attempt, error = %e, "delivery failed; will retry");
                         Metrics::bump(&engine.shared.metrics.delivery_failures);
                         delivery.record_attempt(outbox_id, &command, attempt, e.to_string());
-                        if Box::pin(dropped_with_its_saga(&engine, outbox_id, &command)).await {
+                        // An Execute's or Reverse's next send reads its payload, which finds a
+                        // removed saga; a Signal reads nothing, so it is looked for here.
+                        if matches!(command.kind, Kind::Signal)
+                            && Box::pin(dropped_with_its_saga(&engine, outbox_id, &command)).await
+                        {
                             return;
                         }
                         delivery.backoff(attempt, engine.random.unit())
@@ -427,8 +415,18 @@ async fn deliver(
                 }
             }
             Route::Pull(_, sender) => {
+                let Some(payload) = Box::pin(payload_to_send(
+                    &engine,
+                    outbox_id,
+                    &command,
+                    payload.take(),
+                ))
+                .await
+                else {
+                    return;
+                };
                 attempt = attempt.saturating_add(1);
-                let outgoing = send(attempt);
+                let outgoing = send(attempt, payload);
                 // The stream's buffer is full while its node does not read, and a node that
                 // went away without closing its stream may never read again: wait for room
                 // only until the command is answered (a ReportState arrives by another way),
@@ -454,6 +452,7 @@ async fn deliver(
                 }
             }
             Route::Nowhere => {
+                payload = None;
                 if Box::pin(dropped_with_its_saga(&engine, outbox_id, &command)).await {
                     return;
                 }
@@ -475,21 +474,68 @@ async fn deliver(
     }
 }
 
-/// Drops a Signal whose saga retention removed, as start drops an Execute or Reverse of one
-/// (`drop_command_of_removed_saga`); true if it did. A Signal reads no payload, so without this
-/// one to a node that never comes back would be tried for ever after its saga is long gone.
-/// Looked at only after a round that could not deliver, so a delivered Signal costs no read.
+/// The payload for the next send of `command`: `held` if the task has it, none for commands
+/// that carry none, else read from the ledger. `None` when the delivery ends instead: the saga
+/// was removed by retention (the command is dropped), the payload cannot be read (the entry is
+/// kept for an operator), or the ledger closed.
+async fn payload_to_send(
+    engine: &Engine,
+    outbox_id: u64,
+    command: &Command,
+    held: Option<store::PayloadRecord>,
+) -> Option<store::PayloadRecord> {
+    if !matches!(command.kind, Kind::Execute | Kind::Reverse) {
+        return Some(store::PayloadRecord::default());
+    }
+    if let Some(held) = held {
+        return Some(held);
+    }
+    loop {
+        match engine.payload_of(command).await {
+            Ok(Some(payload)) => return Some(payload),
+            Ok(None) => {
+                tracing::warn!(outbox_id, gsn = %command.gsn, node_id = %command.node_id, "the command's saga was removed by retention; the command is dropped, not sent without its payload");
+                if let Err(e) = engine.drop_command_of_removed_saga(outbox_id).await {
+                    tracing::warn!(outbox_id, error = %e, "dropping the command failed; it is looked at again at the next start");
+                }
+                return None;
+            }
+            Err(Error::Store(store::Error::Closed)) => return None,
+            Err(e) if is_passing(&e) => {
+                tracing::warn!(outbox_id, error = %e, "reading a command's payload failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            // Read again every second it would fail the same way for ever. Like an outbox
+            // entry that does not decode, the entry is kept for an operator.
+            Err(e) => {
+                tracing::error!(outbox_id, gsn = %command.gsn, error = %e, "a command's payload cannot be read; its delivery stops and its outbox entry is kept for an operator");
+                engine.shared.delivery.give_up(
+                    outbox_id,
+                    command,
+                    format!("its payload cannot be read: {e}"),
+                );
+                return None;
+            }
+        }
+    }
+}
+
+/// Drops a Signal, Execute or Reverse whose saga retention removed, as reading an Execute's or
+/// Reverse's payload for a send does (`payload_to_send`); true if it did. A Signal reads no
+/// payload, and a command for a node that is nowhere is not sent, so without this one to a node
+/// that never comes back would be tried for ever after its saga is long gone. Looked at only
+/// after a round that could not deliver, so a delivered command costs no read.
 async fn dropped_with_its_saga(engine: &Engine, outbox_id: u64, command: &Command) -> bool {
-    if !matches!(command.kind, Kind::Signal) {
+    if !matches!(command.kind, Kind::Signal | Kind::Execute | Kind::Reverse) {
         return false;
     }
     match engine.saga_of_command_exists(command).await {
         Ok(true) => false,
         Ok(false) => {
-            tracing::warn!(outbox_id, gsn = %command.gsn, node_id = %command.node_id, "the signal's saga was removed by retention before its node got it; the signal is dropped");
+            tracing::warn!(outbox_id, gsn = %command.gsn, node_id = %command.node_id, "the command's saga was removed by retention before its node got it; the command is dropped");
             if let Err(e) = engine.drop_command_of_removed_saga(outbox_id).await {
-                tracing::warn!(outbox_id, error = %e, "dropping the signal failed; it is looked at again at the next start");
-                // Its task ends all the same: a signal about a saga no longer there would
+                tracing::warn!(outbox_id, error = %e, "dropping the command failed; it is looked at again at the next start");
+                // Its task ends all the same: a command about a saga no longer there would
                 // find it gone again.
                 engine.shared.delivery.acknowledged(outbox_id);
             }
@@ -727,6 +773,37 @@ mod tests {
             7,
             signal_to("gone", "c1-0000000000000001"),
             None,
+        );
+        for _ in 0..500 {
+            if !delivery.is_pending(7) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!delivery.is_pending(7));
+        assert_eq!(delivery.in_flight(), Vec::new());
+        engine.stop();
+        store.close().await.unwrap();
+    }
+
+    /// An Execute whose saga retention removed while it waited for a node that is nowhere is
+    /// dropped, though its task holds no payload to read (the read that drops a resumed one).
+    #[tokio::test]
+    async fn an_execute_of_a_removed_saga_to_a_node_that_is_nowhere_is_dropped() {
+        let (_dir, store, engine) = engine(|_| {}).await;
+        let delivery = &engine.shared.delivery;
+        let execute = Command {
+            kind: Kind::Execute,
+            branch_id: "pay".to_owned(),
+            action: "charge".to_owned(),
+            ..signal_to("gone", "c1-0000000000000001")
+        };
+        // As a new command brings it: no ledger read before its first round.
+        delivery.spawn(
+            engine.clone(),
+            7,
+            execute,
+            Some(store::PayloadRecord::default()),
         );
         for _ in 0..500 {
             if !delivery.is_pending(7) {
