@@ -9,7 +9,7 @@
 //! reversal is only run after its forward action finished.
 
 use crate::domain::idempotency::{self, Answer, Lease, Record, RecordState, Terms};
-use crate::domain::ids::{Gsn, RequestId};
+use crate::domain::ids::{Gsn, RequestId, command_sequence};
 use crate::domain::{Millis, Violation};
 
 /// Which action of a branch a Guard call is about.
@@ -216,11 +216,17 @@ fn on_reversal_guarded(
 }
 
 /// Whether a finished action runs again for the command `sent_as`: only one Finished FAILED
-/// (nothing took effect), and only for a command other than the one it last ran for. A Guard
-/// that does not say which command it guards cannot tell a resend from a redelivery, so for
-/// it FAILED is final.
+/// (nothing took effect), and only for a command sagad issued after the one it last ran for.
+/// A redelivery keeps its id, and a copy of an older command that comes late (a node working
+/// on its commands concurrently) has a lower number, so neither runs it again. Without both
+/// ids (a Guard that does not say which command it guards, a run registered without one, or
+/// an id sagad did not issue) a resend cannot be told from a redelivery, so FAILED is final.
 fn runs_again(record: &Record, sent_as: &str) -> bool {
-    record.result == FAILED && !sent_as.is_empty() && record.fingerprint != sent_as.as_bytes()
+    let ran_for = std::str::from_utf8(&record.fingerprint)
+        .ok()
+        .and_then(command_sequence);
+    record.result == FAILED
+        && matches!((ran_for, command_sequence(sent_as)), (Some(ran), Some(new)) if new > ran)
 }
 
 /// The registration of a run after a failed one: the record keeps its first registration's
@@ -530,7 +536,7 @@ mod tests {
         assert_eq!(written.lease, Lease::Never);
         // A redelivery of the Reverse that failed, or a Guard that does not say which Reverse
         // it guards, is answered from the failed record.
-        for sent_as in ["c1-0000000000000007:r12.1", ""] {
+        for sent_as in ["c1-0000000000000007:r12.1", "c1-0000000000000007:r11.1", ""] {
             assert_eq!(
                 guard(sent_as, &failed).verdict(),
                 Verdict::Duplicate,
@@ -587,9 +593,15 @@ mod tests {
         assert_eq!((written.created_ms, written.updated_ms), (10, NOW));
         assert_eq!(written.attempts, 2);
         assert_eq!(written.fingerprint, b"c1-0000000000000007:e9.2");
-        // A redelivery of the Execute that failed, or a Guard that does not say which Execute
-        // it guards, is answered from the failed record.
-        for sent_as in ["c1-0000000000000007:e3.1", ""] {
+        // A redelivery of the Execute that failed, a late copy of an older one, or a Guard that
+        // does not say which Execute it guards (or names none sagad issued) is answered from
+        // the failed record.
+        for sent_as in [
+            "c1-0000000000000007:e3.1",
+            "c1-0000000000000007:e2.1",
+            "",
+            "my-own-id",
+        ] {
             assert_eq!(
                 guard(sent_as, &failed, None).verdict(),
                 Verdict::Duplicate,
@@ -611,9 +623,15 @@ mod tests {
                 "{result}"
             );
         }
-        // A first run keeps the command it ran for, so its redelivery is told apart later.
+        // A first run keeps the command it ran for, so its redelivery is told apart later; a
+        // run registered without one cannot be, so for it FAILED is final.
         let first = on_guard(Action::Forward, None, None, "g:e1.1", TERMS, NOW);
         assert_eq!(first.write().unwrap().1.fingerprint, b"g:e1.1");
+        let unnamed = record(RecordState::Done, FAILED);
+        assert_eq!(
+            guard("c1-0000000000000007:e9.2", &unnamed, None).verdict(),
+            Verdict::Duplicate
+        );
     }
 
     #[test]
@@ -687,7 +705,14 @@ mod tests {
 
     fn call() -> impl Strategy<Value = Call> {
         let action = prop_oneof![Just(Action::Forward), Just(Action::Reversal)];
-        let sent_as = prop_oneof![Just(""), Just("g:1"), Just("g:2"), Just("g:3")];
+        // sagad's ids in the order it issues them, one it never issues, and none.
+        let sent_as = prop_oneof![
+            Just(""),
+            Just("g:e1.1"),
+            Just("g:e2.2"),
+            Just("g:e3.3"),
+            Just("own-id"),
+        ];
         prop_oneof![
             (action.clone(), sent_as).prop_map(|(a, id)| Call::Guard(a, id)),
             (action, prop_oneof![Just("SUCCEEDED"), Just("FAILED")])
@@ -695,11 +720,16 @@ mod tests {
         ]
     }
 
+    /// Whether `sent_as` is a command sagad issued after the one a run was for.
+    fn issued_after(sent_as: &str, ran_for: Option<u64>) -> bool {
+        matches!((command_sequence(sent_as), ran_for), (Some(new), Some(ran)) if new > ran)
+    }
+
     proptest! {
         /// Whatever the order of Guards and Finishes: each action is PROCEEDed again only
         /// after each earlier run of it was Finished FAILED (never while one runs, never after
-        /// one succeeded), and only for a Guard that names a command other than the one whose
-        /// run failed; the forward action is never PROCEEDed once its reversal has a record; a
+        /// one succeeded), and only for a Guard naming a command sagad issued after the one
+        /// whose run failed; the forward action is never PROCEEDed once its reversal has a record; a
         /// reversal is PROCEEDed only after its forward action ran and finished.
         #[test]
         fn the_barrier_never_runs_an_action_twice_or_out_of_order(
@@ -709,7 +739,8 @@ mod tests {
             let mut reversal: Option<Record> = None;
             let (mut forward_runs, mut forward_failures) = (0, 0);
             let (mut reversal_runs, mut reversal_failures) = (0, 0);
-            let (mut last_forward_sent_as, mut last_reversal_sent_as) = ("", "");
+            // The latest command each action ran for, by its place in sagad's order of issue.
+            let (mut forward_ran_for, mut reversal_ran_for) = (None, None);
             // Set once a reversal has a record (registered, run or tombstoned). A Reverse that
             // only waited for the running forward action leaves none, and the forward action
             // may then still run again after a failure: the reversal, asked again, follows it.
@@ -735,11 +766,11 @@ mod tests {
                                 );
                                 if forward_runs > 0 {
                                     prop_assert!(
-                                        !sent_as.is_empty() && sent_as != last_forward_sent_as,
-                                        "a failed forward run again for a redelivery"
+                                        issued_after(sent_as, forward_ran_for),
+                                        "a failed forward run again for a redelivery or an older command"
                                     );
                                 }
-                                last_forward_sent_as = sent_as;
+                                forward_ran_for = command_sequence(sent_as);
                                 forward_runs += 1;
                             }
                             (Action::Reversal, Verdict::Proceed) => {
@@ -755,11 +786,11 @@ mod tests {
                                 );
                                 if reversal_runs > 0 {
                                     prop_assert!(
-                                        !sent_as.is_empty() && sent_as != last_reversal_sent_as,
-                                        "a failed reversal run again for a redelivery"
+                                        issued_after(sent_as, reversal_ran_for),
+                                        "a failed reversal run again for a redelivery or an older command"
                                     );
                                 }
-                                last_reversal_sent_as = sent_as;
+                                reversal_ran_for = command_sequence(sent_as);
                                 reversal_runs += 1;
                             }
                             (Action::Forward, _) | (Action::Reversal, _) => {}

@@ -181,11 +181,46 @@ impl BusinessType {
     }
 }
 
+/// Where a command sagad issued stands in the order of issue: the outbox number in its id
+/// (`<gsn>:<kind letter><outbox number>` and, for a send of an action, `.<send>`). Outbox
+/// numbers only grow, so a later command for the same branch has a higher one; a redelivery
+/// keeps its id and number. `None` for text that is not such an id.
+pub fn command_sequence(command_id: &str) -> Option<u64> {
+    let (_gsn, rest) = command_id.rsplit_once(':')?;
+    let rest = rest.strip_prefix(['e', 'r', 'q', 's'])?;
+    let number = rest.split_once('.').map_or(rest, |(number, _send)| number);
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    number.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn command_ids_are_ordered_by_their_outbox_number() {
+        assert_eq!(command_sequence("c1-0000000000000007:e12.3"), Some(12));
+        assert_eq!(command_sequence("c1-0000000000000007:r13"), Some(13));
+        assert_eq!(
+            command_sequence("a:b:s9"),
+            Some(9),
+            "the GSN part is not read"
+        );
+        for not_ours in [
+            "",
+            "e12",
+            "c1:x12",
+            "c1:e",
+            "c1:e1x.2",
+            "c1:e+1",
+            "c1:e99999999999999999999",
+        ] {
+            assert_eq!(command_sequence(not_ours), None, "{not_ours:?}");
+        }
+    }
     #[test]
     fn gsn_text_names_the_issuing_coordinator() {
         let gsn = Gsn::new(CoordinatorId::parse("eu-west-1").unwrap(), 42);

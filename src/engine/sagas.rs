@@ -1428,6 +1428,27 @@ mod tests {
     use super::*;
     use crate::domain::ids::CoordinatorId;
 
+    /// The barrier orders the commands a Guard names by the outbox number in their ids (a
+    /// failed action runs again only for a later one), so every id issued must read back.
+    #[test]
+    fn every_command_id_issued_reads_back_as_its_outbox_number() {
+        for kind in [
+            Kind::Execute,
+            Kind::Reverse,
+            Kind::QueryStatus,
+            Kind::Signal,
+        ] {
+            for (outbox_id, attempt) in [(1, 0), (41, 2), (u64::MAX, u32::MAX)] {
+                let id = command_id("c1-0000000000000007", kind, outbox_id, attempt);
+                assert_eq!(
+                    crate::domain::ids::command_sequence(&id),
+                    Some(outbox_id),
+                    "{id}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn background_work_drops_what_cannot_succeed_and_keeps_what_a_storage_fault_stopped() {
         let corrupt = Error::Store(store::Error::Corrupt {
