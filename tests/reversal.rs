@@ -808,12 +808,14 @@ async fn sagactl_reprocess_run_again_says_the_saga_was_probably_reprocessed_alre
     let branch = bank
         .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
         .await;
-    // The reversal after the reprocess is slow, so the saga is still REVERSING for the rerun.
+    // The reversal after the reprocess is slow, so the saga is still REVERSING for the rerun:
+    // slow enough for two sagactl processes on a loaded machine, and under sagad's 10 s
+    // participant timeout, so it is not sent again meanwhile.
     bank.node("a").script(
         "credit-a",
         vec![
             Script::Fail("LOCKED"),
-            Script::SucceedLate("OK", Duration::from_millis(1_500)),
+            Script::SucceedLate("OK", Duration::from_secs(6)),
         ],
     );
     let answer = bank

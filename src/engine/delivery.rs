@@ -32,7 +32,8 @@ pub struct InFlight {
 
 /// How a node is reached right now.
 enum Route {
-    Push(String),
+    /// An endpoint, with the stamp of the registration that set it.
+    Push(String, u64),
     /// A Subscribe stream, with its subscription's id.
     Pull(u64, mpsc::Sender<Outgoing>),
     Nowhere,
@@ -41,7 +42,9 @@ enum Route {
 /// Which route a delivery used, to tell a change of its own node's route from another's.
 #[derive(Debug, PartialEq, Eq)]
 enum Used {
-    Push(String),
+    /// With the registration's stamp: a node that restarted and registered the same endpoint
+    /// again is a new route too (its old connection is gone).
+    Push(String, u64),
     Pull(u64),
     Nowhere,
 }
@@ -49,7 +52,7 @@ enum Used {
 impl Route {
     fn used(&self) -> Used {
         match self {
-            Route::Push(endpoint) => Used::Push(endpoint.clone()),
+            Route::Push(endpoint, stamp) => Used::Push(endpoint.clone(), *stamp),
             Route::Pull(id, _) => Used::Pull(*id),
             Route::Nowhere => Used::Nowhere,
         }
@@ -172,7 +175,9 @@ impl Delivery {
             .unwrap_or_else(|p| p.into_inner())
             .get(node_id)
         {
-            Some((endpoint, _)) if !endpoint.is_empty() => Route::Push(endpoint.clone()),
+            Some((endpoint, stamp)) if !endpoint.is_empty() => {
+                Route::Push(endpoint.clone(), *stamp)
+            }
             _ => Route::Nowhere,
         }
     }
@@ -366,7 +371,7 @@ async fn deliver(
             // The call and the write are boxed so that this task stays small: tokio copies a
             // task's whole future when it spawns and when it finishes it, and with these two
             // inline it was 4 KB, copied for every command (docs/benchmarks.md).
-            Route::Push(endpoint) => {
+            Route::Push(endpoint, _) => {
                 let Some(payload) = Box::pin(payload_to_send(
                     &engine,
                     outbox_id,
@@ -624,7 +629,7 @@ mod tests {
 
     fn pushed_to(delivery: &Delivery, node_id: &str) -> Option<String> {
         match delivery.route(node_id) {
-            Route::Push(endpoint) => Some(endpoint),
+            Route::Push(endpoint, _) => Some(endpoint),
             Route::Pull(..) | Route::Nowhere => None,
         }
     }
@@ -728,15 +733,19 @@ mod tests {
         }
         assert_eq!(attempts(), Some(1), "{:?}", delivery.in_flight());
 
-        // Its own node's new endpoint is tried at once.
-        delivery.set_endpoint("payment", "http://127.0.0.1:9", 2);
-        for _ in 0..500 {
-            if attempts() == Some(2) {
-                break;
+        // Its own node registering again, at the same endpoint (it restarted) or a new one, is
+        // tried at once.
+        for (stamp, endpoint) in [(2, refused.as_str()), (3, "http://127.0.0.1:9")] {
+            delivery.set_endpoint("payment", endpoint, stamp);
+            let expected = Some(stamp as u32);
+            for _ in 0..500 {
+                if attempts() == expected {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert_eq!(attempts(), expected, "{:?}", delivery.in_flight());
         }
-        assert_eq!(attempts(), Some(2), "{:?}", delivery.in_flight());
         engine.stop();
         store.close().await.unwrap();
     }

@@ -202,8 +202,9 @@ pub(crate) fn stuck_in(saga: &Saga, policy: &Policy) -> Vec<Stuck> {
                     )
                 } else {
                     format!(
-                        "forward action {} on node {} failed ({}); send {} of it, made by the \
-                         retry policy, is on its way",
+                        "forward action {} on node {} failed ({}) and the retry policy sent \
+                         it again; send {} has no final answer yet (it may be on its way, or \
+                         the node may be working on it)",
                         branch.forward_action, branch.node_id, item.last_error, branch.attempts,
                     )
                 };
@@ -557,7 +558,7 @@ mod tests {
         assert_eq!(items[0].attempts, 2);
         assert_eq!(items[0].last_error, "UNAVAILABLE");
         assert!(
-            items[0].reason.contains("send 2 of it") && items[0].reason.contains("on its way"),
+            items[0].reason.contains("send 2 has no final answer"),
             "{}",
             items[0].reason
         );

@@ -65,6 +65,9 @@ pub enum Error {
     },
     #[error("the request body could not be encoded: {0}")]
     Body(tonic::Status),
+    /// The stream broke while the answer was read: the node's answer never came whole.
+    #[error("the answer broke off: {0}")]
+    Answer(#[source] h2::Error),
 }
 
 /// The endpoint's connection, dialled on first use and again after it breaks.
@@ -235,7 +238,11 @@ impl Peer {
         stream
             .set_nodelay(true)
             .map_err(|e| connect_error(e.to_string()))?;
-        keep_alive(&stream).map_err(|e| connect_error(format!("TCP keepalive: {e}")))?;
+        // Only a help to notice a dead peer sooner (idle close and call deadlines do it too):
+        // a system that refuses the options must not make every node unreachable.
+        if let Err(e) = keep_alive(&stream) {
+            tracing::warn!(endpoint = %self.endpoint, error = %e, "TCP keepalive could not be set on a connection to a node");
+        }
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -416,12 +423,15 @@ pub struct ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = h2::Error;
+    // Ours, not h2's: tonic turns a body error into the call's status with the error as its
+    // source, and only our own type tells `Participants::send` that the node's answer broke
+    // off rather than that the node answered with an error.
+    type Error = Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = &mut *self;
         if this.done {
             return Poll::Ready(None);
@@ -436,7 +446,7 @@ impl Body for ResponseBody {
                 }
                 Some(Err(e)) => {
                     this.done = true;
-                    return Poll::Ready(Some(Err(e)));
+                    return Poll::Ready(Some(Err(Error::Answer(e))));
                 }
                 None => this.data_done = true,
             }
@@ -446,7 +456,7 @@ impl Body for ResponseBody {
         match trailers {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
+            Err(e) => Poll::Ready(Some(Err(Error::Answer(e)))),
         }
     }
 

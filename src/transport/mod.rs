@@ -334,9 +334,9 @@ fn ours(error: Error) -> Error {
     };
     match connection {
         connection::Error::Connect { .. } => Error::Unreachable(connection.to_string()),
-        connection::Error::Http2 { .. } | connection::Error::Body(_) => {
-            Error::Broken(connection.to_string())
-        }
+        connection::Error::Http2 { .. }
+        | connection::Error::Body(_)
+        | connection::Error::Answer(_) => Error::Broken(connection.to_string()),
     }
 }
 
@@ -475,6 +475,46 @@ mod tests {
             error
                 .to_string()
                 .starts_with("the node answered with an error")
+        );
+        drop(participants);
+        node.abort();
+    }
+
+    /// A stream that breaks after the node began to answer is no answer of the node's: the
+    /// operator reads that the call broke, not that the node answered with an error.
+    #[tokio::test]
+    async fn an_answer_that_breaks_off_midway_is_a_broken_call_not_the_nodes_error() {
+        #![allow(clippy::unwrap_used)]
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let node = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::handshake(socket).await.unwrap();
+            let (_request, mut respond) = connection.accept().await.unwrap().unwrap();
+            // The connection is driven on its own, so what is sent goes out as it is sent.
+            let driven = tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            let response = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap();
+            let mut body = respond.send_response(response, false).unwrap();
+            // Part of a message (a length prefix of 10 bytes, then 2 of them), then the reset.
+            body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 10, 1, 2]), false)
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            body.send_reset(h2::Reason::INTERNAL_ERROR);
+            let _ = driven.await;
+        });
+        let participants = Participants::new(Duration::from_secs(5));
+        let signal = Outgoing {
+            attempt: 1,
+            ..Outgoing::test_signal("c1-0000000000000001:s1.1", "c1-0000000000000001")
+        };
+        let error = participants.send(&endpoint, signal).await.unwrap_err();
+        assert!(matches!(&error, Error::Broken(_)), "{error:?}");
+        assert!(
+            error.to_string().contains("the answer broke off"),
+            "{error}"
         );
         drop(participants);
         node.abort();
