@@ -177,14 +177,19 @@ impl Bank {
             .unwrap()
     }
 
-    /// Runs sagactl against this sagad; its stdout, once it succeeded.
-    fn sagactl(&self, args: &[&str]) -> String {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sagactl"))
+    /// Runs sagactl against this sagad, whatever comes of it.
+    fn run_sagactl(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sagactl"))
             .arg("--addr")
             .arg(format!("http://{}", self.server.addr))
             .args(args)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Runs sagactl against this sagad; its stdout, once it succeeded.
+    fn sagactl(&self, args: &[&str]) -> String {
+        let output = self.run_sagactl(args);
         assert!(
             output.status.success(),
             "sagactl {args:?}: {}",
@@ -829,12 +834,7 @@ async fn sagactl_reprocess_run_again_says_the_saga_was_probably_reprocessed_alre
         "{first}"
     );
     assert!(!first.contains("failed reversals"), "{first}");
-    let again = std::process::Command::new(env!("CARGO_BIN_EXE_sagactl"))
-        .arg("--addr")
-        .arg(format!("http://{}", bank.server.addr))
-        .args(["reprocess", &gsn])
-        .output()
-        .unwrap();
+    let again = bank.run_sagactl(&["reprocess", &gsn]);
     assert!(!again.status.success());
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(
