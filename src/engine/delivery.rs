@@ -367,23 +367,27 @@ async fn deliver(
         routes.borrow_and_update();
         let route = delivery.route(&command.node_id);
         let used = route.used();
-        let wait = match route {
-            // The call and the write are boxed so that this task stays small: tokio copies a
-            // task's whole future when it spawns and when it finishes it, and with these two
-            // inline it was 4 KB, copied for every command (docs/benchmarks.md).
-            Route::Push(endpoint, _) => {
-                let Some(payload) = Box::pin(payload_to_send(
-                    &engine,
-                    outbox_id,
-                    &command,
-                    payload.take(),
-                ))
-                .await
-                else {
+        // A node that can be reached gets this round's send, with its payload; for one that is
+        // nowhere the payload is not held meanwhile.
+        let outgoing = match &route {
+            Route::Nowhere => {
+                payload = None;
+                None
+            }
+            Route::Push(..) | Route::Pull(..) => {
+                let next = payload_to_send(&engine, outbox_id, &command, payload.take());
+                let Some(next) = Box::pin(next).await else {
                     return;
                 };
                 attempt = attempt.saturating_add(1);
-                let outgoing = send(attempt, payload);
+                Some(send(attempt, next))
+            }
+        };
+        let wait = match (route, outgoing) {
+            // The call and the write are boxed so that this task stays small: tokio copies a
+            // task's whole future when it spawns and when it finishes it, and with these two
+            // inline it was 4 KB, copied for every command (docs/benchmarks.md).
+            (Route::Push(endpoint, _), Some(outgoing)) => {
                 match Box::pin(delivery.participants.send(&endpoint, outgoing)).await {
                     Ok(answer) => {
                         let report = match answer {
@@ -419,19 +423,7 @@ async fn deliver(
                     }
                 }
             }
-            Route::Pull(_, sender) => {
-                let Some(payload) = Box::pin(payload_to_send(
-                    &engine,
-                    outbox_id,
-                    &command,
-                    payload.take(),
-                ))
-                .await
-                else {
-                    return;
-                };
-                attempt = attempt.saturating_add(1);
-                let outgoing = send(attempt, payload);
+            (Route::Pull(_, sender), Some(outgoing)) => {
                 // The stream's buffer is full while its node does not read, and a node that
                 // went away without closing its stream may never read again: wait for room
                 // only until the command is answered (a ReportState arrives by another way),
@@ -456,8 +448,8 @@ async fn deliver(
                     _ = stopping.changed() => return,
                 }
             }
-            Route::Nowhere => {
-                payload = None;
+            // Nowhere: nothing was sent this round.
+            _ => {
                 if Box::pin(dropped_with_its_saga(&engine, outbox_id, &command)).await {
                     return;
                 }
