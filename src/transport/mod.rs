@@ -418,6 +418,19 @@ mod tests {
         assert!(problem("http://exa mple:1").contains("is not a URL"));
     }
 
+    /// The error of sending one signal to `endpoint`, which must fail.
+    async fn failed_signal(endpoint: &str) -> Error {
+        #![allow(clippy::unwrap_used)]
+        let signal = Outgoing {
+            attempt: 1,
+            ..Outgoing::test_signal("c1-0000000000000001:s1.1", "c1-0000000000000001")
+        };
+        Participants::new(Duration::from_secs(5))
+            .send(endpoint, signal)
+            .await
+            .unwrap_err()
+    }
+
     /// A node whose endpoint refuses connections was not reached, and the error says so
     /// rather than that the node answered with an error.
     #[tokio::test]
@@ -427,12 +440,7 @@ mod tests {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             format!("http://{}", listener.local_addr().unwrap())
         };
-        let participants = Participants::new(Duration::from_secs(5));
-        let signal = Outgoing {
-            attempt: 1,
-            ..Outgoing::test_signal("c1-0000000000000001:s1.1", "c1-0000000000000001")
-        };
-        let error = participants.send(&endpoint, signal).await.unwrap_err();
+        let error = failed_signal(&endpoint).await;
         assert!(matches!(error, Error::Unreachable(_)), "{error:?}");
         let text = error.to_string();
         assert!(
@@ -461,12 +469,7 @@ mod tests {
                 respond.send_response(response, true).unwrap();
             }
         });
-        let participants = Participants::new(Duration::from_secs(5));
-        let signal = Outgoing {
-            attempt: 1,
-            ..Outgoing::test_signal("c1-0000000000000001:s1.1", "c1-0000000000000001")
-        };
-        let error = participants.send(&endpoint, signal).await.unwrap_err();
+        let error = failed_signal(&endpoint).await;
         assert!(
             matches!(&error, Error::Status(s) if s.code() == tonic::Code::PermissionDenied),
             "{error:?}"
@@ -476,7 +479,6 @@ mod tests {
                 .to_string()
                 .starts_with("the node answered with an error")
         );
-        drop(participants);
         node.abort();
     }
 
@@ -505,18 +507,12 @@ mod tests {
             body.send_reset(h2::Reason::INTERNAL_ERROR);
             let _ = driven.await;
         });
-        let participants = Participants::new(Duration::from_secs(5));
-        let signal = Outgoing {
-            attempt: 1,
-            ..Outgoing::test_signal("c1-0000000000000001:s1.1", "c1-0000000000000001")
-        };
-        let error = participants.send(&endpoint, signal).await.unwrap_err();
+        let error = failed_signal(&endpoint).await;
         assert!(matches!(&error, Error::Broken(_)), "{error:?}");
         assert!(
             error.to_string().contains("the answer broke off"),
             "{error}"
         );
-        drop(participants);
         node.abort();
     }
 }
