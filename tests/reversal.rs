@@ -1315,6 +1315,94 @@ async fn an_edited_command_id_is_refused_and_leaves_the_reverse_pending() {
     assert_eq!(saga.state, pb::SagaState::Reversed as i32);
 }
 
+/// A reversal an operator re-drives goes on numbering its sends, so the first round's answer,
+/// reported again after ReprocessSaga (here by a node answering from its stream's replay), is
+/// read as late: it does not send the saga back to NEEDS_ATTENTION while the new round's
+/// Reverse is out, and the new round's own answer ends the saga.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_answer_from_a_reversals_earlier_round_does_not_count_after_reprocess() {
+    let bank = bank().await;
+    let gsn = bank.start("t-rounds").await;
+    // "d" has no endpoint: its commands go to its Subscribe stream.
+    let mut stream = hold_stream(&bank, "d").await;
+    let branch = bank.register(&gsn, 1, "d").await;
+    bank.report(&gsn, &branch, pb::Outcome::Succeeded).await;
+    bank.reverse("r-rounds", &gsn, &branch, pb::ReversalType::External, 100)
+        .await;
+    let first = next_command(&mut stream).await;
+    assert!(matches!(first.kind, Some(pb::command::Kind::Reverse(_))));
+    let report =
+        |request_id: &str, command_id: &str, outcome: pb::Outcome| pb::ReportStateRequest {
+            request_id: request_id.into(),
+            gsn: gsn.clone(),
+            branch_id: branch.clone(),
+            reporter_node_id: "d".into(),
+            outcome: outcome as i32,
+            error_code: if outcome == pb::Outcome::Failed {
+                "LOCKED".into()
+            } else {
+                String::new()
+            },
+            command_id: command_id.into(),
+            ..Default::default()
+        };
+    let mut client = bank.client();
+    client
+        .report_state(report("locked", &first.command_id, pb::Outcome::Failed))
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&bank.server.channel, &gsn).await.state,
+        pb::SagaState::NeedsAttention as i32
+    );
+    client
+        .reprocess_saga(pb::ReprocessSagaRequest {
+            request_id: "reprocess-rounds".into(),
+            gsn: gsn.clone(),
+        })
+        .await
+        .unwrap();
+    let second = loop {
+        let command = next_command(&mut stream).await;
+        if matches!(command.kind, Some(pb::command::Kind::Reverse(_))) {
+            break command;
+        }
+    };
+    assert_ne!(second.command_id, first.command_id);
+
+    client
+        .report_state(report(
+            "locked-again",
+            &first.command_id,
+            pb::Outcome::Failed,
+        ))
+        .await
+        .unwrap();
+    let saga = get(&bank.server.channel, &gsn).await;
+    assert_eq!(
+        saga.state,
+        pb::SagaState::Reversing as i32,
+        "the first round's answer does not end the second"
+    );
+    let timeline = &saga.branches[0].timeline;
+    assert!(
+        timeline
+            .iter()
+            .any(|t| t.what.contains("late or repeated reversal answer")),
+        "{timeline:?}"
+    );
+    client
+        .report_state(report(
+            "released",
+            &second.command_id,
+            pb::Outcome::Succeeded,
+        ))
+        .await
+        .unwrap();
+    let saga = common::orders::wait_terminal(&bank.server.channel, &gsn, LIMIT).await;
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32);
+}
+
 /// CompleteSaga, RequestReversal and ReprocessSaga answer with the saga as GetSaga shows it:
 /// its payload included, though the saga record itself holds none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -25,6 +25,7 @@ fn branch(order: u32) -> BranchRecord {
         message: String::new(),
         attempts: 1,
         retry_at_ms: 0,
+        earlier_reversal_sends: 0,
         created_ms: 10,
         updated_ms: 10,
         last_poll_outcome: 0,

@@ -67,6 +67,7 @@ fn saga(sequence: u64, state: u8, branches: usize) -> SagaRecord {
         message: String::new(),
         attempts: u32::from(state),
         retry_at_ms: u64::from(state) * 7,
+        earlier_reversal_sends: u32::from(state),
         created_ms: 1,
         updated_ms: 2,
         last_poll_outcome: 0,

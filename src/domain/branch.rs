@@ -184,8 +184,12 @@ pub struct Branch {
     pub last_status: Option<Status>,
     pub error_code: String,
     pub message: String,
-    /// Sends of the current action (forward, then reversal).
+    /// Sends of the current action (forward, then reversal). A reversal an operator re-drives
+    /// (ReprocessSaga) goes on counting, so an answer to an earlier round's send reads as late.
     pub attempts: u32,
+    /// Of `attempts`, the reversal's sends in rounds before the current one: the retry policy
+    /// counts only the current round's, so each round gets the whole budget.
+    pub earlier_reversal_sends: u32,
     /// When a failure of the latest send was counted and the retry policy resends it: the time
     /// of that resend. While it waits, no answer can be about a send still to come.
     pub retry_at_ms: Option<Millis>,

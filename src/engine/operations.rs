@@ -454,6 +454,7 @@ mod tests {
             message: String::new(),
             attempts: 1,
             retry_at_ms: None,
+            earlier_reversal_sends: 0,
             created_ms: 10,
             updated_ms: 20,
             last_poll_outcome: None,

@@ -34,23 +34,138 @@ pub(crate) trait Record: Serialize + DeserializeOwned {
 }
 
 /// Version 2 moved the payload out to `payloads` and added branches and run state; version 3
-/// added each branch's `retry_at_ms`.
+/// added each branch's `retry_at_ms`; version 4 each branch's `earlier_reversal_sends`.
 impl Record for SagaRecord {
     const TABLE: &'static str = "sagas";
-    const VERSION: u8 = 3;
+    const VERSION: u8 = 4;
 
     /// A version 1 saga reads as a saga with no branches and no run state yet. Its payload is
     /// not part of the new shape: `Store::open` moves it to `payloads` (see `upgrade`), so this
     /// path only serves a record that the upgrade could not move. A version 2 saga reads with
-    /// no resend waiting on any branch (see `SagaRecordV2`).
+    /// no resend waiting on any branch (see `SagaRecordV2`), and a version 3 saga with every
+    /// reversal in its first round (see `SagaRecordV3`).
     fn decode_older(version: u8, body: &[u8]) -> Result<Self, Error> {
         match version {
             1 => decode_saga_v1(body).map(|(saga, _payload)| saga),
             2 => decode_body::<SagaRecordV2>(Self::TABLE, body).map(SagaRecordV2::upgrade),
+            3 => decode_body::<SagaRecordV3>(Self::TABLE, body).map(SagaRecordV3::upgrade),
             _ => Err(Error::UnknownVersion {
                 table: Self::TABLE,
                 version,
             }),
+        }
+    }
+}
+
+/// The shape of `SagaRecord` that version 3 wrote: branches without `earlier_reversal_sends`.
+/// Field order is the format; never edit it. A version 3 build started every round of a
+/// reversal at send 1, so its sends all belong to the current round: 0 earlier ones.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct SagaRecordV3 {
+    coordinator_id: String,
+    sequence: u64,
+    business_type: String,
+    mode: u8,
+    content_type: String,
+    labels: BTreeMap<String, String>,
+    deadline_ms: u64,
+    state: u8,
+    created_ms: u64,
+    updated_ms: u64,
+    request_id: String,
+    strategy_version: u64,
+    branches: Vec<BranchRecordV3>,
+    reported: Vec<StepStatusRecord>,
+    fired_rules: Vec<u32>,
+    signal: u8,
+    reason: String,
+    reversal_serials: Vec<String>,
+    reversal_type: u8,
+    reversal_target: String,
+}
+
+/// A branch as saga record version 3 stored it. Field order is the format; never edit it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct BranchRecordV3 {
+    branch_id: String,
+    node_id: String,
+    caller_node_id: String,
+    forward_action: String,
+    reversal_action: String,
+    order: u32,
+    state: u8,
+    last_status: String,
+    last_status_parameters: BTreeMap<String, String>,
+    error_code: String,
+    message: String,
+    attempts: u32,
+    retry_at_ms: u64,
+    created_ms: u64,
+    updated_ms: u64,
+    last_poll_outcome: u8,
+    last_poll_ms: u64,
+    polls: u32,
+    timeout_ms: u64,
+    timeline: Vec<TimelineRecord>,
+}
+
+impl SagaRecordV3 {
+    fn upgrade(self) -> SagaRecord {
+        SagaRecord {
+            coordinator_id: self.coordinator_id,
+            sequence: self.sequence,
+            business_type: self.business_type,
+            mode: self.mode,
+            content_type: self.content_type,
+            labels: self.labels,
+            deadline_ms: self.deadline_ms,
+            state: self.state,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+            request_id: self.request_id,
+            strategy_version: self.strategy_version,
+            branches: self
+                .branches
+                .into_iter()
+                .map(BranchRecordV3::upgrade)
+                .collect(),
+            reported: self.reported,
+            fired_rules: self.fired_rules,
+            signal: self.signal,
+            reason: self.reason,
+            reversal_serials: self.reversal_serials,
+            reversal_type: self.reversal_type,
+            reversal_target: self.reversal_target,
+        }
+    }
+}
+
+impl BranchRecordV3 {
+    fn upgrade(self) -> BranchRecord {
+        BranchRecord {
+            branch_id: self.branch_id,
+            node_id: self.node_id,
+            caller_node_id: self.caller_node_id,
+            forward_action: self.forward_action,
+            reversal_action: self.reversal_action,
+            order: self.order,
+            state: self.state,
+            last_status: self.last_status,
+            last_status_parameters: self.last_status_parameters,
+            error_code: self.error_code,
+            message: self.message,
+            attempts: self.attempts,
+            retry_at_ms: self.retry_at_ms,
+            earlier_reversal_sends: 0,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+            last_poll_outcome: self.last_poll_outcome,
+            last_poll_ms: self.last_poll_ms,
+            polls: self.polls,
+            timeout_ms: self.timeout_ms,
+            timeline: self.timeline,
         }
     }
 }
@@ -156,6 +271,7 @@ impl BranchRecordV2 {
             message: self.message,
             attempts: self.attempts,
             retry_at_ms: 0,
+            earlier_reversal_sends: 0,
             created_ms: self.created_ms,
             updated_ms: self.updated_ms,
             last_poll_outcome: self.last_poll_outcome,
@@ -660,14 +776,19 @@ mod tests {
                 any::<u64>(),
                 any::<u32>(),
             ),
-            (any::<u64>(), vec(timeline(), 0..4), any::<u64>()),
+            (
+                any::<u64>(),
+                vec(timeline(), 0..4),
+                any::<u64>(),
+                any::<u32>(),
+            ),
         )
             .prop_map(
                 |(
                     (branch_id, node_id, caller_node_id, forward_action, reversal_action, order),
                     (state, last_status, last_status_parameters, error_code, message, attempts),
                     (created_ms, updated_ms, last_poll_outcome, last_poll_ms, polls),
-                    (timeout_ms, timeline, retry_at_ms),
+                    (timeout_ms, timeline, retry_at_ms, earlier_reversal_sends),
                 )| BranchRecord {
                     branch_id,
                     node_id,
@@ -682,6 +803,7 @@ mod tests {
                     message,
                     attempts,
                     retry_at_ms,
+                    earlier_reversal_sends,
                     created_ms,
                     updated_ms,
                     last_poll_outcome,
@@ -768,6 +890,58 @@ mod tests {
                     error_code: b.error_code,
                     message: b.message,
                     attempts: b.attempts,
+                    created_ms: b.created_ms,
+                    updated_ms: b.updated_ms,
+                    last_poll_outcome: b.last_poll_outcome,
+                    last_poll_ms: b.last_poll_ms,
+                    polls: b.polls,
+                    timeout_ms: b.timeout_ms,
+                    timeline: b.timeline,
+                })
+                .collect(),
+            reported: record.reported,
+            fired_rules: record.fired_rules,
+            signal: record.signal,
+            reason: record.reason,
+            reversal_serials: record.reversal_serials,
+            reversal_type: record.reversal_type,
+            reversal_target: record.reversal_target,
+        }
+    }
+
+    /// `record` in the shape version 3 wrote, which drops each branch's
+    /// `earlier_reversal_sends`.
+    fn as_version_3(record: SagaRecord) -> SagaRecordV3 {
+        SagaRecordV3 {
+            coordinator_id: record.coordinator_id,
+            sequence: record.sequence,
+            business_type: record.business_type,
+            mode: record.mode,
+            content_type: record.content_type,
+            labels: record.labels,
+            deadline_ms: record.deadline_ms,
+            state: record.state,
+            created_ms: record.created_ms,
+            updated_ms: record.updated_ms,
+            request_id: record.request_id,
+            strategy_version: record.strategy_version,
+            branches: record
+                .branches
+                .into_iter()
+                .map(|b| BranchRecordV3 {
+                    branch_id: b.branch_id,
+                    node_id: b.node_id,
+                    caller_node_id: b.caller_node_id,
+                    forward_action: b.forward_action,
+                    reversal_action: b.reversal_action,
+                    order: b.order,
+                    state: b.state,
+                    last_status: b.last_status,
+                    last_status_parameters: b.last_status_parameters,
+                    error_code: b.error_code,
+                    message: b.message,
+                    attempts: b.attempts,
+                    retry_at_ms: b.retry_at_ms,
                     created_ms: b.created_ms,
                     updated_ms: b.updated_ms,
                     last_poll_outcome: b.last_poll_outcome,
@@ -1136,9 +1310,23 @@ mod tests {
             let mut expected = record.clone();
             for branch in &mut expected.branches {
                 branch.retry_at_ms = 0;
+                branch.earlier_reversal_sends = 0;
             }
             let mut bytes = vec![2];
             bytes.extend(postcard::to_stdvec(&as_version_2(record)).unwrap());
+            prop_assert_eq!(decode::<SagaRecord>(&bytes).unwrap(), expected);
+        }
+
+        /// A saga written before branches had `earlier_reversal_sends` (version 3) reads as
+        /// the current shape with every reversal in its first round.
+        #[test]
+        fn version_3_sagas_read_with_every_reversal_in_its_first_round(record in saga()) {
+            let mut expected = record.clone();
+            for branch in &mut expected.branches {
+                branch.earlier_reversal_sends = 0;
+            }
+            let mut bytes = vec![3];
+            bytes.extend(postcard::to_stdvec(&as_version_3(record)).unwrap());
             prop_assert_eq!(decode::<SagaRecord>(&bytes).unwrap(), expected);
         }
 

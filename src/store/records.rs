@@ -63,6 +63,9 @@ pub struct BranchRecord {
     /// When the latest send failed and the retry policy resends it: the time it is resent
     /// (milliseconds since the Unix epoch); 0 when no resend waits. (Saga record version 3.)
     pub retry_at_ms: u64,
+    /// Of `attempts`, the reversal's sends in rounds before an operator's ReprocessSaga. (Saga
+    /// record version 4.)
+    pub earlier_reversal_sends: u32,
     pub created_ms: u64,
     pub updated_ms: u64,
     /// Last QueryStatus poll: its outcome (0 = none) and when.

@@ -18,7 +18,9 @@ const FORMAT: &[u8] = b"format";
 /// build cannot read; it refuses the ledger instead of failing on every saga.
 /// Format 5: idempotency records may be version 2 (the processing lease they hold), which a
 /// format 4 build cannot read; it refuses the ledger instead of failing on every Begin.
-const CURRENT_FORMAT: u64 = 5;
+/// Format 6: saga records may be version 4 (branches with `earlier_reversal_sends`), which a
+/// format 5 build cannot read; it refuses the ledger instead of failing on every saga.
+const CURRENT_FORMAT: u64 = 6;
 /// The first format whose sagas keep their payloads apart.
 const PAYLOADS_APART: u64 = 2;
 
@@ -58,7 +60,7 @@ pub(crate) fn run(tables: &Tables) -> Result<(), Error> {
     if format.is_some_and(|format| format >= CURRENT_FORMAT) {
         return Ok(());
     }
-    // Formats 2 to 5 move nothing: the `intents` tree is opened (created) with the others,
+    // Formats 2 to 6 move nothing: the `intents` tree is opened (created) with the others,
     // and saga and idempotency records are read in any older version and rewritten as they
     // change.
     let moved = if format.is_some_and(|format| format >= PAYLOADS_APART) {

@@ -204,6 +204,7 @@ fn trigger(saga: &mut Saga, ctx: Context<'_>, step_ids: &[String]) -> Vec<Effect
             message: String::new(),
             attempts: 1,
             retry_at_ms: None,
+            earlier_reversal_sends: 0,
             created_ms: ctx.now,
             updated_ms: ctx.now,
             last_poll_outcome: None,
@@ -790,10 +791,11 @@ pub(crate) fn apply_reversal_answer(
                 branch.message = report.message.clone();
                 let resolved = retry::resolve(env.retry, &branch.reversal_action, &branch.node_id);
                 // Resends that re-asked a reversal still PROCESSING were no failures: they
-                // follow the poll budget, not the retry policy's.
+                // follow the poll budget, not the retry policy's; nor do an earlier round's.
                 let made = branch
                     .attempts
                     .saturating_sub(1)
+                    .saturating_sub(branch.earlier_reversal_sends)
                     .saturating_sub(branch.polls);
                 match retry::redelivery(&resolved, &report.error_code, made, env.now, env.jitter) {
                     Redelivery::RetryAt(at_ms) => {
@@ -840,11 +842,19 @@ fn superseded_because(branch: &Branch) -> String {
     }
 }
 
-/// Starts a branch's reversal: the one place that sets it REVERSING with a fresh send count and
-/// its own poll budget (polls of the forward action do not count against the reversal).
+/// Starts a branch's reversal: the one place that sets it REVERSING with a fresh retry budget
+/// and its own poll budget (polls of the forward action do not count against the reversal).
+/// A reversal that failed in an earlier round goes on numbering its sends, so that round's
+/// answers, arriving late, name sends older than the latest and do not count in this one.
 pub(crate) fn start_reversing(branch: &mut Branch, now: Millis, reason: &str, why: &str) -> Effect {
+    if branch.state == BranchState::ReversalFailed {
+        branch.earlier_reversal_sends = branch.attempts;
+        branch.attempts = branch.attempts.saturating_add(1);
+    } else {
+        branch.earlier_reversal_sends = 0;
+        branch.attempts = 1;
+    }
     branch.state = BranchState::Reversing;
-    branch.attempts = 1;
     branch.retry_at_ms = None;
     branch.polls = 0;
     branch.note(
@@ -854,7 +864,7 @@ pub(crate) fn start_reversing(branch: &mut Branch, now: Millis, reason: &str, wh
     Effect::Reverse {
         branch_id: branch.branch_id.clone(),
         reason: reason.to_owned(),
-        attempt: 1,
+        attempt: branch.attempts,
     }
 }
 

@@ -1044,22 +1044,88 @@ fn a_reversal_answer_from_an_earlier_round_does_not_count_in_a_reprocessed_one()
     let t = on_reversal_answered(t.saga, "reserve", failed("LOCKED"), ctx(&s, NOW));
     assert_eq!(t.saga.state, SagaState::NeedsAttention);
     let t = on_reprocess(t.saga, NOW + 1).unwrap();
-    // Send 3 of the first round cannot be about the second round's first send.
+    // The new round goes on numbering the reversal's sends: its first is send 2.
+    assert!(t.effects.contains(&Effect::Reverse {
+        branch_id: "reserve".into(),
+        reason: t.saga.reason.clone(),
+        attempt: 2,
+    }));
+    // The first round's send 1, answered again late (say its ReportState after the inline
+    // answer), is not about this round's send.
     let stale = on_reversal_answered(
         t.saga.clone(),
-        "reserve",
-        about(failed("LOCKED"), 3),
-        ctx(&s, NOW + 2),
-    );
-    assert_eq!(stale.saga.state, SagaState::Reversing);
-    assert!(stale.effects.is_empty());
-    let now = on_reversal_answered(
-        t.saga,
         "reserve",
         about(failed("LOCKED"), 1),
         ctx(&s, NOW + 2),
     );
+    assert_eq!(stale.saga.state, SagaState::Reversing);
+    assert!(stale.effects.is_empty());
+    // A late answer that the undo is done still settles the branch, whichever round it is from.
+    let done = on_reversal_answered(
+        t.saga.clone(),
+        "reserve",
+        about(succeeded("RELEASED"), 1),
+        ctx(&s, NOW + 2),
+    );
+    assert_eq!(done.saga.state, SagaState::Reversed);
+    let now = on_reversal_answered(
+        t.saga,
+        "reserve",
+        about(failed("LOCKED"), 2),
+        ctx(&s, NOW + 2),
+    );
     assert_eq!(now.saga.state, SagaState::NeedsAttention);
+}
+
+#[test]
+fn a_reprocessed_reversal_gets_the_whole_retry_budget_again() {
+    let s = order();
+    let budget = retry::Policy::builtin().max_retries;
+    let timer = Timer::RetryReversal {
+        branch_id: "reserve".into(),
+    };
+    let retried = |effects: &[Effect]| {
+        effects.iter().any(|e| {
+            matches!(
+                e,
+                Effect::WakeAt {
+                    timer: Timer::RetryReversal { .. },
+                    ..
+                }
+            )
+        })
+    };
+    // Sends `first` to `first + budget` of the reversal fail; all but the last are retried.
+    let fail_a_round = |mut saga: Saga, first: u32, at: Millis| {
+        for send in first..first + budget {
+            let t = on_reversal_answered(
+                saga,
+                "reserve",
+                about(failed("UNAVAILABLE"), send),
+                ctx(&s, at),
+            );
+            assert!(retried(&t.effects), "send {send} is retried");
+            saga = on_timer(t.saga, &timer, ctx(&s, at + 1_000_000)).saga;
+        }
+        let last = first + budget;
+        assert_eq!(saga.branch("reserve").unwrap().attempts, last);
+        let t = on_reversal_answered(
+            saga,
+            "reserve",
+            about(failed("UNAVAILABLE"), last),
+            ctx(&s, at),
+        );
+        assert!(!retried(&t.effects), "send {last} spends the budget");
+        t.saga
+    };
+    let t = report(started(&s), &s, "charge", succeeded("DECLINED"));
+    let saga = fail_a_round(t.saga, 1, NOW);
+    assert_eq!(saga.state, SagaState::NeedsAttention);
+    let t = on_reprocess(saga, NOW + 10_000_000).unwrap();
+    let second = budget + 2;
+    assert_eq!(t.saga.branch("reserve").unwrap().attempts, second);
+    let saga = fail_a_round(t.saga, second, NOW + 10_000_001);
+    assert_eq!(saga.state, SagaState::NeedsAttention);
 }
 
 #[test]

@@ -107,6 +107,7 @@ pub fn on_outcall_registered(
         message: String::new(),
         attempts: 1,
         retry_at_ms: None,
+        earlier_reversal_sends: 0,
         created_ms: now,
         updated_ms: now,
         last_poll_outcome: None,
