@@ -532,11 +532,13 @@ async fn invalid_guards_are_refused_naming_every_bad_field() {
     );
 }
 
-/// A forward record that expired while its saga still ran would make the saga's reversal
-/// look like a null compensation: the booking would stay. Barrier records are kept while
-/// their saga has not ended, and collected as usual once it has (or when it is unknown).
+/// A forward record that expired while its saga could still reverse would make the saga's
+/// reversal look like a null compensation: the booking would stay. Barrier records are kept
+/// while their saga runs, and while it is COMPLETED too (a node undoing a step and an
+/// operator's ReprocessSaga reverse the rest, however late); they are collected as usual
+/// once sagad no longer holds the saga (removed by its retention, or unknown).
 #[tokio::test]
-async fn barrier_records_outlive_their_retention_while_their_saga_has_not_ended() {
+async fn barrier_records_outlive_their_retention_while_their_saga_may_still_reverse() {
     use sagad::domain::barrier::{Action, Verdict};
     use sagad::domain::idempotency::Answer;
     use sagad::domain::saga::{Deadline, SagaMode, StartRequest};
@@ -623,8 +625,21 @@ async fn barrier_records_outlive_their_retention_while_their_saga_has_not_ended(
     clock.advance_ms(2 * HOUR_MS);
     engine.collect_expired(100).await.unwrap();
     assert!(
+        kept(&engine, &forwards[0]).await,
+        "a COMPLETED saga may still be reversed, so its records stay"
+    );
+    assert_eq!(
+        engine
+            .collect_finished_sagas(std::time::Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        1
+    );
+    clock.advance_ms(2 * HOUR_MS);
+    engine.collect_expired(100).await.unwrap();
+    assert!(
         !kept(&engine, &forwards[0]).await,
-        "once the saga has ended, its records go as usual"
+        "once the saga is gone, its records go as usual"
     );
     assert!(
         !kept(

@@ -5,7 +5,7 @@
 //!
 //! The records are ordinary participant records (`IdempotencyNamespace::Participant`): the
 //! participant finishes a guarded action with the plain `finish`, and they expire with the
-//! usual retention, except that collection keeps them while their saga has not ended
+//! usual retention, except that collection keeps them while their saga may still reverse
 //! (`Engine::collect_expired`).
 
 use crate::domain::barrier::{self, Action, BranchKeys, Verdict};

@@ -606,14 +606,16 @@ impl Engine {
     }
 
     /// Deletes expired idempotency records, at most `limit`; returns how many. A barrier
-    /// record of a saga that has not ended is kept for another retention period instead: while
-    /// the saga may still reverse, a forward record gone would make its reversal look like a
-    /// null compensation (and a running forward's record gone would let it run twice).
+    /// record of a saga that may still reverse is kept for another retention period instead:
+    /// a forward record gone would make its reversal look like a null compensation (and a
+    /// running forward's record gone would let it run twice). That is every saga this sagad
+    /// still holds but a REVERSED one: a COMPLETED saga is reversed after all when a node
+    /// undoes one of its steps and an operator reprocesses it, however long after.
     pub async fn collect_expired(&self, limit: usize) -> Result<usize, Error> {
         let now = self.clock.now_ms();
         let held_until = now.saturating_add(millis(self.settings.idempotency_retention));
         let coordinator = self.settings.coordinator_id.clone();
-        let saga_not_ended = move |tx: &WriteTx<'_>, key: &IdempotencyKey| {
+        let saga_may_reverse = move |tx: &WriteTx<'_>, key: &IdempotencyKey| {
             let gsn = match key.namespace {
                 IdempotencyNamespace::Participant => BranchKeys::gsn_of_scope(&key.scope)
                     .and_then(|gsn| Gsn::parse(gsn).ok())
@@ -627,7 +629,7 @@ impl Engine {
             // longer than a reversal misjudged.
             Ok(match tx.saga(gsn.sequence()) {
                 Ok(record) => record.is_some_and(|r| {
-                    convert::saga_state_from_code(r.state).is_none_or(|s| !s.is_terminal())
+                    convert::saga_state_from_code(r.state).is_none_or(|s| s != SagaState::Reversed)
                 }),
                 Err(store::Error::Corrupt { .. } | store::Error::UnknownVersion { .. }) => true,
                 Err(other) => return Err(other),
@@ -636,7 +638,7 @@ impl Engine {
         Ok(self
             .store
             .write(move |tx| {
-                tx.collect_expired_idempotency(now, limit, held_until, &saga_not_ended)
+                tx.collect_expired_idempotency(now, limit, held_until, &saga_may_reverse)
             })
             .await??)
     }
