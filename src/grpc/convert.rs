@@ -86,6 +86,21 @@ pub fn saga_state_from_pb(value: i32) -> Option<SagaState> {
     }
 }
 
+/// ListSagas' `states` filter as a set: the request may repeat a state any number of times
+/// (a 4 MiB message holds millions), and every saga a page examines is checked against the
+/// filter on the ledger's one reader, so it is kept to at most the five states. `Err` carries
+/// the first value that is not a saga state.
+pub fn saga_states_filter(values: &[i32]) -> Result<Vec<SagaState>, i32> {
+    let mut states = Vec::new();
+    for &value in values {
+        let state = saga_state_from_pb(value).ok_or(value)?;
+        if !states.contains(&state) {
+            states.push(state);
+        }
+    }
+    Ok(states)
+}
+
 fn saga_mode(mode: SagaMode) -> pb::SagaMode {
     match mode {
         SagaMode::Orchestrated => pb::SagaMode::Orchestrated,
@@ -311,6 +326,23 @@ pub fn branch(branch: &Branch) -> pb::Branch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_states_filter_repeating_states_millions_of_times_is_kept_as_the_states_it_names() {
+        let mut values = vec![pb::SagaState::NeedsAttention as i32; 4_000_000];
+        values.push(pb::SagaState::Running as i32);
+        values.push(pb::SagaState::NeedsAttention as i32);
+        assert_eq!(
+            saga_states_filter(&values).unwrap(),
+            [SagaState::NeedsAttention, SagaState::Running]
+        );
+        assert_eq!(saga_states_filter(&[]).unwrap(), []);
+        assert_eq!(
+            saga_states_filter(&[pb::SagaState::Completed as i32, 0, 99]),
+            Err(0),
+            "UNSPECIFIED is not a state to filter by"
+        );
+    }
 
     #[test]
     fn a_time_past_the_timestamp_range_is_shown_as_its_last_instant() {

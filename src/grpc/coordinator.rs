@@ -95,20 +95,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::ListSagasRequest>,
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
         let request = request.into_inner();
-        let mut states = Vec::with_capacity(request.states.len());
-        for value in &request.states {
-            match convert::saga_state_from_pb(*value) {
-                Some(state) => states.push(state),
-                None => {
-                    return Err(status::invalid(&[crate::domain::Violation::new(
-                        "states",
-                        format!(
-                            "{value} is not a saga state (RUNNING, COMPLETED, REVERSING, REVERSED, NEEDS_ATTENTION)"
-                        ),
-                    )]));
-                }
-            }
-        }
+        let states = convert::saga_states_filter(&request.states).map_err(|value| {
+            status::invalid(&[crate::domain::Violation::new(
+                "states",
+                format!(
+                    "{value} is not a saga state (RUNNING, COMPLETED, REVERSING, REVERSED, NEEDS_ATTENTION)"
+                ),
+            )])
+        })?;
         let full = request.full;
         let page = self
             .engine
