@@ -155,7 +155,13 @@ impl Inventory {
         Ok((verdict, response.record.unwrap_or_default()))
     }
 
-    /// Call 3 of 3: stores our answer, so every repeat is answered from it (DUPLICATE).
+    /// Call 3 of 3: stores our answer, so every repeat is answered from it (DUPLICATE). It must
+    /// happen in the end: the barrier never takes a PROCESSING record over (there is no lease),
+    /// so until Finish every Guard of this branch is IN_PROGRESS, its reversal's included, and
+    /// the saga could never be reversed. One try comes before we answer, so in the usual case
+    /// the record is DONE before sagad hears of it; if that fails, a task keeps trying while we
+    /// answer at once. The answer is true either way (the action ran), and holding it back
+    /// would only keep sagad's call waiting on what is most likely sagad itself being away.
     async fn finish(&self, record: &pb::IdempotencyRecord, outcome: i32, response: Vec<u8>) {
         let succeeded = outcome == Outcome::Succeeded as i32;
         let request = pb::FinishRequest {
@@ -165,10 +171,13 @@ impl Inventory {
             response,
             content_type: "application/x-protobuf".into(),
         };
-        if let Err(e) = self.barrier.clone().finish(request).await {
-            // The action ran, so we still answer truthfully. The record stays PROCESSING:
-            // repeats are told IN_PROGRESS, and QueryStatus answers from our own state.
-            tracing::warn!(record = %record.request_id, error = %e, "could not finish");
+        match self.barrier.clone().finish(request.clone()).await {
+            Ok(_) => {}
+            Err(e) if finish_is_refused(&e) => finish_refused(&request, &e),
+            Err(e) => {
+                tracing::warn!(record = %request.request_id, error = %e, "could not finish; trying again");
+                tokio::spawn(keep_finishing(self.barrier.clone(), request));
+            }
         }
     }
 
@@ -311,6 +320,58 @@ impl Inventory {
         let signal = r.signal().as_str_name();
         tracing::info!(gsn = %r.gsn, signal, reason = %r.reason, "signal");
     }
+}
+
+/// Backoff of a Finish tried again: short at first (sagad's restart takes a moment), never
+/// longer than the cap, so the record is finished soon after sagad is back.
+const FINISH_RETRY_FIRST: Duration = Duration::from_millis(200);
+const FINISH_RETRY_CAP: Duration = Duration::from_secs(10);
+
+/// Tries a Finish that failed until sagad takes it. Repeating a Finish with the same result and
+/// response is harmless (idempotency.proto), so a try whose answer was lost does no harm. This
+/// task dies with the process, as does this example's in-memory state; a node whose state
+/// outlives it must also finish, when it starts, the records it left PROCESSING
+/// (docs/participant.md, section 4).
+async fn keep_finishing(mut barrier: IdempotencyClient<Channel>, request: pb::FinishRequest) {
+    let mut delay = FINISH_RETRY_FIRST;
+    for attempt in 2u32.. {
+        // Jitter, so the Finishes that failed together do not all come back at once.
+        tokio::time::sleep(delay.mul_f64(rand::random_range(0.5..1.0))).await;
+        match barrier.finish(request.clone()).await {
+            Ok(_) => {
+                tracing::info!(record = %request.request_id, attempt, "finished");
+                return;
+            }
+            Err(e) if finish_is_refused(&e) => return finish_refused(&request, &e),
+            Err(e) => {
+                tracing::warn!(record = %request.request_id, attempt, error = %e, "could not finish; trying again");
+                delay = (delay * 2).min(FINISH_RETRY_CAP);
+            }
+        }
+    }
+}
+
+/// The answers to a Finish that trying again cannot change: the record was already finished
+/// with another answer (FAILED_PRECONDITION), is not there (NOT_FOUND: collected, or never
+/// registered), or the request itself is malformed (INVALID_ARGUMENT). Anything else (sagad
+/// away or shutting down, a timeout, an internal error) may pass later.
+fn finish_is_refused(e: &Status) -> bool {
+    matches!(
+        e.code(),
+        tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::InvalidArgument
+    )
+}
+
+/// Our state and the barrier's disagree, and no retry will mend it: say so loudly, for an
+/// operator to look at this branch.
+fn finish_refused(request: &pb::FinishRequest, e: &Status) {
+    tracing::error!(
+        scope = %request.scope,
+        record = %request.request_id,
+        result = %request.result,
+        error = %e,
+        "the barrier refused to finish this record; this branch needs an operator"
+    );
 }
 
 struct Service(Arc<Inventory>);

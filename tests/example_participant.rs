@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,7 +18,10 @@ use common::TestServer;
 use common::orders::{branch, get, put_strategy, wait_terminal};
 use sagad::grpc::pb;
 use sagad::grpc::pb::coordinator_client::CoordinatorClient;
-use tonic::transport::Channel;
+use sagad::grpc::pb::idempotency_client::IdempotencyClient;
+use sagad::grpc::pb::idempotency_server::{Idempotency, IdempotencyServer};
+use tonic::transport::{Channel, Server, server::TcpIncoming};
+use tonic::{Request, Response, Status};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -82,6 +86,24 @@ impl Example {
 
     fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Registers a node started without `--register` (its `--sagad` is not sagad itself) with
+    /// sagad, at the address its ready line gives.
+    async fn register_with(&self, sagad: &Channel, node_id: &str) {
+        let log = self.log();
+        let local = log
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("local="))
+            .unwrap_or_else(|| panic!("no local address in the example's log:\n{log}"));
+        CoordinatorClient::new(sagad.clone())
+            .register_node(pb::RegisterNodeRequest {
+                request_id: format!("register/{node_id}"),
+                node_id: node_id.into(),
+                endpoint: format!("http://{local}"),
+            })
+            .await
+            .unwrap();
     }
 }
 
@@ -249,6 +271,122 @@ async fn the_example_reverses_a_reservation_when_a_later_step_fails_pushed_or_su
         branch(&again, "main").state,
         pb::BranchState::Reversed as i32,
         "main reserved (then was reversed), so the first release gave the stock back: {}",
+        logs()
+    );
+}
+
+/// A barrier in front of sagad's, for an example to use as its `--sagad`: it passes every call
+/// on, but refuses the first Finishes of chosen records with UNAVAILABLE, as a sagad that is
+/// restarting does.
+#[derive(Clone)]
+struct Barrier {
+    sagad: IdempotencyClient<Channel>,
+    /// Finishes still to refuse, by record request_id.
+    to_refuse: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl Barrier {
+    async fn start(sagad: &Channel, refuse: &[(&str, u32)]) -> SocketAddr {
+        let barrier = Barrier {
+            sagad: IdempotencyClient::new(sagad.clone()),
+            to_refuse: Arc::new(Mutex::new(
+                refuse.iter().map(|(id, n)| (id.to_string(), *n)).collect(),
+            )),
+        };
+        Barrier::serve(barrier).await
+    }
+
+    async fn serve(barrier: Barrier) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            Server::builder()
+                .add_service(IdempotencyServer::new(barrier))
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        addr
+    }
+}
+
+#[tonic::async_trait]
+impl Idempotency for Barrier {
+    async fn begin(
+        &self,
+        request: Request<pb::BeginRequest>,
+    ) -> Result<Response<pb::BeginResponse>, Status> {
+        self.sagad.clone().begin(request.into_inner()).await
+    }
+
+    async fn finish(
+        &self,
+        request: Request<pb::FinishRequest>,
+    ) -> Result<Response<pb::FinishResponse>, Status> {
+        let request = request.into_inner();
+        if let Some(left @ 1..) = self.to_refuse.lock().unwrap().get_mut(&request.request_id) {
+            *left -= 1;
+            return Err(Status::unavailable("sagad is restarting"));
+        }
+        self.sagad.clone().finish(request).await
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRecordRequest>,
+    ) -> Result<Response<pb::GetRecordResponse>, Status> {
+        self.sagad.clone().get(request.into_inner()).await
+    }
+
+    async fn guard(
+        &self,
+        request: Request<pb::GuardRequest>,
+    ) -> Result<Response<pb::GuardResponse>, Status> {
+        self.sagad.clone().guard(request.into_inner()).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_keeps_trying_a_finish_that_failed_so_its_branch_can_still_be_reversed() {
+    let server = TestServer::start().await;
+    put_strategy(
+        &server.channel,
+        two_steps("transfer", "warehouse-a", "warehouse-b"),
+    )
+    .await;
+    // sagad is away for warehouse-a's first Finishes of each action, as when it restarts while
+    // reserve or release runs: a record left PROCESSING would make every Reverse IN_PROGRESS.
+    let refused = [("main/forward", 3), ("main/reversal", 2)];
+    let barrier = Barrier::start(&server.channel, &refused).await;
+    let main = Example::start(barrier, "warehouse-a", "widget=10", &[]).await;
+    main.register_with(&server.channel, "warehouse-a").await;
+    let backup = Example::start(server.addr, "warehouse-b", "widget=0", &["--subscribe"]).await;
+    let logs = || format!("{}\n{}", main.log(), backup.log());
+
+    // warehouse-b has nothing: main's reservation must be undone.
+    let saga = run_saga(&server.channel, "transfer", "transfer-1", 6).await;
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32, "{}", logs());
+    assert_eq!(
+        branch(&saga, "main").state,
+        pb::BranchState::Reversed as i32
+    );
+    for key in ["main/forward", "main/reversal"] {
+        let mut record = pb::IdempotencyRecord::default();
+        for _ in 0..(LIMIT.as_millis() / 50) {
+            record = barrier_record(&server.channel, "warehouse-a", &saga.gsn, key).await;
+            if record.state == pb::RecordState::Done as i32 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            (record.state, record.result.as_str()),
+            (pb::RecordState::Done as i32, "SUCCEEDED"),
+            "{key} was finished in the end: {}",
+            logs()
+        );
+    }
+    assert!(
+        main.log().contains("could not finish; trying again"),
+        "the Finishes were refused as planned: {}",
         logs()
     );
 }
