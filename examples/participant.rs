@@ -240,7 +240,7 @@ impl Inventory {
                     .await;
                 Ok(done)
             }
-            // NOT_FOUND tells sagad the truth: the branch never happened here (NOT_OCCURRED).
+            // Nothing ran here as far as the barrier knows; never_ran checks our own state too.
             GuardVerdict::NullCompensation => Ok(self.never_ran(&r.gsn, &r.branch_id)),
             GuardVerdict::Duplicate if record.result == NULL_COMPENSATION => {
                 Ok(self.never_ran(&r.gsn, &r.branch_id))
@@ -254,20 +254,31 @@ impl Inventory {
 
     /// The reversal action; runs only after PROCEED: once, and only after a reserve finished.
     fn release(&self, gsn: &str, branch_id: &str) -> pb::ReverseResponse {
-        let mut state = self.state();
         let key = (gsn.to_owned(), branch_id.to_owned());
-        // A refused reserve (or one this process forgot) left nothing to give back.
-        if let Some(Held::Reserved { sku, qty }) = state.branches.insert(key, Held::Released) {
-            *state.stock.entry(sku.clone()).or_default() += qty;
-            tracing::info!(gsn, sku = %sku, qty, "released");
-        }
+        give_back(&mut self.state(), key);
         reversed(Outcome::Succeeded)
     }
 
+    /// The barrier found no forward action to undo (NULL_COMPENSATION, or the DUPLICATE of
+    /// one). If our own state says the reservation was made, it wins: the barrier's records can
+    /// be lost (collected, or a ledger restored from an older copy), and NOT_FOUND would then
+    /// have sagad record a branch that took effect as never having happened, so its stock would
+    /// never come back. Give it back (or find it given back already) and say so: SUCCEEDED.
     fn never_ran(&self, gsn: &str, branch_id: &str) -> pb::ReverseResponse {
         let key = (gsn.to_owned(), branch_id.to_owned());
-        self.state().branches.insert(key, Held::NeverRan);
-        reversed(Outcome::NotFound)
+        // One lock for the look and the change: two copies of this Reverse must not both
+        // decide from a state the other is about to change.
+        let mut state = self.state();
+        match state.branches.get(&key) {
+            Some(Held::Reserved { .. } | Held::Released) => {
+                give_back(&mut state, key);
+                reversed(Outcome::Succeeded)
+            }
+            Some(Held::Refused(_) | Held::NeverRan) | None => {
+                state.branches.insert(key, Held::NeverRan);
+                reversed(Outcome::NotFound)
+            }
+        }
     }
 
     async fn query(&self, r: &pb::QueryStatusRequest) -> Result<pb::QueryStatusResponse, Status> {
@@ -319,6 +330,16 @@ impl Inventory {
         // branch never happened; the barrier's tombstone already refuses its late forward.
         let signal = r.signal().as_str_name();
         tracing::info!(gsn = %r.gsn, signal, reason = %r.reason, "signal");
+    }
+}
+
+/// Undoes a branch's reservation, if it holds one: a refused reserve (or one this process
+/// forgot) left nothing to give back, and one released already must not be given back twice.
+fn give_back(state: &mut State, key: (String, String)) {
+    let gsn = key.0.clone();
+    if let Some(Held::Reserved { sku, qty }) = state.branches.insert(key, Held::Released) {
+        *state.stock.entry(sku.clone()).or_default() += qty;
+        tracing::info!(gsn, sku = %sku, qty, "released");
     }
 }
 

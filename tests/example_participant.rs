@@ -277,21 +277,24 @@ async fn the_example_reverses_a_reservation_when_a_later_step_fails_pushed_or_su
 
 /// A barrier in front of sagad's, for an example to use as its `--sagad`: it passes every call
 /// on, but refuses the first Finishes of chosen records with UNAVAILABLE, as a sagad that is
-/// restarting does.
+/// restarting does, and can answer a reversal's Guard as a barrier that lost the branch's
+/// forward record does (NULL_COMPENSATION).
 #[derive(Clone)]
 struct Barrier {
     sagad: IdempotencyClient<Channel>,
     /// Finishes still to refuse, by record request_id.
     to_refuse: Arc<Mutex<HashMap<String, u32>>>,
+    lost_forward: bool,
 }
 
 impl Barrier {
-    async fn start(sagad: &Channel, refuse: &[(&str, u32)]) -> SocketAddr {
+    async fn start(sagad: &Channel, refuse: &[(&str, u32)], lost_forward: bool) -> SocketAddr {
         let barrier = Barrier {
             sagad: IdempotencyClient::new(sagad.clone()),
             to_refuse: Arc::new(Mutex::new(
                 refuse.iter().map(|(id, n)| (id.to_string(), *n)).collect(),
             )),
+            lost_forward,
         };
         Barrier::serve(barrier).await
     }
@@ -340,7 +343,20 @@ impl Idempotency for Barrier {
         &self,
         request: Request<pb::GuardRequest>,
     ) -> Result<Response<pb::GuardResponse>, Status> {
-        self.sagad.clone().guard(request.into_inner()).await
+        let request = request.into_inner();
+        if self.lost_forward && request.action == pb::BranchAction::Reversal as i32 {
+            return Ok(Response::new(pb::GuardResponse {
+                verdict: pb::GuardVerdict::NullCompensation as i32,
+                record: Some(pb::IdempotencyRecord {
+                    scope: format!("guard/{}/{}", request.node_id, request.gsn),
+                    request_id: format!("{}/reversal", request.branch_id),
+                    state: pb::RecordState::Done as i32,
+                    result: "NULL_COMPENSATION".into(),
+                    ..Default::default()
+                }),
+            }));
+        }
+        self.sagad.clone().guard(request).await
     }
 }
 
@@ -355,7 +371,7 @@ async fn the_example_keeps_trying_a_finish_that_failed_so_its_branch_can_still_b
     // sagad is away for warehouse-a's first Finishes of each action, as when it restarts while
     // reserve or release runs: a record left PROCESSING would make every Reverse IN_PROGRESS.
     let refused = [("main/forward", 3), ("main/reversal", 2)];
-    let barrier = Barrier::start(&server.channel, &refused).await;
+    let barrier = Barrier::start(&server.channel, &refused, false).await;
     let main = Example::start(barrier, "warehouse-a", "widget=10", &[]).await;
     main.register_with(&server.channel, "warehouse-a").await;
     let backup = Example::start(server.addr, "warehouse-b", "widget=0", &["--subscribe"]).await;
@@ -387,6 +403,40 @@ async fn the_example_keeps_trying_a_finish_that_failed_so_its_branch_can_still_b
     assert!(
         main.log().contains("could not finish; trying again"),
         "the Finishes were refused as planned: {}",
+        logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_gives_back_a_reservation_its_barrier_lost_and_answers_it_reversed() {
+    let server = TestServer::start().await;
+    put_strategy(
+        &server.channel,
+        two_steps("transfer", "warehouse-a", "warehouse-b"),
+    )
+    .await;
+    // Every reversal Guard at warehouse-a is answered as if the forward record were gone.
+    let barrier = Barrier::start(&server.channel, &[], true).await;
+    let main = Example::start(barrier, "warehouse-a", "widget=6", &[]).await;
+    main.register_with(&server.channel, "warehouse-a").await;
+    let backup = Example::start(server.addr, "warehouse-b", "widget=0", &["--subscribe"]).await;
+    let logs = || format!("{}\n{}", main.log(), backup.log());
+
+    let saga = run_saga(&server.channel, "transfer", "transfer-1", 6).await;
+    assert_eq!(saga.state, pb::SagaState::Reversed as i32, "{}", logs());
+    assert_eq!(
+        branch(&saga, "main").state,
+        pb::BranchState::Reversed as i32,
+        "the reservation was held, so it was undone, not NOT_OCCURRED: {}",
+        logs()
+    );
+
+    // All 6 widgets are back: main reserves them again (and is reversed again).
+    let again = run_saga(&server.channel, "transfer", "transfer-2", 6).await;
+    assert_eq!(
+        branch(&again, "main").state,
+        pb::BranchState::Reversed as i32,
+        "the stock came back: {}",
         logs()
     );
 }
