@@ -59,8 +59,9 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 /// Idempotency records are collected this often, this many per ledger write.
 const COLLECT_EVERY: Duration = Duration::from_secs(60);
-/// Finished sagas past their retention are looked for this often; a look that finds nothing
-/// reads one saga.
+/// Finished sagas past their retention are looked for this often. A look reads the sagas that
+/// aged past the retention since the last one, plus the first saga still within it; sagas it
+/// kept are read again only when they may have become removable (see `engine::retention`).
 const COLLECT_SAGAS_EVERY: Duration = Duration::from_secs(1);
 const COLLECT_BATCH: usize = 1_000;
 
