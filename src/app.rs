@@ -124,6 +124,7 @@ pub async fn serve_with(
                 max_payload_bytes: config.max_payload_bytes,
             },
             idempotency_retention: config.idempotency_retention,
+            saga_retention: config.saga_retention,
             participant_timeout: config.participant_timeout,
             policy: Policy {
                 max_polls: config.max_polls,
@@ -295,12 +296,18 @@ async fn collect_expired_forever(engine: Engine) {
         ticker.tick().await;
         loop {
             match engine.collect_expired(COLLECT_BATCH).await {
-                Ok(n) if n == COLLECT_BATCH => continue,
-                Ok(n) => {
-                    if n > 0 {
-                        tracing::debug!(collected = n, "expired idempotency records collected");
+                Ok(collected) => {
+                    if collected.removed > 0 {
+                        tracing::debug!(
+                            collected = collected.removed,
+                            "expired idempotency records collected"
+                        );
                     }
-                    break;
+                    // Records held for their saga use up the batch without being collected,
+                    // so a full batch looked at, not removed, says there may be more due.
+                    if collected.examined < COLLECT_BATCH {
+                        break;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "collecting expired idempotency records failed; will retry");

@@ -650,3 +650,103 @@ async fn barrier_records_outlive_their_retention_while_their_saga_may_still_reve
     );
     store.close().await.unwrap();
 }
+
+/// Records held for their saga use up a collection's batch without being collected, so the
+/// collection says how many it looked at, and the records it holds are not looked at again
+/// until their new time: the next batch reaches the expired records behind them. A COMPLETED
+/// saga's records are held until a retention after saga retention would remove the saga, not
+/// rewritten every idempotency retention for as long as it is kept.
+#[tokio::test]
+async fn records_held_for_their_saga_fill_a_batch_and_the_next_reaches_the_ones_behind() {
+    use sagad::domain::barrier::{Action, Verdict};
+    use sagad::domain::idempotency::Answer;
+    use sagad::domain::saga::{Deadline, SagaMode, StartRequest};
+
+    const START_MS: u64 = 1_800_000_000_000;
+    const HOUR_MS: u64 = 3_600_000;
+    const DAY_MS: u64 = 24 * HOUR_MS;
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let dir = tempfile::tempdir().unwrap();
+    let store = sagad::store::Store::open(sagad::store::Options::new(dir.path())).unwrap();
+    let defaults =
+        sagad::engine::Settings::new(sagad::domain::ids::CoordinatorId::parse("c1").unwrap());
+    let engine = sagad::engine::Engine::new(
+        store.clone(),
+        clock.clone(),
+        Arc::new(sagad::random::FixedRandom(0.5)),
+        sagad::engine::Settings {
+            idempotency_retention: std::time::Duration::from_secs(3600),
+            saga_retention: std::time::Duration::from_secs(30 * 24 * 3600),
+            ..defaults
+        },
+    );
+    engine
+        .start_saga(
+            StartRequest {
+                request_id: "s-1".into(),
+                business_type: "transfer".into(),
+                mode: Some(SagaMode::RegisteredOutcalls),
+                payload: Vec::new(),
+                content_type: String::new(),
+                labels: Default::default(),
+                deadline: Deadline::None,
+            },
+            Vec::new(),
+            |_| (Vec::new(), ()),
+        )
+        .await
+        .unwrap();
+    let gsn = "c1-0000000000000001";
+    let mut guarded = Vec::new();
+    for branch in ["1.bank", "2.bank", "3.bank"] {
+        let g = engine
+            .guard("bank", gsn, branch, Action::Forward, "")
+            .await
+            .unwrap();
+        assert_eq!(g.verdict, Verdict::Proceed);
+        let done = Answer {
+            result: "SUCCEEDED".into(),
+            response: Vec::new(),
+            content_type: String::new(),
+        };
+        engine.finish(&g.scope, &g.request_id, done).await.unwrap();
+        guarded.push((g.scope, g.request_id));
+    }
+    // Registered after the barrier's records, so it comes due after them.
+    clock.advance_ms(1);
+    engine
+        .begin("payments", "plain", Vec::new(), None)
+        .await
+        .unwrap();
+
+    clock.advance_ms(2 * HOUR_MS);
+    // The StartSaga's own record goes; the barrier's three are held, and fill the batch.
+    let first = engine.collect_expired(4).await.unwrap();
+    assert_eq!(
+        (first.removed, first.examined),
+        (1, 4),
+        "a full batch, mostly of held records"
+    );
+    let second = engine.collect_expired(4).await.unwrap();
+    assert_eq!((second.removed, second.examined), (1, 1));
+    assert!(engine.get_record("payments", "plain").await.is_err());
+
+    // Completed, the saga is kept 30 days: its records are held past that, once.
+    engine
+        .complete_saga("done-1", gsn, Vec::new(), |_| Vec::new())
+        .await
+        .unwrap();
+    let completed_ms = sagad::clock::Clock::now_ms(clock.as_ref());
+    clock.advance_ms(2 * HOUR_MS);
+    // CompleteSaga's own record goes; the barrier's are held again.
+    let held = engine.collect_expired(10).await.unwrap();
+    assert_eq!((held.removed, held.examined), (1, 4));
+    for (scope, request_id) in &guarded {
+        let record = engine.get_record(scope, request_id).await.unwrap();
+        assert_eq!(record.expires_ms, completed_ms + 30 * DAY_MS + HOUR_MS);
+    }
+    clock.advance_ms(10 * DAY_MS);
+    let later = engine.collect_expired(10).await.unwrap();
+    assert_eq!(later.examined, 0, "nothing is due again before then");
+    store.close().await.unwrap();
+}

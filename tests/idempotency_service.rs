@@ -478,7 +478,7 @@ async fn records_expire_after_the_retention_and_are_collected() {
 
     clock.advance_ms(1_800_000);
     assert_eq!(
-        engine.collect_expired(100).await.unwrap(),
+        engine.collect_expired(100).await.unwrap().removed,
         1,
         "only the record past its retention goes"
     );

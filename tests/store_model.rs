@@ -727,8 +727,8 @@ fn run_step(tx: &mut sagad::store::WriteTx<'_>, step: &Resolved) -> Outcome {
         Resolved::DeleteIdempotency(key) => tx.delete_idempotency(key).map(|()| Outcome::Done),
         Resolved::ReadIdempotency(key) => tx.idempotency(key).map(Outcome::Idempotency),
         Resolved::CollectExpired { now_ms, limit } => tx
-            .collect_expired_idempotency(*now_ms, *limit, 0, &|_, _| Ok(false))
-            .map(Outcome::Collected),
+            .collect_expired_idempotency(*now_ms, *limit, &|_, _| Ok(None))
+            .map(|collected| Outcome::Collected(collected.removed)),
         Resolved::PushOutbox(record) => tx.push_outbox(record).map(Outcome::OutboxId),
         Resolved::PutOutbox(id, record) => tx.put_outbox(*id, record).map(|()| Outcome::Done),
         Resolved::DeleteOutbox(id) => tx.delete_outbox(*id).map(|_| Outcome::Done),

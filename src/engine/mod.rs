@@ -84,6 +84,10 @@ pub struct Settings {
     pub coordinator_id: CoordinatorId,
     pub limits: Limits,
     pub idempotency_retention: Duration,
+    /// How long finished sagas are kept after their last change (`--saga-retention`); zero
+    /// keeps them. Removing them is the app's task; this tells how long records that must
+    /// live as long as a saga are held.
+    pub saga_retention: Duration,
     /// How sagas poll and retry reversals.
     pub policy: Policy,
     /// A call to a participant's endpoint fails after this long.
@@ -107,6 +111,7 @@ impl Settings {
                 max_payload_bytes: 1024 * 1024,
             },
             idempotency_retention: Duration::from_secs(7 * 24 * 3600),
+            saga_retention: Duration::ZERO,
             policy: Policy::default(),
             participant_timeout: Duration::from_secs(10),
             resend_after: Duration::from_secs(5),
@@ -605,17 +610,21 @@ impl Engine {
         })
     }
 
-    /// Deletes expired idempotency records, at most `limit`; returns how many. A barrier
-    /// record of a saga that may still reverse is kept for another retention period instead:
-    /// a forward record gone would make its reversal look like a null compensation (and a
-    /// running forward's record gone would let it run twice). That is every saga this sagad
-    /// still holds but a REVERSED one: a COMPLETED saga is reversed after all when a node
-    /// undoes one of its steps and an operator reprocesses it, however long after.
-    pub async fn collect_expired(&self, limit: usize) -> Result<usize, Error> {
+    /// Deletes expired idempotency records, looking at most `limit`. A barrier record of a
+    /// saga that may still reverse is kept instead: a forward record gone would make its
+    /// reversal look like a null compensation (and a running forward's record gone would let
+    /// it run twice). That is every saga this sagad still holds but a REVERSED one: a
+    /// COMPLETED saga is reversed after all when a node undoes one of its steps and an
+    /// operator reprocesses it, however long after. A saga still under way holds its records
+    /// for another idempotency retention; a COMPLETED one, which only saga retention removes,
+    /// until a retention after its removal is due, so its records are not rewritten every
+    /// idempotency retention for as long as it is kept.
+    pub async fn collect_expired(&self, limit: usize) -> Result<store::Collected, Error> {
         let now = self.clock.now_ms();
-        let held_until = now.saturating_add(millis(self.settings.idempotency_retention));
+        let idempotency_retention = millis(self.settings.idempotency_retention);
+        let saga_retention = millis(self.settings.saga_retention);
         let coordinator = self.settings.coordinator_id.clone();
-        let saga_may_reverse = move |tx: &WriteTx<'_>, key: &IdempotencyKey| {
+        let hold_while_saga_may_reverse = move |tx: &WriteTx<'_>, key: &IdempotencyKey| {
             let gsn = match key.namespace {
                 IdempotencyNamespace::Participant => BranchKeys::gsn_of_scope(&key.scope)
                     .and_then(|gsn| Gsn::parse(gsn).ok())
@@ -623,22 +632,35 @@ impl Engine {
                 IdempotencyNamespace::Coordinator => None,
             };
             let Some(gsn) = gsn else {
-                return Ok(false);
+                return Ok(None);
             };
+            let another_retention = now.saturating_add(idempotency_retention);
             // A saga record this build cannot read is kept too: better a record kept a while
             // longer than a reversal misjudged.
-            Ok(match tx.saga(gsn.sequence()) {
-                Ok(record) => record.is_some_and(|r| {
-                    convert::saga_state_from_code(r.state).is_none_or(|s| s != SagaState::Reversed)
-                }),
-                Err(store::Error::Corrupt { .. } | store::Error::UnknownVersion { .. }) => true,
+            let record = match tx.saga(gsn.sequence()) {
+                Ok(Some(record)) => record,
+                Ok(None) => return Ok(None),
+                Err(store::Error::Corrupt { .. } | store::Error::UnknownVersion { .. }) => {
+                    return Ok(Some(another_retention));
+                }
                 Err(other) => return Err(other),
+            };
+            Ok(match convert::saga_state_from_code(record.state) {
+                Some(SagaState::Reversed) => None,
+                Some(SagaState::Completed) if saga_retention > 0 => Some(
+                    record
+                        .updated_ms
+                        .saturating_add(saga_retention)
+                        .max(now)
+                        .saturating_add(idempotency_retention),
+                ),
+                _ => Some(another_retention),
             })
         };
         Ok(self
             .store
             .write(move |tx| {
-                tx.collect_expired_idempotency(now, limit, held_until, &saga_may_reverse)
+                tx.collect_expired_idempotency(now, limit, &hold_while_saga_may_reverse)
             })
             .await??)
     }

@@ -142,6 +142,19 @@ pub struct IdempotencyKey {
 }
 
 /// The key of one timer in the due index: ordered by instant, then by a unique id.
+/// Whether an expired idempotency record is still needed, and until when: `Some` keeps it.
+pub type HoldUntil = dyn for<'t> Fn(&WriteTx<'t>, &IdempotencyKey) -> Result<Option<u64>, Error>;
+
+/// What one collection of expired idempotency records did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Records deleted.
+    pub removed: usize,
+    /// Expired index entries looked at: deleted, held for longer, or found stale. Equal to the
+    /// limit, there may be more to look at now.
+    pub examined: usize,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DueKey {
     pub at_ms: u64,
@@ -617,15 +630,14 @@ impl WriteTx<'_> {
         self.overlay.delete(Table::Idempotency, raw);
         Ok(())
     }
-    /// Deletes at most `limit` records whose `expires_ms` is in (0, now_ms]; returns how many.
-    /// A record `held` says is still needed is kept instead, its expiry moved to `held_until`.
+    /// Looks at most `limit` records whose `expires_ms` is in (0, now_ms] and deletes them. A
+    /// record `held` gives a later time for is kept instead, its expiry moved to that time.
     pub fn collect_expired_idempotency(
         &mut self,
         now_ms: u64,
         limit: usize,
-        held_until: u64,
-        held: &dyn Fn(&Self, &IdempotencyKey) -> Result<bool, Error>,
-    ) -> Result<usize, Error> {
+        held: &HoldUntil,
+    ) -> Result<Collected, Error> {
         let bound = codec::expiry_bound(now_ms);
         let index_keys = self.overlay.live_keys_in(
             self.tables,
@@ -634,7 +646,10 @@ impl WriteTx<'_> {
             bound.as_ref().map(|b| b.as_slice()),
             limit,
         )?;
-        let mut collected = 0;
+        let mut collected = Collected {
+            removed: 0,
+            examined: index_keys.len(),
+        };
         for index_key in index_keys {
             let (expires_ms, raw) = codec::split_expiry_key(&index_key)?;
             let raw = raw.to_vec();
@@ -648,17 +663,16 @@ impl WriteTx<'_> {
             let Some(mut record) = record else {
                 continue;
             };
-            let key = codec::split_idempotency_key(&raw);
-            if held_until > expires_ms
-                && let Some(key) = key
-                && held(self, &key)?
+            if let Some(key) = codec::split_idempotency_key(&raw)
+                && let Some(held_until) = held(self, &key)?
+                && held_until > expires_ms
             {
                 record.expires_ms = held_until;
                 self.put_idempotency(&key, &record)?;
                 continue;
             }
             self.overlay.delete(Table::Idempotency, raw);
-            collected += 1;
+            collected.removed += 1;
         }
         Ok(collected)
     }
