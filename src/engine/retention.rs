@@ -50,12 +50,16 @@ struct Scan {
     /// The clock at the last collection. The times above were read on it, so a clock that went
     /// back starts the scan again rather than wait for them.
     seen_ms: u64,
+    /// The scan has caught up since it last started from the oldest saga. Only then does
+    /// `restart_at` start it again: with a short retention and more kept sagas than one
+    /// collection reads, a restart on the way would never let it reach the sagas after them.
+    caught_up: bool,
 }
 
 impl Scan {
     /// Starts a collection at `now`: the sagas whose retention ran out, to look at again.
     fn begin(&mut self, now: u64) -> Vec<u64> {
-        if now < self.seen_ms || self.restart_at.is_some_and(|at| at <= now) {
+        if now < self.seen_ms || (self.caught_up && self.restart_at.is_some_and(|at| at <= now)) {
             // Every saga is examined again, and whatever was awaited with them.
             *self = Scan {
                 seen_ms: now,
@@ -241,6 +245,7 @@ impl Engine {
         // awaited as `Scan::keep` noted, the later ones are examined as they age.
         self.scan_state(|scan| {
             scan.after = last;
+            scan.caught_up |= caught_up;
             for (sequence, removable) in kept {
                 scan.keep(sequence, removable);
             }
@@ -381,6 +386,25 @@ mod tests {
         }
         clock.advance_ms(4 * DAY_MS);
         gsns
+    }
+
+    #[test]
+    fn a_scan_on_its_way_is_started_again_from_the_oldest_only_once_it_has_caught_up() {
+        let mut scan = Scan::default();
+        assert!(scan.begin(1_000).is_empty());
+        scan.after = Some(20_000);
+        scan.keep(7, Removable::NoSoonerThan(5_000));
+        // Due to start again, but the sagas after the cursor have not been read yet.
+        scan.begin(6_000);
+        assert_eq!(scan.after, Some(20_000), "the scan goes on");
+        scan.caught_up = true;
+        scan.begin(7_000);
+        assert_eq!(scan.after, None, "caught up, it starts from the oldest");
+        assert!(!scan.caught_up && scan.restart_at.is_none());
+        // A clock that went back starts it again at once.
+        scan.after = Some(5);
+        scan.begin(6_999);
+        assert_eq!(scan.after, None);
     }
 
     #[tokio::test]
