@@ -176,7 +176,11 @@ impl Inventory {
             Err(e) if finish_is_refused(&e) => finish_refused(&request, &e),
             Err(e) => {
                 tracing::warn!(record = %request.request_id, error = %e, "could not finish; trying again");
-                tokio::spawn(keep_finishing(self.barrier.clone(), request));
+                tokio::spawn(keep_finishing(
+                    self.barrier.clone(),
+                    request,
+                    record.attempts,
+                ));
             }
         }
     }
@@ -348,16 +352,45 @@ fn give_back(state: &mut State, key: (String, String)) {
 const FINISH_RETRY_FIRST: Duration = Duration::from_millis(200);
 const FINISH_RETRY_CAP: Duration = Duration::from_secs(10);
 
-/// Tries a Finish that failed until sagad takes it. Repeating a Finish with the same result and
-/// response is harmless (idempotency.proto), so a try whose answer was lost does no harm. This
-/// task dies with the process, as does this example's in-memory state; a node whose state
-/// outlives it must also finish, when it starts, the records it left PROCESSING
-/// (docs/participant.md, section 4).
-async fn keep_finishing(mut barrier: IdempotencyClient<Channel>, request: pb::FinishRequest) {
+/// Tries a Finish that failed until sagad takes it. This task dies with the process, as does
+/// this example's in-memory state; a node whose state outlives it must also finish, when it
+/// starts, the records it left PROCESSING (docs/participant.md, section 4).
+///
+/// Each try first reads the record and goes on only while it is still PROCESSING under the
+/// registration our Guard made (`registered`, its `attempts`). A Finish names no run: if an
+/// earlier try got through and only its answer was lost, a FAILED lets a newer command's
+/// Guard run the action again under the same record, and a late try of ours would then
+/// finish that run's record with our answer.
+async fn keep_finishing(
+    mut barrier: IdempotencyClient<Channel>,
+    request: pb::FinishRequest,
+    registered: u32,
+) {
     let mut delay = FINISH_RETRY_FIRST;
     for attempt in 2u32.. {
         // Jitter, so the Finishes that failed together do not all come back at once.
         tokio::time::sleep(delay.mul_f64(rand::random_range(0.5..1.0))).await;
+        delay = (delay * 2).min(FINISH_RETRY_CAP);
+        let asked = pb::GetRecordRequest {
+            scope: request.scope.clone(),
+            request_id: request.request_id.clone(),
+        };
+        match barrier.get(asked).await {
+            Ok(found) => {
+                let record = found.into_inner().record.unwrap_or_default();
+                if record.state != pb::RecordState::Processing as i32
+                    || record.attempts != registered
+                {
+                    tracing::info!(record = %request.request_id, "finished already, or a newer run holds the record");
+                    return;
+                }
+            }
+            Err(e) if finish_is_refused(&e) => return finish_refused(&request, &e),
+            Err(e) => {
+                tracing::warn!(record = %request.request_id, attempt, error = %e, "could not read the record to finish; trying again");
+                continue;
+            }
+        }
         match barrier.finish(request.clone()).await {
             Ok(_) => {
                 tracing::info!(record = %request.request_id, attempt, "finished");
@@ -366,20 +399,23 @@ async fn keep_finishing(mut barrier: IdempotencyClient<Channel>, request: pb::Fi
             Err(e) if finish_is_refused(&e) => return finish_refused(&request, &e),
             Err(e) => {
                 tracing::warn!(record = %request.request_id, attempt, error = %e, "could not finish; trying again");
-                delay = (delay * 2).min(FINISH_RETRY_CAP);
             }
         }
     }
 }
 
-/// The answers to a Finish that trying again cannot change: the record was already finished
-/// with another answer (FAILED_PRECONDITION), is not there (NOT_FOUND: collected, or never
-/// registered), or the request itself is malformed (INVALID_ARGUMENT). Anything else (sagad
-/// away or shutting down, a timeout, an internal error) may pass later.
+/// The answers to a Finish (or Get) that trying again cannot change: the record was already
+/// finished with another answer (FAILED_PRECONDITION), is not there (NOT_FOUND: collected, or
+/// never registered), cannot be read (DATA_LOSS), or the request itself is malformed
+/// (INVALID_ARGUMENT). Anything else (sagad away or shutting down, a timeout, an internal
+/// error) may pass later.
 fn finish_is_refused(e: &Status) -> bool {
     matches!(
         e.code(),
-        tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::InvalidArgument
+        tonic::Code::FailedPrecondition
+            | tonic::Code::NotFound
+            | tonic::Code::InvalidArgument
+            | tonic::Code::DataLoss
     )
 }
 
