@@ -78,7 +78,9 @@ struct Flags {
     /// Sagas in flight at once; a list runs each, e.g. 1,16,64.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     concurrency: Vec<usize>,
-    /// How often each configuration runs; the report quotes the median, min and max.
+    /// How often each configuration runs; the report quotes the median, min and max. With
+    /// --baseline an odd number is raised to the next even one, so each build goes first in
+    /// half the runs.
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Which paths to run.
@@ -238,12 +240,13 @@ impl Bench {
 }
 
 /// The builds of the `configuration`-th configuration (from 0) of `run` (from 1), in the
-/// order they run, so a drift of the machine favours neither build. Which goes first
-/// alternates from one configuration to the next and, for each configuration, from one run
-/// to the next. A single counter over every configuration of every run would not do: with an
-/// even number of configurations per run, each configuration would keep its order in every
-/// run. With an odd number of runs one build goes first once more per configuration, and
-/// the next configuration evens that out.
+/// order they run, so a drift of the machine, or an advantage of going first or second,
+/// favours neither build. Which goes first alternates from one configuration to the next and,
+/// for each configuration, from one run to the next: with an even number of runs
+/// (`balanced_runs`), each build goes first in half the runs of every configuration, so
+/// neither the row's median nor the ratio between the builds leans on the order. A single
+/// counter over every configuration of every run would not do: with an even number of
+/// configurations per run, each configuration would keep its order in every run.
 fn builds_in_order(baseline: bool, run: usize, configuration: usize) -> Vec<Build> {
     if !baseline {
         vec![Build::Tested]
@@ -254,10 +257,30 @@ fn builds_in_order(baseline: bool, run: usize, configuration: usize) -> Vec<Buil
     }
 }
 
+/// The runs to make of each configuration: `--runs`, raised to the next even number with
+/// `--baseline`, so each build can go first in half of them (`builds_in_order`). Raised rather
+/// than refused: the default of 3 would otherwise refuse every `--baseline` run left at it.
+fn balanced_runs(runs: usize, baseline: bool) -> usize {
+    if baseline && runs % 2 == 1 {
+        runs + 1
+    } else {
+        runs
+    }
+}
+
 /// Runs the matrix, prints the report; `Ok(false)` if any saga failed.
-async fn run(flags: Flags, root: PathBuf) -> Result<bool, Error> {
+async fn run(mut flags: Flags, root: PathBuf) -> Result<bool, Error> {
     if flags.runs == 0 || flags.concurrency.contains(&0) {
         return Err(fail("--runs and every --concurrency must be at least 1"));
+    }
+    let runs = balanced_runs(flags.runs, flags.baseline.is_some());
+    if runs != flags.runs {
+        eprintln!(
+            "sagad-bench: --runs {} raised to {runs}: with --baseline each build must go first in \
+             as many runs of each configuration as the other, or the order would lean its medians",
+            flags.runs
+        );
+        flags.runs = runs;
     }
     let sagad = match (&flags.target, &flags.sagad) {
         (Some(_), _) => None,
@@ -768,14 +791,29 @@ mod tests {
     }
 
     #[test]
-    fn with_an_odd_number_of_runs_each_build_still_goes_first_half_the_time() {
-        for (runs, configurations) in [(1, 2), (3, 4), (3, 2)] {
-            let tested = (1..=runs)
-                .flat_map(|run| (0..configurations).map(move |c| tested_first(run, c)))
-                .filter(|&t| t)
-                .count();
-            assert_eq!(tested * 2, runs * configurations, "--runs {runs}");
+    fn with_a_baseline_each_build_goes_first_in_half_the_runs_of_every_configuration() {
+        for asked in 1..=5 {
+            let runs = balanced_runs(asked, true);
+            assert!(runs >= asked, "--runs {asked}");
+            for configuration in 0..5 {
+                let tested = (1..=runs)
+                    .filter(|&run| tested_first(run, configuration))
+                    .count();
+                assert_eq!(
+                    tested * 2,
+                    runs,
+                    "--runs {asked}, configuration {configuration}"
+                );
+            }
         }
+    }
+
+    #[test]
+    fn an_odd_number_of_runs_is_raised_to_the_next_even_one_only_with_a_baseline() {
+        assert_eq!(balanced_runs(1, true), 2);
+        assert_eq!(balanced_runs(3, true), 4);
+        assert_eq!(balanced_runs(4, true), 4);
+        assert_eq!(balanced_runs(3, false), 3);
     }
 
     #[test]
