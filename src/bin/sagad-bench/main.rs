@@ -433,16 +433,19 @@ struct Sample {
     participant_calls: u64,
 }
 
+/// `ledger` is where sagad keeps its ledger, `None` for a `--target` (the bench does not know
+/// it): then no device flushes are counted, since those of the `--work-dir` disk would be
+/// another disk's, or this one's without sagad's writes.
 fn sample(
     bench: &Bench,
     pid: Option<u32>,
-    ledger: &std::path::Path,
+    ledger: Option<&std::path::Path>,
     nodes: &[&Counters],
 ) -> Sample {
     Sample {
         sagad: pid.and_then(|pid| machine::sample(&pid.to_string(), bench.ticks)),
         bench: machine::sample("self", bench.ticks),
-        device_flushes: machine::device_flushes(ledger),
+        device_flushes: ledger.and_then(machine::device_flushes),
         participant_calls: nodes.iter().map(|n| n.total()).sum(),
     }
 }
@@ -590,7 +593,6 @@ async fn point(
     let per_saga = scenario.participant_rpcs();
     drain(&counters, started_sagas as u64 * per_saga).await;
 
-    let where_ledger = ledger.clone().unwrap_or_else(|| bench.root.clone());
     let measured_pids: Vec<String> = pid
         .map(|p| p.to_string())
         .into_iter()
@@ -617,7 +619,7 @@ async fn point(
     let mut operations = OperationsClient::new(first.clone());
     let flushes_before = ledger_flushes(&mut operations).await?;
     let window = known_pids.map(|pids| machine::Window::open(pids, bench.ticks));
-    let before = sample(bench, pid, &where_ledger, &counters);
+    let before = sample(bench, pid, ledger.as_deref(), &counters);
     let amount = match flags.duration {
         Some(limit) => Amount::For(limit),
         None => Amount::Sagas(flags.sagas),
@@ -627,7 +629,7 @@ async fn point(
     let measured = load.latencies_us.len() + load.failures;
     started_sagas += measured;
     drain(&counters, started_sagas as u64 * per_saga).await;
-    let after = sample(bench, pid, &where_ledger, &counters);
+    let after = sample(bench, pid, ledger.as_deref(), &counters);
     let participant_rpcs_missing = missing_calls(per_saga, started_sagas, after.participant_calls);
     let flushes_after = ledger_flushes(&mut operations).await?;
     let other_cores = window

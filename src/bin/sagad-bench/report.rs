@@ -430,7 +430,10 @@ impl Report {
                     optional(runs.iter().map(|r| r.other_cores), 2),
                 );
             }
-            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "\n- the floor's ledgers are on the `--work-dir` disk (the system temp folder's without it), which need not be a `--target`'s\n"
+            );
         }
     }
 }
