@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use sagad::grpc::pb::GetCountersRequest;
 use sagad::grpc::pb::coordinator_client::CoordinatorClient;
 use sagad::grpc::pb::operations_client::OperationsClient;
+use sagad::grpc::pb::{GetCountersRequest, GetCountersResponse};
 use serde::Serialize;
 
 use crate::participant::Counters;
@@ -742,22 +742,31 @@ fn unimplemented_midway(load: &mut scenario::Load, phase: &str) -> Result<(), Er
     }
 }
 
-/// sagad's count of durable ledger flushes (Operations.GetCounters), if it exports one; an
-/// error only if sagad does not answer at all.
+/// sagad's count of durable ledger flushes (Operations.GetCounters), if it exports one.
 async fn ledger_flushes(
     operations: &mut OperationsClient<tonic::transport::Channel>,
 ) -> Result<Option<u64>, Error> {
     let counters = operations.get_counters(GetCountersRequest {});
-    let answer = within("GetCounters", counters).await?;
-    // An error status is a build without the counters (an older baseline): no figure.
-    Ok(answer.ok().and_then(|counters| {
-        counters
-            .into_inner()
+    flush_count(
+        within("GetCounters", counters)
+            .await?
+            .map(|a| a.into_inner()),
+    )
+}
+
+/// The `ledger_flushes` counter of a GetCounters answer. Only UNIMPLEMENTED (an older baseline,
+/// without the call) means there is no figure; any other error is this run failing, and taking
+/// it for a build without counters would hide it behind an n/a.
+fn flush_count(answer: Result<GetCountersResponse, tonic::Status>) -> Result<Option<u64>, Error> {
+    match answer {
+        Ok(counters) => Ok(counters
             .counters
             .into_iter()
             .find(|counter| counter.name == "ledger_flushes")
-            .map(|counter| counter.value)
-    }))
+            .map(|counter| counter.value)),
+        Err(status) if status.code() == tonic::Code::Unimplemented => Ok(None),
+        Err(status) => Err(fail(format!("GetCounters failed: {status}"))),
+    }
 }
 
 #[cfg(test)]
@@ -829,6 +838,35 @@ mod tests {
         assert_eq!(missing_calls(4, 101, 404), 0);
         // Redeliveries: more calls than the design's.
         assert_eq!(missing_calls(5, 10, 57), 0);
+    }
+
+    #[test]
+    fn a_build_without_get_counters_has_no_ledger_flush_figure() {
+        let answer = Err(tonic::Status::unimplemented("no Operations service"));
+        assert_eq!(flush_count(answer).ok(), Some(None));
+    }
+
+    #[test]
+    fn any_other_get_counters_error_fails_the_run() {
+        let answer = Err(tonic::Status::unavailable("ledger fault"));
+        let error = flush_count(answer).err().map(|e| e.to_string());
+        assert!(
+            error.as_deref().is_some_and(|e| e.contains("ledger fault")),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn a_build_with_counters_gives_its_ledger_flushes() {
+        let answer = Ok(GetCountersResponse {
+            counters: vec![sagad::grpc::pb::Counter {
+                name: "ledger_flushes".to_owned(),
+                value: 42,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert_eq!(flush_count(answer).ok(), Some(Some(42)));
     }
 
     #[test]
