@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sagad::store::{self, PayloadRecord, Store};
 use serde::Serialize;
+use tokio::task::JoinSet;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -17,7 +18,7 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::machine;
 use crate::stats::percentile_ms;
 use crate::stopwatch::now;
-use crate::under_test::{CALL_DEADLINE, TempDir};
+use crate::under_test::{CALL_DEADLINE, TempDir, within};
 use crate::{Build, Durability, Error, fail};
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,14 +60,14 @@ pub async fn echo(
     let window = measured.map(|pids| machine::Window::open(pids, ticks));
     let next = Arc::new(AtomicUsize::new(0));
     let started = now();
-    let mut workers = Vec::with_capacity(concurrency);
+    let mut workers = JoinSet::new();
     for w in 0..concurrency.max(1) {
         let channel = channels
             .get(w % channels.len().max(1))
             .ok_or_else(|| fail("no connection to sagad"))?;
         let mut client = HealthClient::new(channel.clone());
         let next = next.clone();
-        workers.push(tokio::spawn(async move {
+        workers.spawn(async move {
             let mut latencies = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < calls {
                 let sent = now();
@@ -78,27 +79,9 @@ pub async fn echo(
                 latencies.push(sent.elapsed().as_micros() as u64);
             }
             Ok::<_, Error>(latencies)
-        }));
+        });
     }
-    let aborts: Vec<_> = workers.iter().map(|w| w.abort_handle()).collect();
-    let joined = async {
-        let mut latencies_us = Vec::with_capacity(calls);
-        for worker in workers {
-            latencies_us.extend(worker.await??);
-        }
-        Ok::<_, Error>(latencies_us)
-    };
-    let latencies_us = match while_moving(&next, joined).await {
-        Some(joined) => joined?,
-        None => {
-            for abort in aborts {
-                abort.abort();
-            }
-            return Err(fail(format!(
-                "Health/Check: no answer within {CALL_DEADLINE:?}"
-            )));
-        }
-    };
+    let latencies_us = join_workers(workers, &next, CALL_DEADLINE, "Health/Check").await?;
     Ok(EchoHalf {
         latencies_us,
         elapsed_s: started.elapsed().as_secs_f64(),
@@ -108,10 +91,40 @@ pub async fn echo(
     })
 }
 
-/// `work`, or `None` once `progress` (the calls started) has stood still for `CALL_DEADLINE`:
-/// a call that never comes back would hang the floor, and a timer armed for every call would
-/// add its cost to the floor measured; one look every quarter second costs nothing.
-async fn while_moving<T>(progress: &AtomicUsize, work: impl Future<Output = T>) -> Option<T> {
+/// Every worker's latencies. A worker's error, or `progress` (the calls started) standing
+/// still for `deadline`, ends the floor with an error naming `what` and aborts the other
+/// workers: left alone they would go on loading sagad or the disk under the next measurement.
+async fn join_workers(
+    mut workers: JoinSet<Result<Vec<u64>, Error>>,
+    progress: &AtomicUsize,
+    deadline: Duration,
+    what: &str,
+) -> Result<Vec<u64>, Error> {
+    // In the order they end, so a failed worker is seen at once, not after those before it.
+    let joined = async {
+        let mut latencies_us = Vec::new();
+        while let Some(worker) = workers.join_next().await {
+            latencies_us.extend(worker??);
+        }
+        Ok::<_, Error>(latencies_us)
+    };
+    let outcome = match while_moving(progress, deadline, joined).await {
+        Some(Ok(latencies_us)) => return Ok(latencies_us),
+        Some(Err(e)) => fail(format!("{what}: {e}")),
+        None => fail(format!("{what}: no answer within {deadline:?}")),
+    };
+    workers.abort_all();
+    Err(outcome)
+}
+
+/// `work`, or `None` once `progress` has stood still for `deadline`: a call that never comes
+/// back would hang the floor, and a timer armed for every call would add its cost to the floor
+/// measured; one look every quarter second costs nothing.
+async fn while_moving<T>(
+    progress: &AtomicUsize,
+    deadline: Duration,
+    work: impl Future<Output = T>,
+) -> Option<T> {
     let mut work = std::pin::pin!(work);
     let mut seen = progress.load(Ordering::Relaxed);
     let mut moved = now();
@@ -123,7 +136,7 @@ async fn while_moving<T>(progress: &AtomicUsize, work: impl Future<Output = T>) 
                 if current != seen {
                     seen = current;
                     moved = now();
-                } else if moved.elapsed() > CALL_DEADLINE {
+                } else if moved.elapsed() > deadline {
                     return None;
                 }
             }
@@ -203,8 +216,11 @@ pub async fn disk(
     let dir = TempDir::new(root, "store")?;
     let mut options = store::Options::new(dir.path.join("ledger"));
     options.durability = durability.store();
-    // Store::open blocks (it opens sled and fsyncs the folder): off the async workers.
-    let store = tokio::task::spawn_blocking(move || Store::open(options)).await??;
+    // Store::open blocks (it opens sled and fsyncs the folder): off the async workers, and
+    // bounded, as every step of the floor is, so a stalled filesystem fails the bench instead
+    // of hanging it.
+    let opening = tokio::task::spawn_blocking(move || Store::open(options));
+    let store = within("opening the disk floor's ledger", opening).await???;
     let record = PayloadRecord {
         data: vec![b'x'; 200],
         content_type: "application/json".into(),
@@ -215,12 +231,12 @@ pub async fn disk(
     let flushes_before = store.flush_count();
     let next = Arc::new(AtomicUsize::new(0));
     let started = now();
-    let mut workers = Vec::with_capacity(concurrency);
+    let mut workers = JoinSet::new();
     for _ in 0..concurrency.max(1) {
         let store = store.clone();
         let next = next.clone();
         let record = record.clone();
-        workers.push(tokio::spawn(async move {
+        workers.spawn(async move {
             let mut latencies = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -235,19 +251,16 @@ pub async fn disk(
                 latencies.push(sent.elapsed().as_micros() as u64);
             }
             Ok::<_, Error>(latencies)
-        }));
+        });
     }
-    let mut latencies = Vec::with_capacity(writes);
-    for worker in workers {
-        latencies.extend(worker.await??);
-    }
+    let mut latencies =
+        join_workers(workers, &next, CALL_DEADLINE, "the disk floor's commits").await?;
     let elapsed = started.elapsed().as_secs_f64();
     let flushes = store.flush_count() - flushes_before;
     let device_after = machine::device_flushes(&dir.path);
     let other_cores = window.other_cores(&measured);
-    store
-        .close()
-        .await
+    within("closing the disk floor's ledger", store.close())
+        .await?
         .map_err(|e| fail(format!("closing the floor's ledger: {e}")))?;
     latencies.sort_unstable();
     let device = match (device_before, device_after) {
@@ -269,4 +282,54 @@ pub async fn disk(
         p99_ms: percentile_ms(&latencies, 0.99),
         other_cores,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker that never ends unless aborted.
+    fn stuck(workers: &mut JoinSet<Result<Vec<u64>, Error>>) -> tokio::task::AbortHandle {
+        workers.spawn(std::future::pending())
+    }
+
+    /// An abort takes effect at the task's next poll: give it a bounded number of chances.
+    async fn ended(task: &tokio::task::AbortHandle) -> bool {
+        for _ in 0..100 {
+            if task.is_finished() {
+                return true;
+            }
+            tokio::task::yield_now().await;
+        }
+        task.is_finished()
+    }
+
+    #[tokio::test]
+    async fn a_floor_worker_that_fails_ends_the_floor_at_once_and_stops_the_others() {
+        let mut workers = JoinSet::new();
+        let other = stuck(&mut workers);
+        workers.spawn(async { Err(fail("disk full")) });
+        // A deadline no test waits for: the error must end the floor, not the stall after it.
+        let progress = AtomicUsize::new(0);
+        let joined = join_workers(workers, &progress, Duration::from_secs(3600), "writes").await;
+        let error = joined.err().map(|e| e.to_string());
+        assert_eq!(error.as_deref(), Some("writes: disk full"));
+        assert!(ended(&other).await);
+    }
+
+    #[tokio::test]
+    async fn a_floor_whose_workers_stand_still_fails_and_stops_them() {
+        let mut workers = JoinSet::new();
+        let other = stuck(&mut workers);
+        let progress = AtomicUsize::new(0);
+        let joined = join_workers(workers, &progress, Duration::from_millis(300), "writes").await;
+        let error = joined.err().map(|e| e.to_string());
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("writes: no answer within")),
+            "{error:?}"
+        );
+        assert!(ended(&other).await);
+    }
 }

@@ -174,6 +174,9 @@ fn main() -> ExitCode {
         Ok(Ok(false)) => ExitCode::FAILURE,
         Ok(Err(e)) => {
             eprintln!("sagad-bench: {e}");
+            // Dropping the runtime would wait for its blocking tasks without end, and one may
+            // be the disk floor's Store::open stalled on the filesystem the error is about.
+            runtime.shutdown_timeout(Duration::from_secs(5));
             ExitCode::FAILURE
         }
         Err((name, code)) => {
