@@ -271,11 +271,37 @@ fn balanced_runs(runs: usize, baseline: bool) -> usize {
     }
 }
 
-/// Runs the matrix, prints the report; `Ok(false)` if any saga failed.
-async fn run(mut flags: Flags, root: PathBuf) -> Result<bool, Error> {
+/// Refuses the flags that would measure nothing yet print a report that looks like a result.
+fn check(flags: &Flags) -> Result<(), Error> {
     if flags.runs == 0 || flags.concurrency.contains(&0) {
         return Err(fail("--runs and every --concurrency must be at least 1"));
     }
+    if flags.duration.is_none() && flags.sagas == 0 {
+        return Err(fail(
+            "--sagas must be at least 1 (or give --duration instead)",
+        ));
+    }
+    if flags.duration.is_some_and(|d| d.is_zero()) {
+        return Err(fail("--duration must be longer than 0s"));
+    }
+    // Half the calls go before the sagas and half after: with fewer than 2 one half has no
+    // rate, and with none the efficiency would be divided by a floor of 0.
+    if !flags.no_floors && flags.echo_calls < 2 {
+        return Err(fail(
+            "--echo-calls must be at least 2 (half before the sagas, half after), or give --no-floors",
+        ));
+    }
+    if !flags.no_floors && flags.disk_writes == 0 {
+        return Err(fail(
+            "--disk-writes must be at least 1, or give --no-floors",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the matrix, prints the report; `Ok(false)` if any saga failed.
+async fn run(mut flags: Flags, root: PathBuf) -> Result<bool, Error> {
+    check(&flags)?;
     let runs = balanced_runs(flags.runs, flags.baseline.is_some());
     if runs != flags.runs {
         eprintln!(
@@ -689,7 +715,7 @@ async fn point(
         sagas_per_s: latencies.len() as f64 / seconds,
         p50_ms: percentile_ms(latencies, 0.50),
         p99_ms: percentile_ms(latencies, 0.99),
-        p999_ms: percentile_ms(latencies, 0.999),
+        p999_ms: p999_ms(latencies),
         max_ms: percentile_ms(latencies, 1.0),
         rpcs_per_saga: scenario.rpcs_per_saga(),
         participant_rpcs_per_saga: (after.participant_calls - before.participant_calls) as f64 / n,
@@ -732,6 +758,12 @@ async fn point(
         );
     }
     Ok(Point::Measured(Box::new(measured_run), echo))
+}
+
+/// The 99.9th percentile of sorted latencies, none from fewer than 1,000: it would be the
+/// maximum under another name.
+fn p999_ms(sorted_us: &[u64]) -> Option<f64> {
+    (sorted_us.len() >= 1000).then(|| percentile_ms(sorted_us, 0.999))
 }
 
 /// The probe saga ran, so an UNIMPLEMENTED later in `phase` is sagad failing, not a scenario
@@ -870,6 +902,38 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(flush_count(answer).ok(), Some(Some(42)));
+    }
+
+    fn checked(args: &[&str]) -> Result<(), String> {
+        let flags =
+            Flags::try_parse_from(["sagad-bench"].iter().chain(args)).map_err(|e| e.to_string())?;
+        check(&flags).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn no_sagas_is_refused_rather_than_reported_as_a_row_of_zeros() {
+        let refused = checked(&["--sagas", "0"]);
+        assert!(refused.is_err_and(|e| e.contains("--sagas must be at least 1")));
+        assert_eq!(checked(&["--sagas", "0", "--duration", "2s"]), Ok(()));
+        assert!(checked(&["--duration", "0s"]).is_err());
+    }
+
+    #[test]
+    fn fewer_than_two_echo_calls_are_refused_unless_the_floors_are_off() {
+        for calls in ["0", "1"] {
+            let refused = checked(&["--echo-calls", calls]);
+            assert!(refused.is_err_and(|e| e.contains("--echo-calls must be at least 2")));
+            assert_eq!(checked(&["--echo-calls", calls, "--no-floors"]), Ok(()));
+        }
+        assert_eq!(checked(&["--echo-calls", "2"]), Ok(()));
+        assert!(checked(&["--disk-writes", "0"]).is_err());
+    }
+
+    #[test]
+    fn p99_9_is_not_quoted_from_fewer_than_1000_sagas() {
+        let samples: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
+        assert_eq!(p999_ms(&samples[..999]), None);
+        assert_eq!(p999_ms(&samples), Some(999.0));
     }
 
     #[test]

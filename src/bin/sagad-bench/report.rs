@@ -27,7 +27,8 @@ pub struct SagaRun {
     pub sagas_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
-    pub p999_ms: f64,
+    /// None from fewer than 1,000 sagas, where it would only be the maximum.
+    pub p999_ms: Option<f64>,
     pub max_ms: f64,
     /// The RPCs one saga takes by the scenario's design (see `Scenario::rpcs_explained`).
     pub rpcs_per_saga: u32,
@@ -311,7 +312,7 @@ impl Report {
                 cell(runs.iter().map(|r| r.sagas_per_s), 0),
                 cell(runs.iter().map(|r| r.p50_ms), MS),
                 cell(runs.iter().map(|r| r.p99_ms), MS),
-                cell(runs.iter().map(|r| r.p999_ms), MS),
+                optional(runs.iter().map(|r| r.p999_ms), MS),
                 scenario.rpcs_per_saga(),
                 optional(runs.iter().map(|r| r.echo_rpcs_per_s), 0),
                 optional(runs.iter().map(|r| r.efficiency), 2),
@@ -479,7 +480,7 @@ mod tests {
             sagas_per_s: 100.0,
             p50_ms: 1.0,
             p99_ms: 2.0,
-            p999_ms: 3.0,
+            p999_ms: Some(3.0),
             max_ms: 4.0,
             rpcs_per_saga: 6,
             participant_rpcs_per_saga: 4.0,
