@@ -115,7 +115,7 @@ struct Flags {
     /// configuration) and the other processes' load.
     #[arg(long, requires = "target")]
     target_pid: Option<u32>,
-    /// Client connections to sagad (and to the echo server), shared by the workers.
+    /// Client connections to sagad, shared by the workers (the sagas' and the gRPC floor's).
     #[arg(long, default_value_t = 1)]
     connections: usize,
     /// Sagas run before each measurement and not counted (connections, caches).
