@@ -9,8 +9,8 @@
 //! retention runs out, an unfinished one no sooner than a retention after it was seen
 //! unfinished, since finishing is a change and sets `updated_ms` to its time. Finished sagas
 //! are looked at again when theirs runs out; the scan starts again from the oldest saga only
-//! when the earliest time of an unfinished one comes, so old sagas that must be kept are read
-//! once a retention instead of once a second.
+//! when the earliest time of an unfinished one has come and the scan has caught up, so old
+//! sagas that must be kept are read once a retention instead of once a second.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Mutex;
@@ -43,7 +43,8 @@ struct Scan {
     /// after it.
     after: Option<u64>,
     /// The earliest time an unfinished saga the scan passed over could be removable (or a
-    /// finished one beyond `awaited`): the scan starts from the oldest saga again then.
+    /// finished one beyond `awaited`): the scan starts from the oldest saga again then, once it
+    /// has caught up.
     restart_at: Option<u64>,
     /// Finished sagas the scan passed over within their retention: (when it runs out, sequence).
     awaited: BTreeSet<(u64, u64)>,

@@ -141,7 +141,6 @@ pub struct IdempotencyKey {
     pub key: String,
 }
 
-/// The key of one timer in the due index: ordered by instant, then by a unique id.
 /// Whether an expired idempotency record is still needed, and until when: `Some` keeps it.
 pub type HoldUntil = dyn for<'t> Fn(&WriteTx<'t>, &IdempotencyKey) -> Result<Option<u64>, Error>;
 
@@ -155,6 +154,7 @@ pub struct Collected {
     pub examined: usize,
 }
 
+/// The key of one timer in the due index: ordered by instant, then by a unique id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DueKey {
     pub at_ms: u64,
