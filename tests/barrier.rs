@@ -532,6 +532,24 @@ async fn invalid_guards_are_refused_naming_every_bad_field() {
     );
 }
 
+/// Starts a registered-outcall saga on `engine` with no outcalls yet (it runs until completed).
+async fn start_outcall_saga(engine: &sagad::engine::Engine, request_id: &str) {
+    use sagad::domain::saga::{Deadline, SagaMode, StartRequest};
+    let request = StartRequest {
+        request_id: request_id.into(),
+        business_type: "transfer".into(),
+        mode: Some(SagaMode::RegisteredOutcalls),
+        payload: Vec::new(),
+        content_type: String::new(),
+        labels: Default::default(),
+        deadline: Deadline::None,
+    };
+    engine
+        .start_saga(request, Vec::new(), |_| (Vec::new(), ()))
+        .await
+        .unwrap();
+}
+
 /// A forward record that expired while its saga could still reverse would make the saga's
 /// reversal look like a null compensation: the booking would stay. Barrier records are kept
 /// while their saga runs, and while it is COMPLETED too (a node undoing a step and an
@@ -541,7 +559,6 @@ async fn invalid_guards_are_refused_naming_every_bad_field() {
 async fn barrier_records_outlive_their_retention_while_their_saga_may_still_reverse() {
     use sagad::domain::barrier::{Action, Verdict};
     use sagad::domain::idempotency::Answer;
-    use sagad::domain::saga::{Deadline, SagaMode, StartRequest};
 
     const START_MS: u64 = 1_800_000_000_000;
     const HOUR_MS: u64 = 3_600_000;
@@ -553,22 +570,7 @@ async fn barrier_records_outlive_their_retention_while_their_saga_may_still_reve
         clock.clone(),
         Some(std::time::Duration::from_secs(3600)),
     );
-    engine
-        .start_saga(
-            StartRequest {
-                request_id: "s-1".into(),
-                business_type: "transfer".into(),
-                mode: Some(SagaMode::RegisteredOutcalls),
-                payload: Vec::new(),
-                content_type: String::new(),
-                labels: Default::default(),
-                deadline: Deadline::None,
-            },
-            Vec::new(),
-            |_| (Vec::new(), ()),
-        )
-        .await
-        .unwrap();
+    start_outcall_saga(&engine, "s-1").await;
     let live = "c1-0000000000000001";
     let unknown = "c1-0000000000000099";
     let done = |result: &str| Answer {
@@ -660,7 +662,6 @@ async fn barrier_records_outlive_their_retention_while_their_saga_may_still_reve
 async fn records_held_for_their_saga_fill_a_batch_and_the_next_reaches_the_ones_behind() {
     use sagad::domain::barrier::{Action, Verdict};
     use sagad::domain::idempotency::Answer;
-    use sagad::domain::saga::{Deadline, SagaMode, StartRequest};
 
     const START_MS: u64 = 1_800_000_000_000;
     const HOUR_MS: u64 = 3_600_000;
@@ -680,22 +681,7 @@ async fn records_held_for_their_saga_fill_a_batch_and_the_next_reaches_the_ones_
             ..defaults
         },
     );
-    engine
-        .start_saga(
-            StartRequest {
-                request_id: "s-1".into(),
-                business_type: "transfer".into(),
-                mode: Some(SagaMode::RegisteredOutcalls),
-                payload: Vec::new(),
-                content_type: String::new(),
-                labels: Default::default(),
-                deadline: Deadline::None,
-            },
-            Vec::new(),
-            |_| (Vec::new(), ()),
-        )
-        .await
-        .unwrap();
+    start_outcall_saga(&engine, "s-1").await;
     let gsn = "c1-0000000000000001";
     let mut guarded = Vec::new();
     for branch in ["1.bank", "2.bank", "3.bank"] {
