@@ -300,6 +300,7 @@ pub fn on_reversal_requested(
     if saga.state == SagaState::Completed {
         return Err(Refusal::Completed);
     }
+    let mut changed = false;
     if !asked.serial.is_empty() && !saga.reversal_serials.contains(&asked.serial) {
         if saga.reversal_serials.len() >= Limits::MAX_REVERSAL_SERIALS {
             return Err(Refusal::TooManySerials {
@@ -307,9 +308,11 @@ pub fn on_reversal_requested(
             });
         }
         saga.reversal_serials.push(asked.serial.clone());
+        changed = true;
     }
     let mut effects = Vec::new();
     if saga.state == SagaState::Running {
+        changed = true;
         saga.state = SagaState::Reversing;
         saga.reversal_type = Some(asked.reversal_type);
         saga.reversal_target = asked.branch_id;
@@ -323,8 +326,12 @@ pub fn on_reversal_requested(
         };
         effects = advance(&mut saga, env);
     }
-    // Already reversing or ended: the reversal under way answers this request too.
-    saga.updated_ms = env.now;
+    // Already reversing or ended: the reversal under way answers this request too. A request
+    // that changes nothing (a serial known already) leaves the saga's last change where it
+    // was: it is what the saga's retention counts from.
+    if changed {
+        saga.updated_ms = env.now;
+    }
     Ok(Transition { saga, effects })
 }
 

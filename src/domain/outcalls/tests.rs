@@ -182,6 +182,25 @@ fn external_reversal_of_a_failed_original_does_nothing_and_signals_success() {
 }
 
 #[test]
+fn a_reversal_asked_again_of_an_ended_saga_under_a_known_serial_leaves_its_last_change_alone() {
+    let s = three([Outcome::Failed, Outcome::Failed, Outcome::Failed]);
+    let t = on_reversal_requested(s, external("1.a", "x-1"), env(NOW)).unwrap();
+    assert_eq!(t.saga.state, SagaState::Reversed);
+    assert_eq!(t.saga.updated_ms, NOW);
+    // The same serial, asked again a day later (under a new request id): nothing changes, so
+    // the saga's retention still counts from its end.
+    let again =
+        on_reversal_requested(t.saga, external("1.a", "x-1"), env(NOW + 86_400_000)).unwrap();
+    assert_eq!(again.saga.updated_ms, NOW);
+    assert!(again.effects.is_empty());
+    // A new serial is recorded on it, which is a change.
+    let other =
+        on_reversal_requested(again.saga, external("1.a", "x-2"), env(NOW + 86_400_001)).unwrap();
+    assert_eq!(other.saga.updated_ms, NOW + 86_400_001);
+    assert_eq!(other.saga.reversal_serials, ["x-1", "x-2"]);
+}
+
+#[test]
 fn external_reversal_of_a_succeeded_original_sends_reverse_and_signals_success_once_it_is_done() {
     let s = three([Outcome::Succeeded, Outcome::Failed, Outcome::Failed]);
     let t = on_reversal_requested(s, external("1.a", "x-1"), env(NOW)).unwrap();
