@@ -552,28 +552,28 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::domain::ids::CoordinatorId;
 
-    /// An engine on a fresh ledger; `settings` adjusts the defaults.
+    /// An engine on a fresh ledger, on the system clock; `settings` adjusts the defaults.
     async fn engine(
         settings: impl FnOnce(&mut crate::engine::Settings),
     ) -> (tempfile::TempDir, store::Store, Engine) {
-        let dir = tempfile::tempdir().unwrap();
-        let options = store::Options::new(dir.path().join("ledger"));
-        // The ledger is opened off the async workers, as sagad does.
-        let store = tokio::task::spawn_blocking(move || store::Store::open(options))
-            .await
-            .unwrap()
-            .unwrap();
-        let mut chosen = crate::engine::Settings::new(CoordinatorId::parse("c1").unwrap());
-        settings(&mut chosen);
-        let engine = Engine::new(
-            store.clone(),
+        crate::engine::testing::engine_on_fresh_ledger(
             Arc::new(crate::clock::SystemClock),
-            Arc::new(crate::random::FixedRandom(0.5)),
-            chosen,
-        );
-        (dir, store, engine)
+            settings,
+        )
+        .await
+    }
+
+    /// Waits (boundedly) for delivery `id` to stop, and checks that nothing is left in flight.
+    async fn dropped(delivery: &Delivery, id: u64) {
+        for _ in 0..500 {
+            if !delivery.is_pending(id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!delivery.is_pending(id));
+        assert_eq!(delivery.in_flight(), Vec::new());
     }
 
     /// A COMPLETED signal about saga `gsn` for `node_id`.
@@ -775,14 +775,7 @@ mod tests {
             signal_to("gone", "c1-0000000000000001"),
             None,
         );
-        for _ in 0..500 {
-            if !delivery.is_pending(7) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(!delivery.is_pending(7));
-        assert_eq!(delivery.in_flight(), Vec::new());
+        dropped(delivery, 7).await;
         engine.stop();
         store.close().await.unwrap();
     }
@@ -806,14 +799,7 @@ mod tests {
             execute,
             Some(store::PayloadRecord::default()),
         );
-        for _ in 0..500 {
-            if !delivery.is_pending(7) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(!delivery.is_pending(7));
-        assert_eq!(delivery.in_flight(), Vec::new());
+        dropped(delivery, 7).await;
         engine.stop();
         store.close().await.unwrap();
     }

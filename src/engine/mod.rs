@@ -19,6 +19,40 @@ mod strategies;
 mod timers;
 mod watch;
 
+/// What the engine's modules' own tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    #![allow(clippy::unwrap_used)]
+    use super::{Engine, Settings};
+    use crate::clock::SharedClock;
+    use crate::domain::ids::CoordinatorId;
+    use crate::store;
+    use std::sync::Arc;
+
+    /// An engine of coordinator "c1" on a fresh ledger, on `clock`; `settings` adjusts the
+    /// defaults. The ledger is opened off the async workers, as sagad does.
+    pub(crate) async fn engine_on_fresh_ledger(
+        clock: SharedClock,
+        settings: impl FnOnce(&mut Settings),
+    ) -> (tempfile::TempDir, store::Store, Engine) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = store::Options::new(dir.path().join("ledger"));
+        let store = tokio::task::spawn_blocking(move || store::Store::open(options))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut chosen = Settings::new(CoordinatorId::parse("c1").unwrap());
+        settings(&mut chosen);
+        let engine = Engine::new(
+            store.clone(),
+            clock,
+            Arc::new(crate::random::FixedRandom(0.5)),
+            chosen,
+        );
+        (dir, store, engine)
+    }
+}
+
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

@@ -321,26 +321,15 @@ mod tests {
 
     use super::*;
     use crate::clock::ManualClock;
-    use crate::domain::ids::CoordinatorId;
     use crate::domain::saga::{Deadline, SagaMode, StartRequest};
 
     const DAY_MS: u64 = 24 * 3600 * 1000;
     const RETENTION: Duration = Duration::from_secs(3 * 24 * 3600);
 
     async fn engine() -> (tempfile::TempDir, store::Store, Arc<ManualClock>, Engine) {
-        let dir = tempfile::tempdir().unwrap();
-        let options = store::Options::new(dir.path().join("ledger"));
-        let store = tokio::task::spawn_blocking(move || store::Store::open(options))
-            .await
-            .unwrap()
-            .unwrap();
         let clock = Arc::new(ManualClock::new(1_800_000_000_000));
-        let engine = Engine::new(
-            store.clone(),
-            clock.clone(),
-            Arc::new(crate::random::FixedRandom(0.5)),
-            crate::engine::Settings::new(CoordinatorId::parse("c1").unwrap()),
-        );
+        let (dir, store, engine) =
+            crate::engine::testing::engine_on_fresh_ledger(clock.clone(), |_| {}).await;
         (dir, store, clock, engine)
     }
 
