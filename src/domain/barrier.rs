@@ -304,10 +304,10 @@ impl BranchKeys {
         check_node_id(node_id, &mut violations);
         // A GSN, not any text: the scope is the branch's across its commands only if every
         // command of the saga names it the same way, and collection reads the GSN back from it
-        // to keep the records while the saga may still reverse. A participant that passed its command_id
-        // here would get a scope per command, and a reversal would find no forward record
-        // (a null compensation, leaving the effect in place). A GSN has at most 49 characters,
-        // so the scope, at most 120, always fits in 128.
+        // to keep the records while the saga may still reverse. A participant that passed its
+        // command_id here would get a scope per command, and a reversal would find no forward
+        // record (a null compensation, leaving the effect in place). A GSN has at most 49
+        // characters, so the scope, at most 120, always fits in 128.
         if let Err(e) = Gsn::parse(gsn) {
             violations.push(Violation::new(
                 "gsn",
