@@ -198,6 +198,7 @@ async fn a_reversal_request_whose_caller_gave_up_mid_write_still_reverses_and_st
         serial: String::new(),
         reason: "the order was cancelled".into(),
         wait: Some(Duration::from_secs(10)),
+        digest_with_wait: None,
     };
 
     give_up(engine.request_reversal(reversal(), Vec::new(), |_, _| b"answer".to_vec())).await;

@@ -926,6 +926,103 @@ async fn each_external_reversal_is_answered_by_its_own_originals_fate() {
     assert_eq!(second.signal, SUCCESS, "a happened and was reversed");
 }
 
+/// A request about the whole saga that comes after one about an outcall that never happened is
+/// answered by the whole saga's fate (one outcall happened and was reversed), not by the first
+/// request's answer; an INTERNAL one after it is answered REVERSAL_SUCCESS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_whole_saga_external_reversal_after_one_about_a_branch_that_never_happened_is_answered_by_the_whole_sagas_fate()
+ {
+    let bank = bank().await;
+    let gsn = bank.start("t-whole").await;
+    bank.outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    let never = bank
+        .outcall(&gsn, 2, "b", false, pb::Outcome::Unknown)
+        .await;
+    let first = bank
+        .reverse("r-b", &gsn, &never, pb::ReversalType::External, 10_000)
+        .await
+        .into_inner();
+    assert_eq!(first.signal, FAILURE, "b never happened");
+    let whole = bank
+        .reverse("r-all", &gsn, "", pb::ReversalType::External, 10_000)
+        .await
+        .into_inner();
+    assert_eq!(whole.signal, SUCCESS, "a happened and was reversed");
+    let internal = bank
+        .reverse("r-int", &gsn, "", pb::ReversalType::Internal, 10_000)
+        .await
+        .into_inner();
+    assert_eq!(internal.signal, SUCCESS);
+}
+
+/// The caller's call timed out, so it reports FAILED, after the callee reported SUCCEEDED: the
+/// booking stands, and an external reversal undoes it instead of answering "nothing to undo".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_callers_failed_report_after_the_callees_success_leaves_the_booking_to_be_reversed() {
+    let bank = bank().await;
+    let gsn = bank.start("t-late-failed").await;
+    let booked = bank
+        .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    let after = bank
+        .client()
+        .report_state(pb::ReportStateRequest {
+            request_id: format!("{gsn}-late-failed"),
+            gsn: gsn.clone(),
+            branch_id: booked.clone(),
+            reporter_node_id: "orders".into(),
+            outcome: pb::Outcome::Failed as i32,
+            error_code: "TIMEOUT".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        after.branch.map(|b| b.state),
+        Some(pb::BranchState::Succeeded as i32)
+    );
+    let answer = bank
+        .reverse("r-late", &gsn, &booked, pb::ReversalType::External, 10_000)
+        .await
+        .into_inner();
+    assert_eq!(answer.signal, SUCCESS);
+    assert_eq!(
+        bank.node("a").reversals_of(&gsn, &booked),
+        1,
+        "the charge is undone"
+    );
+}
+
+/// `wait` is how long a call blocks, not what it asks: a repeat that waits for another time is
+/// answered from the stored answer, not refused as a reused request_id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reversal_repeated_with_another_wait_is_answered_from_its_stored_answer() {
+    let bank = bank().await;
+    let gsn = bank.start("t-wait").await;
+    let booked = bank
+        .outcall(&gsn, 1, "a", true, pb::Outcome::Succeeded)
+        .await;
+    let first = bank
+        .reverse("r-wait", &gsn, &booked, pb::ReversalType::External, 10_000)
+        .await
+        .into_inner();
+    assert_eq!(first.signal, SUCCESS);
+    let repeat = bank
+        .reverse("r-wait", &gsn, &booked, pb::ReversalType::External, 2_000)
+        .await;
+    assert_eq!(
+        repeat
+            .metadata()
+            .get("sagad-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    assert_eq!(repeat.into_inner(), first);
+    assert_eq!(bank.node("a").reversals_of(&gsn, &booked), 1);
+}
+
 fn reversal_request(request_id: &str, gsn: &str) -> pb::RequestReversalRequest {
     pb::RequestReversalRequest {
         request_id: request_id.into(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::domain::Violation;
-use crate::domain::branch::{BranchState, Signal};
+use crate::domain::branch::Signal;
 use crate::domain::idempotency::{self, Lookup, Terms};
 use crate::domain::ids::{Gsn, RequestId};
 use crate::domain::orchestration::{self, Transition};
@@ -43,6 +43,9 @@ pub struct ReversalInput {
     pub reason: String,
     /// `None`: the default (5 s).
     pub wait: Option<Duration>,
+    /// The request's digest with its `wait` in it, as builds before `wait` was left out of the
+    /// fingerprint stored it: a registration stored under it is this same request.
+    pub digest_with_wait: Option<Vec<u8>>,
 }
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(5);
@@ -76,24 +79,16 @@ fn action(field: &str, text: &str) -> Result<(), Error> {
     }
 }
 
-/// What RequestReversal answers `asked` once the reversal has stopped (`None` while it runs).
-/// The saga's own signal answers the request that started it; a later external request about
-/// another outcall gets the S1 answer for its own original: REVERSAL_FAILURE if that one never
-/// happened, REVERSAL_SUCCESS if it failed or is reversed.
+/// What RequestReversal answers `asked` once the reversal has stopped (`None` while it runs):
+/// each request gets the S1 answer for what it asked about, whichever request started the
+/// reversal (the saga's own signal is that answer for the first one only).
 fn answer_for(saga: &Saga, asked: &ReversalAsked) -> Option<Signal> {
     match saga.state {
-        SagaState::Reversed => {
-            let own = (asked.reversal_type == ReversalType::External
-                && !asked.branch_id.is_empty())
-            .then(|| saga.branch(&asked.branch_id))
-            .flatten()
-            .and_then(|branch| match branch.state {
-                BranchState::NotOccurred => Some(Signal::ReversalFailure),
-                BranchState::Reversed | BranchState::Failed => Some(Signal::ReversalSuccess),
-                _ => None,
-            });
-            own.or(saga.signal)
-        }
+        SagaState::Reversed => Some(outcalls::reversal_answer(
+            saga,
+            asked.reversal_type,
+            &asked.branch_id,
+        )),
         SagaState::NeedsAttention => Some(Signal::Reprocess),
         SagaState::Running | SagaState::Reversing | SagaState::Completed => None,
     }
@@ -362,10 +357,15 @@ impl Engine {
         };
         let start_key = key.clone();
         let answering = asked.clone();
+        let digest_with_wait = input.digest_with_wait.clone();
         let start = move |tx: &mut WriteTx<'_>| -> Result<Started, Error> {
             let existing = stored_record(tx, &start_key)?;
+            let fingerprint = match (&existing, &digest_with_wait) {
+                (Some(record), Some(older)) if record.fingerprint == *older => older,
+                _ => &fingerprint,
+            };
             let registered =
-                match idempotency::on_lookup(existing.as_ref(), &fingerprint, terms, now) {
+                match idempotency::on_lookup(existing.as_ref(), fingerprint, terms, now) {
                     Lookup::Register(registered) => registered,
                     Lookup::Replay(done) => {
                         return Ok(Err(Answered {
@@ -515,5 +515,75 @@ impl Engine {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::domain::saga::{Deadline, SagaMode, StartRequest};
+    use crate::engine::testing::engine_on_fresh_ledger;
+
+    /// Builds before `wait` was left out of RequestReversal's fingerprint stored the digest with
+    /// it: a repeat of such a request across the upgrade is still the same request.
+    #[tokio::test]
+    async fn a_reversal_registered_under_the_digest_with_its_wait_is_replayed_after_the_upgrade() {
+        let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+        let (_dir, _store, engine) = engine_on_fresh_ledger(clock, |_| {}).await;
+        let (_, gsn) = engine
+            .start_saga(
+                StartRequest {
+                    request_id: "t-upgrade".into(),
+                    business_type: "transfer".into(),
+                    mode: Some(SagaMode::RegisteredOutcalls),
+                    payload: Vec::new(),
+                    content_type: String::new(),
+                    labels: Default::default(),
+                    deadline: Deadline::None,
+                },
+                Vec::new(),
+                |saga| (Vec::new(), saga.gsn.to_string()),
+            )
+            .await
+            .unwrap();
+        let input = |digest_with_wait: Option<Vec<u8>>| ReversalInput {
+            request_id: "r-upgrade".into(),
+            gsn: gsn.clone().unwrap(),
+            branch_id: String::new(),
+            reversal_type: Some(ReversalType::External),
+            serial: String::new(),
+            reason: String::new(),
+            wait: Some(Duration::from_secs(5)),
+            digest_with_wait,
+        };
+        // Stored by the older build: its only digest had the wait in it.
+        let first = engine
+            .request_reversal(input(None), b"with wait".to_vec(), |_, _| b"ended".to_vec())
+            .await
+            .unwrap();
+        assert!(!first.replayed);
+        let repeat = engine
+            .request_reversal(
+                input(Some(b"with wait".to_vec())),
+                b"without wait".to_vec(),
+                |_, _| b"again".to_vec(),
+            )
+            .await
+            .unwrap();
+        assert!(repeat.replayed);
+        assert_eq!(repeat.response, b"ended");
+        let other = engine
+            .request_reversal(
+                input(Some(b"another body".to_vec())),
+                b"another body, no wait".to_vec(),
+                |_, _| b"again".to_vec(),
+            )
+            .await;
+        assert!(
+            matches!(other, Err(Error::RequestIdReused { .. })),
+            "{other:?}"
+        );
     }
 }

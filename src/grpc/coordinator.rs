@@ -200,14 +200,21 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::RequestReversalRequest>,
     ) -> Result<Response<pb::RequestReversalResponse>, Status> {
         let mut request = request.into_inner();
+        // `wait` is how long this call blocks, not what it asks: a repeat that waits longer or
+        // shorter is the same request. Builds before this one digested it too, so a
+        // registration stored under that digest still matches.
+        let with_wait = request
+            .wait
+            .is_some()
+            .then(|| fingerprint(&mut request, |r| &mut r.request_id));
+        let wait_given = request.wait.take();
         let digest = fingerprint(&mut request, |r| &mut r.request_id);
         let reversal_type = match pb::ReversalType::try_from(request.reversal_type) {
             Ok(pb::ReversalType::External) => Some(ReversalType::External),
             Ok(pb::ReversalType::Internal) => Some(ReversalType::Internal),
             Ok(pb::ReversalType::Unspecified) | Err(_) => None,
         };
-        let wait = request
-            .wait
+        let wait = wait_given
             .as_ref()
             .map(|d| convert::duration("wait", d))
             .transpose()
@@ -220,6 +227,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             serial: request.reversal_serial,
             reason: request.reason,
             wait,
+            digest_with_wait: with_wait,
         };
         let answered = self
             .engine

@@ -200,6 +200,22 @@ pub fn on_outcall_reported(
                 ),
             );
         }
+        // The forward action took effect: that is final, as for a strategy step. A contrary
+        // word that comes later (a caller whose call timed out reporting FAILED, a node that
+        // lost track of it answering NOT_FOUND) must not mark it undone, or an external
+        // reversal would pass over what it booked and tell every node the saga is reversed.
+        BranchState::Succeeded
+            if !matches!(report.outcome, Outcome::Succeeded | Outcome::Reversed) =>
+        {
+            branch.note(
+                env.now,
+                format!(
+                    "late report {} ignored: the outcall already SUCCEEDED; report REVERSED \
+                     if its node undid it",
+                    outcome_name(report.outcome)
+                ),
+            );
+        }
         BranchState::Triggered
         | BranchState::Unknown
         | BranchState::Succeeded
@@ -414,27 +430,39 @@ fn settle(saga: &mut Saga) -> Vec<Effect> {
         saga.signal = Some(Signal::Reprocess);
         return signal_every_node(saga, Signal::Reprocess);
     }
-    let never_happened = match saga.reversal_type {
-        Some(ReversalType::External) if !saga.reversal_target.is_empty() => saga
-            .branch(&saga.reversal_target)
+    let signal = match saga.reversal_type {
+        Some(reversal_type) => reversal_answer(saga, reversal_type, &saga.reversal_target),
+        None => Signal::ReversalSuccess,
+    };
+    saga.state = SagaState::Reversed;
+    saga.signal = Some(signal);
+    signal_every_node(saga, signal)
+}
+
+/// The S1 answer to a reversal request of a saga whose reversal has ended: REVERSAL_FAILURE
+/// if what it asked about never happened (an external request's own original, `branch_id`;
+/// without one, every outcall of the saga), REVERSAL_SUCCESS otherwise. The saga's signal is
+/// this answer for the request that started the reversal; every later request is answered by
+/// the same rule for what it asked about, not by the first request's answer.
+pub fn reversal_answer(saga: &Saga, reversal_type: ReversalType, branch_id: &str) -> Signal {
+    let never_happened = match reversal_type {
+        ReversalType::External if !branch_id.is_empty() => saga
+            .branch(branch_id)
             .is_some_and(|b| b.state == BranchState::NotOccurred),
-        Some(ReversalType::External) => {
+        ReversalType::External => {
             !saga.branches.is_empty()
                 && saga
                     .branches
                     .iter()
                     .all(|b| b.state == BranchState::NotOccurred)
         }
-        Some(ReversalType::Internal) | None => false,
+        ReversalType::Internal => false,
     };
-    let signal = if never_happened {
+    if never_happened {
         Signal::ReversalFailure
     } else {
         Signal::ReversalSuccess
-    };
-    saga.state = SagaState::Reversed;
-    saga.signal = Some(signal);
-    signal_every_node(saga, signal)
+    }
 }
 
 /// The node's answer to a Reverse of an outcall.

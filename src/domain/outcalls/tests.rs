@@ -453,6 +453,62 @@ fn an_outcall_reported_succeeded_after_an_external_reversal_skipped_it_is_revers
     );
 }
 
+/// A caller whose call timed out reports FAILED after the callee reported SUCCEEDED: the
+/// charge is booked all the same, so an external reversal must undo it, not pass over it.
+#[test]
+fn a_failed_report_after_a_succeeded_one_keeps_the_outcall_succeeded_and_an_external_reversal_undoes_it()
+ {
+    let s = three([Outcome::Succeeded, Outcome::Succeeded, Outcome::Succeeded]);
+    let t = on_outcall_reported(s, "2.b", report(Outcome::Failed), false, env(NOW + 1)).unwrap();
+    let branch = t.saga.branch("2.b").unwrap();
+    assert_eq!(branch.state, BranchState::Succeeded);
+    assert!(
+        branch
+            .timeline
+            .iter()
+            .any(|e| e.what.contains("late report FAILED ignored")),
+        "{:?}",
+        branch.timeline
+    );
+    let t = on_reversal_requested(t.saga, external("2.b", "x-1"), env(NOW + 2)).unwrap();
+    assert_eq!(reverses(&t.effects), ["3.c"]);
+    let t = on_outcall_reversal_answered(t.saga, "3.c", report(Outcome::Succeeded), env(NOW + 3));
+    assert_eq!(
+        reverses(&t.effects),
+        ["2.b"],
+        "the booked outcall is undone"
+    );
+}
+
+/// The same with NOT_FOUND: an outcall that SUCCEEDED is not exempt from a reversal because a
+/// later answer found no trace of it; its node's Reverse says whether there is anything to undo.
+#[test]
+fn a_not_found_report_after_a_succeeded_one_does_not_exempt_the_outcall_from_reversal() {
+    for outcome in [Outcome::NotFound, Outcome::Unknown, Outcome::Processing] {
+        let s = three([Outcome::Succeeded, Outcome::Succeeded, Outcome::Succeeded]);
+        let t = on_outcall_reported(s, "3.c", report(outcome), false, env(NOW + 1)).unwrap();
+        assert_eq!(
+            t.saga.branch("3.c").map(|b| b.state),
+            Some(BranchState::Succeeded),
+            "{outcome:?}"
+        );
+        assert!(t.effects.is_empty(), "{outcome:?}: {:?}", t.effects);
+        let t = on_reversal_requested(t.saga, internal(), env(NOW + 2)).unwrap();
+        assert_eq!(reverses(&t.effects), ["3.c"], "{outcome:?}");
+    }
+}
+
+/// A node that undid a SUCCEEDED outcall of a running saga may still say so.
+#[test]
+fn a_reversed_report_after_a_succeeded_one_still_marks_the_outcall_reversed() {
+    let s = three([Outcome::Succeeded, Outcome::Succeeded, Outcome::Succeeded]);
+    let t = on_outcall_reported(s, "1.a", report(Outcome::Reversed), false, env(NOW + 1)).unwrap();
+    assert_eq!(
+        t.saga.branch("1.a").map(|b| b.state),
+        Some(BranchState::Reversed)
+    );
+}
+
 #[test]
 fn a_contrary_report_after_completion_changes_no_branch() {
     let s = three([Outcome::Succeeded, Outcome::Succeeded, Outcome::Succeeded]);
