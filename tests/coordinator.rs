@@ -426,9 +426,9 @@ async fn a_timeout_or_deadline_past_366_days_is_refused_and_one_under_a_millisec
         .expect("366 days is allowed");
 }
 
-/// A page of ListSagas with `full` ends once its sagas come to about 2 MiB, so five sagas
-/// with 900 KiB payloads (4.5 MiB, past the 4 MiB a gRPC client receives by default) come in
-/// two pages, each readable; without payloads they fit one page.
+/// A page of ListSagas with `full` holds about 2 MiB of sagas at most, so five sagas with
+/// 900 KiB payloads (4.5 MiB, past the 4 MiB a gRPC client receives by default) come two to
+/// a page, each readable; without payloads they fit one page.
 #[tokio::test]
 async fn a_full_listing_pages_by_size_as_well_as_by_count() {
     let server = TestServer::start().await;
@@ -462,8 +462,75 @@ async fn a_full_listing_pages_by_size_as_well_as_by_count() {
         }
         page_token = page.next_page_token;
     }
-    assert_eq!(pages, [3, 2], "the page stops once it passes 2 MiB");
+    assert_eq!(
+        pages,
+        [2, 2, 1],
+        "a page stops before the saga that would take it past 2 MiB"
+    );
     assert_eq!(saga_count(&server).await, 5, "without payloads, one page");
+}
+
+/// At --max-payload-bytes' largest (3 MiB), a page just under the 2 MiB budget plus one more
+/// saga came to 5 MiB, which a client refuses ("decoded message length too large"): that
+/// saga now starts the next page, and a 3 MiB saga comes alone. Every saga is listed once, in
+/// order, both ways.
+#[tokio::test]
+async fn a_full_listing_never_sends_a_page_over_4_mib_at_the_largest_payload_limit() {
+    use prost::Message;
+    const MIB: usize = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::with_data(dir.path().join("ledger"));
+    config.max_payload_bytes = 3 * MIB;
+    let server = TestServer::start_with(config, Arc::new(SystemClock)).await;
+    let mut client = server.coordinator();
+    let sizes = [2000 * 1024, 3 * MIB, 3 * MIB, 10, 3 * MIB];
+    let mut gsns = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let started = client
+            .start_saga(pb::StartSagaRequest {
+                payload: vec![i as u8; *size],
+                ..start_request(&format!("huge-{i}"), "transfer")
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        gsns.push(started.gsn);
+    }
+    for newest_first in [false, true] {
+        let mut listed = Vec::new();
+        let mut page_token = String::new();
+        for _ in 0..sizes.len() + 1 {
+            let page = client
+                .list_sagas(pb::ListSagasRequest {
+                    full: true,
+                    newest_first,
+                    page_token,
+                    ..Default::default()
+                })
+                .await
+                .expect("every page fits the 4 MiB a client receives by default")
+                .into_inner();
+            assert!(page.encoded_len() <= 4 * MIB, "{}", page.encoded_len());
+            for saga in &page.sagas {
+                let i = gsns.iter().position(|g| *g == saga.gsn).unwrap();
+                assert_eq!(saga.payload, vec![i as u8; sizes[i]], "saga {i} whole");
+            }
+            listed.extend(page.sagas.into_iter().map(|s| s.gsn));
+            page_token = page.next_page_token;
+            if page_token.is_empty() {
+                break;
+            }
+        }
+        assert!(page_token.is_empty(), "the listing ends");
+        let mut expected = gsns.clone();
+        if newest_first {
+            expected.reverse();
+        }
+        assert_eq!(
+            listed, expected,
+            "each saga once, in order (newest_first {newest_first})"
+        );
+    }
 }
 
 #[tokio::test]

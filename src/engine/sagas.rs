@@ -759,6 +759,8 @@ impl Engine {
                             continue;
                         }
                     };
+                    // Where the next page starts should this saga not fit on this one.
+                    let before = last_examined;
                     last_examined = Some(record.sequence);
                     let state_matches = states.is_empty()
                         || convert::saga_state_from_code(record.state)
@@ -784,7 +786,16 @@ impl Engine {
                         match payload.and_then(|payload| convert::saga_from_record(record, payload))
                         {
                             Ok(saga) => {
-                                bytes = bytes.saturating_add(shown_bytes(&saga, with_payloads));
+                                let size = shown_bytes(&saga, with_payloads);
+                                // Taken whole or left for the next page: a page of 2 MiB less
+                                // a little plus one 3 MiB payload passed the 4 MiB a client
+                                // receives, while a saga alone on its page fits.
+                                if !matched.is_empty() && bytes.saturating_add(size) > PAGE_BYTES {
+                                    last_examined = before;
+                                    exhausted = false;
+                                    break;
+                                }
+                                bytes = bytes.saturating_add(size);
                                 matched.push(saga);
                             }
                             Err(error) => {
@@ -797,8 +808,7 @@ impl Engine {
                             }
                         }
                     }
-                    // Checked after a saga is taken, so a page holds at least one saga, even
-                    // one larger than the budget alone.
+                    // A page holds at least one saga, even one larger than the budget alone.
                     if matched.len() == page_size
                         || bytes >= PAGE_BYTES
                         || examined >= MAX_EXAMINED_PER_PAGE
