@@ -334,6 +334,18 @@ impl Config {
             };
         }
         if let Some((value, _)) = pick(flags.log, env, "SAGAD_LOG")? {
+            // A filter of no directives parses, and turns every log off without a word: a
+            // variable left empty by a template must not silence sagad.
+            if value
+                .split(',')
+                .all(|directive| directive.trim().is_empty())
+            {
+                return Err(invalid(
+                    "log (SAGAD_LOG)",
+                    &value,
+                    "names no directive (write it like info, or sagad=debug,warn; off to turn logs off)",
+                ));
+            }
             tracing_subscriber::EnvFilter::try_new(&value).map_err(|e| {
                 invalid(
                     "log (SAGAD_LOG)",
@@ -571,6 +583,34 @@ mod tests {
         let err =
             Config::load(["sagad", "--node", "inventory=https://h:1"], &env(&[])).unwrap_err();
         assert!(err.to_string().contains("https is not supported"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_log_filter_is_refused_naming_sagad_log_instead_of_silencing_every_log() {
+        for (args, vars) in [
+            (&["sagad"][..], env(&[("SAGAD_LOG", "")])),
+            (&["sagad"][..], env(&[("SAGAD_LOG", " , ")])),
+            (&["sagad", "--log", ""][..], env(&[])),
+            (&["sagad", "--log", ","][..], env(&[("SAGAD_LOG", "info")])),
+        ] {
+            let err = Config::load(args, &vars).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::Invalid {
+                        setting: "log (SAGAD_LOG)",
+                        ..
+                    }
+                ),
+                "{args:?} {vars:?}: {err}"
+            );
+            assert!(err.to_string().contains("names no directive"), "{err}");
+        }
+        let config = Config::load(["sagad", "--log", "off"], &env(&[])).unwrap();
+        assert_eq!(
+            config.log_filter, "off",
+            "turning logs off is said outright"
+        );
     }
 
     #[test]
