@@ -134,7 +134,12 @@ pub async fn serve_with(
             ..Settings::new(config.coordinator_id.clone())
         },
     );
-    engine.register_configured_nodes(&config.nodes).await?;
+    // Its write is the first of a start, so the first to meet a ledger that cannot be made
+    // durable: that must exit 74 (restart me) like any later fault, not 1.
+    engine
+        .register_configured_nodes(&config.nodes)
+        .await
+        .map_err(|e| ledger_fault(e.into()))?;
     engine.start().await.map_err(|e| ledger_fault(e.into()))?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -271,3 +271,29 @@ async fn a_ledger_that_cannot_be_made_durable_exits_74_with_a_line_naming_it() {
         "{stderr}"
     );
 }
+
+/// The write that stores the `--node` endpoints is the first of a start, so the first to meet
+/// a ledger that cannot be made durable; it exited 1, which a supervisor reads as a bug rather
+/// than "restart me".
+#[test]
+fn a_fatal_fault_while_registering_configured_nodes_exits_74() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ledger");
+    std::fs::create_dir(&data).unwrap();
+    // sled opens the ledger with a file where its blob folder goes, and every durable flush
+    // lists that folder: the first write's flush fails.
+    std::fs::write(data.join("blobs"), b"not a folder").unwrap();
+    let (code, lines) = run_to_exit(&mut sagad_command(
+        &data,
+        "127.0.0.1:0",
+        &["--node", "inventory=http://127.0.0.1:1"],
+    ));
+    assert_eq!(code, 74, "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.starts_with("sagad: the ledger could not be made durable")),
+        "{lines:?}"
+    );
+}
+
