@@ -1,6 +1,7 @@
 //! The sagad binary: configuration (exit 64 when it is bad), logs to stderr, bind, then
-//! `app::serve` until SIGINT or SIGTERM, or until the ledger cannot be made durable (exit 74,
-//! for a supervisor to restart it). Everything else lives in the library.
+//! `app::serve` until SIGINT or SIGTERM (a second one ends the drain: exit 130 or 143), or
+//! until the ledger cannot be made durable (exit 74, for a supervisor to restart it).
+//! Everything else lives in the library.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -81,26 +82,88 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {},
-                    _ = terminate.recv() => {},
-                }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
+/// Resolves on the first SIGINT or SIGTERM, which starts the drain. A second one, or one that
+/// arrives once sagad stops for another reason (a ledger fault), ends it at once: the drain is
+/// bounded only by --shutdown-grace, and an operator who signals again wants it over now.
+/// Ending without the drain is safe: every answered write is already durable, as after SIGKILL.
+fn shutdown_signal() -> impl Future<Output = ()> + Send {
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let Some(mut signals) = Signals::listen() else {
+            // Unwatched signals keep their default action, which ends sagad at once.
+            return;
+        };
+        let first = signals.next().await;
+        // The receiver is gone once sagad stops on its own: then even a first signal is one
+        // that wants it over now.
+        let (name, code) = match first_tx.send(()) {
+            Ok(()) => signals.next().await,
+            Err(()) => first,
+        };
+        tracing::warn!(
+            signal = name,
+            exit_code = code,
+            "second signal: stopping now, without finishing the drain"
+        );
+        std::process::exit(i32::from(code));
+    });
+    async move {
+        if first_rx.await.is_err() {
+            // No signal can be watched: serve until something else stops sagad.
+            std::future::pending::<()>().await;
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
+}
+
+/// SIGINT and SIGTERM as they arrive, each with the exit code a shell gives a process that
+/// signal ended (128 + its number).
+struct Signals {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> Option<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(interrupt), Ok(terminate)) => Some(Signals {
+                    interrupt,
+                    terminate,
+                }),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "cannot watch SIGINT and SIGTERM: no drain on a signal");
+                    None
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Some(Signals {})
+        }
+    }
+
+    async fn next(&mut self) -> (&'static str, u8) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                Some(()) = self.interrupt.recv() => ("SIGINT", 130),
+                Some(()) = self.terminate.recv() => ("SIGTERM", 143),
+                else => std::future::pending().await,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            match tokio::signal::ctrl_c().await {
+                Ok(()) => ("Ctrl-C", 130),
+                Err(_) => std::future::pending().await,
+            }
+        }
     }
 }

@@ -297,3 +297,91 @@ fn a_fatal_fault_while_registering_configured_nodes_exits_74() {
     );
 }
 
+/// A drain waits up to --shutdown-grace for calls still in flight; an operator who signals
+/// again wants sagad stopped now, not after the grace. The second SIGTERM was ignored.
+#[tokio::test]
+async fn a_second_sigterm_during_the_drain_stops_sagad_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ledger");
+    let port = common::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = sagad_command(&data, &addr.to_string(), &["--shutdown-grace", "1h"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (line_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let Ok(line) = line else { break };
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let _ = wait_until_serving(addr).await;
+
+    // A call whose request never ends holds the drain for the whole grace.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut ping_pong = connection.ping_pong().unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/sagad.v1.Coordinator/GetSaga"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut client = client.ready().await.unwrap();
+    let (_response, _unfinished_body) = client.send_request(request, false).unwrap();
+    // Frames are handled in order: once the PING is answered, sagad holds the call.
+    ping_pong.ping(h2::Ping::opaque()).await.unwrap();
+
+    let signal = |child: &std::process::Child| {
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let seen = |needle: &str, lines: &std::sync::mpsc::Receiver<String>, seen: &mut Vec<String>| {
+        for _ in 0..100 {
+            if seen.iter().any(|l| l.contains(needle)) {
+                return;
+            }
+            if let Ok(line) = lines.recv_timeout(Duration::from_millis(50)) {
+                seen.push(line);
+            }
+        }
+        panic!("no line with {needle:?} in {seen:?}");
+    };
+    let mut logged = Vec::new();
+    signal(&child);
+    seen("draining in-flight requests", &lines, &mut logged);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the call in flight holds the drain"
+    );
+
+    signal(&child);
+    let mut exit = None;
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait().unwrap() {
+            exit = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let Some(exit) = exit else {
+        let _ = child.kill();
+        panic!("sagad did not exit within 2 s of a second SIGTERM, with a 1 h grace");
+    };
+    assert_eq!(exit.code(), Some(143), "128 + SIGTERM");
+    seen("second signal: stopping now", &lines, &mut logged);
+}
