@@ -20,6 +20,9 @@ use bytes::{Bytes, BytesMut};
 use http::Uri;
 use http_body::{Body, Frame};
 
+use crate::clock::{SharedClock, SystemClock};
+use crate::domain::Millis;
+
 /// Larger than HTTP/2's 64 KiB default so a node's answer, or a payload sent to it, rarely
 /// waits for a window update; the numbers are hyper's client defaults, which `Channel` used.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
@@ -52,6 +55,15 @@ const KEEPALIVE_TIME: Duration = Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 3;
 
+/// After a failed dial, calls fail with its reason without dialling for this long, doubling
+/// with each failed dial up to `DIAL_BACKOFF_MAX` and forgotten once a dial succeeds. Each
+/// delivery backs off on its own, so without this an endpoint that refuses (in well under a
+/// millisecond) was dialled, and its host name resolved, once per pending command per round:
+/// at a rate that grew with the backlog. With it, a node that comes back is dialled at most
+/// `DIAL_BACKOFF_MAX` late.
+const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
 /// Why a call did not reach the node or came back broken at the HTTP/2 level.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -78,6 +90,9 @@ pub struct Peer {
     authority: (String, u16),
     connect_timeout: Duration,
     idle_check: Duration,
+    /// Times the dial back-off. The system clock even under an engine driven by a
+    /// `ManualClock`: a clock that never moves would keep a node undialled for ever.
+    clock: SharedClock,
     /// Shared with each connection's task, which takes an idle connection out of it.
     state: Arc<Mutex<State>>,
     /// Held while dialling so that concurrent calls to a node that is not connected wait for
@@ -94,6 +109,9 @@ struct State {
     /// Dials that failed so far, and why the last one did.
     failures: u64,
     last_failure: String,
+    /// When the last dial failed, and how long after it no call dials (0: dial at once).
+    failed_at_ms: Millis,
+    backoff_ms: Millis,
     /// Calls made so far; a connection's task sees by it whether the connection is idle.
     calls: u64,
 }
@@ -122,6 +140,7 @@ impl Peer {
             authority,
             connect_timeout,
             idle_check: IDLE_CHECK,
+            clock: Arc::new(SystemClock),
             state: Arc::new(Mutex::new(State::default())),
             dialling: tokio::sync::Mutex::new(()),
         }
@@ -186,7 +205,7 @@ impl Peer {
     /// dial this call makes. A dial that failed while this call waited for the lock means the
     /// node is not there now: fail with that dial's reason rather than queue one more connect
     /// behind it (each may take the whole connect timeout); the delivery backs off and tries
-    /// again.
+    /// again. So does one within the back-off after the last failed dial.
     fn claim(&self, failures_seen: u64) -> Result<Claim, Error> {
         let mut state = self.state();
         if let Some((dial, sender)) = state.current.clone() {
@@ -198,6 +217,19 @@ impl Peer {
                 detail: state.last_failure.clone(),
             });
         }
+        let now = self.clock.now_ms();
+        // A clock set back ends the wait rather than stretching it.
+        let since = now.checked_sub(state.failed_at_ms);
+        if let Some(since) = since.filter(|since| *since < state.backoff_ms) {
+            return Err(Error::Connect {
+                endpoint: self.endpoint.clone(),
+                detail: format!(
+                    "{} (a dial {since} ms ago; the next in {} ms)",
+                    state.last_failure,
+                    state.backoff_ms - since
+                ),
+            });
+        }
         state.dials += 1;
         Ok(Claim::Dial(state.dials))
     }
@@ -206,16 +238,21 @@ impl Peer {
     async fn dial_as(&self, dial: u64) -> Result<h2::client::SendRequest<Bytes>, Error> {
         match self.dial(dial).await {
             Ok(sender) => {
-                self.state().current = Some((dial, sender.clone()));
+                let mut state = self.state();
+                state.current = Some((dial, sender.clone()));
+                state.backoff_ms = 0;
                 Ok(sender)
             }
             Err(e) => {
+                let failed_at_ms = self.clock.now_ms();
                 let mut state = self.state();
                 state.failures += 1;
                 state.last_failure = match &e {
                     Error::Connect { detail, .. } => detail.clone(),
                     other => other.to_string(),
                 };
+                state.failed_at_ms = failed_at_ms;
+                state.backoff_ms = next_backoff(state.backoff_ms);
                 Err(e)
             }
         }
@@ -329,6 +366,17 @@ impl Peer {
             done: false,
         }))
     }
+}
+
+/// The dial back-off after one more failed dial, given the one before it (0: none).
+fn next_backoff(backoff_ms: Millis) -> Millis {
+    let min = millis(DIAL_BACKOFF_MIN);
+    let max = millis(DIAL_BACKOFF_MAX);
+    backoff_ms.saturating_mul(2).clamp(min, max)
+}
+
+fn millis(duration: Duration) -> Millis {
+    Millis::try_from(duration.as_millis()).unwrap_or(Millis::MAX)
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -502,18 +550,74 @@ mod tests {
         assert!(!state.last_failure.is_empty());
     }
 
-    /// A node that comes back is dialled by the next call after a failed one.
+    /// A port nothing listens on, so a dial to it is refused at once.
+    fn refusing_endpoint() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    }
+
+    /// Each delivery backs off on its own, so a node with a backlog got one dial (and one DNS
+    /// lookup) per pending command per round. Now one failed dial holds the next back for
+    /// `DIAL_BACKOFF_MIN`, doubling up to `DIAL_BACKOFF_MAX`, whatever the number of calls.
     #[tokio::test]
-    async fn a_node_that_comes_back_is_dialled_by_the_next_call() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let endpoint = format!("http://{addr}");
-        let peer = Peer::new(
+    async fn many_deliveries_to_a_refusing_endpoint_dial_it_at_a_bounded_rate() {
+        let endpoint = refusing_endpoint();
+        let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+        let mut peer = Peer::new(
             &endpoint,
             format!("{endpoint}/").parse().unwrap(),
             Duration::from_secs(2),
         );
+        peer.clock = clock.clone();
+        for _ in 0..100 {
+            let Err(error) = peer.ready_sender().await else {
+                panic!("nothing listens at {endpoint}");
+            };
+            assert!(
+                matches!(&error, Error::Connect { endpoint: e, detail } if *e == endpoint && !detail.is_empty()),
+                "{error}"
+            );
+        }
+        assert_eq!(peer.state().dials, 1, "100 calls at one instant dial once");
+
+        // A minute of 5 calls every 10 ms: 30,000 calls.
+        let minute_ms: u64 = 60_000;
+        for _ in 0..minute_ms / 10 {
+            clock.advance_ms(10);
+            for _ in 0..5 {
+                assert!(peer.ready_sender().await.is_err());
+            }
+        }
+        let state = peer.state();
+        let dials = state.dials - 1;
+        let cap = minute_ms / millis(DIAL_BACKOFF_MAX);
+        assert!(
+            dials <= cap + 8,
+            "{dials} dials in a minute; the back-off allows about {cap}"
+        );
+        assert!(
+            dials + 2 > cap,
+            "the node is still tried every {DIAL_BACKOFF_MAX:?}: {dials} dials"
+        );
+        assert_eq!(state.failures, state.dials);
+        assert_eq!(state.backoff_ms, millis(DIAL_BACKOFF_MAX));
+    }
+
+    /// A node that comes back is dialled by the first call once the back-off after the failed
+    /// dial has passed, and a dial that succeeds forgets the back-off.
+    #[tokio::test]
+    async fn a_node_that_comes_back_is_dialled_by_the_first_call_after_the_back_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let endpoint = format!("http://{addr}");
+        let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+        let mut peer = Peer::new(
+            &endpoint,
+            format!("{endpoint}/").parse().unwrap(),
+            Duration::from_secs(2),
+        );
+        peer.clock = clock.clone();
         assert!(peer.ready_sender().await.is_err());
 
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -525,10 +629,43 @@ mod tests {
                 drop(request);
             }
         });
+        clock.advance_ms(millis(DIAL_BACKOFF_MIN) - 1);
+        assert!(peer.ready_sender().await.is_err(), "within the back-off");
+        assert_eq!(peer.state().dials, 1);
+        clock.advance_ms(1);
         assert!(peer.ready_sender().await.is_ok());
         assert!(peer.state().current.is_some());
+        assert_eq!(peer.state().backoff_ms, 0);
         drop(peer);
         server.await.unwrap();
+    }
+
+    /// A clock set back ends the back-off rather than holding the node back until it catches up.
+    #[tokio::test]
+    async fn a_clock_set_back_does_not_stretch_the_dial_back_off() {
+        let endpoint = refusing_endpoint();
+        let clock = Arc::new(crate::clock::ManualClock::new(10_000_000));
+        let mut peer = Peer::new(
+            &endpoint,
+            format!("{endpoint}/").parse().unwrap(),
+            Duration::from_secs(2),
+        );
+        peer.clock = clock.clone();
+        assert!(peer.ready_sender().await.is_err());
+        clock.set_ms(10_000_000 - 3_600_000);
+        assert!(peer.ready_sender().await.is_err());
+        assert_eq!(peer.state().dials, 2, "dialled again");
+    }
+
+    #[test]
+    fn the_dial_back_off_doubles_from_its_least_to_its_most() {
+        let mut backoff = 0;
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            backoff = next_backoff(backoff);
+            seen.push(backoff);
+        }
+        assert_eq!(seen, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
     }
 
     /// The HTTP/2 frame types in what a client sent on one connection, after its preface.
