@@ -462,10 +462,12 @@ impl Participant for Service {
     }
 }
 
-/// Pull mode: hold a Subscribe stream, and open a new one whenever it ends (sagad restarted);
+/// Pull mode: hold a Subscribe stream, and open a new one whenever it ends (sagad restarted), or
+/// after a longer pause when another process subscribed with our node id and replaced it;
 /// commands not answered yet are sent again on the next stream.
 async fn subscribe_forever(inventory: Arc<Inventory>, mut coordinator: CoordinatorClient<Channel>) {
     loop {
+        let mut pause = Duration::from_secs(1);
         match coordinator
             .subscribe(pb::SubscribeRequest {
                 node_id: inventory.node_id.clone(),
@@ -475,17 +477,33 @@ async fn subscribe_forever(inventory: Arc<Inventory>, mut coordinator: Coordinat
             Ok(stream) => {
                 tracing::info!(node = %inventory.node_id, "subscribed to sagad; ready");
                 let mut stream = stream.into_inner();
-                while let Some(Ok(command)) = stream.next().await {
-                    tokio::spawn(answer_command(
-                        inventory.clone(),
-                        coordinator.clone(),
-                        command,
-                    ));
+                loop {
+                    match stream.next().await {
+                        Some(Ok(command)) => {
+                            tokio::spawn(answer_command(
+                                inventory.clone(),
+                                coordinator.clone(),
+                                command,
+                            ));
+                        }
+                        // Another process subscribed with our node_id: taking the stream back
+                        // at once would have the two of us replace each other without end.
+                        Some(Err(status)) if status.code() == tonic::Code::Aborted => {
+                            tracing::warn!(node = %inventory.node_id, message = status.message(), "our stream was replaced; is another process using this node id?");
+                            pause = Duration::from_secs(10);
+                            break;
+                        }
+                        Some(Err(status)) => {
+                            tracing::info!(error = %status, "the stream ended; subscribing again");
+                            break;
+                        }
+                        None => break,
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot subscribe yet"),
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(pause).await;
     }
 }
 

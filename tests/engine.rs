@@ -345,6 +345,30 @@ fn succeeded(
     }
 }
 
+/// Two replicas subscribing as one node_id keep replacing each other's stream; the replaced
+/// one ends ABORTED, saying why and what to do, not with a plain OK that reads as "open
+/// another", and the newer stream stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_replaced_by_a_newer_subscribe_ends_with_a_status_saying_so() {
+    let server = TestServer::start().await;
+    let mut replaced = hold_stream(&server, "shipping").await;
+    let mut newer = hold_stream(&server, "shipping").await;
+    let ended = tokio::time::timeout(LIMIT, replaced.message())
+        .await
+        .expect("the replaced stream ends");
+    let status = ended.expect_err("it ends with a status");
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    for says in [
+        "newer Subscribe",
+        "\"shipping\"",
+        "one subscriber per node_id",
+    ] {
+        assert!(status.message().contains(says), "{}", status.message());
+    }
+    let still_open = tokio::time::timeout(Duration::from_millis(200), newer.message()).await;
+    assert!(still_open.is_err(), "{still_open:?}");
+}
+
 /// A send is counted when something is sent: a node that could not be reached for a while (no
 /// endpoint, no stream) gets its first command as attempt 1 when it shows up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

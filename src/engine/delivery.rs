@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::engine::commands::{Command, Kind};
 use crate::engine::metrics::Metrics;
@@ -62,6 +62,17 @@ impl Route {
 struct Subscription {
     id: u64,
     sender: mpsc::Sender<Outgoing>,
+    /// Told when a newer Subscribe for the same node replaces this one, so its stream ends
+    /// saying why instead of as if sagad had nothing more to send.
+    replaced: oneshot::Sender<()>,
+}
+
+/// A node's side of its Subscribe stream, from `Delivery::subscribe`.
+pub(crate) struct Subscribed {
+    pub(crate) id: u64,
+    pub(crate) queue: mpsc::Receiver<Outgoing>,
+    /// Resolves (with `Ok`) when a newer Subscribe for the node replaced this one.
+    pub(crate) replaced: oneshot::Receiver<()>,
 }
 
 pub(crate) struct Delivery {
@@ -141,16 +152,33 @@ impl Delivery {
         self.routes_changed();
     }
 
-    /// A node's new Subscribe stream; it replaces the node's previous one.
-    pub(crate) fn subscribe(&self, node_id: &str) -> (u64, mpsc::Receiver<Outgoing>) {
-        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+    /// A node's new Subscribe stream; it replaces the node's previous one, which is told so.
+    pub(crate) fn subscribe(&self, node_id: &str) -> Subscribed {
+        let (sender, queue) = mpsc::channel(STREAM_BUFFER);
+        let (replaced, replaced_receiver) = oneshot::channel();
         let id = self.next_subscription.fetch_add(1, Ordering::Relaxed);
-        self.subscriptions
+        let previous = self
+            .subscriptions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(node_id.to_owned(), Subscription { id, sender });
+            .insert(
+                node_id.to_owned(),
+                Subscription {
+                    id,
+                    sender,
+                    replaced,
+                },
+            );
+        if let Some(previous) = previous {
+            // Its stream may have ended already.
+            let _ = previous.replaced.send(());
+        }
         self.routes_changed();
-        (id, receiver)
+        Subscribed {
+            id,
+            queue,
+            replaced: replaced_receiver,
+        }
     }
 
     /// Forgets a stream that ended, unless a newer one already replaced it.
@@ -598,7 +626,7 @@ mod tests {
     async fn a_delivery_waiting_on_a_full_abandoned_stream_sends_on_the_next_one() {
         let (_dir, store, engine) = engine(|_| {}).await;
         let delivery = &engine.shared.delivery;
-        let (_, _abandoned) = delivery.subscribe("inventory");
+        let _abandoned = delivery.subscribe("inventory");
         let Route::Pull(_, old) = delivery.route("inventory") else {
             panic!("the node subscribed");
         };
@@ -609,8 +637,8 @@ mod tests {
         // Let the delivery find the old stream full and wait on it.
         tokio::time::sleep(Duration::from_millis(100)).await;
 
-        let (_, mut renewed) = delivery.subscribe("inventory");
-        let sent = tokio::time::timeout(Duration::from_secs(5), renewed.recv())
+        let mut renewed = delivery.subscribe("inventory");
+        let sent = tokio::time::timeout(Duration::from_secs(5), renewed.queue.recv())
             .await
             .expect("the command reached the new stream")
             .unwrap();
@@ -654,7 +682,7 @@ mod tests {
     async fn a_command_on_a_stream_is_not_resent_when_another_node_subscribes_or_registers() {
         let (_dir, store, engine) = engine(|_| {}).await;
         let delivery = &engine.shared.delivery;
-        let (_, mut stream) = delivery.subscribe("payment");
+        let mut stream = delivery.subscribe("payment").queue;
         delivery.spawn(
             engine.clone(),
             7,
@@ -668,7 +696,7 @@ mod tests {
         assert_eq!(first.attempt, 1);
 
         for round in 0..5u64 {
-            let (_, _other) = delivery.subscribe("inventory");
+            let _other = delivery.subscribe("inventory");
             delivery.set_endpoint("shipping", "http://127.0.0.1:9", round + 1);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -720,7 +748,7 @@ mod tests {
 
         for round in 0..5u64 {
             delivery.set_endpoint("shipping", "http://127.0.0.1:9", round + 1);
-            let (_, _other) = delivery.subscribe("inventory");
+            let _other = delivery.subscribe("inventory");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(attempts(), Some(1), "{:?}", delivery.in_flight());
@@ -738,6 +766,26 @@ mod tests {
             }
             assert_eq!(attempts(), expected, "{:?}", delivery.in_flight());
         }
+        engine.stop();
+        store.close().await.unwrap();
+    }
+
+    /// Two subscribers for one node_id keep replacing each other; the replaced stream ends
+    /// with an error that says so, rather than as if sagad had nothing more to send.
+    #[tokio::test]
+    async fn a_stream_replaced_by_a_newer_subscribe_ends_with_an_error_saying_so() {
+        use futures::StreamExt;
+        let (_dir, store, engine) = engine(|_| {}).await;
+        let mut first = Box::pin(engine.subscribe("payment").unwrap().into_stream());
+        let _second = engine.subscribe("payment").unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), first.next())
+            .await
+            .expect("the replaced stream ends");
+        assert!(
+            matches!(&ended, Some(Err(Error::Replaced { node_id })) if node_id == "payment"),
+            "{ended:?}"
+        );
+        assert!(first.next().await.is_none());
         engine.stop();
         store.close().await.unwrap();
     }

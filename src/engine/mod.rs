@@ -92,6 +92,13 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// A Subscribe stream a newer Subscribe for the same node replaced.
+    #[error(
+        "this stream was replaced by a newer Subscribe for node {node_id:?}; run one subscriber \
+         per node_id (two keep replacing each other, and each new stream is sent every \
+         unanswered command again)"
+    )]
+    Replaced { node_id: String },
     #[error(transparent)]
     Store(#[from] store::Error),
 }

@@ -6,10 +6,11 @@ use std::future::Future;
 use std::sync::Arc;
 
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::ids::{NodeId, RequestId};
 use crate::domain::saga::{Limits, Saga};
+use crate::engine::delivery::Subscribed;
 use crate::engine::{Answered, Engine, Error};
 use crate::store::NodeRecord;
 use crate::transport::Outgoing;
@@ -43,9 +44,11 @@ fn check_endpoint(endpoint: &str) -> Result<(), Error> {
     }
 }
 
-/// A node's Subscribe stream: commands until the client goes away.
+/// A node's Subscribe stream: commands until the client goes away or a newer Subscribe for
+/// the same node replaces it.
 pub struct Subscription {
-    receiver: mpsc::Receiver<Outgoing>,
+    queue: mpsc::Receiver<Outgoing>,
+    replaced: oneshot::Receiver<()>,
     guard: SubscriptionGuard,
 }
 
@@ -66,10 +69,23 @@ impl Drop for SubscriptionGuard {
 }
 
 impl Subscription {
-    pub fn into_stream(self) -> impl Stream<Item = Outgoing> + Send + 'static {
-        futures::stream::unfold(self, |mut subscription| async move {
-            let next = subscription.receiver.recv().await?;
-            Some((next, subscription))
+    /// The commands, as the node reads them; ends with `Error::Replaced` once a newer
+    /// Subscribe for the node replaced this one.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Outgoing, Error>> + Send + 'static {
+        futures::stream::unfold(Some(self), |subscription| async move {
+            let mut subscription = subscription?;
+            let next = tokio::select! {
+                // Before what is still queued: the delivery tasks send it on the new stream.
+                biased;
+                replaced = &mut subscription.replaced => {
+                    // `Err` only if delivery is gone, which ends the stream anyway.
+                    replaced.ok()?;
+                    let node_id = subscription.guard.node_id.clone();
+                    return Some((Err(Error::Replaced { node_id }), None));
+                }
+                next = subscription.queue.recv() => next?,
+            };
+            Some((Ok(next), Some(subscription)))
         })
     }
 
@@ -152,10 +168,15 @@ impl Engine {
     /// Subscribe: the node's commands on a stream, starting with every one still undelivered.
     pub fn subscribe(&self, node_id: &str) -> Result<Subscription, Error> {
         check_node_id(node_id)?;
-        let (id, receiver) = self.shared.delivery.subscribe(node_id);
+        let Subscribed {
+            id,
+            queue,
+            replaced,
+        } = self.shared.delivery.subscribe(node_id);
         tracing::info!(node = %node_id, "node subscribed");
         Ok(Subscription {
-            receiver,
+            queue,
+            replaced,
             guard: SubscriptionGuard {
                 engine: self.clone(),
                 node_id: node_id.to_owned(),

@@ -340,9 +340,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .subscribe(&request.get_ref().node_id)
             .map_err(status::from_engine)?;
         let engine = self.engine.clone();
-        let stream = subscription
-            .into_stream()
-            .map(move |outgoing| Ok(outgoing.into_pb(Some(convert::timestamp(engine.now_ms())))));
+        let stream = subscription.into_stream().map(move |item| match item {
+            Ok(outgoing) => Ok(outgoing.into_pb(Some(convert::timestamp(engine.now_ms())))),
+            Err(e) => Err(status::from_engine(e)),
+        });
         Ok(Response::new(until_shutdown(stream, &self.engine)))
     }
 

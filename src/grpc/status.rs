@@ -36,6 +36,10 @@ pub fn from_engine(error: Error) -> Status {
             Status::failed_precondition(e.to_string())
         }
         e @ Error::InProgress { .. } => Status::aborted(e.to_string()),
+        e @ Error::Replaced { .. } => {
+            tracing::info!(error = %e, "a Subscribe stream ends");
+            Status::aborted(e.to_string())
+        }
         Error::AlreadyExists(message) => {
             tracing::debug!(%message, "already exists");
             Status::already_exists(message)
