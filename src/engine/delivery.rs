@@ -35,7 +35,7 @@ enum Route {
     /// An endpoint, with the stamp of the registration that set it.
     Push(String, u64),
     /// A Subscribe stream, with its subscription's id.
-    Pull(u64, mpsc::Sender<Outgoing>),
+    Pull(u64, mpsc::Sender<Queued>),
     Nowhere,
 }
 
@@ -61,16 +61,38 @@ impl Route {
 
 struct Subscription {
     id: u64,
-    sender: mpsc::Sender<Outgoing>,
+    sender: mpsc::Sender<Queued>,
     /// Told when a newer Subscribe for the same node replaces this one, so its stream ends
     /// saying why instead of as if sagad had nothing more to send.
     replaced: oneshot::Sender<()>,
 }
 
+/// A command waiting in a Subscribe stream's queue.
+pub(crate) struct Queued {
+    outbox_id: u64,
+    outgoing: Outgoing,
+    /// Its delivery waits for this before it counts down to sending the command again.
+    taken: oneshot::Sender<()>,
+}
+
+impl Queued {
+    /// The command, as the stream takes it off its queue; `None` if its delivery no longer
+    /// waits for it (the command was answered, or sagad is stopping, or the delivery moved on
+    /// to the node's newer stream), so a node catching up on a backlog is not sent what it
+    /// already answered.
+    pub(crate) fn take(self, delivery: &Delivery) -> Option<Outgoing> {
+        // The answer's write ends the delivery before its task wakes to let go of `taken`.
+        if !delivery.is_pending(self.outbox_id) {
+            return None;
+        }
+        self.taken.send(()).ok().map(|()| self.outgoing)
+    }
+}
+
 /// A node's side of its Subscribe stream, from `Delivery::subscribe`.
 pub(crate) struct Subscribed {
     pub(crate) id: u64,
-    pub(crate) queue: mpsc::Receiver<Outgoing>,
+    pub(crate) queue: mpsc::Receiver<Queued>,
     /// Resolves (with `Ok`) when a newer Subscribe for the node replaced this one.
     pub(crate) replaced: oneshot::Receiver<()>,
 }
@@ -95,7 +117,8 @@ pub(crate) struct Delivery {
     /// drain waits for every open stream and these would otherwise outlast any grace period.
     streams_ending: watch::Sender<bool>,
     next_subscription: AtomicU64,
-    /// A command sent on a stream and not answered within this time is sent again.
+    /// A command a stream took off its queue and that is not answered within this time is
+    /// sent again; one still queued is not.
     resend_after: Duration,
     retry_base: Duration,
     retry_cap: Duration,
@@ -363,14 +386,15 @@ async fn deliver(
     // Only Execute and Reverse carry the payload. A new command brings its own for its first
     // send, and a resumed one reads it at once, so that one whose payload cannot be read (or
     // whose saga is gone) is shown to operators (or dropped) at start; after a round that got
-    // no answer it is read again for the next send rather than kept, up to 1 MiB per command
-    // for as long as its node is away.
+    // no answer, or while it waits for room on its node's full stream, it is read again for
+    // the next send rather than kept, up to 1 MiB per command for as long as its node is away
+    // or not reading.
     let Some(first) = Box::pin(payload_to_send(&engine, outbox_id, &command, payload)).await else {
         return;
     };
     let mut payload = Some(first);
     let mut attempt = 0u32;
-    loop {
+    'rounds: loop {
         if *stopping.borrow() || !delivery.is_pending(outbox_id) {
             return;
         }
@@ -395,27 +419,17 @@ async fn deliver(
         routes.borrow_and_update();
         let route = delivery.route(&command.node_id);
         let used = route.used();
-        // A node that can be reached gets this round's send, with its payload; for one that is
-        // nowhere the payload is not held meanwhile.
-        let outgoing = match &route {
-            Route::Nowhere => {
-                payload = None;
-                None
-            }
-            Route::Push(..) | Route::Pull(..) => {
+        let wait = match route {
+            // The call and the write are boxed so that this task stays small: tokio copies a
+            // task's whole future when it spawns and when it finishes it, and with these two
+            // inline it was 4 KB, copied for every command (docs/benchmarks.md).
+            Route::Push(endpoint, _) => {
                 let next = payload_to_send(&engine, outbox_id, &command, payload.take());
                 let Some(next) = Box::pin(next).await else {
                     return;
                 };
                 attempt = attempt.saturating_add(1);
-                Some(send(attempt, next))
-            }
-        };
-        let wait = match (route, outgoing) {
-            // The call and the write are boxed so that this task stays small: tokio copies a
-            // task's whole future when it spawns and when it finishes it, and with these two
-            // inline it was 4 KB, copied for every command (docs/benchmarks.md).
-            (Route::Push(endpoint, _), Some(outgoing)) => {
+                let outgoing = send(attempt, next);
                 match Box::pin(delivery.participants.send(&endpoint, outgoing)).await {
                     Ok(answer) => {
                         let report = match answer {
@@ -451,33 +465,69 @@ async fn deliver(
                     }
                 }
             }
-            (Route::Pull(_, sender), Some(outgoing)) => {
-                // The stream's buffer is full while its node does not read, and a node that
-                // went away without closing its stream may never read again: wait for room
-                // only until the command is answered (a ReportState arrives by another way),
-                // the node's route changes (it subscribed again) or sagad stops.
+            Route::Pull(_, sender) => 'pull: {
+                // Room on the stream first, then the payload: a node that does not read keeps
+                // every other delivery of its commands waiting here, and they must not hold
+                // their payloads meanwhile (one read again once there is room costs less).
+                let reserved = match sender.try_reserve_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(mpsc::error::TrySendError::Full(sender)) => {
+                        payload = None;
+                        // A node that went away without closing its stream may never read
+                        // again: wait for room only until the command is answered (a
+                        // ReportState arrives by another way), the node's route changes (it
+                        // subscribed again) or sagad stops.
+                        tokio::select! {
+                            reserved = Box::pin(sender.reserve_owned()) => reserved.ok(),
+                            () = acked.notified() => return,
+                            () = delivery.route_changed(&mut routes, &command.node_id, &used) => continue 'rounds,
+                            _ = stopping.changed() => return,
+                        }
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => None,
+                };
+                let Some(permit) = reserved else {
+                    // The stream ended since the lookup: look again shortly.
+                    break 'pull Duration::from_millis(50);
+                };
+                let next = payload_to_send(&engine, outbox_id, &command, payload.take());
+                let Some(next) = Box::pin(next).await else {
+                    return;
+                };
+                attempt = attempt.saturating_add(1);
+                let (taken, on_the_stream) = oneshot::channel();
+                permit.send(Queued {
+                    outbox_id,
+                    outgoing: send(attempt, next),
+                    taken,
+                });
+                // The resend clock starts once the stream takes the command off its queue, not
+                // now: a node working through a backlog would otherwise be queued a copy of
+                // every command it has not reached yet each `resend_after`, and spend its time
+                // on duplicates. Until then no copy is queued again.
                 tokio::select! {
-                    sent = Box::pin(sender.send(outgoing)) => {
-                        if sent.is_err() {
-                            // The stream ended between the lookup and the send: nothing was
-                            // sent. Look again shortly.
+                    taken = on_the_stream => {
+                        if taken.is_ok() {
+                            delivery.resend_after
+                        } else {
+                            // The stream ended (or was replaced) with the command still
+                            // queued: nothing was sent.
                             attempt = attempt.saturating_sub(1);
                             Duration::from_millis(50)
-                        } else {
-                            delivery.resend_after
                         }
                     }
                     () = acked.notified() => return,
                     () = delivery.route_changed(&mut routes, &command.node_id, &used) => {
-                        // Nothing was sent; send on the new route at once.
+                        // Still queued on a stream its node left: send on the new route at once.
                         attempt = attempt.saturating_sub(1);
-                        continue;
+                        continue 'rounds;
                     }
                     _ = stopping.changed() => return,
                 }
             }
-            // Nowhere: nothing was sent this round.
-            _ => {
+            Route::Nowhere => {
+                // Not held while the node is nowhere.
+                payload = None;
                 if Box::pin(dropped_with_its_saga(&engine, outbox_id, &command)).await {
                     return;
                 }
@@ -604,6 +654,15 @@ mod tests {
         assert_eq!(delivery.in_flight(), Vec::new());
     }
 
+    /// `outgoing` queued with no delivery waiting for it.
+    fn unwatched(outgoing: Outgoing) -> Queued {
+        Queued {
+            outbox_id: 0,
+            outgoing,
+            taken: oneshot::channel().0,
+        }
+    }
+
     /// A COMPLETED signal about saga `gsn` for `node_id`.
     fn signal_to(node_id: &str, gsn: &str) -> Command {
         Command {
@@ -631,7 +690,7 @@ mod tests {
             panic!("the node subscribed");
         };
         let filler = Outgoing::test_signal("filler", "c1-0000000000000001");
-        while old.try_send(filler.clone()).is_ok() {}
+        while old.try_send(unwatched(filler.clone())).is_ok() {}
         let command = signal_to("inventory", "c1-0000000000000002");
         delivery.spawn(engine.clone(), 7, command, None);
         // Let the delivery find the old stream full and wait on it.
@@ -641,6 +700,8 @@ mod tests {
         let sent = tokio::time::timeout(Duration::from_secs(5), renewed.queue.recv())
             .await
             .expect("the command reached the new stream")
+            .unwrap()
+            .take(delivery)
             .unwrap();
         assert_eq!(sent.gsn, "c1-0000000000000002", "{sent:?}");
         engine.stop();
@@ -692,6 +753,8 @@ mod tests {
         let first = tokio::time::timeout(Duration::from_secs(5), stream.recv())
             .await
             .expect("the command was sent")
+            .unwrap()
+            .take(delivery)
             .unwrap();
         assert_eq!(first.attempt, 1);
 
@@ -765,6 +828,144 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             assert_eq!(attempts(), expected, "{:?}", delivery.in_flight());
+        }
+        engine.stop();
+        store.close().await.unwrap();
+    }
+
+    /// Outbox id `n`'s Signal about saga `c1-<n>` for `node_id`, handed to delivery.
+    fn spawn_signal(engine: &Engine, node_id: &str, n: u64) {
+        let gsn = format!("c1-{n:016}");
+        engine
+            .shared
+            .delivery
+            .spawn(engine.clone(), n, signal_to(node_id, &gsn), None);
+    }
+
+    /// The commands waiting in `stream`'s queue now, read without waiting for more (so none
+    /// of them is sent again meanwhile).
+    fn read_what_is_queued(
+        stream: impl futures::Stream<Item = Result<Outgoing, Error>>,
+    ) -> Vec<String> {
+        use futures::{FutureExt, StreamExt};
+        let mut stream = std::pin::pin!(stream);
+        let mut read = Vec::new();
+        while let Some(Some(next)) = stream.next().now_or_never() {
+            read.push(next.unwrap().command_id);
+        }
+        read
+    }
+
+    /// A node that has not read its stream for several `resend_after` (back after an outage
+    /// with a backlog, or slower than its commands come) is not queued a copy of a command
+    /// still waiting there: the clock starts when the stream takes the command, so reading
+    /// the backlog gives each command once rather than piles of duplicates.
+    #[tokio::test]
+    async fn a_command_still_queued_on_a_stream_the_node_has_not_read_is_not_queued_again() {
+        let (_dir, store, engine) = engine(|settings| {
+            settings.resend_after = Duration::from_millis(100);
+        })
+        .await;
+        let subscription = engine.subscribe("payment").unwrap();
+        for n in 1..=3 {
+            spawn_signal(&engine, "payment", n);
+        }
+        // More than twice resend_after with nothing read.
+        tokio::time::sleep(Duration::from_millis(450)).await;
+
+        let mut read = read_what_is_queued(subscription.into_stream());
+        read.sort();
+        let mut once = read.clone();
+        once.dedup();
+        assert_eq!(read, once, "a command was queued again");
+        assert_eq!(read.len(), 3, "{read:?}");
+        engine.stop();
+        store.close().await.unwrap();
+    }
+
+    /// The promise the clock keeps: a command the stream took and the node did not answer is
+    /// sent again once `resend_after` has passed, with the same id.
+    #[tokio::test]
+    async fn a_command_the_stream_took_and_the_node_left_unanswered_is_sent_again() {
+        use futures::StreamExt;
+        let (_dir, store, engine) = engine(|settings| {
+            settings.resend_after = Duration::from_millis(100);
+        })
+        .await;
+        let mut stream = Box::pin(engine.subscribe("payment").unwrap().into_stream());
+        spawn_signal(&engine, "payment", 1);
+        let mut sends = Vec::new();
+        for _ in 0..2 {
+            let next = tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .expect("sent within the limit")
+                .unwrap()
+                .unwrap();
+            sends.push((next.command_id, next.attempt));
+        }
+        assert_eq!(sends[0].0, sends[1].0);
+        assert_eq!((sends[0].1, sends[1].1), (1, 2));
+        engine.stop();
+        store.close().await.unwrap();
+    }
+
+    /// A command answered (by a ReportState on another connection, say) while it still waits
+    /// in the stream's queue is not handed to the node when it gets there.
+    #[tokio::test]
+    async fn a_command_answered_while_still_queued_on_a_stream_is_not_sent_on_it() {
+        let (_dir, store, engine) = engine(|_| {}).await;
+        let delivery = &engine.shared.delivery;
+        let subscription = engine.subscribe("payment").unwrap();
+        spawn_signal(&engine, "payment", 1);
+        spawn_signal(&engine, "payment", 2);
+        for _ in 0..500 {
+            if delivery.in_flight().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        delivery.acknowledged(1);
+
+        let read = read_what_is_queued(subscription.into_stream());
+        assert_eq!(read.len(), 1, "{read:?}");
+        assert!(read[0].starts_with("c1-0000000000000002"), "{read:?}");
+        engine.stop();
+        store.close().await.unwrap();
+    }
+
+    /// A delivery waiting for room on its node's full stream does not hold its payload: it
+    /// reads it again once there is room. Shown by a command whose saga is gone by then
+    /// (none is in the ledger): it is dropped on that read instead of sent with the payload it
+    /// came with.
+    #[tokio::test]
+    async fn a_delivery_waiting_for_room_on_a_full_stream_does_not_hold_its_payload() {
+        let (_dir, store, engine) = engine(|_| {}).await;
+        let delivery = &engine.shared.delivery;
+        let mut stream = delivery.subscribe("inventory");
+        let Route::Pull(_, sender) = delivery.route("inventory") else {
+            panic!("the node subscribed");
+        };
+        let filler = Outgoing::test_signal("filler", "c1-0000000000000001");
+        while sender.try_send(unwatched(filler.clone())).is_ok() {}
+        let execute = Command {
+            kind: Kind::Execute,
+            branch_id: "pay".to_owned(),
+            action: "charge".to_owned(),
+            ..signal_to("inventory", "c1-0000000000000002")
+        };
+        let held = store::PayloadRecord {
+            data: b"{\"amount\":1}".to_vec(),
+            content_type: "application/json".to_owned(),
+        };
+        delivery.spawn(engine.clone(), 7, execute, Some(held));
+        // Let it find the stream full and wait for room, then make room.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let first = stream.queue.recv().await.unwrap();
+        assert_eq!(first.outgoing.command_id, "filler");
+
+        dropped(delivery, 7).await;
+        while let Ok(queued) = stream.queue.try_recv() {
+            assert_eq!(queued.outgoing.command_id, "filler");
         }
         engine.stop();
         store.close().await.unwrap();

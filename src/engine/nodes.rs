@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::ids::{NodeId, RequestId};
 use crate::domain::saga::{Limits, Saga};
-use crate::engine::delivery::Subscribed;
+use crate::engine::delivery::{Queued, Subscribed};
 use crate::engine::{Answered, Engine, Error};
 use crate::store::NodeRecord;
 use crate::transport::Outgoing;
@@ -47,7 +47,7 @@ fn check_endpoint(endpoint: &str) -> Result<(), Error> {
 /// A node's Subscribe stream: commands until the client goes away or a newer Subscribe for
 /// the same node replaces it.
 pub struct Subscription {
-    queue: mpsc::Receiver<Outgoing>,
+    queue: mpsc::Receiver<Queued>,
     replaced: oneshot::Receiver<()>,
     guard: SubscriptionGuard,
 }
@@ -74,18 +74,22 @@ impl Subscription {
     pub fn into_stream(self) -> impl Stream<Item = Result<Outgoing, Error>> + Send + 'static {
         futures::stream::unfold(Some(self), |subscription| async move {
             let mut subscription = subscription?;
-            let next = tokio::select! {
-                // Before what is still queued: the delivery tasks send it on the new stream.
-                biased;
-                replaced = &mut subscription.replaced => {
-                    // `Err` only if delivery is gone, which ends the stream anyway.
-                    replaced.ok()?;
-                    let node_id = subscription.guard.node_id.clone();
-                    return Some((Err(Error::Replaced { node_id }), None));
+            loop {
+                let queued = tokio::select! {
+                    // Before what is still queued: the delivery tasks send it on the new stream.
+                    biased;
+                    replaced = &mut subscription.replaced => {
+                        // `Err` only if delivery is gone, which ends the stream anyway.
+                        replaced.ok()?;
+                        let node_id = subscription.guard.node_id.clone();
+                        return Some((Err(Error::Replaced { node_id }), None));
+                    }
+                    queued = subscription.queue.recv() => queued?,
+                };
+                if let Some(outgoing) = queued.take(&subscription.guard.engine.shared.delivery) {
+                    return Some((Ok(outgoing), Some(subscription)));
                 }
-                next = subscription.queue.recv() => next?,
-            };
-            Some((Ok(next), Some(subscription)))
+            }
         })
     }
 
