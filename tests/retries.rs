@@ -835,7 +835,7 @@ async fn check_retry_refuses_invalid_fields_and_a_changed_transaction_code() {
     let server = TestServer::start().await;
     let mut client = retries(&server);
     let status = client
-        .check_retry(check_request("", "", "", "no spaces", ""))
+        .check_retry(check_request("", "", "", "no trailing space ", ""))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);

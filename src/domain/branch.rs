@@ -118,7 +118,8 @@ impl Report {
     /// A node's answer to a pushed command cannot be refused (the outcome is what matters and
     /// there is no caller to tell), so what is over a bound is cut to it instead. A cut text
     /// ends in '…', so an operator sees it was cut, and a cut error code never equals a
-    /// retryable code (those are ASCII) and so is never retried by accident.
+    /// retryable code (a retry configuration refuses codes of that shape) and so is never
+    /// retried by accident.
     pub fn clamped(mut self) -> Report {
         clamp(&mut self.error_code, Limits::MAX_ERROR_CODE);
         clamp(&mut self.message, Limits::MAX_MESSAGE);

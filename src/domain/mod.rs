@@ -41,6 +41,31 @@ impl Violation {
     }
 }
 
+/// What is wrong with a name that is matched exactly elsewhere — an action, a status, a code a
+/// retry policy lists — or `None`; whether it may be empty is the caller's to say. One rule for
+/// all of them, because one name is often checked by two services: a strategy's action is the
+/// transaction code its retry policy is looked up by, so a rule stricter on one side would leave
+/// a name that can never be configured.
+pub fn name_problem(text: &str, max: usize) -> Option<String> {
+    let len = text.chars().count();
+    if len > max {
+        Some(format!(
+            "is {len} characters long; at most {max} are allowed"
+        ))
+    } else if let Some(c) = text.chars().find(|c| c.is_control()) {
+        Some(format!(
+            "contains the control character {c:?}; use printable text"
+        ))
+    } else if text.trim() != text {
+        Some(format!(
+            "{text:?} has leading or trailing spaces, which every value matched against it \
+             would have to repeat exactly; remove them"
+        ))
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -222,25 +222,8 @@ impl Check {
             }
             return;
         }
-        let len = text.chars().count();
-        if len > max {
-            self.add(
-                field,
-                format!("is {len} characters long; at most {max} are allowed"),
-            );
-        } else if let Some(c) = text.chars().find(|c| c.is_control()) {
-            self.add(
-                field,
-                format!("contains the control character {c:?}; use printable text"),
-            );
-        } else if text.trim() != text {
-            self.add(
-                field,
-                format!(
-                    "{text:?} has leading or trailing spaces, which a reported value would have \
-                     to repeat exactly; remove them"
-                ),
-            );
+        if let Some(problem) = crate::domain::name_problem(text, max) {
+            self.add(field, problem);
         }
     }
 

@@ -525,6 +525,48 @@ channels:
     }
 
     #[test]
+    fn names_with_spaces_quotes_and_other_scripts_survive_get_and_put() {
+        let names = [
+            "reserve stock",
+            "HTTP 503",
+            "charge \"card\" [v2] = 'x' # not a comment",
+            "back\\slash",
+            "Zahlung prüfen",
+            "予約",
+        ];
+        let policy = pb::RetryPolicy {
+            retryable_codes: names.iter().map(|n| (*n).to_owned()).collect(),
+            ..pb::RetryPolicy::default()
+        };
+        let config = pb::RetryConfig {
+            version: 0,
+            defaults: Some(policy.clone()),
+            transactions: names
+                .iter()
+                .map(|n| pb::TransactionRetry {
+                    transaction_code: (*n).to_owned(),
+                    policy: Some(policy.clone()),
+                })
+                .collect(),
+            channels: names
+                .iter()
+                .map(|n| pb::ChannelRetry {
+                    channel: (*n).to_owned(),
+                    transaction_code: (*n).to_owned(),
+                    retryable_codes: policy.retryable_codes.clone(),
+                })
+                .collect(),
+            updated_at: None,
+        };
+        let shown = toml::to_string(&FileConfig::from_pb(&config)).expect("shows");
+        let again = parse("toml", &shown)
+            .expect("reparses")
+            .to_pb()
+            .expect("rereads");
+        assert_eq!(again, config, "{shown}");
+    }
+
+    #[test]
     fn what_get_shows_is_what_put_reads() {
         let config = parse("toml", EXAMPLE)
             .expect("parses")

@@ -622,7 +622,7 @@ fn a_valid_draft_keeps_overrides_and_completes_the_defaults() {
 fn validation_reports_every_problem_with_its_field_path() {
     let draft = Draft {
         defaults: DraftPolicy {
-            retryable_codes: codes(&["TIMEOUT", "", "TIMEOUT", "bad code"]),
+            retryable_codes: codes(&["TIMEOUT", "", "TIMEOUT", " bad code"]),
             max_retries: Some(MAX_RETRIES_LIMIT + 1),
             min_interval_ms: Some(5_000),
             backoff_factor: Some(0.5),
@@ -658,7 +658,7 @@ fn validation_reports_every_problem_with_its_field_path() {
             },
             ChannelRetry {
                 channel: String::new(),
-                transaction_code: "a b".into(),
+                transaction_code: "a\tb".into(),
                 retryable_codes: Vec::new(),
             },
             ChannelRetry {
@@ -778,7 +778,7 @@ fn check_validation_reports_every_field() {
     let bad = Check {
         original_serial: "a".repeat(crate::domain::ids::RequestId::MAX_LEN + 1),
         transaction_code: String::new(),
-        channel: "no spaces".into(),
+        channel: "no trailing spaces ".into(),
         error_code: String::new(),
         idempotency_scope: "\u{7}".into(),
     };
@@ -795,6 +795,112 @@ fn check_validation_reports_every_field() {
     );
     let good = check("T-9", "payments.charge", "", "TIMEOUT");
     assert_eq!(validate_check(good.clone()), Ok(good));
+}
+
+/// A strategy of one step with this action, on node `inventory`, as PutStrategy validates it.
+fn strategy_accepts_action(action: &str) -> bool {
+    use crate::domain::strategy::StepStatus;
+    use crate::domain::strategy_validation::{StepInput, StrategyInput};
+    let input = StrategyInput {
+        business_type: "order".into(),
+        steps: vec![StepInput {
+            id: "reserve".into(),
+            node_id: "inventory".into(),
+            forward_action: action.into(),
+            ..StepInput::default()
+        }],
+        first_set: vec!["reserve".into()],
+        end_statuses: vec![StepStatus {
+            step_id: "reserve".into(),
+            status: "RESERVED".into(),
+        }],
+        ..StrategyInput::default()
+    };
+    crate::domain::strategy_validation::validate(input, 1, 0).is_ok()
+}
+
+/// ReportState's rule for a node's error code.
+fn saga_accepts_error_code(code: &str) -> bool {
+    crate::domain::branch::Report {
+        outcome: crate::domain::branch::Outcome::Failed,
+        status: None,
+        error_code: code.into(),
+        message: String::new(),
+        attempt: None,
+    }
+    .violations()
+    .is_empty()
+}
+
+/// Configures `action` on `node` to retry `error_code`, then asks sagad's redelivery and
+/// CheckRetry about that code, as they would be asked after the step failed with it.
+fn assert_a_policy_retries(action: &str, node: &str, error_code: &str) {
+    let draft = Draft {
+        defaults: DraftPolicy::default(),
+        transactions: vec![DraftTransaction {
+            transaction_code: action.into(),
+            policy: DraftPolicy {
+                retryable_codes: codes(&[error_code]),
+                ..DraftPolicy::default()
+            },
+        }],
+        channels: vec![ChannelRetry {
+            channel: node.into(),
+            transaction_code: action.into(),
+            retryable_codes: codes(&[error_code]),
+        }],
+    };
+    let rules =
+        validate(&draft).unwrap_or_else(|v| panic!("{action:?} / {error_code:?} refused: {v:?}"));
+    let config = Config::next(rules, None, 0);
+    let resolved = resolve(&config, action, node);
+    assert_eq!(resolved.codes_layer, Layer::ChannelForTransaction);
+    assert!(matches!(
+        redelivery(&resolved, error_code, 0, 0, 0.5),
+        Redelivery::RetryAt(_)
+    ));
+    let asked = check("T-1", action, node, error_code);
+    assert_eq!(validate_check(asked.clone()), Ok(asked.clone()));
+    let mut ledger = Ledger::new(config);
+    assert_eq!(
+        ledger.ask(&asked, &[], 1_000).kind(),
+        DecisionKind::Allow,
+        "{action:?} / {error_code:?}"
+    );
+}
+
+#[test]
+fn a_retry_policy_can_be_configured_for_every_action_name_and_printable_error_code_a_saga_accepts()
+{
+    for (action, error_code) in [
+        ("reserve stock", "HTTP 503"),
+        ("Zahlung prüfen", "délai dépassé"),
+        ("charge \"card\" (v2)", "ERR#42; try again"),
+        ("予約", "在庫不足"),
+        (&*"a".repeat(MAX_NAME_LEN), &*"E".repeat(MAX_NAME_LEN)),
+    ] {
+        assert!(strategy_accepts_action(action), "{action:?}");
+        assert!(saga_accepts_error_code(error_code), "{error_code:?}");
+        assert_a_policy_retries(action, "inventory", error_code);
+    }
+}
+
+#[test]
+fn a_retryable_code_shaped_like_a_cut_error_code_is_refused() {
+    let cut = format!("{}…", "E".repeat(MAX_NAME_LEN - 1));
+    let draft = Draft {
+        defaults: DraftPolicy {
+            retryable_codes: vec![cut.clone(), format!("{}…", "E".repeat(10))],
+            ..DraftPolicy::default()
+        },
+        ..Draft::default()
+    };
+    let violations = validate(&draft).expect_err("a cut code");
+    assert_eq!(fields(&violations), ["config.defaults.retryable_codes[0]"]);
+    assert!(violations[0].description.contains("cut"), "{violations:?}");
+    // CheckRetry still takes the code, as a node may have reported it: no policy retries it.
+    let asked = check("T-1", "payments.charge", "", &cut);
+    assert_eq!(validate_check(asked.clone()), Ok(asked));
 }
 
 // ---- Properties ----
@@ -923,5 +1029,17 @@ proptest! {
                 prop_assert!(made >= policy.max_retries);
             }
         }
+    }
+}
+
+proptest! {
+    /// Any text, spaces and control characters included, up to just past the bound.
+    #[test]
+    fn every_action_name_a_strategy_accepts_can_have_a_retry_policy(
+        action in "[\\PC\t\n]{1,130}",
+    ) {
+        prop_assume!(strategy_accepts_action(&action));
+        let code = if action.ends_with('…') { "TIMEOUT" } else { action.as_str() };
+        assert_a_policy_retries(&action, "inventory", code);
     }
 }

@@ -17,9 +17,9 @@ use crate::domain::{Millis, Violation};
 pub const MAX_ENTRIES: usize = 1_000;
 /// At most this many retryable codes in one list.
 pub const MAX_CODES: usize = 100;
-/// Codes, channels and transaction codes are names of at most this many characters.
+/// Codes, channels and transaction codes are names of at most this many characters, as action
+/// names and error codes are.
 pub const MAX_NAME_LEN: usize = 128;
-const NAME_CHARS: &str = "_-.:/";
 /// Intervals longer than a day are a unit mistake, not a policy.
 pub const MAX_INTERVAL_LIMIT_MS: Millis = 24 * 60 * 60 * 1_000;
 pub const MAX_BACKOFF_FACTOR: f64 = 100.0;
@@ -54,26 +54,22 @@ fn shown(ms: Millis) -> String {
     humantime::format_duration(Duration::from_millis(ms)).to_string()
 }
 
+/// Transaction codes, channels and retryable codes follow the rule of the names they are
+/// matched against (a step's action and node, a node's error code), so every action a strategy
+/// accepts can be given a policy.
 fn check_name(field: &str, text: &str, violations: &mut Vec<Violation>) {
     if text.is_empty() {
         violations.push(Violation::new(field, "is required"));
-        return;
+    } else if let Some(problem) = crate::domain::name_problem(text, MAX_NAME_LEN) {
+        violations.push(Violation::new(field, problem));
     }
-    let len = text.chars().count();
-    if len > MAX_NAME_LEN {
-        violations.push(Violation::new(
-            field,
-            format!("is {len} characters long; at most {MAX_NAME_LEN} are allowed"),
-        ));
-    } else if let Some(found) = text
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || NAME_CHARS.contains(*c)))
-    {
-        violations.push(Violation::new(
-            field,
-            format!("contains {found:?}; only letters, digits and {NAME_CHARS} are allowed"),
-        ));
-    }
+}
+
+/// A code of the longest length that ends in '…' has the shape of an error code sagad cut
+/// from a node's longer one (`Report::clamped`); listing it would retry every error whose
+/// first characters happen to match, so it is refused rather than matched by accident.
+fn looks_cut(code: &str) -> bool {
+    code.ends_with('…') && code.chars().count() == MAX_NAME_LEN
 }
 
 fn check_codes(field: &str, codes: &[String], violations: &mut Vec<Violation>) {
@@ -87,6 +83,16 @@ fn check_codes(field: &str, codes: &[String], violations: &mut Vec<Violation>) {
     for (i, code) in codes.iter().enumerate() {
         let path = format!("{field}[{i}]");
         check_name(&path, code, violations);
+        if looks_cut(code) {
+            violations.push(Violation::new(
+                &path,
+                format!(
+                    "is {MAX_NAME_LEN} characters ending in '…', the shape of an error code sagad \
+                     cut from a longer one, which no longer says which error it was; list a \
+                     shorter code"
+                ),
+            ));
+        }
         if let Some(first) = first_at.get(code.as_str()) {
             violations.push(Violation::new(
                 path,
@@ -407,7 +413,15 @@ pub fn validate_check(check: Check) -> Result<Check, Vec<Violation>> {
     if !check.channel.is_empty() {
         check_name("channel", &check.channel, &mut violations);
     }
-    check_name("error_code", &check.error_code, &mut violations);
+    // The code is what the attempt failed with, as a node reports it, so it is bounded only as
+    // a reported one is; one no configuration can list is simply not retryable.
+    if check.error_code.is_empty() {
+        violations.push(Violation::new("error_code", "is required"));
+    } else if let Some(long) =
+        crate::domain::saga::too_long("error_code", &check.error_code, MAX_NAME_LEN)
+    {
+        violations.push(long);
+    }
     if !check.idempotency_scope.is_empty()
         && let Err(e) = RequestId::parse(&check.idempotency_scope)
     {
