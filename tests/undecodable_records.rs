@@ -359,6 +359,92 @@ async fn a_garbage_strategy_record_is_passed_over_by_list_strategies() {
     server.stop().await.unwrap();
 }
 
+/// The obvious repair of a strategy sagad cannot read is to store a new version over it; the
+/// next version number is in the latest record's key, so the record need not decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_strategy_stores_a_new_version_over_an_undecodable_latest() {
+    use sagad::grpc::pb::strategies_client::StrategiesClient;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    put_strategy(&server.channel, order_strategy(Duration::from_secs(30))).await;
+    server.stop().await.unwrap();
+    let key = [&b"order\0"[..], &2u64.to_be_bytes()].concat();
+    write_raw(&ledger, "strategies", &key, GARBAGE);
+
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    let mut client = StrategiesClient::new(server.channel.clone());
+    let stored = client
+        .put_strategy(pb::PutStrategyRequest {
+            request_id: "repair-order".into(),
+            strategy: Some(order_strategy(Duration::from_secs(30))),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .strategy
+        .unwrap();
+    assert_eq!(stored.version, 3);
+    let latest = client
+        .get_strategy(pb::GetStrategyRequest {
+            business_type: "order".into(),
+            version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .strategy
+        .unwrap();
+    assert_eq!(latest.version, 3);
+    server.stop().await.unwrap();
+}
+
+/// As for strategies: a retry configuration sagad cannot read is repaired by putting a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_retry_config_replaces_an_undecodable_latest_config() {
+    use sagad::grpc::pb::retries_client::RetriesClient;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    let put = |request_id: &'static str| pb::PutRetryConfigRequest {
+        request_id: request_id.into(),
+        config: Some(pb::RetryConfig {
+            defaults: Some(pb::RetryPolicy {
+                max_retries: Some(2),
+                ..pb::RetryPolicy::default()
+            }),
+            ..pb::RetryConfig::default()
+        }),
+    };
+    RetriesClient::new(server.channel.clone())
+        .put_retry_config(put("cfg-1"))
+        .await
+        .unwrap();
+    server.stop().await.unwrap();
+    write_raw(&ledger, "retry_config", &u64_key(2), GARBAGE);
+
+    let server = TestServer::start_with(Config::with_data(&ledger), Arc::new(SystemClock)).await;
+    let mut client = RetriesClient::new(server.channel.clone());
+    let stored = client
+        .put_retry_config(put("cfg-repair"))
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(stored.version, 3);
+    let latest = client
+        .get_retry_config(pb::GetRetryConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(latest.version, 3);
+    assert_eq!(latest.defaults.unwrap().max_retries, Some(2));
+    server.stop().await.unwrap();
+}
+
 /// A timer whose transition needs a record that does not decode (here the payload its Reverse
 /// would carry) is dropped with nothing of the transition kept: stored in part, the saga would
 /// be REVERSING with its Reverse never made, stopped for good.

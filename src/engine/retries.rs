@@ -68,7 +68,7 @@ impl Engine {
             &request_id,
             fingerprint,
             move |tx, now| {
-                let latest = tx.retry_config()?.map(|record| record.version);
+                let latest = tx.latest_retry_config_version()?;
                 let config = Config::next(rules, latest, now);
                 tx.put_retry_config(&config_to_record(&config))?;
                 shared.forget_retry_config();

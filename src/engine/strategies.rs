@@ -59,10 +59,10 @@ impl Engine {
         };
         let shared = self.shared.clone();
         self.idempotent_write("PutStrategy", &request_id, fingerprint, move |tx, now| {
-            let latest = load_strategy(tx, &strategy.business_type, 0)?;
+            let latest = tx.latest_strategy_version(&strategy.business_type)?;
             strategy.version = match latest {
                 None => 1,
-                Some(latest) => latest.version.checked_add(1).ok_or_else(|| {
+                Some(latest) => latest.checked_add(1).ok_or_else(|| {
                     Error::FailedPrecondition(format!(
                         "business type {:?} has used every version number; store the strategy \
                          under a new business type",

@@ -952,6 +952,24 @@ impl WriteTx<'_> {
                 .last_live_in(self.tables, Table::Strategies, &prefix, Some(&end))?;
         latest.map(|(_, value)| codec::decode(&value)).transpose()
     }
+    /// The latest version stored for a business type, read from its key alone: the record
+    /// itself may not decode (damaged, or written by a newer sagad), and storing a new version
+    /// over it is how an operator repairs that.
+    pub fn latest_strategy_version(&self, business_type: &str) -> Result<Option<u64>, Error> {
+        let Some(prefix) = codec::strategy_prefix(business_type) else {
+            return Ok(None);
+        };
+        let end = codec::strategy_prefix_end(&prefix);
+        let latest =
+            self.overlay
+                .last_live_in(self.tables, Table::Strategies, &prefix, Some(&end))?;
+        latest
+            .map(|(key, _)| {
+                let version = key.get(prefix.len()..).unwrap_or_default();
+                codec::decode_u64(Table::Strategies.name(), version)
+            })
+            .transpose()
+    }
     /// Keyed by (`record.business_type`, `record.version`).
     pub fn put_strategy(&mut self, record: &StrategyRecord) -> Result<(), Error> {
         let key = codec::strategy_key_to_write(record)?;
@@ -969,6 +987,16 @@ impl WriteTx<'_> {
             .overlay
             .last_live_in(self.tables, Table::RetryConfig, &[], None)?;
         latest.map(|(_, value)| codec::decode(&value)).transpose()
+    }
+    /// The latest configuration's version, read from its key alone, so that a record that does
+    /// not decode (damaged, or written by a newer sagad) can still be replaced.
+    pub fn latest_retry_config_version(&self) -> Result<Option<u64>, Error> {
+        let latest = self
+            .overlay
+            .last_live_in(self.tables, Table::RetryConfig, &[], None)?;
+        latest
+            .map(|(key, _)| codec::decode_u64(Table::RetryConfig.name(), &key))
+            .transpose()
     }
     /// Keyed by `record.version`; the highest version is the latest.
     pub fn put_retry_config(&mut self, record: &RetryConfigRecord) -> Result<(), Error> {
