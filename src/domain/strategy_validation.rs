@@ -100,12 +100,15 @@ pub fn validate(
     if let Err(e) = BusinessType::parse(&input.business_type) {
         check.add("strategy.business_type", e.to_string());
     }
-    check.text(
+    // Free text for operators, never matched against anything, so only its size is bounded:
+    // lines, tabs and surrounding spaces are the operator's to choose.
+    if let Some(long) = crate::domain::saga::too_long(
         "strategy.description",
         &input.description,
         MAX_DESCRIPTION_LEN,
-        Required::No,
-    );
+    ) {
+        check.violations.push(long);
+    }
 
     let steps = check_steps(&mut check, &input.steps);
     check_first_set(&mut check, &input.first_set, &known, &known_list);
@@ -717,6 +720,15 @@ mod tests {
 
     fn fields(violations: &[Violation]) -> Vec<&str> {
         violations.iter().map(|v| v.field.as_str()).collect()
+    }
+
+    #[test]
+    fn a_multi_line_description_is_accepted() {
+        let mut input = order();
+        input.description =
+            "  Reserve and charge, then ship.\n\n\tRefunds: see the runbook.\r\n".into();
+        let strategy = validate(input.clone(), 1, 0).expect("free text");
+        assert_eq!(strategy.description, input.description);
     }
 
     #[test]
