@@ -797,6 +797,37 @@ async fn history_links_the_original_and_its_retries_both_ways() {
     assert_eq!(unknown.code(), Code::NotFound);
 }
 
+/// `version` and `updated_at` are ignored on input, so they are no part of what makes two puts
+/// the same request: a configuration read back and put again under its first request_id (say,
+/// by a client retrying with what it last saw) is a repeat, not another body.
+#[tokio::test]
+async fn a_config_read_back_and_put_again_under_its_first_request_id_is_replayed() {
+    let server = TestServer::start().await;
+    let mut client = retries(&server);
+    let stored = put(&mut client, "cfg-1", layered()).await;
+    let read_back = client
+        .get_retry_config(pb::GetRetryConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(read_back.version, 1);
+    assert!(read_back.updated_at.is_some());
+    let again = client
+        .put_retry_config(pb::PutRetryConfigRequest {
+            request_id: "cfg-1".into(),
+            config: Some(read_back),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        again.metadata().get(sagad::grpc::REPLAYED_HEADER).unwrap(),
+        "true"
+    );
+    assert_eq!(again.into_inner().config.unwrap(), stored);
+}
+
 #[tokio::test]
 async fn a_repeated_request_id_replays_the_first_decision() {
     let server = TestServer::start().await;

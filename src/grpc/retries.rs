@@ -62,8 +62,16 @@ impl pb::retries_server::Retries for RetriesService {
         &self,
         request: Request<pb::PutRetryConfigRequest>,
     ) -> Result<Response<pb::PutRetryConfigResponse>, Status> {
-        let mut request = request.into_inner();
-        let digest = fingerprint(&mut request, |r| &mut r.request_id);
+        let request = request.into_inner();
+        // `version` and `updated_at` are ignored on input, so they are no part of what makes
+        // two requests the same: a configuration read back with GetRetryConfig and put again
+        // under its first request_id is a repeat, not a different body.
+        let mut body = request.clone();
+        if let Some(config) = body.config.as_mut() {
+            config.version = 0;
+            config.updated_at = None;
+        }
+        let digest = fingerprint(&mut body, |r| &mut r.request_id);
         let Some(config) = request.config else {
             return Err(status::invalid(&[Violation::new(
                 "config",
