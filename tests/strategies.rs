@@ -591,6 +591,60 @@ async fn every_problem_of_one_strategy_is_reported_in_one_answer() {
     assert_eq!(fields, expected);
 }
 
+/// A Duration the protobuf spec calls invalid has no meaning to take: refused, naming its field,
+/// as Retries refuses one, and reported together with every other problem.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_duration_with_out_of_range_or_mixed_sign_nanos_is_refused_with_its_field() {
+    let server = TestServer::start().await;
+    let mut client = client(&server);
+    let mut strategy = order("order");
+    strategy.steps[0].timeout = Some(prost_types::Duration {
+        seconds: 1,
+        nanos: -500_000_000,
+    });
+    strategy.steps[1].timeout = Some(prost_types::Duration {
+        seconds: 0,
+        nanos: 1_000_000_000,
+    });
+    strategy.saga_timeout = Some(prost_types::Duration {
+        seconds: -5,
+        nanos: 1,
+    });
+    strategy.steps[2].node_id = "bad node".into();
+    let refused = client
+        .put_strategy(put_request("durations", strategy))
+        .await
+        .unwrap_err();
+    let found = violations(&refused);
+    let fields: Vec<&str> = found.iter().map(|(f, _)| f.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "strategy.steps[0].timeout",
+            "strategy.steps[1].timeout",
+            "strategy.saga_timeout",
+            "strategy.steps[2].node_id",
+        ],
+        "{found:?}"
+    );
+    assert!(found[0].1.contains("opposite signs"), "{found:?}");
+    assert!(found[1].1.contains("999,999,999"), "{found:?}");
+
+    let mut fixed = order("order");
+    fixed.steps[0].timeout = Some(prost_types::Duration {
+        seconds: 1,
+        nanos: 500_000_000,
+    });
+    let stored = put(&mut client, "durations", fixed).await;
+    assert_eq!(
+        stored.steps[0].timeout,
+        Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 500_000_000
+        })
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_put_without_a_strategy_says_it_is_required() {
     let server = TestServer::start().await;

@@ -1,12 +1,14 @@
 //! The Strategies service at the edge: fulfillment strategies (S2) put, read and listed, and
 //! the conversions between `pb` strategies and the domain's. Validation itself is the
-//! domain's (`strategy_validation`); this file only moves fields across.
+//! domain's (`strategy_validation`); this file only moves fields across, refusing what cannot
+//! be moved (a malformed Duration).
 
 use prost::Message;
 use prost_types::Duration as PbDuration;
 use tonic::{Request, Response, Status};
 
 use crate::domain::Violation;
+use crate::domain::ids::RequestId;
 use crate::domain::strategy::{Meaning, StepStatus, Strategy};
 use crate::domain::strategy_validation::{
     ExceptionScopeInput, RuleInput, StatusMappingInput, StepInput, StrategyInput,
@@ -51,19 +53,25 @@ impl pb::strategies_server::Strategies for StrategiesService {
             }
             return Err(status::invalid(&violations));
         };
+        let (input, mut violations) = strategy_input(strategy);
+        if !violations.is_empty() {
+            // Reported with the request id's and the domain's problems, so one round fixes all.
+            if let Err(e) = RequestId::parse(&request.request_id) {
+                violations.insert(0, Violation::new("request_id", e.to_string()));
+            }
+            if let Err(more) = crate::domain::strategy_validation::validate(input, 0, 0) {
+                violations.extend(more);
+            }
+            return Err(status::invalid(&violations));
+        }
         let answered = self
             .engine
-            .put_strategy(
-                &request.request_id,
-                strategy_input(strategy),
-                digest,
-                |stored| {
-                    pb::PutStrategyResponse {
-                        strategy: Some(strategy_pb(stored)),
-                    }
-                    .encode_to_vec()
-                },
-            )
+            .put_strategy(&request.request_id, input, digest, |stored| {
+                pb::PutStrategyResponse {
+                    strategy: Some(strategy_pb(stored)),
+                }
+                .encode_to_vec()
+            })
             .await
             .map_err(status::from_engine)?;
         let response = answer::<pb::PutStrategyResponse>(answered)?;
@@ -113,8 +121,30 @@ impl pb::strategies_server::Strategies for StrategiesService {
 
 /// A wire duration in signed milliseconds, so that a negative one reaches validation and is
 /// explained there. A positive duration under a millisecond rounds up to one, rather than
-/// down to a zero the caller never wrote.
-fn duration_ms(d: &PbDuration) -> i64 {
+/// down to a zero the caller never wrote. A Duration the protobuf spec calls invalid (nanos
+/// beyond ±999,999,999, or of another sign than seconds) is refused, as `convert::duration`
+/// refuses it for the other services: its meaning would be a guess.
+fn duration_ms(field: &str, d: &PbDuration) -> Result<i64, Violation> {
+    if !(-999_999_999..=999_999_999).contains(&d.nanos) {
+        return Err(Violation::new(
+            field,
+            format!(
+                "has nanos {}; nanos must be -999,999,999 to 999,999,999 (whole seconds go in \
+                 seconds)",
+                d.nanos
+            ),
+        ));
+    }
+    if d.seconds.signum() * i64::from(d.nanos.signum()) < 0 {
+        return Err(Violation::new(
+            field,
+            format!(
+                "has seconds {} and nanos {} of opposite signs; give both the sign of the \
+                 duration",
+                d.seconds, d.nanos
+            ),
+        ));
+    }
     let whole = d.seconds.saturating_mul(1000);
     let nanos = i64::from(d.nanos);
     let part = if nanos > 0 {
@@ -122,7 +152,7 @@ fn duration_ms(d: &PbDuration) -> i64 {
     } else {
         nanos / 1_000_000
     };
-    whole.saturating_add(part)
+    Ok(whole.saturating_add(part))
 }
 
 fn duration_pb(ms: u64) -> PbDuration {
@@ -166,19 +196,26 @@ fn step_status_pb(s: &StepStatus) -> pb::StepStatus {
 
 /// A submitted strategy as the domain's plain input; `version` and `created_at` are ignored,
 /// as the contract says.
-fn strategy_input(s: pb::Strategy) -> StrategyInput {
-    StrategyInput {
+/// The domain's input and the problems of fields that cannot be moved across; such a field is
+/// left unset, so validation does not report it a second time.
+fn strategy_input(s: pb::Strategy) -> (StrategyInput, Vec<Violation>) {
+    let mut violations = Vec::new();
+    let mut ms = |field: String, d: Option<PbDuration>| {
+        d.and_then(|d| duration_ms(&field, &d).map_err(|v| violations.push(v)).ok())
+    };
+    let input = StrategyInput {
         business_type: s.business_type,
         description: s.description,
         steps: s
             .steps
             .into_iter()
-            .map(|step| StepInput {
+            .enumerate()
+            .map(|(i, step)| StepInput {
                 id: step.id,
                 node_id: step.node_id,
                 forward_action: step.forward_action,
                 reversal_action: step.reversal_action,
-                timeout_ms: step.timeout.as_ref().map(duration_ms),
+                timeout_ms: ms(format!("strategy.steps[{i}].timeout"), step.timeout),
             })
             .collect(),
         first_set: s.first_set,
@@ -210,8 +247,9 @@ fn strategy_input(s: pb::Strategy) -> StrategyInput {
                 reverse: e.reverse,
             })
             .collect(),
-        saga_timeout_ms: s.saga_timeout.as_ref().map(duration_ms),
-    }
+        saga_timeout_ms: ms("strategy.saga_timeout".to_owned(), s.saga_timeout),
+    };
+    (input, violations)
 }
 
 /// A stored strategy on the wire. Every step carries its effective timeout (the default
@@ -326,7 +364,9 @@ mod tests {
     #[test]
     fn a_wire_strategy_comes_back_as_sent_with_defaults_filled_in() {
         let sent = wire_order();
-        let stored = validate(strategy_input(sent.clone()), 1, 1_500).unwrap();
+        let (input, violations) = strategy_input(sent.clone());
+        assert_eq!(violations, []);
+        let stored = validate(input, 1, 1_500).unwrap();
         let back = strategy_pb(&stored);
         assert_eq!(back.version, 1, "the version is sagad's, not the caller's");
         assert_eq!(back.created_at, Some(convert::timestamp(1_500)));
@@ -356,8 +396,8 @@ mod tests {
             (i64::MAX, 0, i64::MAX),
         ] {
             assert_eq!(
-                duration_ms(&PbDuration { seconds, nanos }),
-                ms,
+                duration_ms("timeout", &PbDuration { seconds, nanos }),
+                Ok(ms),
                 "{seconds}s {nanos}ns"
             );
         }
