@@ -166,11 +166,14 @@ impl Delivery {
             }
             endpoints.insert(node_id.to_owned(), (endpoint.to_owned(), stamp))
         };
-        if let Some((previous, _)) = previous
-            && !previous.is_empty()
-            && previous != endpoint
-        {
-            self.participants.forget(&previous);
+        match previous {
+            Some((previous, _)) if !previous.is_empty() && previous != endpoint => {
+                self.participants.forget(&previous);
+            }
+            // The node registered again (it restarted): every waiting delivery wakes to send
+            // to it now, which a dial back-off from while it was down would refuse.
+            Some((_, set)) if set < stamp => self.participants.dial_now(endpoint),
+            _ => {}
         }
         self.routes_changed();
     }
@@ -505,7 +508,10 @@ async fn deliver(
                 // now: a node working through a backlog would otherwise be queued a copy of
                 // every command it has not reached yet each `resend_after`, and spend its time
                 // on duplicates. Until then no copy is queued again.
+                // Biased: a command the old stream already took was sent, so a route change
+                // seen in the same poll must not take its attempt back and send it again.
                 tokio::select! {
+                    biased;
                     taken = on_the_stream => {
                         if taken.is_ok() {
                             delivery.resend_after
@@ -713,6 +719,33 @@ mod tests {
             Route::Push(endpoint, _) => Some(endpoint),
             Route::Pull(..) | Route::Nowhere => None,
         }
+    }
+
+    /// A node that comes back registers again, and every delivery waiting for it wakes to send
+    /// now: the dial back-off it earned while down must not refuse them (they would each back
+    /// off again, up to `redelivery_cap`, with the node up).
+    #[tokio::test]
+    async fn a_node_registered_again_at_its_endpoint_is_dialled_at_once_despite_the_back_off() {
+        let endpoint = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        let second = Duration::from_secs(1);
+        let delivery = Delivery::new(second, second, second, second);
+        delivery.set_endpoint("payment", &endpoint, 1);
+        let call = || {
+            delivery.participants.send(
+                &endpoint,
+                Outgoing::test_signal("s-1", "c1-0000000000000001"),
+            )
+        };
+        let dialled = call().await.unwrap_err().to_string();
+        assert!(!dialled.contains("the next in"), "{dialled}");
+        let held = call().await.unwrap_err().to_string();
+        assert!(held.contains("the next in"), "within the back-off: {held}");
+        delivery.set_endpoint("payment", &endpoint, 2);
+        let again = call().await.unwrap_err().to_string();
+        assert!(!again.contains("the next in"), "dialled again: {again}");
     }
 
     #[test]

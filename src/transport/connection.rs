@@ -160,6 +160,11 @@ impl Peer {
         lock(&self.state)
     }
 
+    /// The next call dials at once, whatever dials failed before.
+    pub fn end_backoff(&self) {
+        self.state().backoff_ms = 0;
+    }
+
     /// Forgets connection `dial` once a call found it broken or got no answer on it, unless a
     /// newer one replaced it. The next call dials again; calls still on it keep it.
     pub fn drop_connection(&self, dial: u64) {

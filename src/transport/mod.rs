@@ -274,6 +274,21 @@ impl Participants {
         Ok((ParticipantClient::with_origin(call.clone(), origin), call))
     }
 
+    /// Lets the next call to `endpoint` dial at once: its node registered again, so it is most
+    /// likely back, and a back-off earned while it was down would hold its backlog for
+    /// nothing.
+    pub fn dial_now(&self, endpoint: &str) {
+        let peer = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(endpoint)
+            .cloned();
+        if let Some(peer) = peer {
+            peer.end_backoff();
+        }
+    }
+
     /// Forgets the connection of an endpoint that changed or misbehaves.
     pub fn forget(&self, endpoint: &str) {
         self.peers
