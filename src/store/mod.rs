@@ -943,19 +943,22 @@ impl WriteTx<'_> {
                 None => Ok(None),
             };
         }
-        let Some(prefix) = codec::strategy_prefix(business_type) else {
-            return Ok(None);
-        };
-        let end = codec::strategy_prefix_end(&prefix);
-        let latest =
-            self.overlay
-                .last_live_in(self.tables, Table::Strategies, &prefix, Some(&end))?;
+        let latest = self.last_strategy_entry(business_type)?;
         latest.map(|(_, value)| codec::decode(&value)).transpose()
     }
     /// The latest version stored for a business type, read from its key alone: the record
     /// itself may not decode (damaged, or written by a newer sagad), and storing a new version
     /// over it is how an operator repairs that.
     pub fn latest_strategy_version(&self, business_type: &str) -> Result<Option<u64>, Error> {
+        let latest = self.last_strategy_entry(business_type)?;
+        latest
+            .map(|(version, _)| codec::decode_u64(Table::Strategies.name(), &version))
+            .transpose()
+    }
+    /// The latest stored version of a business type's strategy: its key past the business
+    /// type's prefix (the version's bytes) and its value; none for a business type that cannot
+    /// be stored (one containing 0x00).
+    fn last_strategy_entry(&self, business_type: &str) -> Result<Option<tables::Entry>, Error> {
         let Some(prefix) = codec::strategy_prefix(business_type) else {
             return Ok(None);
         };
@@ -963,12 +966,10 @@ impl WriteTx<'_> {
         let latest =
             self.overlay
                 .last_live_in(self.tables, Table::Strategies, &prefix, Some(&end))?;
-        latest
-            .map(|(key, _)| {
-                let version = key.get(prefix.len()..).unwrap_or_default();
-                codec::decode_u64(Table::Strategies.name(), version)
-            })
-            .transpose()
+        Ok(latest.map(|(key, value)| {
+            let version = key.get(prefix.len()..).unwrap_or_default().to_vec();
+            (version, value)
+        }))
     }
     /// Keyed by (`record.business_type`, `record.version`).
     pub fn put_strategy(&mut self, record: &StrategyRecord) -> Result<(), Error> {
