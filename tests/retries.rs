@@ -139,13 +139,7 @@ async fn history(client: &mut RetriesClient<Channel>, serial: &str) -> pb::GetRe
 #[tokio::test]
 async fn get_retry_config_shows_the_builtin_defaults_as_version_zero() {
     let server = TestServer::start().await;
-    let config = retries(&server)
-        .get_retry_config(pb::GetRetryConfigRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .config
-        .unwrap();
+    let config = common::shown_retry_config(&server.channel).await;
     assert_eq!(config.version, 0);
     assert_eq!(
         config.defaults,
@@ -190,13 +184,7 @@ async fn put_retry_config_stores_numbered_versions_with_defaults_filled_in() {
 
     let second = put(&mut client, "cfg-2", layered()).await;
     assert_eq!(second.version, 2);
-    let shown = client
-        .get_retry_config(pb::GetRetryConfigRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .config
-        .unwrap();
+    let shown = common::shown_retry_config(&server.channel).await;
     assert_eq!(shown, second);
     assert_eq!(shown.transactions, layered().transactions);
     assert_eq!(shown.channels, layered().channels);
@@ -250,12 +238,8 @@ async fn put_retry_config_reports_every_invalid_field_at_once() {
         ]
     );
     // Nothing was stored: the built-in configuration still applies.
-    let shown = retries(&server)
-        .get_retry_config(pb::GetRetryConfigRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(shown.config.unwrap().version, 0);
+    let shown = common::shown_retry_config(&server.channel).await;
+    assert_eq!(shown.version, 0);
 }
 
 #[tokio::test]
@@ -805,13 +789,7 @@ async fn a_config_read_back_and_put_again_under_its_first_request_id_is_replayed
     let server = TestServer::start().await;
     let mut client = retries(&server);
     let stored = put(&mut client, "cfg-1", layered()).await;
-    let read_back = client
-        .get_retry_config(pb::GetRetryConfigRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .config
-        .unwrap();
+    let read_back = common::shown_retry_config(&server.channel).await;
     assert_eq!(read_back.version, 1);
     assert!(read_back.updated_at.is_some());
     let again = client

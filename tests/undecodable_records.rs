@@ -433,13 +433,7 @@ async fn put_retry_config_replaces_an_undecodable_latest_config() {
         .config
         .unwrap();
     assert_eq!(stored.version, 3);
-    let latest = client
-        .get_retry_config(pb::GetRetryConfigRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .config
-        .unwrap();
+    let latest = common::shown_retry_config(&server.channel).await;
     assert_eq!(latest.version, 3);
     assert_eq!(latest.defaults.unwrap().max_retries, Some(2));
     server.stop().await.unwrap();

@@ -555,6 +555,18 @@ mod tests {
         assert!(!state.last_failure.is_empty());
     }
 
+    /// A peer of `endpoint` whose dial back-off is timed by a manual clock starting at `ms`.
+    fn peer_on_manual_clock(endpoint: &str, ms: u64) -> (Peer, Arc<crate::clock::ManualClock>) {
+        let clock = Arc::new(crate::clock::ManualClock::new(ms));
+        let mut peer = Peer::new(
+            endpoint,
+            format!("{endpoint}/").parse().unwrap(),
+            Duration::from_secs(2),
+        );
+        peer.clock = clock.clone();
+        (peer, clock)
+    }
+
     /// A port nothing listens on, so a dial to it is refused at once.
     fn refusing_endpoint() -> String {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -567,13 +579,7 @@ mod tests {
     #[tokio::test]
     async fn many_deliveries_to_a_refusing_endpoint_dial_it_at_a_bounded_rate() {
         let endpoint = refusing_endpoint();
-        let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
-        let mut peer = Peer::new(
-            &endpoint,
-            format!("{endpoint}/").parse().unwrap(),
-            Duration::from_secs(2),
-        );
-        peer.clock = clock.clone();
+        let (peer, clock) = peer_on_manual_clock(&endpoint, 1_000_000);
         for _ in 0..100 {
             let Err(error) = peer.ready_sender().await else {
                 panic!("nothing listens at {endpoint}");
@@ -616,13 +622,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let endpoint = format!("http://{addr}");
-        let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
-        let mut peer = Peer::new(
-            &endpoint,
-            format!("{endpoint}/").parse().unwrap(),
-            Duration::from_secs(2),
-        );
-        peer.clock = clock.clone();
+        let (peer, clock) = peer_on_manual_clock(&endpoint, 1_000_000);
         assert!(peer.ready_sender().await.is_err());
 
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -649,13 +649,7 @@ mod tests {
     #[tokio::test]
     async fn a_clock_set_back_does_not_stretch_the_dial_back_off() {
         let endpoint = refusing_endpoint();
-        let clock = Arc::new(crate::clock::ManualClock::new(10_000_000));
-        let mut peer = Peer::new(
-            &endpoint,
-            format!("{endpoint}/").parse().unwrap(),
-            Duration::from_secs(2),
-        );
-        peer.clock = clock.clone();
+        let (peer, clock) = peer_on_manual_clock(&endpoint, 10_000_000);
         assert!(peer.ready_sender().await.is_err());
         clock.set_ms(10_000_000 - 3_600_000);
         assert!(peer.ready_sender().await.is_err());

@@ -220,6 +220,17 @@ pub async fn connect(addr: SocketAddr) -> Channel {
     panic!("sagad did not accept connections on {addr}");
 }
 
+/// The retry configuration GetRetryConfig shows now.
+pub async fn shown_retry_config(channel: &tonic::transport::Channel) -> pb::RetryConfig {
+    pb::retries_client::RetriesClient::new(channel.clone())
+        .get_retry_config(pb::GetRetryConfigRequest {})
+        .await
+        .expect("GetRetryConfig")
+        .into_inner()
+        .config
+        .expect("a configuration")
+}
+
 pub fn start_request(request_id: &str, business_type: &str) -> pb::StartSagaRequest {
     pb::StartSagaRequest {
         request_id: request_id.to_owned(),
